@@ -1,0 +1,44 @@
+"""Algorithms, one module each, found by name (no dispatch chains)."""
+
+from __future__ import annotations
+
+from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
+from fedmtl.algorithms.fedavg import FedAvg, FedProx
+from fedmtl.algorithms.local import Local
+from fedmtl.errors import ConfigError
+
+_REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local)}
+
+
+def register(cls: type[Algorithm]) -> type[Algorithm]:
+    """Class decorator for algorithms defined outside this package."""
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def algorithm_names() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_algorithm(name: str) -> type[Algorithm]:
+    if name not in _REGISTRY:
+        allowed = ", ".join(algorithm_names())
+        raise ConfigError(f"config: algorithm.name = {name!r}: unknown algorithm; allowed: {allowed}")
+    return _REGISTRY[name]
+
+
+def algorithm_params(name: str) -> type[AlgoParams]:
+    return get_algorithm(name).Params
+
+
+__all__ = [
+    "AlgoContext",
+    "AlgoParams",
+    "Algorithm",
+    "ClientWork",
+    "Message",
+    "algorithm_names",
+    "algorithm_params",
+    "get_algorithm",
+    "register",
+]

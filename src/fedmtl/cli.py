@@ -1,0 +1,190 @@
+"""``fedmtl`` command line. Bad input exits with status 2 and one line, never a traceback."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import sys
+from pathlib import Path
+from typing import NoReturn
+
+from fedmtl.errors import FedmtlError
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="fedmtl", description="Federated multi-task learning: simulate, record, report.")
+    sub = p.add_subparsers(dest="cmd", required=True, parser_class=_Parser)
+
+    r = sub.add_parser("run", help="run a YAML config (defaults: FedAvg on scikit-learn digits)")
+    r.add_argument("config", nargs="?", help="YAML config file")
+    r.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set train.lr=0.1 (repeatable)",
+    )
+    r.add_argument("--out", help="run directory to create (must not exist or be empty)")
+    r.add_argument("--data-dir", help="directory with the real datasets (else FEDMTL_DATA, ../shared/data)")
+    r.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    s = sub.add_parser("resume", help="continue a killed run from its last checkpoint")
+    s.add_argument("run_dir")
+    s.add_argument("--quiet", action="store_true")
+
+    rep = sub.add_parser("report", help="write report.html with plots for one or more runs")
+    rep.add_argument("run_dirs", nargs="+")
+    rep.add_argument("--out", help="directory for report.html (default: the first run directory)")
+
+    c = sub.add_parser("compare", help="print and write a Markdown table across runs")
+    c.add_argument("run_dirs", nargs="+")
+    c.add_argument("--out", default="compare.md", help="Markdown file to write (default compare.md)")
+
+    d = sub.add_parser("datasets", help="list datasets, where they were found, and their sizes")
+    d.add_argument("--data-dir")
+
+    b = sub.add_parser("bench", help="run a benchmark from benchmarks/NAME.py and write its table")
+    b.add_argument("name")
+    b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
+
+    m = sub.add_parser("demo", help="the showcase: compare algorithms on embedded data and write a report")
+    m.add_argument("--out", default="runs/demo")
+    return p
+
+
+def _cmd_run(a: argparse.Namespace) -> int:
+    from fedmtl.config import load_config
+    from fedmtl.experiment.run import run
+
+    overrides = list(a.overrides)
+    if a.data_dir:
+        overrides.append(f"data.dir={a.data_dir}")
+    if a.quiet:
+        overrides.append("output.progress=false")
+    res = run(load_config(a.config, overrides), out=a.out)
+    _print_result(res)
+    return 0
+
+
+def _print_result(res) -> None:  # noqa: ANN001
+    s = res.summary
+    m = s["primary_metric"]
+    fin, best = s["final"], s["best"]
+    print(f"run: {res.run_dir}")
+    print(
+        f"final (round {fin['round']}): {m} mean {fin.get(m + '_mean', float('nan')):.4f}"
+        f"  worst-10% {fin.get(m + '_worst10', float('nan')):.4f}"
+        + (f"  global {fin['global_' + m]:.4f}" if "global_" + m in fin else "")
+    )
+    print(f"best  (round {best['round']}): {m} mean {best.get(m + '_mean', float('nan')):.4f}")
+
+
+def _cmd_resume(a: argparse.Namespace) -> int:
+    from fedmtl.experiment.run import resume
+
+    res = resume(a.run_dir)
+    _print_result(res)
+    return 0
+
+
+def _cmd_report(a: argparse.Namespace) -> int:
+    from fedmtl.experiment.report import write_report
+
+    path = write_report([Path(p) for p in a.run_dirs], Path(a.out) if a.out else None)
+    print(f"report: {path}")
+    return 0
+
+
+def _cmd_compare(a: argparse.Namespace) -> int:
+    from fedmtl.experiment.report import compare_runs
+
+    dirs = [Path(p) for p in a.run_dirs]
+    table = compare_runs(dirs)
+    print(table)
+    out = Path(a.out)
+    out.write_text(table + "\n")
+    print(f"written: {out}")
+    return 0
+
+
+def _cmd_datasets(a: argparse.Namespace) -> int:
+    from fedmtl.data import list_datasets
+
+    rows = list_datasets(a.data_dir)
+    width = max(len(r["name"]) for r in rows)
+    for r in rows:
+        extra = {k: v for k, v in r.items() if k not in ("name", "location")}
+        print(f"{r['name']:<{width}}  {r['location']}  {json.dumps(extra)}")
+    return 0
+
+
+def find_benchmark(name: str) -> Path:
+    candidates = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+    for root in candidates:
+        path = root / f"{name}.py"
+        if path.is_file():
+            return path
+    known = sorted(
+        {
+            p.stem
+            for root in candidates
+            if root.is_dir()
+            for p in root.glob("*.py")
+            if not p.stem.startswith("_")
+        }
+    )
+    raise FedmtlError(f"bench: unknown benchmark {name!r}; available: {', '.join(known) or 'none found'}")
+
+
+def _cmd_bench(a: argparse.Namespace) -> int:
+    path = find_benchmark(a.name)
+    spec = importlib.util.spec_from_file_location(f"fedmtl_bench_{a.name}", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.path.insert(0, str(path.parent))
+    spec.loader.exec_module(module)
+    out = module.main(a.args)
+    print(f"results: {out}")
+    return 0
+
+
+def _cmd_demo(a: argparse.Namespace) -> int:
+    from fedmtl.experiment.demo import demo
+
+    report = demo(Path(a.out))
+    print(f"report: {report}")
+    return 0
+
+
+COMMANDS = {
+    "run": _cmd_run,
+    "resume": _cmd_resume,
+    "report": _cmd_report,
+    "compare": _cmd_compare,
+    "datasets": _cmd_datasets,
+    "bench": _cmd_bench,
+    "demo": _cmd_demo,
+}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return COMMANDS[args.cmd](args)
+    except FedmtlError as exc:
+        print(f"fedmtl: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("fedmtl: interrupted; resume with 'fedmtl resume RUN_DIR'", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""The federated view of a dataset: one ``ClientData`` per client, each with its own split."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """What a client predicts. Regression targets are standardised for training; metrics undo it."""
+
+    kind: Literal["classification", "regression"]
+    num_outputs: int
+    name: str = "default"
+    target_mean: float = 0.0
+    target_std: float = 1.0
+
+    @property
+    def is_classification(self) -> bool:
+        return self.kind == "classification"
+
+
+@dataclass
+class ClientData:
+    cid: int
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    task: TaskSpec
+    name: str = ""
+
+    @property
+    def n_train(self) -> int:
+        return int(len(self.y_train))
+
+    @property
+    def n_test(self) -> int:
+        return int(len(self.y_test))
+
+
+@dataclass
+class FederatedData:
+    name: str
+    clients: list[ClientData]
+    input_shape: tuple[int, ...]
+    task: TaskSpec
+    x_global_test: np.ndarray | None = None
+    y_global_test: np.ndarray | None = None
+    source: str = "embedded"
+    info: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def num_clients(self) -> int:
+        return len(self.clients)
+
+    def summary(self) -> dict[str, Any]:
+        n_train = [c.n_train for c in self.clients]
+        return {
+            "dataset": self.name,
+            "source": self.source,
+            "clients": self.num_clients,
+            "input_shape": list(self.input_shape),
+            "task": self.task.kind,
+            "outputs": self.task.num_outputs,
+            "train_samples": int(sum(n_train)),
+            "test_samples": int(sum(c.n_test for c in self.clients)),
+            "global_test_samples": 0 if self.y_global_test is None else int(len(self.y_global_test)),
+            "min_client_train": int(min(n_train)),
+            "max_client_train": int(max(n_train)),
+        }

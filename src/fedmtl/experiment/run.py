@@ -1,0 +1,208 @@
+"""The round loop: build data, model and algorithm from a Config, run rounds, record everything.
+
+A run is a pure function of its config (seed included): resuming from a checkpoint continues the
+same computation, so a killed and resumed run ends with the metrics of an uninterrupted one."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from tqdm import tqdm
+
+from fedmtl.algorithms import AlgoContext, Algorithm, get_algorithm
+from fedmtl.config import Config, parse_config
+from fedmtl.data import load_federated
+from fedmtl.data.federated import FederatedData
+from fedmtl.errors import RunDirError
+from fedmtl.experiment.evaluate import evaluate_clients, evaluate_global
+from fedmtl.experiment.records import RunDir
+from fedmtl.metrics import primary_metric, summarize_clients
+from fedmtl.models import build_model
+from fedmtl.runtime import Simulator
+from fedmtl.training import LocalSpec
+from fedmtl.training.optim import OptimizerSpec
+from fedmtl.training.tensors import model_arrays
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    summary: dict[str, Any]
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    clients: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def final(self) -> dict[str, Any]:
+        return self.summary["final"]
+
+
+def local_spec(cfg: Config) -> LocalSpec:
+    t = cfg.train
+    opt = OptimizerSpec(name=t.optimizer, lr=t.lr, momentum=t.momentum, weight_decay=t.weight_decay)
+    return LocalSpec(optimizer=opt, batch_size=t.batch_size, epochs=t.local_epochs, steps=t.local_steps)
+
+
+def train_flops_per_sample(model: torch.nn.Module, input_shape: tuple[int, ...]) -> float:
+    """Forward FLOPs of one sample, times 3 for forward + backward."""
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(torch.zeros((1, *input_shape)))
+    return 3.0 * float(counter.get_total_flops())
+
+
+def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
+    data = load_federated(cfg.data, cfg.seed)
+    model = build_model(cfg.model, data.input_shape, data.task.num_outputs, cfg.seed)
+    ctx = AlgoContext(
+        model=model,
+        init_arrays=model_arrays(model),
+        task=data.task,
+        local=local_spec(cfg),
+        seed=cfg.seed,
+        num_clients=data.num_clients,
+    )
+    algo_cls = get_algorithm(cfg.algorithm.name)
+    raw = cfg.algorithm.model_dump()
+    raw.pop("name")
+    algo = algo_cls(algo_cls.Params.model_validate(raw), ctx)
+    sim = Simulator(algo, data, cfg, train_flops_per_sample(model, data.input_shape))
+    return data, algo, sim
+
+
+def _as_config(config: Config | dict[str, Any] | str | Path) -> Config:
+    if isinstance(config, Config):
+        return config
+    if isinstance(config, str | Path):
+        from fedmtl.config import load_config
+
+        return load_config(config)
+    return parse_config(config)
+
+
+def run(config: Config | dict[str, Any] | str | Path, out: str | Path | None = None) -> RunResult:
+    """Run a config end to end in a new run directory (``out`` or ``output.dir/<name>-<time>``)."""
+    cfg = _as_config(config)
+    data, algo, sim = build(cfg)  # fail on bad data before creating any directory
+    rd = RunDir.create(cfg.output.dir, cfg.name, cfg.seed, out)
+    rd.write_config(cfg.to_dict())
+    return _loop(cfg, rd, data, algo, sim, checkpoint=None)
+
+
+def resume(run_dir: str | Path) -> RunResult:
+    """Continue a run from its last checkpoint; a finished run is returned as it is."""
+    rd = RunDir.open(run_dir)
+    cfg = parse_config(rd.read_config())
+    summary = rd.read_summary()
+    if summary is not None and summary.get("complete"):
+        return _result(rd, summary)
+    data, algo, sim = build(cfg)
+    ckpt = rd.load_checkpoint()
+    rd.truncate_metrics(ckpt["round"] if ckpt else 0)
+    return _loop(cfg, rd, data, algo, sim, checkpoint=ckpt)
+
+
+def _result(rd: RunDir, summary: dict[str, Any]) -> RunResult:
+    rows = rd.read_metrics()
+    last = summary["final"].get("round")
+    return RunResult(
+        run_dir=rd.path,
+        summary=summary,
+        rounds=[r for r in rows if r.get("kind") == "round"],
+        clients=[r for r in rows if r.get("kind") == "client" and r.get("round") == last],
+    )
+
+
+def _loop(
+    cfg: Config,
+    rd: RunDir,
+    data: FederatedData,
+    algo: Algorithm,
+    sim: Simulator,
+    checkpoint: dict[str, Any] | None,
+) -> RunResult:
+    metric, higher = primary_metric(data.task)
+    key = f"{metric}_mean"
+    if checkpoint is None:
+        server, states, start, elapsed, best = algo.init_server(), {}, 1, 0.0, None
+    else:
+        server, states = checkpoint["server"], checkpoint["clients"]
+        start, elapsed, best = checkpoint["round"] + 1, checkpoint["elapsed"], checkpoint["best"]
+    total = cfg.train.rounds
+    t0 = time.perf_counter() - elapsed
+    last_row: dict[str, Any] | None = checkpoint.get("last") if checkpoint else None
+    bar = tqdm(
+        total=total,
+        initial=start - 1,
+        desc=cfg.name,
+        unit="round",
+        file=sys.stderr,
+        disable=not cfg.output.progress,
+        dynamic_ncols=True,
+        leave=False,
+    )
+    try:
+        for r in range(start, total + 1):
+            res = sim.run_round(r, server, states)
+            server = res.server
+            row: dict[str, Any] = {"round": r, "kind": "round", **res.info}
+            rows: list[dict[str, Any]] = list(res.train_rows)
+            if r % cfg.eval.every == 0 or r == total:
+                client_rows = evaluate_clients(algo, server, states, data, r)
+                rows += client_rows
+                row.update(
+                    summarize_clients(
+                        [{k: v for k, v in c.items() if isinstance(v, float)} for c in client_rows]
+                    )
+                )
+                if cfg.eval.global_test:
+                    row.update(evaluate_global(algo, server, data))
+            row["wall_time"] = time.perf_counter() - t0
+            rows.append(row)
+            rd.append(rows)
+            if key in row and (best is None or (row[key] > best[key] if higher else row[key] < best[key])):
+                best = row
+            last_row = row
+            if r % cfg.output.checkpoint_every == 0 or r == total:
+                rd.save_checkpoint(
+                    {
+                        "round": r,
+                        "server": server,
+                        "clients": states,
+                        "best": best,
+                        "elapsed": row["wall_time"],
+                        "last": last_row,
+                    }
+                )
+            bar.update(1)
+            if key in row:
+                bar.set_postfix({metric: f"{row[key]:.4f}"})
+    finally:
+        bar.close()
+    if last_row is None:
+        raise RunDirError(f"{rd.path}: nothing to run (train.rounds = {total})")
+    summary = {
+        "name": cfg.name,
+        "algorithm": cfg.algorithm.name,
+        "dataset": cfg.data.dataset,
+        "seed": cfg.seed,
+        "primary_metric": metric,
+        "higher_is_better": higher,
+        "rounds_completed": last_row["round"],
+        "complete": True,
+        "final": last_row,
+        "best": best if best is not None else last_row,
+        "wall_time": last_row["wall_time"],
+        "bytes_total": sum(
+            r.get("bytes_up", 0) + r.get("bytes_down", 0)
+            for r in rd.read_metrics()
+            if r.get("kind") == "round"
+        ),
+        "data": data.summary(),
+    }
+    rd.write_summary(summary)
+    return _result(rd, summary)

@@ -1,0 +1,110 @@
+"""Local training of one client's parameters, written functionally over parameter dicts."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fedmtl.data.federated import TaskSpec
+from fedmtl.training import optim
+from fedmtl.training.optim import OptimizerSpec
+from fedmtl.training.tensors import Params
+
+
+@dataclass(frozen=True)
+class LocalSpec:
+    optimizer: OptimizerSpec
+    batch_size: int = 32
+    epochs: float = 1.0
+    steps: int | None = None
+
+    def with_lr(self, lr: float) -> LocalSpec:
+        return replace(self, optimizer=replace(self.optimizer, lr=lr))
+
+
+def num_local_steps(n: int, spec: LocalSpec, work: float = 1.0) -> int:
+    """Steps a client does this round; a straggler with work fraction < 1 does proportionally fewer."""
+    full = spec.steps if spec.steps else max(1, math.ceil(spec.epochs * math.ceil(n / spec.batch_size)))
+    return full if work >= 1.0 else max(1, math.floor(full * work))
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Mini-batch indices: fresh permutation each epoch, the last batch of an epoch may be short.
+
+    Derived only from (n, batch size, steps, rng) so sequential and batched execution see the same
+    batches."""
+    batches: list[np.ndarray] = []
+    bs = min(batch_size, n)
+    while len(batches) < steps:
+        perm = rng.permutation(n)
+        for start in range(0, n, bs):
+            batches.append(perm[start : start + bs])
+            if len(batches) == steps:
+                break
+    return batches
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    if task.is_classification:
+        return nn.functional.cross_entropy(out, y)
+    return nn.functional.mse_loss(out.reshape(y.shape), y)
+
+
+def local_train(
+    model: nn.Module,
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    task: TaskSpec,
+    spec: LocalSpec,
+    steps: int,
+    rng: np.random.Generator,
+    trainable: Iterable[str] | None = None,
+    prox_center: Params | None = None,
+    prox_mu: float = 0.0,
+) -> tuple[Params, float, int]:
+    """Run ``steps`` optimizer steps; returns (params, mean training loss, samples processed).
+
+    ``trainable`` freezes every other key (FedRep's phases); ``prox_center``/``prox_mu`` add
+    FedProx's (mu/2)||w - w_center||^2 and Ditto's regulariser."""
+    keys = list(params) if trainable is None else [k for k in params if k in set(trainable)]
+    frozen = {k: v for k, v in params.items() if k not in keys}
+    current = {k: params[k].clone() for k in keys}
+    state = optim.init_state(spec.optimizer, current)
+    xt = torch.as_tensor(x)
+    yt = torch.as_tensor(y)
+    total, seen = 0.0, 0
+    for idx in batch_schedule(len(y), spec.batch_size, steps, rng):
+        leaves = {k: v.requires_grad_(True) for k, v in current.items()}
+        out = functional_call(model, {**frozen, **leaves}, (xt[idx],))
+        loss = task_loss(out, yt[idx], task)
+        objective = loss
+        if prox_mu > 0 and prox_center is not None:
+            objective = objective + 0.5 * prox_mu * sum(
+                ((leaves[k] - prox_center[k]) ** 2).sum() for k in keys if k in prox_center
+            )
+        grads = torch.autograd.grad(objective, list(leaves.values()))
+        current = optim.step(spec.optimizer, leaves, dict(zip(leaves, grads, strict=True)), state)
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    result = {**frozen, **{k: v.detach() for k, v in current.items()}}
+    return {k: result[k] for k in params}, total / max(seen, 1), seen
+
+
+@torch.no_grad()
+def predict(model: nn.Module, params: Params, x: np.ndarray, chunk: int = 4096) -> torch.Tensor:
+    xt = torch.as_tensor(x)
+    outs = [functional_call(model, params, (xt[i : i + chunk],)) for i in range(0, len(xt), chunk)]
+    return torch.cat(outs) if outs else torch.empty(0)
+
+
+def evaluate_params(model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, task: TaskSpec) -> dict:
+    from fedmtl.metrics import task_metrics
+
+    return task_metrics(predict(model, params, x), torch.as_tensor(y), task)

@@ -1,0 +1,36 @@
+"""Shared fixtures: small, fast configs on real (embedded or shared) data."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from fedmtl.data import resolve_data_dir
+
+
+def digits_config(**overrides: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "name": "t",
+        "seed": 0,
+        "data": {"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 8}},
+        "model": {"name": "mlp", "hidden": [32]},
+        "train": {"rounds": 5, "local_epochs": 1, "batch_size": 16, "lr": 0.1},
+        "clients": {"per_round": 4},
+        "output": {"progress": False},
+    }
+    for key, value in overrides.items():
+        cur = cfg
+        parts = key.split("__")
+        for p in parts[:-1]:
+            cur = cur.setdefault(p, {})
+        cur[parts[-1]] = value
+    return cfg
+
+
+@pytest.fixture
+def shared_data():
+    path = resolve_data_dir(None)
+    if path is None:
+        pytest.skip("../shared/data not present")
+    return path

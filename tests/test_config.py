@@ -1,0 +1,67 @@
+"""Config validation: unknown keys and bad values fail with one documented line."""
+
+from __future__ import annotations
+
+import pytest
+
+from fedmtl.config import apply_overrides, load_config, parse_config
+from fedmtl.errors import ConfigError
+
+
+def test_defaults_are_valid_and_resolved():
+    cfg = parse_config({})
+    assert cfg.algorithm.name == "fedavg"
+    assert cfg.to_dict()["algorithm"]["server_optimizer"]["name"] == "sgd"
+    assert cfg.to_dict()["model"]["hidden"] == [200]
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"trian": {}}, "config: unknown key 'trian'; allowed keys: algorithm, clients, data, eval, model, name, "
+                        "output, runtime, seed, train"),
+        ({"data": {"partition": {"alpah": 1}}}, "config: unknown key 'data.partition.alpah'; allowed keys: "
+                                                "alpha, classes_per_client, kind, min_samples, num_clients, sigma"),
+        ({"train": {"lr": -1}}, "config: train.lr = -1: input should be greater than 0"),
+        ({"train": {"optimizer": "rmsprop"}}, "config: train.optimizer = 'rmsprop': input should be 'sgd' or 'adam'"),
+        ({"algorithm": {"name": "fedfoo"}}, "config: algorithm.name = 'fedfoo': unknown algorithm; allowed: "
+                                            "fedavg, fedprox, local"),
+        ({"algorithm": {"name": "fedprox", "mu": -0.1}}, "config: algorithm.mu = -0.1: input should be greater "
+                                                         "than or equal to 0"),
+        ({"algorithm": {"name": "fedavg", "mu": 0.1}}, "config: unknown key 'algorithm.mu'; allowed keys: "
+                                                       "server_optimizer"),
+        ({"model": {"name": "mlp", "hiddn": [3]}}, "config: unknown key 'model.hiddn'; allowed keys: hidden"),
+        ({"model": {"name": "resnet"}}, "config: model.name = 'resnet': unknown model; allowed: cnn, linear, mlp"),
+        ({"runtime": {"work_fraction": [0.5, 0.2]}}, "config: runtime.work_fraction = [0.5, 0.2]: must be "
+                                                     "[low, high] with 0 < low <= high <= 1"),
+        ([1, 2], "config: expected a mapping at the top level, got list"),
+    ],
+)
+def test_bad_config_messages(raw, message):
+    with pytest.raises(ConfigError) as err:
+        parse_config(raw)
+    assert str(err.value) == message
+
+
+def test_overrides_parse_yaml_values():
+    raw = apply_overrides({}, ["train.lr=0.5", "data.partition.kind=iid", "runtime.work_fraction=[0.5, 1.0]"])
+    cfg = parse_config(raw)
+    assert cfg.train.lr == 0.5
+    assert cfg.data.partition.kind == "iid"
+    assert cfg.runtime.work_fraction == (0.5, 1.0)
+
+
+def test_override_errors():
+    with pytest.raises(ConfigError, match="--set: expected key=value, got 'train.lr'"):
+        apply_overrides({}, ["train.lr"])
+    with pytest.raises(ConfigError, match="--set: 'lr' in 'train.lr.x' is not a section"):
+        apply_overrides({"train": {"lr": 1}}, ["train.lr.x=2"])
+
+
+def test_yaml_file_errors(tmp_path):
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "nope.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("train: [1,\n")
+    with pytest.raises(ConfigError, match=r"invalid YAML at line \d"):
+        load_config(bad)

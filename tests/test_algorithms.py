@@ -38,10 +38,18 @@ def test_same_seed_gives_identical_metrics(tmp_path):
 
 def test_fedprox_and_server_optimizers_train(tmp_path):
     prox = _run(tmp_path, "p", algorithm={"name": "fedprox", "mu": 0.1}, train__rounds=10)
-    avgm = _run(tmp_path, "m", algorithm={"name": "fedavg", "server_optimizer": {"name": "momentum", "lr": 1.0}},
-                train__rounds=10)
-    adam = _run(tmp_path, "d", algorithm={"name": "fedavg", "server_optimizer": {"name": "adam", "lr": 0.01}},
-                train__rounds=10)
+    avgm = _run(
+        tmp_path,
+        "m",
+        algorithm={"name": "fedavg", "server_optimizer": {"name": "momentum", "lr": 1.0}},
+        train__rounds=10,
+    )
+    adam = _run(
+        tmp_path,
+        "d",
+        algorithm={"name": "fedavg", "server_optimizer": {"name": "adam", "lr": 0.01}},
+        train__rounds=10,
+    )
     plain = _run(tmp_path, "f", train__rounds=10)
     for res in (prox, avgm, adam, plain):
         assert res.final["global_accuracy"] > 0.6
@@ -66,7 +74,9 @@ def test_stragglers_do_less_work_and_dropouts_send_nothing(tmp_path):
     assert all(r["bytes_up"] == 0 and r["bytes_down"] > 0 for r in dropped)
     assert all(0.1 <= r["work"] <= 0.5 for r in rows)
     full = _run(tmp_path, "full", train__rounds=1)
-    full_rows = [r for r in fedmtl.experiment.records.RunDir(full.run_dir).read_metrics() if r["kind"] == "train"]
+    full_rows = [
+        r for r in fedmtl.experiment.records.RunDir(full.run_dir).read_metrics() if r["kind"] == "train"
+    ]
     assert np.mean([r["steps"] for r in done]) < 0.6 * np.mean([r["steps"] for r in full_rows])
     round_rows = res.rounds
     assert sum(r["dropped"] for r in round_rows) == len(dropped)
@@ -89,8 +99,13 @@ def test_lr_schedules_decay(tmp_path, lr_schedule):
 
 
 def test_regression_on_diabetes(tmp_path):
-    cfg = digits_config(data__dataset="diabetes", data__partition={"kind": "iid", "num_clients": 4},
-                        model={"name": "mlp", "hidden": [16]}, train__rounds=20, train__lr=0.05)
+    cfg = digits_config(
+        data__dataset="diabetes",
+        data__partition={"kind": "iid", "num_clients": 4},
+        model={"name": "mlp", "hidden": [16]},
+        train__rounds=20,
+        train__lr=0.05,
+    )
     res = fedmtl.run(cfg, out=tmp_path / "r")
     assert res.summary["primary_metric"] == "rmse"
     assert res.summary["higher_is_better"] is False

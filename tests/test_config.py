@@ -18,22 +18,42 @@ def test_defaults_are_valid_and_resolved():
 @pytest.mark.parametrize(
     ("raw", "message"),
     [
-        ({"trian": {}}, "config: unknown key 'trian'; allowed keys: algorithm, clients, data, eval, model, name, "
-                        "output, runtime, seed, train"),
-        ({"data": {"partition": {"alpah": 1}}}, "config: unknown key 'data.partition.alpah'; allowed keys: "
-                                                "alpha, classes_per_client, kind, min_samples, num_clients, sigma"),
+        (
+            {"trian": {}},
+            "config: unknown key 'trian'; allowed keys: algorithm, clients, data, eval, model, name, "
+            "output, runtime, seed, train",
+        ),
+        (
+            {"data": {"partition": {"alpah": 1}}},
+            "config: unknown key 'data.partition.alpah'; allowed keys: "
+            "alpha, classes_per_client, kind, min_samples, num_clients, sigma",
+        ),
         ({"train": {"lr": -1}}, "config: train.lr = -1: input should be greater than 0"),
-        ({"train": {"optimizer": "rmsprop"}}, "config: train.optimizer = 'rmsprop': input should be 'sgd' or 'adam'"),
-        ({"algorithm": {"name": "fedfoo"}}, "config: algorithm.name = 'fedfoo': unknown algorithm; allowed: "
-                                            "fedavg, fedprox, local"),
-        ({"algorithm": {"name": "fedprox", "mu": -0.1}}, "config: algorithm.mu = -0.1: input should be greater "
-                                                         "than or equal to 0"),
-        ({"algorithm": {"name": "fedavg", "mu": 0.1}}, "config: unknown key 'algorithm.mu'; allowed keys: "
-                                                       "server_optimizer"),
+        (
+            {"train": {"optimizer": "rmsprop"}},
+            "config: train.optimizer = 'rmsprop': input should be 'sgd' or 'adam'",
+        ),
+        (
+            {"algorithm": {"name": "fedfoo"}},
+            "config: algorithm.name = 'fedfoo': unknown algorithm; allowed: fedavg, fedprox, local",
+        ),
+        (
+            {"algorithm": {"name": "fedprox", "mu": -0.1}},
+            "config: algorithm.mu = -0.1: input should be greater than or equal to 0",
+        ),
+        (
+            {"algorithm": {"name": "fedavg", "mu": 0.1}},
+            "config: unknown key 'algorithm.mu'; allowed keys: server_optimizer",
+        ),
         ({"model": {"name": "mlp", "hiddn": [3]}}, "config: unknown key 'model.hiddn'; allowed keys: hidden"),
-        ({"model": {"name": "resnet"}}, "config: model.name = 'resnet': unknown model; allowed: cnn, linear, mlp"),
-        ({"runtime": {"work_fraction": [0.5, 0.2]}}, "config: runtime.work_fraction = [0.5, 0.2]: must be "
-                                                     "[low, high] with 0 < low <= high <= 1"),
+        (
+            {"model": {"name": "resnet"}},
+            "config: model.name = 'resnet': unknown model; allowed: cnn, linear, mlp",
+        ),
+        (
+            {"runtime": {"work_fraction": [0.5, 0.2]}},
+            "config: runtime.work_fraction = [0.5, 0.2]: must be [low, high] with 0 < low <= high <= 1",
+        ),
         ([1, 2], "config: expected a mapping at the top level, got list"),
     ],
 )

@@ -25,18 +25,31 @@ def _stable(rows):
 
 
 def _cfg():
-    return digits_config(train__rounds=40, clients__per_round=4, runtime__drop_prob=0.1,
-                         runtime__work_fraction=[0.5, 1.0], train__lr_schedule="exponential")
+    return digits_config(
+        train__rounds=40,
+        clients__per_round=4,
+        runtime__drop_prob=0.1,
+        runtime__work_fraction=[0.5, 1.0],
+        train__lr_schedule="exponential",
+    )
 
 
 def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     cfg_path = tmp_path / "cfg.yaml"
     cfg_path.write_text(yaml.safe_dump(_cfg()))
     killed = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(fedmtl.__file__).parents[1]),
-                                                        os.environ.get("PYTHONPATH", "")])}
-    proc = subprocess.Popen([sys.executable, "-m", "fedmtl.cli", "run", str(cfg_path), "--out", str(killed),
-                             "--quiet"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    env = {
+        **os.environ,
+        "PYTHONPATH": os.pathsep.join(
+            [str(Path(fedmtl.__file__).parents[1]), os.environ.get("PYTHONPATH", "")]
+        ),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "fedmtl.cli", "run", str(cfg_path), "--out", str(killed), "--quiet"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
@@ -75,8 +88,10 @@ def test_resume_drops_partial_lines_and_rounds_after_checkpoint(tmp_path):
     rd.append([r for r in rows if r["round"] <= 5])
     with open(part / "metrics.jsonl", "a") as fh:
         fh.write('{"round": 6, "kind": "cli')
-    partial = fedmtl.run(digits_config(train__rounds=4, output={"progress": False, "checkpoint_every": 2}),
-                         out=tmp_path / "four")
+    partial = fedmtl.run(
+        digits_config(train__rounds=4, output={"progress": False, "checkpoint_every": 2}),
+        out=tmp_path / "four",
+    )
     ckpt = RunDir(partial.run_dir).load_checkpoint()
     assert ckpt["round"] == 4
     rd.save_checkpoint(ckpt)

@@ -1,0 +1,494 @@
+"""Dataset registry and ``load_federated``: raw files -> per-client train/test splits.
+
+Pooled datasets (digits, diabetes, mnist) are partitioned by ``data.partition``; natural
+multi-task datasets (landmine, school, vehicle, LEAF files) give one client per task. Randomness
+comes from ``np.random.default_rng([seed, purpose, ...])`` streams so a seed reproduces everything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+
+from fedmtl.config import DataConfig, PartitionConfig
+from fedmtl.data import partition
+from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
+from fedmtl.data.formats import file_error, read_idx_gz, read_leaf_json, read_mat_tasks
+from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
+from fedmtl.errors import ConfigError, DataError
+
+EMBEDDED = "embedded (scikit-learn)"
+POOLED_KINDS = ("iid", "dirichlet", "shards", "quantity")
+REGRESSION_BINS = 10  # label-skew partitions of regression data use target quantile bins
+# Purposes for np.random.default_rng([seed, purpose, ...]); fixed so old seeds stay valid.
+RNG_HOLDOUT, RNG_PARTITION, RNG_SPLIT = 1, 2, 3
+
+
+@dataclass
+class Pooled:
+    """One pool of samples; ``x_test`` is an official global test set when the source has one."""
+
+    x: np.ndarray
+    y: np.ndarray
+    x_test: np.ndarray | None = None
+    y_test: np.ndarray | None = None
+
+
+@dataclass
+class Tasks:
+    """Natural multi-task data: one (name, x, y) per task, in file order."""
+
+    names: list[str]
+    xs: list[np.ndarray]
+    ys: list[np.ndarray]
+
+
+Raw = Pooled | Tasks
+
+
+@dataclass(frozen=True)
+class DatasetSpec:
+    """Everything the loader and ``fedmtl datasets`` need to know about one registered dataset."""
+
+    name: str
+    kind: Literal["pooled", "natural"]
+    task: Literal["classification", "regression"]
+    files: tuple[str, ...]  # relative to the data dir; empty for embedded data
+    input_shape: tuple[int, ...] | None  # None: (features,) taken from the data
+    read: Callable[[list[Path]], Raw]
+    description: str
+    num_classes: int | None = None  # None: max label + 1 (classification)
+    pixel_max: float = 1.0  # images are divided by this to land in [0, 1]
+
+    @property
+    def image(self) -> bool:
+        return self.input_shape is not None and len(self.input_shape) > 1
+
+
+# ------------------------------------------------------------------------------------ readers
+
+
+def _class_labels(y: np.ndarray, where: str) -> np.ndarray:
+    """Map -1/+1 labels to 0/1 and check the rest are non-negative integers."""
+    y = np.asarray(y)
+    if y.size and not np.all(y == np.round(y)):
+        raise file_error(where, "classification labels must be integers")
+    y = y.astype(np.int64)
+    if y.size and set(np.unique(y).tolist()) <= {-1, 1} and y.min() == -1:
+        y = (y > 0).astype(np.int64)
+    if y.size and y.min() < 0:
+        raise file_error(where, f"classification labels must be non-negative or -1/+1, found {y.min()}")
+    return y
+
+
+def _tasks_labels(names: list[str], xs: list[np.ndarray], ys: list[np.ndarray], where: str) -> Tasks:
+    """Map labels jointly over all tasks so a task holding only -1 still maps to class 0."""
+    sizes = [len(y) for y in ys]
+    joint = _class_labels(np.concatenate(ys), where)
+    return Tasks(names, xs, np.split(joint, np.cumsum(sizes)[:-1]))
+
+
+@lru_cache(maxsize=2)
+def _sklearn(name: str) -> Pooled:
+    from sklearn import datasets as skd
+
+    if name == "digits":
+        d = skd.load_digits()
+        x, y = _channel(d.images), d.target.astype(np.int64)
+    else:
+        d = skd.load_diabetes(scaled=False)
+        x, y = d.data.astype(np.float64), d.target.astype(np.float64)
+    x.flags.writeable = y.flags.writeable = False  # shared by every load through the cache
+    return Pooled(x, y)
+
+
+def _read_mnist(paths: list[Path]) -> Raw:
+    arrays = [read_idx_gz(p) for p in paths]
+    for i in (0, 2):
+        if len(arrays[i]) != len(arrays[i + 1]):
+            raise file_error(paths[i + 1], f"{len(arrays[i + 1])} labels but {len(arrays[i])} images")
+        if arrays[i].ndim != 3 or arrays[i + 1].ndim != 1:
+            raise file_error(
+                paths[i], f"unexpected image/label shapes {arrays[i].shape}/{arrays[i + 1].shape}"
+            )
+
+    # Pixels stay uint8 here; _finalise scales each client's slice, which is cheaper than the pool.
+    labels = [a.astype(np.int64) for a in arrays[1::2]]
+    return Pooled(_channel(arrays[0]), labels[0], _channel(arrays[2]), labels[1])
+
+
+def _channel(images: np.ndarray) -> np.ndarray:
+    """Add the single channel axis: (n, h, w) -> (n, 1, h, w)."""
+    return images.reshape(len(images), 1, *images.shape[1:])
+
+
+def _read_mat_classes(paths: list[Path]) -> Raw:
+    xs, ys = read_mat_tasks(paths[0])
+    return _tasks_labels([f"task_{t:03d}" for t in range(len(xs))], xs, ys, str(paths[0]))
+
+
+def _read_mat_regression(paths: list[Path]) -> Raw:
+    xs, ys = read_mat_tasks(paths[0])
+    return Tasks([f"task_{t:03d}" for t in range(len(xs))], xs, [y.astype(np.float64) for y in ys])
+
+
+def _read_leaf(paths: list[Path]) -> Raw:
+    users = read_leaf_json(paths[0])
+    return _tasks_labels(
+        [u for u, _, _ in users], [x for _, x, _ in users], [y for _, _, y in users], str(paths[0])
+    )
+
+
+MNIST_FILES = tuple(
+    f"mnist/{n}"
+    for n in (
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte.gz",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte.gz",
+    )
+)
+
+REGISTRY: dict[str, DatasetSpec] = {
+    s.name: s
+    for s in (
+        DatasetSpec(
+            "digits",
+            "pooled",
+            "classification",
+            (),
+            (1, 8, 8),
+            lambda _: _sklearn("digits"),
+            "8x8 handwritten digits, 1797 images, 10 classes",
+            10,
+            16.0,
+        ),
+        DatasetSpec(
+            "diabetes",
+            "pooled",
+            "regression",
+            (),
+            None,
+            lambda _: _sklearn("diabetes"),
+            "diabetes progression, 442 patients, 10 features",
+        ),
+        DatasetSpec(
+            "mnist",
+            "pooled",
+            "classification",
+            MNIST_FILES,
+            (1, 28, 28),
+            _read_mnist,
+            "MNIST digits, 60000 train + 10000 test, 10 classes",
+            10,
+            255.0,
+        ),
+        DatasetSpec(
+            "landmine",
+            "natural",
+            "classification",
+            ("landmine/LandmineData.mat",),
+            None,
+            _read_mat_classes,
+            "Land Mine: 29 mine fields, 9 features, binary",
+            2,
+        ),
+        DatasetSpec(
+            "landmine_small",
+            "natural",
+            "classification",
+            ("mocha/landmine_small.mat",),
+            None,
+            _read_mat_classes,
+            "MOCHA toy subsample of Land Mine, 29 tasks",
+            2,
+        ),
+        DatasetSpec(
+            "school",
+            "natural",
+            "regression",
+            ("mocha/school.mat",),
+            None,
+            _read_mat_regression,
+            "ILEA school exam scores: 139 schools, 28 features",
+        ),
+        DatasetSpec(
+            "vehicle",
+            "natural",
+            "classification",
+            ("mocha/vehicle_train_subset.json.gz",),
+            None,
+            _read_leaf,
+            "Vehicle Sensor: 23 sensors, 100 features, binary",
+            2,
+        ),
+        DatasetSpec(
+            "leaf",
+            "natural",
+            "classification",
+            (),
+            None,
+            _read_leaf,
+            "any LEAF-style JSON given by data.file, one client per user",
+        ),
+    )
+}
+
+
+# ------------------------------------------------------------------------------------ lookup
+
+
+def get_spec(name: str) -> DatasetSpec:
+    """The registry entry for ``name``; unknown names are a config error listing the known ones."""
+    if name not in REGISTRY:
+        raise ConfigError(
+            f"config: data.dataset = {name!r}: unknown dataset; available: {', '.join(REGISTRY)}"
+        )
+    return REGISTRY[name]
+
+
+def _check_partition(spec: DatasetSpec, kind: str) -> None:
+    if spec.kind == "natural" and kind != "natural":
+        raise ConfigError(
+            f"config: data.partition.kind = {kind!r}: dataset {spec.name!r} has one task per client; "
+            "use 'natural'"
+        )
+    if spec.kind == "pooled" and kind == "natural":
+        raise ConfigError(
+            f"config: data.partition.kind = 'natural': dataset {spec.name!r} has no natural clients; "
+            f"use one of {', '.join(POOLED_KINDS)}"
+        )
+
+
+def _leaf_file(cfg: DataConfig) -> Path:
+    if not cfg.file:
+        raise ConfigError("config: data.file is required for dataset 'leaf' (a LEAF-style .json or .json.gz)")
+    p = Path(cfg.file).expanduser()
+    if p.is_absolute() or p.exists():
+        candidates = [p]
+    else:
+        root = resolve_data_dir(cfg.dir)
+        candidates = [p] + ([root / p] if root is not None else [])
+    for cand in candidates:
+        if cand.is_file():
+            return cand
+    looked = " or ".join(str(c) for c in candidates)
+    raise DataError(f"dataset 'leaf': file not found: {looked} (data.file)")
+
+
+def locate_files(spec: DatasetSpec, data_dir: str | None) -> list[Path]:
+    """Absolute paths of a file dataset's files; one-line DataError naming the first missing one."""
+    root = resolve_data_dir(data_dir)
+    if root is None:
+        raise DataError(
+            f"dataset {spec.name!r}: no data directory found ({HOW_TO_SET}, or put the files "
+            f"in ../shared/data)"
+        )
+    paths = [root / f for f in spec.files]
+    for p in paths:
+        if not p.is_file():
+            raise DataError(f"dataset {spec.name!r}: file not found: {p} ({HOW_TO_SET})")
+    return paths
+
+
+def _load_raw(spec: DatasetSpec, cfg: DataConfig) -> tuple[Raw, str]:
+    if spec.name == "leaf":
+        path = _leaf_file(cfg)
+        return spec.read([path]), str(path.resolve())
+    if cfg.file is not None:
+        raise ConfigError(f"config: data.file = {cfg.file!r}: only used by dataset 'leaf', not {spec.name!r}")
+    if not spec.files:
+        return spec.read([]), EMBEDDED
+    paths = locate_files(spec, cfg.dir)
+    source = paths[0] if len(paths) == 1 else paths[0].parent
+    return spec.read(paths), str(source)
+
+
+# ------------------------------------------------------------------------------------ building
+
+
+Split = tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # name, x_tr, y_tr, x_te, y_te
+
+
+def _rng(seed: int, *purpose: int) -> np.random.Generator:
+    return np.random.default_rng([seed, *purpose])
+
+
+def _partition_labels(y: np.ndarray, classification: bool) -> np.ndarray:
+    if classification:
+        return y
+    edges = np.quantile(y, np.linspace(0, 1, REGRESSION_BINS + 1)[1:-1])
+    return np.digitize(y, edges)
+
+
+def partition_indices(
+    pcfg: PartitionConfig, labels: np.ndarray, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Dispatch ``data.partition`` to the pooled partition functions."""
+    n, k = len(labels), pcfg.num_clients
+    if pcfg.kind == "iid":
+        return partition.iid(n, k, rng)
+    if pcfg.kind == "dirichlet":
+        return partition.dirichlet(labels, k, pcfg.alpha, pcfg.min_samples, rng)
+    if pcfg.kind == "shards":
+        return partition.shards(labels, k, pcfg.classes_per_client, rng)
+    if pcfg.kind == "quantity":
+        return partition.quantity_skew(n, k, pcfg.sigma, pcfg.min_samples, rng)
+    raise ConfigError(f"config: data.partition.kind = {pcfg.kind!r}: not a pooled partition")
+
+
+def _split_clients(
+    groups: list[tuple[str, np.ndarray, np.ndarray]], cfg: DataConfig, seed: int, classification: bool
+) -> list[Split]:
+    out: list[Split] = []
+    for cid, (name, x, y) in enumerate(groups):
+        tr, te = partition.split_train_test(
+            y, cfg.test_fraction, _rng(seed, RNG_SPLIT, cid), stratify=classification
+        )
+        out.append((name, x[tr], y[tr], x[te], y[te]))
+    return out
+
+
+def _pooled_groups(
+    raw: Pooled, cfg: DataConfig, seed: int, classification: bool
+) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
+    if raw.x_test is None or raw.y_test is None:
+        tr, te = partition.split_train_test(
+            raw.y, cfg.global_test_fraction, _rng(seed, RNG_HOLDOUT), classification
+        )
+        x, y, gx, gy = raw.x[tr], raw.y[tr], raw.x[te], raw.y[te]
+    else:
+        x, y, gx, gy = raw.x, raw.y, raw.x_test, raw.y_test
+    parts = partition_indices(cfg.partition, _partition_labels(y, classification), _rng(seed, RNG_PARTITION))
+    parts = parts[: cfg.max_clients]  # a cap keeps the first clients; the rest of the pool is unused
+    return [(f"client_{i:03d}", x[idx], y[idx]) for i, idx in enumerate(parts)], gx, gy
+
+
+def _standardiser(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean, std = a.mean(axis=0), a.std(axis=0)
+    return mean, np.where(std > 0, std, 1.0)
+
+
+def _finalise(
+    splits: list[Split], gx: np.ndarray | None, gy: np.ndarray | None, spec: DatasetSpec, cfg: DataConfig
+) -> tuple[list[Split], np.ndarray | None, np.ndarray | None, TaskSpec, dict[str, Any]]:
+    """Scale features/targets with pooled client-train statistics and fix dtypes."""
+    info: dict[str, Any] = {}
+    fmean: Any = 0.0
+    fstd: Any = 1.0
+    scale = cfg.normalize and not spec.image
+    if scale:
+        fmean, fstd = _standardiser(np.concatenate([s[1] for s in splits]))
+    train_y = np.concatenate([s[2] for s in splits])
+    all_y = np.concatenate([train_y, *(s[4] for s in splits)])
+    if spec.task == "regression":
+        tmean, tstd = (float(v) for v in _standardiser(train_y.astype(np.float64)))
+        task = TaskSpec("regression", 1, spec.name, tmean, tstd)
+    else:
+        tmean, tstd = 0.0, 1.0
+        n_cls = spec.num_classes or max(2, int(all_y.max()) + 1)
+        task = TaskSpec("classification", n_cls, spec.name)
+        info["num_classes"] = n_cls
+
+    def fx(x: np.ndarray) -> np.ndarray:
+        if spec.image:
+            return x.astype(np.float32) / np.float32(spec.pixel_max)
+        if scale:
+            x = (x - fmean) / fstd
+        return x.astype(np.float32, copy=not x.flags.writeable)
+
+    def fy(y: np.ndarray) -> np.ndarray:
+        if task.is_classification:
+            return y.astype(np.int64, copy=False)
+        return ((y - tmean) / tstd).astype(np.float32)
+
+    out = [(n, fx(a), fy(b), fx(c), fy(d)) for n, a, b, c, d in splits]
+    if gx is None or gy is None:
+        return out, None, None, task, info
+    return out, fx(gx), fy(gy), task, info
+
+
+def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
+    """Load ``cfg.dataset`` and split it into clients, reproducibly for a given ``seed``."""
+    spec = get_spec(cfg.dataset)
+    _check_partition(spec, cfg.partition.kind)
+    raw, source = _load_raw(spec, cfg)
+    classification = spec.task == "classification"
+    if isinstance(raw, Pooled):
+        groups, gx, gy = _pooled_groups(raw, cfg, seed, classification)
+        splits = _split_clients(groups, cfg, seed, classification)
+    else:
+        groups = [(n, x, y) for n, x, y in zip(raw.names, raw.xs, raw.ys, strict=True) if len(y)]
+        splits = _split_clients(groups[: cfg.max_clients], cfg, seed, classification)
+        gx = np.concatenate([s[3] for s in splits])
+        gy = np.concatenate([s[4] for s in splits])
+    splits, gx, gy, task, info = _finalise(splits, gx, gy, spec, cfg)
+    clients = [ClientData(cid, a, b, c, d, task, name) for cid, (name, a, b, c, d) in enumerate(splits)]
+    shape = spec.input_shape or (int(clients[0].x_train.shape[1]),)
+    info.update(
+        partition=cfg.partition.kind,
+        seed=seed,
+        normalized=cfg.normalize and not spec.image,
+        test_fraction=cfg.test_fraction,
+    )
+    return FederatedData(spec.name, clients, shape, task, gx, gy, source, info)
+
+
+# ------------------------------------------------------------------------------------ listing
+
+
+def _describe(spec: DatasetSpec, raw: Raw) -> dict[str, Any]:
+    if isinstance(raw, Pooled):
+        n = len(raw.y) + (0 if raw.y_test is None else len(raw.y_test))
+        return {"samples": n, "tasks": None, "features": int(np.prod(raw.x.shape[1:]))}
+    return {
+        "samples": int(sum(len(y) for y in raw.ys)),
+        "tasks": len(raw.ys),
+        "features": int(raw.xs[0].shape[1]) if raw.xs else 0,
+    }
+
+
+def list_datasets(data_dir: str | None) -> list[dict[str, Any]]:
+    """One row per registered dataset: name, kind, task, location and (when readable) its size.
+
+    ``location`` is the file/folder found, ``embedded (scikit-learn)`` or ``missing: <path>``;
+    an unreadable file keeps its path and adds ``error``.
+    """
+    rows: list[dict[str, Any]] = []
+    root = resolve_data_dir(data_dir)
+    for spec in REGISTRY.values():
+        row: dict[str, Any] = {
+            "name": spec.name,
+            "kind": spec.kind,
+            "task": spec.task,
+            "found": False,
+            "samples": None,
+            "tasks": None,
+            "features": None,
+            "description": spec.description,
+        }
+        rows.append(row)
+        if spec.name == "leaf":
+            row["location"] = "needs data.file (any LEAF-style JSON)"
+            continue
+        paths = [root / f for f in spec.files] if root is not None else []
+        missing = [p for p in paths if not p.is_file()]
+        if spec.files and root is None:
+            row["location"] = f"missing: {spec.files[0]} (no data directory; {HOW_TO_SET})"
+            continue
+        if missing:
+            row["location"] = f"missing: {missing[0]}"
+            continue
+        row["location"] = (
+            EMBEDDED if not spec.files else str(paths[0] if len(paths) == 1 else paths[0].parent)
+        )
+        try:
+            row.update(_describe(spec, spec.read(paths)), found=True)
+        except DataError as exc:
+            row["error"] = str(exc)
+    return rows

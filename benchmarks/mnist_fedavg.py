@@ -45,10 +45,17 @@ def _row(label: str, res: fedmtl.experiment.run.RunResult, rounds: list[dict[str
     best = max(evaluated, key=lambda r: r[key])
     mb = sum(r["bytes_up"] + r["bytes_down"] for r in rounds) / 1e6
     return {
-        "label": label, "key": key, "curve": [(r["round"], r[key]) for r in evaluated],
-        "final": res.final[key], "best": best[key], "best_round": best["round"], "reach": reach,
-        "client_mean": res.final["accuracy_mean"], "client_worst": res.final["accuracy_worst10"],
-        "mb": mb, "wall": res.final["wall_time"],
+        "label": label,
+        "key": key,
+        "curve": [(r["round"], r[key]) for r in evaluated],
+        "final": res.final[key],
+        "best": best[key],
+        "best_round": best["round"],
+        "reach": reach,
+        "client_mean": res.final["accuracy_mean"],
+        "client_worst": res.final["accuracy_worst10"],
+        "mb": mb,
+        "wall": res.final["wall_time"],
     }
 
 
@@ -90,7 +97,9 @@ def main(argv: list[str]) -> Path:
         cfg = {**base_config(rounds, eval_every, a.seed), "name": f"mnist-{algo['name']}", "algorithm": algo}
         res = fedmtl.run(cfg, out=Path(a.runs) / f"{stamp}-{algo['name']}")
         rows.append(_row(label, res, [r for r in RunDir(res.run_dir).read_metrics() if r["kind"] == "round"]))
-        print(f"{label}: final {rows[-1]['final']:.4f} best {rows[-1]['best']:.4f} in {rows[-1]['wall']:.0f} s")
+        print(
+            f"{label}: final {rows[-1]['final']:.4f} best {rows[-1]['best']:.4f} in {rows[-1]['wall']:.0f} s"
+        )
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     png = out.with_suffix(".png")
@@ -107,7 +116,8 @@ def main(argv: list[str]) -> Path:
         "no global model, so its accuracy is the mean over clients of each client's own model on its "
         "own 25% test split. Target: FedAvg >= 97% within 300 rounds.",
         "",
-        "| Algorithm | " + " | ".join(f"acc @ {c}" for c in checkpoints)
+        "| Algorithm | "
+        + " | ".join(f"acc @ {c}" for c in checkpoints)
         + " | Final | Best (round) | First round >= 97% | Client mean (final) | Client worst-10% (final) "
         "| MB sent | Wall s |",
         "|---|" + "---|" * (len(checkpoints) + 7),
@@ -120,7 +130,12 @@ def main(argv: list[str]) -> Path:
             f"{r['reach'] if r['reach'] is not None else 'not reached'} | {r['client_mean']:.4f} | "
             f"{r['client_worst']:.4f} | {r['mb']:.1f} | {r['wall']:.0f} |"
         )
-    lines += ["", f"![accuracy vs round]({png.name})", "",
-              f"Reproduce: `fedmtl bench mnist_fedavg --rounds {rounds}` (wall times on a 2-core CPU machine).", ""]
+    lines += [
+        "",
+        f"![accuracy vs round]({png.name})",
+        "",
+        f"Reproduce: `fedmtl bench mnist_fedavg --rounds {rounds}` (wall times on a 2-core CPU machine).",
+        "",
+    ]
     out.write_text("\n".join(lines))
     return out

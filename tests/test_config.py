@@ -35,7 +35,8 @@ def test_defaults_are_valid_and_resolved():
         ),
         (
             {"algorithm": {"name": "fedfoo"}},
-            "config: algorithm.name = 'fedfoo': unknown algorithm; allowed: fedavg, fedprox, local",
+            "config: algorithm.name = 'fedfoo': unknown algorithm; allowed: "
+            "ditto, fedavg, fedavg_ft, fedper, fedprox, fedrep, hierarchical, local, mocha",
         ),
         (
             {"algorithm": {"name": "fedprox", "mu": -0.1}},

@@ -6,10 +6,12 @@ import argparse
 import importlib.util
 import json
 import sys
+import time
 from pathlib import Path
 from typing import NoReturn
 
 from fedmtl.errors import FedmtlError
+from fedmtl.flower import cli as flower_cli
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +57,9 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
 
     m = sub.add_parser("demo", help="the showcase: compare algorithms on embedded data and write a report")
-    m.add_argument("--out", default="runs/demo")
+    m.add_argument("--out", help="directory for the runs and report (default: runs/demo-<time>)")
+
+    flower_cli.add_parser(sub)
     return p
 
 
@@ -158,7 +162,8 @@ def _cmd_bench(a: argparse.Namespace) -> int:
 def _cmd_demo(a: argparse.Namespace) -> int:
     from fedmtl.experiment.demo import demo
 
-    report = demo(Path(a.out))
+    out = Path(a.out) if a.out else Path("runs") / time.strftime("demo-%Y%m%d-%H%M%S")
+    report = demo(out)
     print(f"report: {report}")
     return 0
 
@@ -171,6 +176,7 @@ COMMANDS = {
     "datasets": _cmd_datasets,
     "bench": _cmd_bench,
     "demo": _cmd_demo,
+    "flower": flower_cli.handle,
 }
 
 

@@ -41,6 +41,8 @@ class DataConfig(Strict):
     global_test_fraction: float = Field(0.2, gt=0, lt=1)
     normalize: bool = True
     max_clients: int | None = Field(None, ge=1)
+    tasks: list[str] | None = None
+    holdout_clients: int = Field(0, ge=0)
 
 
 class ModelConfig(Strict):
@@ -91,6 +93,8 @@ class RuntimeConfig(Strict):
 class EvalConfig(Strict):
     every: int = Field(1, ge=1)
     global_test: bool = True
+    new_client_steps: int = Field(10, ge=0)
+    new_client_lr: float | None = Field(None, gt=0)
 
 
 class OutputConfig(Strict):

@@ -79,10 +79,20 @@ LOWER_IS_BETTER = {"loss", "rmse"}
 def summarize_clients(rows: list[dict[str, float]]) -> dict[str, float]:
     """Flatten summaries of every numeric metric in ``rows`` into ``<metric>_<stat>`` keys."""
     out: dict[str, float] = {}
-    if not rows:
-        return out
-    keys = [k for k, v in rows[0].items() if isinstance(v, float)]
+    keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float) and k != "round"))
     for key in keys:
-        stats = summarize([r[key] for r in rows if key in r], higher_is_better=key not in LOWER_IS_BETTER)
+        lower = key.removeprefix("shared_").removeprefix("before_").removeprefix("after_") in LOWER_IS_BETTER
+        stats = summarize([r[key] for r in rows if key in r], higher_is_better=not lower)
         out.update({f"{key}_{s}": v for s, v in stats.items()})
+    if "gain" in keys:
+        gains = [r["gain"] for r in rows if "gain" in r]
+        out["gain_negative_frac"] = float(np.mean([g < 0 for g in gains]))
+    tasks = {r.get("task") for r in rows}
+    if len(tasks) > 1:
+        for task in sorted(t for t in tasks if t is not None):
+            sub = [r for r in rows if r.get("task") == task]
+            for key in ("accuracy", "rmse", "r2", "gain"):
+                vals = [r[key] for r in sub if key in r]
+                if vals:
+                    out[f"task_{task}_{key}_mean"] = float(np.mean(vals))
     return out

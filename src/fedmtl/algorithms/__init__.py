@@ -3,11 +3,19 @@
 from __future__ import annotations
 
 from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
+from fedmtl.algorithms.ditto import Ditto
 from fedmtl.algorithms.fedavg import FedAvg, FedProx
+from fedmtl.algorithms.fedavg_ft import FedAvgFT
+from fedmtl.algorithms.fedper import FedPer
+from fedmtl.algorithms.fedrep import FedRep
+from fedmtl.algorithms.hierarchical import Hierarchical
 from fedmtl.algorithms.local import Local
+from fedmtl.algorithms.mocha import Mocha
 from fedmtl.errors import ConfigError
 
-_REGISTRY: dict[str, type[Algorithm]] = {cls.name: cls for cls in (FedAvg, FedProx, Local)}
+_REGISTRY: dict[str, type[Algorithm]] = {
+    cls.name: cls for cls in (FedAvg, FedProx, Local, Mocha, FedPer, FedRep, Ditto, FedAvgFT, Hierarchical)
+}
 
 
 def register(cls: type[Algorithm]) -> type[Algorithm]:

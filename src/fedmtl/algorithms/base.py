@@ -14,7 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from fedmtl.data.federated import ClientData, TaskSpec
-from fedmtl.training import LocalSpec, Params
+from fedmtl.training import LocalSpec, Params, num_local_steps
+from fedmtl.training.batched import DEFAULT_MEMORY_BYTES, batched_local_train
 from fedmtl.training.tensors import Arrays
 
 Scalar = float | int | str | bool
@@ -44,7 +45,11 @@ class ClientWork:
 
 @dataclass
 class AlgoContext:
-    """Everything an algorithm needs that is not a message: built once per run."""
+    """Everything an algorithm needs that is not a message: built once per run.
+
+    ``model``/``init_arrays``/``task`` describe the federation's first task; multi-task federations
+    also fill ``models``/``task_init`` per task name (same body, heads of different sizes) and
+    ``client_tasks`` (public metadata: which task each client solves)."""
 
     model: nn.Module
     init_arrays: Arrays
@@ -52,6 +57,23 @@ class AlgoContext:
     local: LocalSpec
     seed: int
     num_clients: int
+    models: dict[str, nn.Module] = field(default_factory=dict)
+    task_init: dict[str, Arrays] = field(default_factory=dict)
+    client_tasks: dict[int, str] = field(default_factory=dict)
+    task_specs: dict[str, TaskSpec] = field(default_factory=dict)
+
+    @property
+    def multi_task(self) -> bool:
+        return len(self.task_init) > 1
+
+    def task_of(self, cid: int) -> str:
+        return self.client_tasks.get(cid, self.task.name)
+
+    def model_for(self, task: str) -> nn.Module:
+        return self.models.get(task, self.model)
+
+    def init_for(self, task: str) -> Arrays:
+        return self.task_init.get(task, self.init_arrays)
 
 
 class AlgoParams(BaseModel):
@@ -65,6 +87,8 @@ class Algorithm:
     Params: ClassVar[type[AlgoParams]] = AlgoParams
     #: False when clients never talk to the server (no global model to evaluate).
     has_global_model: ClassVar[bool] = True
+    #: True when ``eval_arrays`` needs the client's own data (e.g. fine-tuning before evaluation).
+    needs_eval_data: ClassVar[bool] = False
 
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         self.p = params
@@ -96,6 +120,100 @@ class Algorithm:
     def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
         """The parameters this client would use for prediction (personal where the method has one)."""
         return self.broadcast(server, cid).arrays
+
+    def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
+        """The non-personalised model for this client, where the method has both (personalisation gain)."""
+        return None
+
+    def new_client_arrays(self, server: dict[str, Any], cid: int) -> Arrays:
+        """Starting point for a client that never trained: what it would receive, plus a fresh head
+        for whatever the message lacks (FedPer/FedRep send only the body)."""
+        init = self.ctx.init_for(self.ctx.task_of(cid))
+        return {**init, **self.broadcast(server, cid).arrays}
+
+    def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
+        """Extra per-round facts for the round row of metrics.jsonl (e.g. discovered groups)."""
+        return {}
+
+    # --- batched execution (optional) ---------------------------------------------------------
+    def batched_client_step(
+        self,
+        states: list[dict[str, Any]],
+        datas: list[ClientData],
+        msgs: list[Message],
+        works: list[ClientWork],
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    ) -> tuple[list[dict[str, Any]], list[Message]]:
+        """``client_step`` for all of a round's clients as one computation: same states and replies,
+        to float tolerance. Optional; the runtime calls it only when ``batched_unsupported`` is None.
+        ``memory_bytes`` bounds what is stacked at once (clients beyond it go in further groups)."""
+        raise NotImplementedError(f"algorithm {self.name!r} has no batched client step")
+
+    def batched_unsupported(self) -> str | None:
+        """Why ``batched_client_step`` cannot stand in for ``client_step`` (None when it can).
+
+        A subclass that overrides ``client_step`` but inherits ``batched_client_step`` would run
+        its parent's update when batched, so it counts as unsupported until it overrides both."""
+        batched = _defined_in(type(self), "batched_client_step")
+        if batched is Algorithm:
+            return f"algorithm {self.name!r} has no batched client step"
+        if not issubclass(batched, _defined_in(type(self), "client_step")):
+            return f"algorithm {self.name!r} overrides client_step but not batched_client_step"
+        return None
+
+    def batched_local_train(
+        self,
+        starts: list[Arrays],
+        datas: list[ClientData],
+        works: list[ClientWork],
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+        trainable: list[str] | None = None,
+        prox_centers: list[Arrays] | None = None,
+        prox_mu: float = 0.0,
+    ) -> list[LocalResult]:
+        """``local_train`` for every client at once (the batched counterpart of the call each
+        ``client_step`` makes), grouped by learning rate and task (each task has its own model
+        and loss), results in input order."""
+        out: list[LocalResult | None] = [None] * len(starts)
+        groups: dict[tuple[float, str, bool], list[int]] = {}
+        for i, (data, work) in enumerate(zip(datas, works, strict=True)):
+            groups.setdefault((work.lr, data.task.name, data.task.is_classification), []).append(i)
+        for (lr, task, _), idx in groups.items():
+            spec = self.ctx.local.with_lr(lr)
+            steps = [num_local_steps(datas[i].n_train, spec, works[i].fraction) for i in idx]
+            res = batched_local_train(
+                self.ctx.model_for(task),
+                [starts[i] for i in idx],
+                [datas[i].x_train for i in idx],
+                [datas[i].y_train for i in idx],
+                datas[idx[0]].task,
+                spec,
+                steps,
+                [works[i].rng for i in idx],
+                trainable=trainable,
+                prox_centers=None if prox_centers is None else [prox_centers[i] for i in idx],
+                prox_mu=prox_mu,
+                memory_bytes=memory_bytes,
+            )
+            for j, i in enumerate(idx):
+                out[i] = LocalResult(res.arrays(j), float(res.loss[j]), int(res.seen[j]), steps[j])
+        return [r for r in out if r is not None]
+
+
+@dataclass
+class LocalResult:
+    """One client's outcome of batched local training; ``params`` are views into shared stacks
+    (copy them before keeping them beyond the round)."""
+
+    params: Arrays
+    loss: float
+    seen: int
+    steps: int
+
+
+def _defined_in(cls: type, name: str) -> type:
+    """The class in ``cls``'s MRO whose body defines ``name``."""
+    return next(c for c in cls.__mro__ if name in vars(c))
 
 
 def torch_params(arrays: Arrays) -> Params:

@@ -7,9 +7,12 @@ from typing import Any
 from pydantic import Field
 
 from fedmtl.aggregation import ServerOptParams, server_opt_init, server_opt_step, weighted_mean
-from fedmtl.algorithms.base import AlgoParams, Algorithm, ClientWork, Message, torch_params
+from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message, torch_params
+from fedmtl.algorithms.heads import for_task, initial_global, keywise_mean, qualify
 from fedmtl.data.federated import ClientData
 from fedmtl.training import local_train, num_local_steps, to_numpy
+from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
+from fedmtl.training.tensors import Arrays
 
 
 class FedAvgParams(AlgoParams):
@@ -26,9 +29,14 @@ class FedAvg(Algorithm):
         return 0.0
 
     def init_server(self) -> dict[str, Any]:
-        state = super().init_server()
-        state["opt"] = server_opt_init(self.p.server_optimizer, state["params"])
-        return state
+        params = initial_global(self.ctx.task_init, self.ctx.init_arrays)
+        return {"params": params, "opt": server_opt_init(self.p.server_optimizer, params)}
+
+    def broadcast(self, server: dict[str, Any], cid: int) -> Message:
+        return Message(arrays=for_task(server["params"], self.ctx.task_of(cid), self.ctx.multi_task))
+
+    def global_params(self, server: dict[str, Any]) -> Arrays | None:
+        return None if self.ctx.multi_task else server["params"]
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
@@ -55,13 +63,50 @@ class FedAvg(Algorithm):
         )
         return state, reply
 
+    def batched_client_step(
+        self,
+        states: list[dict[str, Any]],
+        datas: list[ClientData],
+        msgs: list[Message],
+        works: list[ClientWork],
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    ) -> tuple[list[dict[str, Any]], list[Message]]:
+        """``client_step`` for all clients at once; FedProx's centre is each client's start (the
+        same broadcast arrays, so it is shared rather than stacked)."""
+        mu = self.prox_mu()
+        starts = [m.arrays for m in msgs]
+        results = self.batched_local_train(
+            starts, datas, works, memory_bytes, prox_centers=starts if mu > 0 else None, prox_mu=mu
+        )
+        replies = [
+            Message(
+                arrays=r.params,
+                scalars={
+                    "num_examples": d.n_train,
+                    "train_loss": r.loss,
+                    "steps": r.steps,
+                    "samples": r.seen,
+                },
+            )
+            for r, d in zip(results, datas, strict=True)
+        ]
+        return list(states), replies
+
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
         if not replies:
             return server
-        msgs = [replies[c] for c in sorted(replies)]
-        mean = weighted_mean([m.arrays for m in msgs], [float(m.scalars["num_examples"]) for m in msgs])
+        mean = aggregate_replies(self.ctx, replies)
         params, opt = server_opt_step(self.p.server_optimizer, server["params"], mean, server["opt"])
         return {**server, "params": params, "opt": opt}
+
+
+def aggregate_replies(ctx: AlgoContext, replies: dict[int, Message]) -> Arrays:
+    """Sample-weighted mean; in multi-task federations each head only over its task's clients."""
+    cids = sorted(replies)
+    weights = [float(replies[c].scalars["num_examples"]) for c in cids]
+    if not ctx.multi_task:
+        return weighted_mean([replies[c].arrays for c in cids], weights)
+    return keywise_mean([qualify(replies[c].arrays, ctx.task_of(c), True) for c in cids], weights)
 
 
 class FedProxParams(FedAvgParams):

@@ -20,13 +20,14 @@ from fedmtl.data import partition
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
 from fedmtl.data.formats import file_error, read_idx_gz, read_leaf_json, read_mat_tasks
 from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
+from fedmtl.data.tasks import assign_tasks
 from fedmtl.errors import ConfigError, DataError
 
 EMBEDDED = "embedded (scikit-learn)"
 POOLED_KINDS = ("iid", "dirichlet", "shards", "quantity")
 REGRESSION_BINS = 10  # label-skew partitions of regression data use target quantile bins
 # Purposes for np.random.default_rng([seed, purpose, ...]); fixed so old seeds stay valid.
-RNG_HOLDOUT, RNG_PARTITION, RNG_SPLIT = 1, 2, 3
+RNG_HOLDOUT, RNG_PARTITION, RNG_SPLIT, RNG_HOLDOUT_CLIENTS = 1, 2, 3, 4
 
 
 @dataclass
@@ -430,13 +431,27 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     splits, gx, gy, task, info = _finalise(splits, gx, gy, spec, cfg)
     clients = [ClientData(cid, a, b, c, d, task, name) for cid, (name, a, b, c, d) in enumerate(splits)]
     shape = spec.input_shape or (int(clients[0].x_train.shape[1]),)
+    if cfg.tasks:
+        clients = assign_tasks(clients, list(cfg.tasks), spec.image, task.num_outputs)
+        task, gx, gy = clients[0].task, None, None  # no single global test set across different tasks
+        info["tasks"] = {name: sum(c.task.name == name for c in clients) for name in dict.fromkeys(cfg.tasks)}
+    holdout = _holdout(len(clients), cfg.holdout_clients, seed)
     info.update(
         partition=cfg.partition.kind,
         seed=seed,
         normalized=cfg.normalize and not spec.image,
         test_fraction=cfg.test_fraction,
     )
-    return FederatedData(spec.name, clients, shape, task, gx, gy, source, info)
+    return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout)
+
+
+def _holdout(n: int, k: int, seed: int) -> list[int]:
+    """Clients kept out of training entirely (new-client evaluation); seeded."""
+    if k == 0:
+        return []
+    if k >= n:
+        raise ConfigError(f"config: data.holdout_clients = {k}: must be fewer than the {n} clients")
+    return sorted(int(i) for i in _rng(seed, RNG_HOLDOUT_CLIENTS).choice(n, size=k, replace=False))
 
 
 # ------------------------------------------------------------------------------------ listing

@@ -52,6 +52,18 @@ class FederatedData:
     y_global_test: np.ndarray | None = None
     source: str = "embedded"
     info: dict[str, Any] = field(default_factory=dict)
+    #: clients never trained on: they only join for new-client fine-tuning evaluation
+    holdout: list[int] = field(default_factory=list)
+
+    @property
+    def train_clients(self) -> list[int]:
+        held = set(self.holdout)
+        return [c.cid for c in self.clients if c.cid not in held]
+
+    @property
+    def tasks(self) -> dict[str, TaskSpec]:
+        """Every task in the federation by name (one for single-task federations)."""
+        return {c.task.name: c.task for c in self.clients}
 
     @property
     def num_clients(self) -> int:

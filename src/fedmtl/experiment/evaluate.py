@@ -1,6 +1,9 @@
 """Evaluate the model each client would use on its own test split, and the global model.
 
-Clients that use the same parameters (every client under FedAvg) share one forward pass."""
+Clients that use the same parameters (every client under FedAvg) share one forward pass. Where an
+algorithm has both a personalised and a shared model, both are evaluated on the same split and the
+difference is the client's personalisation gain. Held-out clients never train: they are evaluated
+after a few head fine-tuning steps from what they would receive (new-client evaluation)."""
 
 from __future__ import annotations
 
@@ -9,11 +12,32 @@ from typing import Any
 import numpy as np
 import torch
 
-from fedmtl.algorithms.base import Algorithm
-from fedmtl.data.federated import FederatedData
-from fedmtl.metrics import task_metrics
+from fedmtl.algorithms.base import Algorithm, ClientWork
+from fedmtl.algorithms.common import train_arrays
+from fedmtl.algorithms.heads import head_of
+from fedmtl.data.federated import ClientData, FederatedData
+from fedmtl.metrics import primary_metric, task_metrics
 from fedmtl.training.local import predict
-from fedmtl.training.tensors import to_torch
+from fedmtl.training.tensors import Arrays, to_torch
+
+NEW_CLIENT = 8  # rng purpose for new-client fine-tuning
+
+
+def _metrics_by_client(
+    algo: Algorithm, picks: list[tuple[ClientData, Arrays]]
+) -> dict[int, dict[str, float]]:
+    groups: dict[tuple[int, str], tuple[Arrays, list[ClientData]]] = {}
+    for c, arrays in picks:
+        groups.setdefault((id(arrays), c.task.name), (arrays, []))[1].append(c)
+    out: dict[int, dict[str, float]] = {}
+    for (_, task), (arrays, clients) in groups.items():
+        x = np.concatenate([c.x_test for c in clients]) if len(clients) > 1 else clients[0].x_test
+        pred = predict(algo.ctx.model_for(task), to_torch(arrays), x)
+        start = 0
+        for c in clients:
+            out[c.cid] = task_metrics(pred[start : start + c.n_test], torch.as_tensor(c.y_test), c.task)
+            start += c.n_test
+    return out
 
 
 def evaluate_clients(
@@ -23,28 +47,68 @@ def evaluate_clients(
     data: FederatedData,
     round: int,
 ) -> list[dict[str, Any]]:
-    groups: dict[int, tuple[dict, list[int]]] = {}
-    for c in data.clients:
-        arrays = algo.eval_arrays(server, states.get(c.cid, {}), c.cid)
-        groups.setdefault(id(arrays), (arrays, []))[1].append(c.cid)
-    rows: dict[int, dict[str, Any]] = {}
-    model = algo.ctx.model
-    for arrays, cids in groups.values():
-        clients = [data.clients[c] for c in cids]
-        x = np.concatenate([c.x_test for c in clients]) if len(clients) > 1 else clients[0].x_test
-        out = predict(model, to_torch(arrays), x)
-        start = 0
-        for c in clients:
-            part = out[start : start + c.n_test]
-            start += c.n_test
-            rows[c.cid] = {
+    clients = [data.clients[c] for c in data.train_clients]
+    personal = []
+    shared = []
+    for c in clients:
+        state = states.get(c.cid, {})
+        if algo.needs_eval_data:
+            personal.append((c, algo.eval_arrays(server, state, c.cid, data=c)))
+        else:
+            personal.append((c, algo.eval_arrays(server, state, c.cid)))
+        other = algo.shared_eval_arrays(server, state, c.cid)
+        if other is not None:
+            shared.append((c, other))
+    mine = _metrics_by_client(algo, personal)
+    theirs = _metrics_by_client(algo, shared) if shared else {}
+    rows = []
+    for c in clients:
+        row: dict[str, Any] = {
+            "round": round,
+            "kind": "client",
+            "client": c.cid,
+            "task": c.task.name,
+            "n_test": c.n_test,
+            **mine[c.cid],
+        }
+        if c.cid in theirs:
+            metric, higher = primary_metric(c.task)
+            row.update({f"shared_{k}": v for k, v in theirs[c.cid].items()})
+            gain = mine[c.cid][metric] - theirs[c.cid][metric]
+            row["gain"] = float(gain if higher else -gain)
+        rows.append(row)
+    return rows
+
+
+def evaluate_new_clients(
+    algo: Algorithm, server: dict[str, Any], data: FederatedData, round: int, steps: int, lr: float | None
+) -> list[dict[str, Any]]:
+    """Accuracy of held-out clients before and after ``steps`` head-only fine-tuning steps."""
+    rows = []
+    for cid in data.holdout:
+        c = data.clients[cid]
+        start = algo.new_client_arrays(server, cid)
+        work = ClientWork(
+            round=round,
+            fraction=1.0,
+            rng=np.random.default_rng([algo.ctx.seed, NEW_CLIENT, cid]),
+            lr=lr if lr is not None else algo.ctx.local.optimizer.lr,
+        )
+        tuned, _, _, _ = train_arrays(algo.ctx, c, start, work, trainable=list(head_of(start)), steps=steps)
+        before = _metrics_by_client(algo, [(c, start)])[cid]
+        after = _metrics_by_client(algo, [(c, tuned)])[cid]
+        rows.append(
+            {
                 "round": round,
-                "kind": "client",
-                "client": c.cid,
+                "kind": "new_client",
+                "client": cid,
+                "task": c.task.name,
                 "n_test": c.n_test,
-                **task_metrics(part, torch.as_tensor(c.y_test), c.task),
+                **{f"before_{k}": v for k, v in before.items()},
+                **{f"after_{k}": v for k, v in after.items()},
             }
-    return [rows[c] for c in sorted(rows)]
+        )
+    return rows
 
 
 def evaluate_global(algo: Algorithm, server: dict[str, Any], data: FederatedData) -> dict[str, float]:

@@ -19,7 +19,7 @@ from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import RunDirError
-from fedmtl.experiment.evaluate import evaluate_clients, evaluate_global
+from fedmtl.experiment.evaluate import evaluate_clients, evaluate_global, evaluate_new_clients
 from fedmtl.experiment.records import RunDir
 from fedmtl.metrics import primary_metric, summarize_clients
 from fedmtl.models import build_model
@@ -76,7 +76,12 @@ def train_flops_per_sample(model: torch.nn.Module, input_shape: tuple[int, ...])
 
 def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
     data = load_federated(cfg.data, cfg.seed)
-    model = build_model(cfg.model, data.input_shape, data.task.num_outputs, cfg.seed)
+    # One model per task: the same seed gives every task the same body, heads sized per task.
+    models = {
+        name: build_model(cfg.model, data.input_shape, t.num_outputs, cfg.seed)
+        for name, t in data.tasks.items()
+    }
+    model = models[data.task.name]
     ctx = AlgoContext(
         model=model,
         init_arrays=model_arrays(model),
@@ -84,6 +89,10 @@ def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
         local=local_spec(cfg),
         seed=cfg.seed,
         num_clients=data.num_clients,
+        models=models,
+        task_init={name: model_arrays(m) for name, m in models.items()},
+        client_tasks={c.cid: c.task.name for c in data.clients},
+        task_specs=data.tasks,
     )
     algo_cls = get_algorithm(cfg.algorithm.name)
     raw = cfg.algorithm.model_dump()
@@ -160,7 +169,7 @@ def _loop(
         desc=cfg.name,
         unit="round",
         file=sys.stderr,
-        disable=not cfg.output.progress,
+        disable=not cfg.output.progress or not sys.stderr.isatty(),
         dynamic_ncols=True,
         leave=False,
     )
@@ -168,16 +177,18 @@ def _loop(
         for r in range(start, total + 1):
             res = sim.run_round(r, server, states)
             server = res.server
-            row: dict[str, Any] = {"round": r, "kind": "round", **res.info}
+            row: dict[str, Any] = {"round": r, "kind": "round", **res.info, **algo.round_info(server)}
             rows: list[dict[str, Any]] = list(res.train_rows)
             if r % cfg.eval.every == 0 or r == total:
                 client_rows = evaluate_clients(algo, server, states, data, r)
                 rows += client_rows
-                row.update(
-                    summarize_clients(
-                        [{k: v for k, v in c.items() if isinstance(v, float)} for c in client_rows]
+                row.update(summarize_clients(client_rows))
+                if data.holdout:
+                    new_rows = evaluate_new_clients(
+                        algo, server, data, r, cfg.eval.new_client_steps, cfg.eval.new_client_lr
                     )
-                )
+                    rows += new_rows
+                    row.update({f"new_{k}": v for k, v in summarize_clients(new_rows).items()})
                 if cfg.eval.global_test:
                     row.update(evaluate_global(algo, server, data))
             row["wall_time"] = time.perf_counter() - t0

@@ -1,12 +1,21 @@
 """The in-process simulator: client sampling, stragglers, dropouts, byte and time accounting.
 
+Clients of a round train one after another (``runtime.execution: sequential``) or all at once
+through the algorithm's ``batched_client_step`` (``batched``; ``auto`` picks batched when the
+algorithm and model allow it). Sampling, systems draws and per-client rngs are the same in both,
+so they give the same updates to float tolerance.
+
 All randomness is derived from (seed, round, client, purpose), never from a shared stream, so a
 resumed run draws exactly what an uninterrupted one would."""
 
 from __future__ import annotations
 
+import gc
 import math
+import sys
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,13 +24,40 @@ import numpy as np
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
 from fedmtl.config import Config
 from fedmtl.data.federated import FederatedData
+from fedmtl.errors import ConfigError
+from fedmtl.training.batched import DEFAULT_MEMORY_BYTES, batch_support
 
 # Purposes for derived random streams (stable small ints; never reorder).
 SAMPLE, SYSTEMS, TRAIN = 1, 2, 3
 
 
+_U32 = 2**32
+
+
 def derived_rng(seed: int, *keys: int) -> np.random.Generator:
-    return np.random.default_rng([seed, *keys])
+    """``np.random.default_rng([seed, *keys])``, built about twice as fast when every key fits in
+    32 bits (the same stream: SeedSequence reads such ints as one uint32 word each). A round of
+    10,000 clients draws 20,000 of these."""
+    words = (seed, *keys)
+    if all(0 <= k < _U32 for k in words):
+        seq = np.random.SeedSequence(np.array(words, dtype=np.uint32))
+        return np.random.Generator(np.random.PCG64(seq))
+    return np.random.default_rng(list(words))
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """No cyclic garbage collection inside a round. A round allocates a few small acyclic objects
+    per client; with thousands of clients, that allocation count triggers full collections that
+    walk every object of the federation (measured: a quarter of a 10,000-client batched round).
+    Whatever cycles a round creates are collected after it."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def round_lr(cfg: Config, round: int) -> float:
@@ -49,20 +85,27 @@ class Simulator:
         self.data = data
         self.cfg = cfg
         self.flops = train_flops_per_sample
+        #: "sequential" or "batched": ``runtime.execution`` resolved once, before any round runs,
+        #: so 'batched' on an unbatchable algorithm fails before a run directory exists.
+        self.execution = self._resolve_execution()
+        #: Budget for what batched execution stacks at once (``runtime.batch_memory_gib``).
+        gib = getattr(cfg.runtime, "batch_memory_gib", None)
+        self.memory_bytes = int(gib * 2**30) if gib else DEFAULT_MEMORY_BYTES
 
     def num_sampled(self) -> int:
-        n = self.data.num_clients
+        n = len(self.data.train_clients)
         c = self.cfg.clients
         k = c.per_round if c.per_round is not None else max(1, round(c.fraction * n))
         return min(k, n)
 
     def sample(self, round: int) -> list[int]:
+        """Seeded per round, from the clients that train (held-out clients never do)."""
+        pool = self.data.train_clients
         k = self.num_sampled()
-        n = self.data.num_clients
-        if k == n:
-            return list(range(n))
+        if k == len(pool):
+            return list(pool)
         rng = derived_rng(self.cfg.seed, SAMPLE, round)
-        return sorted(int(i) for i in rng.choice(n, size=k, replace=False))
+        return sorted(pool[int(i)] for i in rng.choice(len(pool), size=k, replace=False))
 
     def systems(self, round: int, cid: int) -> tuple[float, bool]:
         """(work fraction, dropped) for a client this round."""
@@ -77,12 +120,68 @@ class Simulator:
         rt = self.cfg.runtime
         return up * 8 / (rt.uplink_mbps * 1e6) + down * 8 / (rt.downlink_mbps * 1e6)
 
+    # --- execution backend ------------------------------------------------------------------
+    def batched_unsupported(self) -> str | None:
+        """Why this run's algorithm or model cannot train its clients batched (None if it can)."""
+        reason = self.algo.batched_unsupported()
+        if reason is not None:
+            return reason
+        client = next((c for c in self.data.clients if c.n_train > 0), None)
+        if client is None:
+            return "no client has training data"
+        model = self.algo.ctx.model_for(client.task.name)
+        return batch_support(model, client.task, client.x_train, client.y_train)
+
+    def _resolve_execution(self) -> str:
+        wanted = self.cfg.runtime.execution
+        if wanted == "sequential":
+            return "sequential"
+        reason = self.batched_unsupported()
+        if reason is None:
+            return "batched"
+        if wanted == "batched":
+            raise ConfigError(f"config: runtime.execution = 'batched': {reason}; use 'auto' or 'sequential'")
+        print(
+            f"fedmtl: runtime.execution = 'auto': training clients sequentially ({reason})", file=sys.stderr
+        )
+        return "sequential"
+
+    def _train_clients(
+        self, jobs: list[tuple[int, dict[str, Any], Message, ClientWork]]
+    ) -> list[tuple[dict[str, Any], Message, float]]:
+        """(new state, reply, compute wall seconds) per job; batched wall time is shared equally."""
+        datas = [self.data.clients[cid] for cid, _, _, _ in jobs]
+        if self.execution == "batched":
+            t0 = time.perf_counter()
+            new_states, replies = self.algo.batched_client_step(
+                [state for _, state, _, _ in jobs],
+                datas,
+                [msg for _, _, msg, _ in jobs],
+                [work for _, _, _, work in jobs],
+                memory_bytes=self.memory_bytes,
+            )
+            wall = (time.perf_counter() - t0) / len(jobs)
+            return [(st, rep, wall) for st, rep in zip(new_states, replies, strict=True)]
+        out = []
+        for (_, state, msg, work), data in zip(jobs, datas, strict=True):
+            t0 = time.perf_counter()
+            new_state, reply = self.algo.client_step(state, data, msg, work)
+            out.append((new_state, reply, time.perf_counter() - t0))
+        return out
+
+    # --- one round ----------------------------------------------------------------------------
     def run_round(self, round: int, server: dict[str, Any], states: dict[int, dict[str, Any]]) -> RoundResult:
         """One synchronous round; ``states`` (client id -> client state) is updated in place."""
+        with _gc_paused():
+            return self._run_round(round, server, states)
+
+    def _run_round(
+        self, round: int, server: dict[str, Any], states: dict[int, dict[str, Any]]
+    ) -> RoundResult:
         lr = round_lr(self.cfg, round)
-        replies: dict[int, Message] = {}
         rows: list[dict[str, Any]] = []
-        losses, weights = [], []
+        jobs: list[tuple[int, dict[str, Any], Message, ClientWork]] = []
+        trained: list[dict[str, Any]] = []
         for cid in self.sample(round):
             frac, dropped = self.systems(round, cid)
             msg = self.algo.broadcast(server, cid)
@@ -95,9 +194,9 @@ class Simulator:
                 "bytes_down": msg.nbytes,
                 "bytes_up": 0,
             }
+            rows.append(row)
             if dropped:
                 row["sim_time"] = self.comm_seconds(0, msg.nbytes)
-                rows.append(row)
                 continue
             state = states.get(cid)
             if state is None:
@@ -105,12 +204,16 @@ class Simulator:
             work = ClientWork(
                 round=round, fraction=frac, rng=derived_rng(self.cfg.seed, TRAIN, round, cid), lr=lr
             )
-            t0 = time.perf_counter()
-            new_state, reply = self.algo.client_step(state, self.data.clients[cid], msg, work)
-            row["compute_wall"] = time.perf_counter() - t0
+            jobs.append((cid, state, msg, work))
+            trained.append(row)
+        replies: dict[int, Message] = {}
+        losses, weights = [], []
+        outcomes = self._train_clients(jobs) if jobs else []
+        for (cid, _, msg, _), row, (new_state, reply, wall) in zip(jobs, trained, outcomes, strict=True):
             states[cid] = new_state
             replies[cid] = reply
             samples = float(reply.scalars.get("samples", 0))
+            row["compute_wall"] = wall
             row.update(
                 bytes_up=reply.nbytes,
                 steps=int(reply.scalars.get("steps", 0)),
@@ -118,7 +221,6 @@ class Simulator:
                 sim_time=samples * self.flops / (self.cfg.runtime.client_gflops * 1e9)
                 + self.comm_seconds(reply.nbytes, msg.nbytes),
             )
-            rows.append(row)
             if "train_loss" in reply.scalars:
                 losses.append(row["train_loss"])
                 weights.append(samples)
@@ -131,6 +233,7 @@ class Simulator:
             "bytes_down": int(sum(r["bytes_down"] for r in rows)),
             "sim_time": max((r["sim_time"] for r in rows), default=0.0),
             "lr": lr,
+            "execution": self.execution,
         }
         if losses and sum(weights) > 0:
             info["train_loss"] = float(np.average(losses, weights=weights))

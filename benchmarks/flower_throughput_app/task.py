@@ -1,0 +1,102 @@
+"""Model, data and local training for the throughput workload, in plain PyTorch.
+
+The usual research-code shape: an ``nn.Module``, ``torch.optim.SGD``, a loop over mini-batches.
+Mini-batches are drawn per epoch from ``rng.permutation(n)`` with ``rng`` seeded by
+(seed, 3, round, client), the scheme fedmtl uses, so every framework in the benchmark performs the
+same computation and their accuracies can be compared directly."""
+
+from __future__ import annotations
+
+import math
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import nn
+
+#: fedmtl's purpose tag for training randomness (``fedmtl.runtime.simulation.TRAIN``).
+TRAIN_PURPOSE = 3
+
+
+class Net(nn.Module):
+    """784-200-10 MLP, the same layers (and parameter order) as fedmtl's ``mlp`` model."""
+
+    def __init__(self, in_features: int = 784, hidden: int = 200, out: int = 10) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU())
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def client_rng(seed: int, round: int, client: int) -> np.random.Generator:
+    return np.random.default_rng([seed, TRAIN_PURPOSE, round, client])
+
+
+def batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """Index sets for ``steps`` mini-batches: a fresh permutation per epoch, short last batch."""
+    out: list[np.ndarray] = []
+    bs = min(batch_size, n)
+    while len(out) < steps:
+        perm = rng.permutation(n)
+        out.extend(perm[i : i + bs] for i in range(0, n, bs))
+    return out[:steps]
+
+
+def train(
+    net: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    epochs: float,
+    batch_size: int,
+    lr: float,
+    rng: np.random.Generator,
+) -> float:
+    """Local SGD on one client's data; returns the mean training loss."""
+    steps = max(1, math.ceil(epochs * math.ceil(len(y) / batch_size)))
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    net.train()
+    total, seen = 0.0, 0
+    for idx in batches(len(y), batch_size, steps, rng):
+        ix = torch.from_numpy(idx)
+        opt.zero_grad()
+        loss = nn.functional.cross_entropy(net(x[ix]), y[ix])
+        loss.backward()
+        opt.step()
+        total += float(loss.detach()) * len(idx)
+        seen += len(idx)
+    return total / max(seen, 1)
+
+
+@torch.no_grad()
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    net.eval()
+    return float((net(x).argmax(1) == y).float().mean())
+
+
+def save_federation(
+    path: str, xs: list[np.ndarray], ys: list[np.ndarray], x_test: np.ndarray, y_test: np.ndarray
+) -> None:
+    """Write the partitioned data once; each ClientApp process loads only what it needs."""
+    sizes = np.array([len(y) for y in ys])
+    np.savez(path, x=np.concatenate(xs), y=np.concatenate(ys), sizes=sizes, x_test=x_test, y_test=y_test)
+
+
+@lru_cache(maxsize=1)
+def _federation(path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with np.load(path) as f:
+        return f["x"], f["y"], np.concatenate([[0], np.cumsum(f["sizes"])])
+
+
+def load_partition(path: str, partition: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """One client's training data (cached per process, like Flower apps cache their datasets)."""
+    x, y, offsets = _federation(path)
+    lo, hi = offsets[partition], offsets[partition + 1]
+    return torch.from_numpy(x[lo:hi]), torch.from_numpy(y[lo:hi])
+
+
+@lru_cache(maxsize=1)
+def load_test(path: str) -> tuple[torch.Tensor, torch.Tensor]:
+    with np.load(path) as f:
+        return torch.from_numpy(f["x_test"]), torch.from_numpy(f["y_test"])

@@ -1,0 +1,48 @@
+"""FedPer (Arivazhagan et al. 2019): the body is averaged, each client's head never leaves it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fedmtl.aggregation import server_opt_init
+from fedmtl.algorithms.base import ClientWork, Message
+from fedmtl.algorithms.common import train_arrays
+from fedmtl.algorithms.fedavg import FedAvg
+from fedmtl.algorithms.heads import body_of, head_of, initial_global
+from fedmtl.data.federated import ClientData
+from fedmtl.training.tensors import Arrays
+
+
+class FedPer(FedAvg):
+    name = "fedper"
+
+    def init_server(self) -> dict[str, Any]:
+        body = body_of(initial_global(self.ctx.task_init, self.ctx.init_arrays))
+        return {"params": body, "opt": server_opt_init(self.p.server_optimizer, body)}
+
+    def broadcast(self, server: dict[str, Any], cid: int) -> Message:
+        return Message(arrays=server["params"])
+
+    def global_params(self, server: dict[str, Any]) -> Arrays | None:
+        return None
+
+    def init_client(self, cid: int) -> dict[str, Any]:
+        return {"head": {k: v.copy() for k, v in head_of(self.ctx.init_for(self.ctx.task_of(cid))).items()}}
+
+    def local_update(self, state: dict[str, Any], data: ClientData, full: Arrays, work: ClientWork) -> tuple:
+        return train_arrays(self.ctx, data, full, work)
+
+    def client_step(
+        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
+    ) -> tuple[dict[str, Any], Message]:
+        full = {**msg.arrays, **state["head"]}
+        arrays, loss, steps, seen = self.local_update(state, data, full, work)
+        reply = Message(
+            arrays=body_of(arrays),
+            scalars={"num_examples": data.n_train, "train_loss": loss, "steps": steps, "samples": seen},
+        )
+        return {**state, "head": head_of(arrays)}, reply
+
+    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
+        head = state.get("head") or head_of(self.ctx.init_for(self.ctx.task_of(cid)))
+        return {**server["params"], **head}

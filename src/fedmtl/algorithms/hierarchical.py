@@ -1,0 +1,198 @@
+"""Hierarchical aggregation: heads averaged within a group, the body across all groups.
+
+Groups are the known task ids (``grouping: task``) or are discovered (``grouping: cluster``) by
+clustered FL (Sattler et al.): a group whose clients sit near a stationary point of the group
+objective (norm of the mean update < eps1) while some still move a lot (largest update norm > eps2)
+is split in two by complete-linkage clustering of the cosine similarity of their updates. The
+discovered grouping is logged every round. Groups smaller than ``min_group_size`` in a round do not
+release a head aggregate that round (the privacy rule of the personalisation spec)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import Field
+from scipy.cluster.hierarchy import fcluster, linkage
+from scipy.spatial.distance import squareform
+
+from fedmtl.aggregation import server_opt_init, server_opt_step
+from fedmtl.algorithms.base import Message
+from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
+from fedmtl.algorithms.heads import SEP, body_of, head_of, keywise_mean
+from fedmtl.data.federated import TaskSpec
+from fedmtl.training.tensors import Arrays
+
+
+class HierarchicalParams(FedAvgParams):
+    grouping: Literal["task", "cluster"] = "task"
+    body_weighting: Literal["samples", "groups"] = "samples"
+    min_group_size: int = Field(1, ge=1)
+    eps1: float = Field(0.4, ge=0, description="cluster: split when the group's mean update norm is below")
+    eps2: float = Field(1.6, ge=0, description="cluster: ...and its largest client update norm is above")
+    warmup_rounds: int = Field(10, ge=0)
+    max_groups: int = Field(8, ge=1)
+    cluster_on: Literal["head", "all"] = "head"
+
+
+def _shape_key(task: TaskSpec) -> str:
+    """What the server may know without task ids: the head's loss and size."""
+    return f"{task.kind[:3]}{task.num_outputs}"
+
+
+class Hierarchical(FedAvg):
+    name = "hierarchical"
+    Params = HierarchicalParams
+
+    # --- server --------------------------------------------------------------------------------
+    def _initial_group(self, cid: int) -> str:
+        task = self.ctx.task_of(cid)
+        if self.p.grouping == "task":
+            return task
+        return _shape_key(self.ctx.task_specs.get(task, self.ctx.task))
+
+    def init_server(self) -> dict[str, Any]:
+        cids = sorted(self.ctx.client_tasks) or list(range(self.ctx.num_clients))
+        group_of = {c: self._initial_group(c) for c in cids}
+        params = {k: v.copy() for k, v in body_of(self.ctx.init_arrays).items()}
+        for c, g in group_of.items():
+            for k, v in head_of(self.ctx.init_for(self.ctx.task_of(c))).items():
+                params.setdefault(f"{g}{SEP}{k}", v.copy())
+        return {
+            "params": params,
+            "opt": server_opt_init(self.p.server_optimizer, params),
+            "group_of": group_of,
+            "updates": {},
+            "next_id": 1,
+            "withheld": 0,
+        }
+
+    def broadcast(self, server: dict[str, Any], cid: int) -> Message:
+        g = server["group_of"][cid]
+        prefix = f"{g}{SEP}"
+        arrays = {k: v for k, v in server["params"].items() if SEP not in k}
+        arrays.update({k[len(prefix) :]: v for k, v in server["params"].items() if k.startswith(prefix)})
+        return Message(arrays=arrays)
+
+    def global_params(self, server: dict[str, Any]) -> Arrays | None:
+        return None
+
+    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+        if not replies:
+            return server
+        group_of = server["group_of"]
+        cids = sorted(replies)
+        weights = {c: float(replies[c].scalars["num_examples"]) for c in cids}
+        mean = self._body_mean(replies, cids, weights, group_of)
+        withheld = server["withheld"]
+        by_group: dict[str, list[int]] = {}
+        for c in cids:
+            by_group.setdefault(group_of[c], []).append(c)
+        for g, members in by_group.items():
+            if len(members) < self.p.min_group_size:
+                withheld += 1
+                continue
+            heads = keywise_mean([head_of(replies[c].arrays) for c in members], [weights[c] for c in members])
+            mean.update({f"{g}{SEP}{k}": v for k, v in heads.items()})
+        updates = dict(server["updates"])
+        if self.p.grouping == "cluster":
+            for c in cids:
+                sent = self.broadcast(server, c).arrays
+                got = replies[c].arrays
+                keys = sorted(head_of(got) if self.p.cluster_on == "head" else got)
+                updates[c] = np.concatenate([(got[k] - sent[k]).ravel() for k in keys]).astype(np.float32)
+        params, opt = server_opt_step(self.p.server_optimizer, server["params"], mean, server["opt"])
+        new = {**server, "params": params, "opt": opt, "updates": updates, "withheld": withheld}
+        if self.p.grouping == "cluster" and round >= self.p.warmup_rounds:
+            new = self._maybe_split(new)
+        return new
+
+    def _body_mean(
+        self,
+        replies: dict[int, Message],
+        cids: list[int],
+        weights: dict[int, float],
+        group_of: dict[int, str],
+    ) -> Arrays:
+        bodies = {c: body_of(replies[c].arrays) for c in cids}
+        if self.p.body_weighting == "samples":
+            return keywise_mean([bodies[c] for c in cids], [weights[c] for c in cids])
+        groups: dict[str, list[int]] = {}
+        for c in cids:
+            groups.setdefault(group_of[c], []).append(c)
+        means = [keywise_mean([bodies[c] for c in m], [weights[c] for c in m]) for m in groups.values()]
+        return keywise_mean(means, [1.0] * len(means))
+
+    def _maybe_split(self, server: dict[str, Any]) -> dict[str, Any]:
+        group_of = dict(server["group_of"])
+        updates = dict(server["updates"])
+        params = dict(server["params"])
+        next_id = server["next_id"]
+        for g in sorted(set(group_of.values())):
+            if len(set(group_of.values())) >= self.p.max_groups:
+                break
+            members = [c for c, gg in group_of.items() if gg == g and c in updates]
+            if len(members) < 2 * self.p.min_group_size or len(members) < 2:
+                continue
+            vecs = np.stack([updates[c] for c in members]).astype(np.float64)
+            norms = np.linalg.norm(vecs, axis=1)
+            if not (np.linalg.norm(vecs.mean(0)) < self.p.eps1 and norms.max() > self.p.eps2):
+                continue
+            unit = vecs / np.maximum(norms[:, None], 1e-12)
+            dist = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
+            np.fill_diagonal(dist, 0.0)
+            labels = fcluster(
+                linkage(squareform(dist, checks=False), method="complete"), t=2, criterion="maxclust"
+            )
+            second = [c for c, lab in zip(members, labels, strict=True) if lab == 2]
+            if (
+                not second
+                or len(second) == len(members)
+                or min(len(second), len(members) - len(second)) < self.p.min_group_size
+            ):
+                continue
+            new_g = f"{g.split('.')[0]}.{next_id}"
+            next_id += 1
+            prefix = f"{g}{SEP}"
+            params.update(
+                {
+                    f"{new_g}{SEP}{k[len(prefix) :]}": v.copy()
+                    for k, v in params.items()
+                    if k.startswith(prefix)
+                }
+            )
+            for c in second:
+                group_of[c] = new_g
+            for c in members:
+                updates.pop(c, None)
+        opt = server["opt"]
+        if set(params) != set(server["params"]):
+            opt = _extend_opt_state(opt, params)
+        return {
+            **server,
+            "params": params,
+            "group_of": group_of,
+            "updates": updates,
+            "next_id": next_id,
+            "opt": opt,
+        }
+
+    def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
+        group_of = server["group_of"]
+        sizes: dict[str, int] = {}
+        for g in group_of.values():
+            sizes[g] = sizes.get(g, 0) + 1
+        return {
+            "groups": sizes,
+            "group_of": [group_of[c] for c in sorted(group_of)],
+            "withheld_groups": server["withheld"],
+        }
+
+
+def _extend_opt_state(opt: dict[str, Any], params: Arrays) -> dict[str, Any]:
+    """New group heads start with zero server-optimizer state."""
+    out = dict(opt)
+    for key in ("buf", "m", "v"):
+        if key in out:
+            out[key] = {k: out[key].get(k, np.zeros_like(v)) for k, v in params.items()}
+    return out

@@ -1,0 +1,237 @@
+"""The ClientApp side: run an algorithm's client step on this SuperNode's own partition.
+
+Every message carries the resolved fedmtl config, so a node needs no copy of the YAML; which
+partition it holds comes from its ``node_config``. Client state (personal layers, dual variables,
+optimizer state) lives in ``context.state`` between messages, because Flower starts a fresh ClientApp
+process for every message. Randomness comes from the simulator's ``derived_rng``, so a node draws
+exactly the batches the in-process simulator draws for the same client and round.
+
+Loading this module imports neither torch nor the data stack: the handshake only reads the
+``node_config``, so it costs a process start, not a model build."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from flwr.app import Context, MetricRecord, RecordDict
+from flwr.app import Message as FlowerMessage
+from flwr.clientapp import ClientApp
+
+from fedmtl.errors import ConfigError, ProtocolError
+from fedmtl.flower import codec, protocol
+
+if TYPE_CHECKING:
+    from fedmtl.algorithms.base import Algorithm, ClientWork
+    from fedmtl.config import Config
+    from fedmtl.data.federated import ClientData, FederatedData
+
+StepFn = Callable[..., tuple[dict[str, Any], Any]]
+
+
+@dataclass
+class NodeSide:
+    """What one node builds from the run's config: its own client's data and the algorithm."""
+
+    cfg: Config
+    data: FederatedData  # a view holding only this node's client
+    client: ClientData
+    algo: Algorithm
+
+
+class _ByCid(list):
+    """The node's clients, indexable by fedmtl client id.
+
+    ``evaluate_clients`` iterates ``data.clients`` and then indexes it by client id; this view lets
+    a node run that same function on its single partition, whatever its id."""
+
+    def __getitem__(self, cid: Any) -> Any:
+        for c in list.__iter__(self):
+            if c.cid == cid:
+                return c
+        raise IndexError(cid)
+
+
+_CACHE: dict[tuple[str, str], NodeSide] = {}
+
+
+def _node_int(node_config: dict[str, Any], key: str) -> int | None:
+    if key not in node_config:
+        return None
+    value = node_config[key]
+    text = str(value)
+    if isinstance(value, bool) or not isinstance(value, int | str) or not text.lstrip("-").isdigit():
+        raise ConfigError(f"node_config: {key} = {value!r}: must be an integer")
+    return int(text)
+
+
+def partition_of(node_config: dict[str, Any]) -> tuple[int, int | None]:
+    """(partition-id, num-partitions or None) from a SuperNode's ``--node-config``."""
+    pid = _node_int(node_config, protocol.PARTITION_ID)
+    if pid is None:
+        raise ConfigError(
+            f"node_config: '{protocol.PARTITION_ID}' is missing; start the SuperNode with "
+            f'--node-config "{protocol.PARTITION_ID}=0 {protocol.NUM_PARTITIONS}=N"'
+        )
+    return pid, _node_int(node_config, protocol.NUM_PARTITIONS)
+
+
+def node_side(config_json: str, node_config: dict[str, Any]) -> NodeSide:
+    """Build (once per process) this node's data view and algorithm from the run's config.
+
+    ``data-dir``/``data-file`` in the node_config point at this node's own copy of the data."""
+    key = (config_json, json.dumps(node_config, sort_keys=True, default=str))
+    if key in _CACHE:
+        return _CACHE[key]
+    from fedmtl.config import parse_config
+    from fedmtl.experiment.run import build
+
+    pid, want = partition_of(node_config)
+    raw = json.loads(config_json)
+    for name, field in ((protocol.DATA_DIR, "dir"), (protocol.DATA_FILE, "file")):
+        if name in node_config:
+            raw.setdefault("data", {})[field] = str(node_config[name])
+    cfg = parse_config(raw)
+    data, algo, _ = build(cfg)
+    n = data.num_clients
+    if not 0 <= pid < n:
+        raise ConfigError(
+            f"node_config: {protocol.PARTITION_ID} = {pid}: the config has {n} clients (0..{n - 1})"
+        )
+    if want is not None and want != n:
+        raise ConfigError(
+            f"node_config: {protocol.NUM_PARTITIONS} = {want}, but the run's config makes {n} clients"
+        )
+    client = data.clients[pid]
+    view = dataclasses.replace(data, clients=_ByCid([client]))
+    side = NodeSide(cfg=cfg, data=view, client=client, algo=algo)
+    if len(_CACHE) >= 4:  # a process serves one node, or a few virtual ones (simulation, tests)
+        _CACHE.clear()
+    _CACHE[key] = side
+    return side
+
+
+def _side(msg: FlowerMessage, context: Context) -> NodeSide:
+    try:
+        config_json = str(msg.content.config_records[protocol.RUN]["config"])
+    except KeyError:
+        raise ProtocolError("flower message has no fedmtl run config") from None
+    return node_side(config_json, dict(context.node_config))
+
+
+def _work(msg: FlowerMessage, side: NodeSide) -> tuple[int, ClientWork]:
+    from fedmtl.algorithms.base import ClientWork
+    from fedmtl.runtime.simulation import TRAIN, derived_rng
+
+    w = msg.content.config_records[protocol.WORK]
+    cid, rnd = int(w["cid"]), int(w["round"])  # type: ignore[arg-type]
+    if cid != side.client.cid:
+        raise ProtocolError(f"message for client {cid} reached the node holding client {side.client.cid}")
+    rng = derived_rng(side.cfg.seed, TRAIN, rnd, cid)
+    return cid, ClientWork(round=rnd, fraction=float(w["fraction"]), rng=rng, lr=float(w["lr"]))  # type: ignore[arg-type]
+
+
+def _load_state(context: Context) -> dict[str, Any] | None:
+    return (
+        codec.get_tree(context.state, protocol.STATE)
+        if codec.has_tree(context.state, protocol.STATE)
+        else None
+    )
+
+
+def _evaluate_into(out: RecordDict, msg: FlowerMessage, side: NodeSide, state: dict[str, Any] | None) -> None:
+    """Evaluate with the same code as in-process, on this node's client, if the message asks."""
+    if protocol.EVAL not in msg.content.config_records:
+        return
+    from fedmtl.experiment.evaluate import evaluate_clients
+
+    rnd = int(msg.content.config_records[protocol.EVAL]["round"])  # type: ignore[arg-type]
+    server = codec.get_tree(msg.content, protocol.EVAL_VIEW)
+    cid = side.client.cid
+    # In-process evaluation sees ``{}`` for a client that never trained; keep that.
+    rows = evaluate_clients(side.algo, server, {cid: state} if state is not None else {}, side.data, rnd)
+    codec.put_tree(out, protocol.EVAL_ROW, rows)
+
+
+def _step(msg: FlowerMessage, context: Context, step: Callable[[NodeSide], StepFn] | None) -> FlowerMessage:
+    side = _side(msg, context)
+    state = _load_state(context)
+    out = RecordDict()
+    _evaluate_into(out, msg, side, state)
+    if step is not None:
+        cid, work = _work(msg, side)
+        incoming = codec.get_message(msg.content, protocol.MSG)
+        if state is None:
+            state = side.algo.init_client(cid)
+        t0 = time.perf_counter()
+        new_state, reply = step(side)(state, side.client, incoming, work)
+        wall = time.perf_counter() - t0
+        codec.put_tree(context.state, protocol.STATE, new_state)
+        codec.put_message(out, protocol.REPLY, reply)
+        out[protocol.META] = MetricRecord({"cid": cid, "compute_wall": wall})
+    return FlowerMessage(out, reply_to=msg)
+
+
+def handle_query(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    """Handshake: which client this node serves (from its node_config; nothing is loaded)."""
+    pid, num = partition_of(dict(context.node_config))
+    record = {"cid": pid} if num is None else {"cid": pid, "num_partitions": num}
+    return FlowerMessage(RecordDict({protocol.NODE: MetricRecord(record)}), reply_to=msg)  # type: ignore[arg-type]
+
+
+def handle_train(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    return _step(msg, context, lambda side: side.algo.client_step)
+
+
+def handle_evaluate(msg: FlowerMessage, context: Context) -> FlowerMessage:
+    return _step(msg, context, None)
+
+
+def _action_handler(action: str) -> Callable[[FlowerMessage, Context], FlowerMessage]:
+    """``train.<action>``: a step of a multi-step protocol, named in ``Algorithm.client_actions``."""
+
+    def pick(side: NodeSide) -> StepFn:
+        methods: dict[str, str] = getattr(side.algo, "client_actions", {})
+        if action not in methods:
+            raise ProtocolError(f"algorithm {side.algo.name!r} has no client action {action!r}")
+        return getattr(side.algo, methods[action])
+
+    def handle(msg: FlowerMessage, context: Context) -> FlowerMessage:
+        return _step(msg, context, pick)
+
+    return handle
+
+
+class FedmtlClientApp(ClientApp):
+    """A ClientApp whose custom ``train.<action>`` handlers are registered on first use.
+
+    So any algorithm's multi-step protocol runs without changing the app, and loading the app does
+    not import the algorithm registry (and torch) just to list action names."""
+
+    def __init__(self, actions: Iterable[str] = ()) -> None:
+        super().__init__()
+        self._actions: set[str] = set()
+        self.query()(handle_query)
+        self.train()(handle_train)
+        self.evaluate()(handle_evaluate)
+        for action in actions:
+            self._add_action(action)
+
+    def _add_action(self, action: str) -> None:
+        self.train(action)(_action_handler(action))
+        self._actions.add(action)
+
+    def __call__(self, message: FlowerMessage, context: Context) -> FlowerMessage:
+        category, _, action = message.metadata.message_type.partition(".")
+        if category == protocol.TRAIN and action.isidentifier() and action not in self._actions | {"default"}:
+            self._add_action(action)
+        return super().__call__(message, context)
+
+
+def client_app(extra_actions: Iterable[str] = ()) -> ClientApp:
+    """A ClientApp serving every fedmtl algorithm: handshake, train, evaluate and custom actions."""
+    return FedmtlClientApp(extra_actions)

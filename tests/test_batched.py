@@ -1,0 +1,269 @@
+"""Batched client execution: the same updates and metrics as sequential execution, and fallbacks."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+import fedmtl
+from fedmtl.config import parse_config
+from fedmtl.data.federated import TaskSpec
+from fedmtl.errors import ConfigError
+from fedmtl.experiment.run import build
+from fedmtl.runtime import Simulator
+from fedmtl.training.batched import batch_support, batched_local_train
+from fedmtl.training.local import LocalSpec, local_train
+from fedmtl.training.optim import OptimizerSpec
+from tests.conftest import digits_config
+
+RTOL = 1e-5
+
+# Ragged clients: sizes below, at and above the batch size; steps from 1 to several epochs.
+SIZES = [3, 8, 17, 40, 25]
+STEPS = [2, 1, 5, 9, 3]
+
+
+def _mlp(out: int = 4) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(6, 12), nn.ReLU(), nn.Linear(12, out)).eval()
+
+
+def _clients(task: TaskSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    rng = np.random.default_rng(1)
+    xs = [rng.normal(size=(n, 6)).astype(np.float32) for n in SIZES]
+    if task.is_classification:
+        ys = [rng.integers(0, task.num_outputs, n) for n in SIZES]
+    else:
+        ys = [rng.normal(size=n).astype(np.float32) for n in SIZES]
+    return xs, ys
+
+
+def _rngs() -> list[np.random.Generator]:
+    return [np.random.default_rng([7, i]) for i in range(len(SIZES))]
+
+
+def _close(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, start: torch.Tensor) -> None:
+    """Updates (end - start) agree to RTOL relative to the update's size."""
+    a, b = torch.as_tensor(a), torch.as_tensor(b)
+    scale = float((a - start).abs().max()) + 1e-12
+    assert float((a - b).abs().max()) <= RTOL * scale + 1e-7
+
+
+@pytest.mark.parametrize(
+    "opt, trainable, mu, kind",
+    [
+        (OptimizerSpec(lr=0.1), None, 0.0, "classification"),
+        (OptimizerSpec(lr=0.1, momentum=0.9, weight_decay=1e-3), None, 0.3, "classification"),
+        (OptimizerSpec(name="adam", lr=0.01), ["3.weight", "3.bias"], 0.0, "classification"),
+        (OptimizerSpec(lr=0.05, momentum=0.5), ["1.weight", "1.bias"], 0.5, "regression"),
+    ],
+    ids=["sgd", "momentum-wd-prox", "adam-head-only", "regression-body-only-prox"],
+)
+def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind):
+    task = TaskSpec(kind, 4 if kind == "classification" else 1)
+    model = _mlp(task.num_outputs)
+    base = {k: v.detach().clone() for k, v in model.named_parameters()}
+    # Personal starts (as under Local/Ditto) and per-client proximal centres exercise the stacked paths.
+    starts = [{k: v + 0.01 * i for k, v in base.items()} for i in range(len(SIZES))]
+    centers = [{k: v - 0.02 * i for k, v in base.items()} for i in range(len(SIZES))]
+    xs, ys = _clients(task)
+    spec = LocalSpec(optimizer=opt, batch_size=8)
+    res = batched_local_train(
+        model, starts, xs, ys, task, spec, STEPS, _rngs(), trainable=trainable,
+        prox_centers=centers if mu else None, prox_mu=mu,
+    )  # fmt: skip
+    for i, rng in enumerate(_rngs()):
+        params, loss, seen = local_train(
+            model, starts[i], xs[i], ys[i], task, spec, STEPS[i], rng, trainable=trainable,
+            prox_center=centers[i] if mu else None, prox_mu=mu,
+        )  # fmt: skip
+        assert res.seen[i] == seen
+        assert res.loss[i] == pytest.approx(loss, rel=RTOL)
+        for k, v in params.items():
+            _close(res.params(i)[k], v, starts[i][k])
+        if trainable is not None:  # frozen keys never move
+            for k in set(base) - set(trainable):
+                assert torch.equal(torch.as_tensor(res.arrays(i)[k]), starts[i][k])
+
+
+def test_memory_budget_splits_into_groups_with_the_same_result():
+    task = TaskSpec("classification", 4)
+    model = _mlp()
+    start = {k: v.detach().numpy().copy() for k, v in model.named_parameters()}
+    xs, ys = _clients(task)
+    spec = LocalSpec(optimizer=OptimizerSpec(lr=0.1, momentum=0.9), batch_size=8)
+    one = batched_local_train(model, [start] * 5, xs, ys, task, spec, STEPS, _rngs())
+    split = batched_local_train(model, [start] * 5, xs, ys, task, spec, STEPS, _rngs(), memory_bytes=1)
+    assert len(one.groups) == 1 and len(split.groups) == 5
+    for i in range(5):
+        for k in start:
+            np.testing.assert_allclose(one.arrays(i)[k], split.arrays(i)[k], rtol=RTOL, atol=1e-7)
+    np.testing.assert_allclose(one.loss, split.loss, rtol=RTOL)
+    # The shared start is never written to: trained parameters live in fresh stacks.
+    assert all(np.array_equal(start[k], v.detach().numpy()) for k, v in model.named_parameters())
+
+
+def test_cnn_trains_batched_like_sequential():
+    cfg = parse_config(digits_config(model={"name": "cnn", "channels": [4], "fc": 16}))
+    data, algo, _ = build(cfg)
+    clients = data.clients[:3]
+    start = algo.ctx.init_arrays
+    spec = algo.ctx.local
+    res = batched_local_train(
+        algo.ctx.model, [start] * 3, [c.x_train for c in clients], [c.y_train for c in clients],
+        data.task, spec, [4, 2, 3], [np.random.default_rng(i) for i in range(3)],
+    )  # fmt: skip
+    for i, c in enumerate(clients):
+        tstart = {k: torch.as_tensor(v) for k, v in start.items()}
+        params, loss, _ = local_train(
+            algo.ctx.model,
+            tstart,
+            c.x_train,
+            c.y_train,
+            data.task,
+            spec,
+            [4, 2, 3][i],
+            np.random.default_rng(i),
+        )
+        assert res.loss[i] == pytest.approx(loss, rel=RTOL)
+        for k, v in params.items():
+            _close(res.params(i)[k], v, tstart[k])
+
+
+HETEROGENEOUS = {"runtime__work_fraction": [0.2, 1.0], "runtime__drop_prob": 0.25, "clients__per_round": 6}
+
+
+def _config(algorithm: dict[str, Any], execution: str, **kw: Any) -> dict[str, Any]:
+    cfg = digits_config(algorithm=algorithm, train__rounds=3, **{**HETEROGENEOUS, **kw})
+    cfg["runtime"]["execution"] = execution
+    return cfg
+
+
+@pytest.mark.parametrize(
+    "algorithm",
+    [{"name": "fedavg"}, {"name": "fedprox", "mu": 0.1}, {"name": "local"}],
+    ids=lambda a: a["name"],
+)
+def test_batched_round_gives_the_same_client_updates(algorithm):
+    """Ragged Dirichlet clients, stragglers doing 20-100% of their steps, and dropouts."""
+    runs = {}
+    for execution in ("sequential", "batched"):
+        _, algo, sim = build(parse_config(_config(algorithm, execution)))
+        assert sim.execution == execution
+        runs[execution] = (sim, algo.init_server(), {})
+    assert len({c.n_train for c in runs["batched"][0].data.clients}) > 3  # genuinely ragged
+    steps_seen, dropped = set(), 0
+    for r in (1, 2):
+        out = {}
+        for execution, (sim, server, states) in runs.items():
+            out[execution] = sim.run_round(r, server, states)
+            runs[execution] = (sim, out[execution].server, states)
+        seq, bat = out["sequential"], out["batched"]
+        assert seq.replies.keys() == bat.replies.keys()
+        dropped += seq.info["dropped"]
+        steps_seen |= {row["steps"] for row in seq.train_rows if not row["dropped"]}
+        for cid, reply in seq.replies.items():
+            other = bat.replies[cid]
+            assert other.scalars["steps"] == reply.scalars["steps"]
+            assert other.scalars["samples"] == reply.scalars["samples"]
+            assert other.scalars["train_loss"] == pytest.approx(reply.scalars["train_loss"], rel=RTOL)
+            for k, v in reply.arrays.items():
+                np.testing.assert_allclose(other.arrays[k], v, rtol=RTOL, atol=1e-6)
+        seq_states, bat_states = runs["sequential"][2], runs["batched"][2]
+        assert seq_states.keys() == bat_states.keys()
+        for cid, st in seq_states.items():
+            for k, v in st.get("params", {}).items():
+                np.testing.assert_allclose(bat_states[cid]["params"][k], v, rtol=RTOL, atol=1e-6)
+    assert dropped > 0 and len(steps_seen) > 2
+
+
+@pytest.mark.parametrize(
+    "algorithm", [{"name": "fedavg"}, {"name": "fedprox", "mu": 0.1}], ids=["fedavg", "fedprox"]
+)
+def test_batched_run_gives_the_same_metrics(tmp_path, algorithm):
+    seq = fedmtl.run(_config(algorithm, "sequential"), out=tmp_path / "s")
+    bat = fedmtl.run(_config(algorithm, "batched"), out=tmp_path / "b")
+    skip = {"wall_time", "execution"}
+    for a, b in zip(seq.rounds, bat.rounds, strict=True):
+        assert a["execution"] == "sequential" and b["execution"] == "batched"
+        for k, v in a.items():
+            if k in skip:
+                continue
+            if isinstance(v, float):
+                assert b[k] == pytest.approx(v, rel=RTOL, abs=1e-7), k
+            else:
+                assert b[k] == v, k
+    for a, b in zip(seq.clients, bat.clients, strict=True):
+        for k, v in a.items():
+            assert b[k] == (pytest.approx(v, rel=RTOL, abs=1e-7) if isinstance(v, float) else v), k
+
+
+# ------------------------------------------------------------------------------------ fallbacks
+
+
+class _Branchy(nn.Module):
+    """Data-dependent control flow: fine one client at a time, impossible under vmap."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.head = nn.Linear(64, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.head(x.flatten(1))
+        return out if out.sum() > 0 else -out
+
+
+def test_batch_support_names_the_reason():
+    task = TaskSpec("classification", 10)
+    x = np.zeros((4, 1, 8, 8), dtype=np.float32)
+    y = np.zeros(4, dtype=np.int64)
+    assert batch_support(_mlp(10).__class__(nn.Flatten(), nn.Linear(64, 10)), task, x, y) is None
+    reason = batch_support(_Branchy().eval(), task, x, y)
+    assert reason is not None and reason.startswith("model _Branchy cannot be batched")
+
+
+def _unbatchable_fedavg(tmp_cfg: dict[str, Any]) -> tuple[Any, Any]:
+    """A FedAvg subclass that changes client_step but not batched_client_step."""
+    from fedmtl.algorithms.fedavg import FedAvg
+
+    class Tweaked(FedAvg):
+        name = "tweaked"
+
+        def client_step(self, state, data, msg, work):  # noqa: ANN001, ANN202
+            return super().client_step(state, data, msg, work)
+
+    data, algo, _ = build(parse_config(tmp_cfg))
+    return data, Tweaked(algo.p, algo.ctx)
+
+
+def test_auto_falls_back_to_sequential_with_one_notice(capsys):
+    cfg = parse_config(_config({"name": "fedavg"}, "auto"))
+    data, algo = _unbatchable_fedavg(cfg.to_dict())
+    sim = Simulator(algo, data, cfg, 1.0)
+    assert sim.execution == "sequential"
+    server, states = algo.init_server(), {}
+    for r in (1, 2):
+        server = sim.run_round(r, server, states).server
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1
+    assert "runtime.execution = 'auto'" in err[0] and "overrides client_step" in err[0]
+
+    # An unbatchable model falls back too; a batchable setup picks batched silently.
+    _, plain, _ = build(cfg)
+    plain.ctx.models = {}
+    plain.ctx.model = _Branchy().eval()
+    assert Simulator(plain, data, cfg, 1.0).execution == "sequential"
+    assert "model _Branchy cannot be batched" in capsys.readouterr().err
+    assert build(cfg)[2].execution == "batched"
+    assert capsys.readouterr().err == ""
+
+
+def test_batched_on_unsupported_algorithm_is_a_config_error(tmp_path):
+    cfg = parse_config(_config({"name": "fedavg"}, "batched"))
+    data, algo = _unbatchable_fedavg(cfg.to_dict())
+    with pytest.raises(ConfigError, match=r"runtime.execution = 'batched': algorithm 'tweaked' overrides"):
+        Simulator(algo, data, cfg, 1.0)

@@ -1,0 +1,115 @@
+"""Flower deployment on loopback: a real SuperLink and two SuperNodes, `flwr run`, faults.
+
+Slow (Flower starts a process per message and polls every few seconds) but run in CI. Every process
+is started in its own process group and stopped by PID in a finalizer, also when a test fails; the
+tests check that nothing is left running."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedmtl[flower]')")
+if shutil.which("flower-superlink", path=str(Path(sys.executable).parent)) is None:
+    pytest.skip("flower-superlink is not installed next to this Python", allow_module_level=True)
+
+import fedmtl  # noqa: E402
+from fedmtl.config import load_config  # noqa: E402
+from fedmtl.flower.local import LocalFederation  # noqa: E402
+from tests.test_flower import assert_same_metrics  # noqa: E402
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parents[1]
+APP = ROOT / "flower_app"
+EXAMPLE = ROOT / "examples" / "flower_digits.yaml"
+# Small local work: the round time is Flower's (process start, polling), not training.
+OVERRIDES = ["train.rounds=2", "train.local_steps=10"]
+
+
+@pytest.fixture
+def federation(tmp_path: Path) -> Iterator[Callable[[int], LocalFederation]]:
+    """Start SuperLink + n SuperNodes on free loopback ports; always stopped and checked afterwards."""
+    started: list[LocalFederation] = []
+
+    def start(n: int) -> LocalFederation:
+        fed = LocalFederation(
+            tmp_path / "flower", [{"partition-id": i, "num-partitions": n} for i in range(n)]
+        )
+        started.append(fed)
+        return fed.start()
+
+    yield start
+    for fed in started:
+        fed.stop()
+    left = {pid for fed in started for pid in fed.alive()}
+    assert not left, f"processes still running after stop: {sorted(left)}"
+
+
+def _run_config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+    return {
+        "config": str(EXAMPLE),
+        "overrides": "; ".join(OVERRIDES),
+        "out": str(tmp_path / "flower-run"),
+        "poll-interval": 0.1,
+        **extra,
+    }
+
+
+def _round_times(run_dir: Path) -> list[float]:
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["exchange_time"] for r in rows if r["kind"] == "round"]
+
+
+def test_two_rounds_on_loopback_equal_the_in_process_run(tmp_path, federation):
+    expected = fedmtl.run(load_config(EXAMPLE, OVERRIDES), out=tmp_path / "inproc")  # before Flower's CPU use
+    fed = federation(2)
+    t0 = time.perf_counter()
+    proc = fed.run(APP, _run_config(tmp_path, **{"round-timeout": 150.0}), timeout=300)
+    wall = time.perf_counter() - t0
+    run_dir = tmp_path / "flower-run"
+    assert proc.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()
+    assert_same_metrics(expected.run_dir, run_dir)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["engine"] == "flower" and sorted(summary["nodes"]) == ["0", "1"]
+    print(f"\nloopback: flwr run {wall:.1f} s; exchange per round {_round_times(run_dir)} s")
+
+
+def test_a_supernode_killed_mid_round_is_recorded_and_training_continues(tmp_path, federation):
+    fed = federation(2)
+    run_dir = tmp_path / "flower-run"
+    proc = fed.submit(APP, _run_config(tmp_path, **{"round-timeout": 45.0, "suspect-grace": 3.0}))
+    events = run_dir / "flower.jsonl"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline and proc.popen.poll() is None:
+        if events.is_file() and any(
+            json.loads(x).get("group") == "1" for x in events.read_text().splitlines()
+        ):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"round 1 never started:\n{fed.logs()}")
+    fed.kill_node(1, signal.SIGKILL)  # mid-round: round 1's messages are out, node 1 dies with its ClientApp
+    out = fed.wait(proc, timeout=240)
+    assert out.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()
+
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rounds = {r["round"]: r for r in rows if r["kind"] == "round"}
+    assert rounds[1]["missing_clients"] == [1], rounds[1]
+    assert rounds[2]["missing_clients"] == [1], rounds[2]
+    trained = [(r["round"], r["client"]) for r in rows if r["kind"] == "train" and not r.get("missing")]
+    assert trained == [(1, 0), (2, 0)]  # the surviving node kept training
+    evaluated = [(r["round"], r["client"]) for r in rows if r["kind"] == "client"]
+    assert evaluated == [(1, 0), (2, 0)]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["complete"] and summary["final"]["round"] == 2
+    assert summary["final"]["accuracy_mean"] > 0.1
+    print(f"\nfaults: exchange per round {_round_times(run_dir)} s (round-timeout 45 s, suspect-grace 3 s)")

@@ -1,0 +1,129 @@
+"""Personalised multi-task FL on real (embedded) data: heterogeneous heads, gains, new clients,
+hierarchical grouping by task and discovered by clustering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+import fedmtl
+from fedmtl.algorithms.heads import SEP, for_task, initial_global, keywise_mean, qualify
+from fedmtl.config import parse_config
+from fedmtl.data import load_federated
+from fedmtl.errors import ConfigError
+from tests.conftest import digits_config
+
+TASKS = ["digit", "parity", "ge5", "ink"]
+
+
+def _multi(**kw):
+    base = digits_config(
+        data__tasks=TASKS,
+        data__partition={"kind": "dirichlet", "alpha": 0.5, "num_clients": 12},
+        train__rounds=12,
+        clients__per_round=12,
+    )
+    for k, v in kw.items():
+        base[k] = v
+    return base
+
+
+def test_derived_tasks_relabel_the_same_images():
+    data = load_federated(parse_config(_multi()).data, 0)
+    assert {n: (t.kind, t.num_outputs) for n, t in data.tasks.items()} == {
+        "digit": ("classification", 10), "parity": ("classification", 2),
+        "ge5": ("classification", 2), "ink": ("regression", 1),
+    }
+    digits = load_federated(parse_config(digits_config(data__partition={"kind": "dirichlet", "alpha": 0.5,
+                                                                        "num_clients": 12})).data, 0)
+    for c, d in zip(data.clients, digits.clients, strict=True):
+        assert c.task.name == TASKS[c.cid % 4]
+        np.testing.assert_array_equal(c.x_train, d.x_train)
+        if c.task.name == "parity":
+            np.testing.assert_array_equal(c.y_train, d.y_train % 2)
+        if c.task.name == "ge5":
+            np.testing.assert_array_equal(c.y_train, (d.y_train >= 5).astype(np.int64))
+    with pytest.raises(ConfigError, match="unknown task 'colour'; allowed: digit, ge5, ink, parity"):
+        load_federated(parse_config(_multi(data={"dataset": "digits", "tasks": ["colour"]})).data, 0)
+    with pytest.raises(ConfigError, match="derived tasks need a 10-class image dataset"):
+        load_federated(parse_config({"data": {"dataset": "diabetes", "partition": {"kind": "iid"},
+                                              "tasks": ["digit"]}}).data, 0)
+
+
+def test_task_qualified_heads_never_mix():
+    a = {"body.1.weight": np.ones(2, np.float32), "head.weight": np.ones((10, 2), np.float32)}
+    b = {"body.1.weight": 3 * np.ones(2, np.float32), "head.weight": np.ones((2, 2), np.float32)}
+    mean = keywise_mean([qualify(a, "digit", True), qualify(b, "parity", True)], [1.0, 1.0])
+    np.testing.assert_allclose(mean["body.1.weight"], 2.0)
+    assert mean[f"digit{SEP}head.weight"].shape == (10, 2)
+    assert mean[f"parity{SEP}head.weight"].shape == (2, 2)
+    assert set(for_task(mean, "parity", True)) == {"body.1.weight", "head.weight"}
+    g = initial_global({"digit": a, "parity": b}, a)
+    assert set(g) == {"body.1.weight", f"digit{SEP}head.weight", f"parity{SEP}head.weight"}
+
+
+@pytest.mark.parametrize("algo", ["fedavg", "local", "fedper", "fedrep", "ditto", "fedavg_ft", "hierarchical"])
+def test_every_algorithm_trains_a_heterogeneous_task_federation(tmp_path, algo):
+    res = fedmtl.run(_multi(algorithm={"name": algo}), out=tmp_path / algo)
+    f = res.final
+    # Every task's clients are evaluated with their own head and loss.
+    assert f["task_parity_accuracy_mean"] > 0.6
+    assert f["task_ge5_accuracy_mean"] > 0.6
+    assert "task_ink_rmse_mean" in f and "task_digit_accuracy_mean" in f
+    sent = sum(r["bytes_up"] for r in res.rounds)
+    if algo == "local":
+        assert sent == 0
+    elif algo in ("fedper", "fedrep"):
+        # Only the body travels: heads never leave the client.
+        n_body = 64 * 32 + 32
+        assert {r["bytes_up"] for r in res.rounds} == {12 * n_body * 4}
+
+
+def test_personalised_methods_report_gain_against_their_shared_model(tmp_path):
+    res = fedmtl.run(_multi(algorithm={"name": "ditto", "lam": 0.1}), out=tmp_path / "d")
+    rows = [r for r in res.clients if r["kind"] == "client"]
+    assert all("gain" in r and "shared_loss" in r for r in rows)
+    for r in rows:
+        if r["task"] != "ink":
+            assert r["gain"] == pytest.approx(r["accuracy"] - r["shared_accuracy"])
+    assert res.final["gain_mean"] == pytest.approx(np.mean([r["gain"] for r in rows]))
+    assert 0.0 <= res.final["gain_negative_frac"] <= 1.0
+    ft = fedmtl.run(_multi(algorithm={"name": "fedavg_ft", "finetune_steps": 20}), out=tmp_path / "ft")
+    # Fine-tuning on a label-skewed client's own data helps that client on average.
+    assert ft.final["gain_mean"] > 0
+
+
+def test_new_clients_are_never_trained_and_gain_from_head_finetuning(tmp_path):
+    cfg = digits_config(data__holdout_clients=3, data__partition={"kind": "dirichlet", "alpha": 0.3,
+                                                                   "num_clients": 12},
+                        train__rounds=10, clients__per_round=9, eval__new_client_steps=30)
+    res = fedmtl.run(cfg, out=tmp_path / "n")
+    data = load_federated(parse_config(cfg).data, 0)
+    rows = fedmtl.experiment.records.RunDir(res.run_dir).read_metrics()
+    trained = {r["client"] for r in rows if r["kind"] == "train"}
+    assert trained.isdisjoint(data.holdout) and len(data.holdout) == 3
+    new = [r for r in rows if r["kind"] == "new_client" and r["round"] == 10]
+    assert sorted(r["client"] for r in new) == data.holdout
+    assert res.final["new_after_accuracy_mean"] > res.final["new_before_accuracy_mean"]
+
+
+def test_hierarchical_discovers_concept_shift_groups(tmp_path):
+    # Two client populations with the same images and the same head shape: one learns the parity, the
+    # other "digit >= 5". With cluster grouping the server is not told which client is which; it must
+    # find the two populations from the cosine similarity of their updates.
+    cfg = digits_config(
+        data__tasks=["parity", "ge5"],
+        data__partition={"kind": "iid", "num_clients": 10},
+        model={"name": "mlp", "hidden": [32]},
+        train__rounds=5,
+        clients__per_round=10,
+        algorithm={"name": "hierarchical", "grouping": "cluster", "eps1": 1e9, "eps2": 0.0,
+                   "warmup_rounds": 3, "max_groups": 2},
+    )
+    res = fedmtl.run(cfg, out=tmp_path / "c")
+    assert all("group_of" in r and "groups" in r for r in res.rounds)
+    before = res.rounds[1]["group_of"]
+    assert len(set(before)) == 1  # one group until the split
+    after = res.final["group_of"]
+    parity, ge5 = set(after[0::2]), set(after[1::2])
+    assert len(parity) == 1 and len(ge5) == 1 and parity != ge5

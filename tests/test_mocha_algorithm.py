@@ -140,9 +140,27 @@ def test_dropped_clients_are_untouched_and_a_silent_one_is_reported(shared_data,
     np.testing.assert_array_equal(states[2]["alpha"], alpha2)
     np.testing.assert_array_equal(server["B"][2], b2)
     assert server["dual_terms"][2] == dual2 and server["last_seen"][2] == 1
-    assert server["stale"] == [2] and algo.round_metrics(server)["stale_clients"] == [2]
+    assert server["stale"] == [2] and algo.round_info(server)["stale_clients"] == [2]
     assert "client 2 has sent nothing for 5 rounds" in caplog.text
     assert not server["objective_exact"] and server["omega_updates"] == 2  # rounds 3 and 6
     bad = Message(arrays={"delta_b": np.zeros(3)}, scalars={"train_loss": 0.0, "dual_term": 0.0})
     with pytest.raises(ProtocolError, match="client 0 sent delta_b of shape"):
         algo.server_step(server, {0: bad}, 8)
+
+
+def test_always_dropping_client_is_reported_in_round_rows(tmp_path):
+    import fedmtl
+
+    cfg = {
+        "data": {"dataset": "landmine_small", "partition": {"kind": "natural"}},
+        "model": {"name": "linear"},
+        "algorithm": {"name": "mocha", "inner": 5, "omega_steps": 1, "stale_after": 5},
+        "train": {"rounds": 12},
+        "runtime": {"always_drop": [3]},
+        "output": {"progress": False},
+    }
+    res = fedmtl.run(cfg, out=tmp_path / "r")
+    rows = res.rounds
+    assert all(3 in r["dropped_clients"] for r in rows)
+    assert 3 in rows[-1]["stale_clients"]
+    assert all("gap" in r and r["gap"] >= -1e-9 for r in rows)

@@ -152,6 +152,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     spec = importlib.util.spec_from_file_location(f"fedmtl_bench_{a.name}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses in the benchmark look their module up here
     sys.path.insert(0, str(path.parent))
     spec.loader.exec_module(module)
     out = module.main(a.args)

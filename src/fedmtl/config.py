@@ -77,6 +77,7 @@ class RuntimeConfig(Strict):
     execution: Literal["sequential", "batched", "auto"] = "sequential"
     work_fraction: tuple[float, float] = (1.0, 1.0)
     drop_prob: float = Field(0.0, ge=0, lt=1)
+    always_drop: list[int] = Field(default_factory=list, description="clients that drop every round")
     client_gflops: float = Field(1.0, gt=0)
     uplink_mbps: float = Field(10.0, gt=0)
     downlink_mbps: float = Field(50.0, gt=0)

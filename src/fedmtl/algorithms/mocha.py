@@ -157,8 +157,8 @@ class Mocha(Algorithm):
         self._warned |= set(stale)
         return stale
 
-    def round_metrics(self, server: dict[str, Any]) -> dict[str, Any]:
-        """Scalars worth a column in metrics.jsonl (needs the runtime to ask for them)."""
+    def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
+        """Primal, dual and gap per round in metrics.jsonl's round rows."""
         return {
             "primal": server["primal"],
             "dual": server["dual"],

@@ -113,7 +113,7 @@ class Simulator:
         rng = derived_rng(self.cfg.seed, SYSTEMS, round, cid)
         lo, hi = rt.work_fraction
         frac = float(rng.uniform(lo, hi)) if hi > lo else float(hi)
-        dropped = bool(rng.random() < rt.drop_prob)
+        dropped = bool(rng.random() < rt.drop_prob) or cid in rt.always_drop
         return frac, dropped
 
     def comm_seconds(self, up: int, down: int) -> float:

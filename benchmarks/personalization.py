@@ -102,7 +102,8 @@ def measure(kind: str, rounds: int, seeds: list[int], runs: Path) -> list[dict[s
                 }
             )
             print(
-                f"[{kind}] {label} seed {seed}: mean {f['accuracy_mean']:.4f} worst10 {f['accuracy_worst10']:.4f}"
+                f"[{kind}] {label} seed {seed}: mean {f['accuracy_mean']:.4f} "
+                f"worst10 {f['accuracy_worst10']:.4f}"
             )
         out.append({"label": label, "seeds": per_seed})
     for row in out:  # per-client gain over FedAvg on the same clients and seed
@@ -168,7 +169,8 @@ def main(argv: list[str]) -> Path:
         "",
         *table("label skew", sections[0][1]),
         "",
-        "Hierarchical here discovers groups by clustering client updates (CFL, eps1 0.4, eps2 1.6, warm-up 10).",
+        "Hierarchical here discovers groups by clustering client updates "
+        "(CFL, eps1 0.4, eps2 1.6, warm-up 10).",
         "",
         "## Heterogeneous tasks: 40 clients, 4 task groups (digit / parity / >= 5 / ink-mass regression)",
         "",
@@ -177,7 +179,8 @@ def main(argv: list[str]) -> Path:
         *table("hetero tasks", sections[1][1]),
         "",
         "Hierarchical here uses the known task ids with a two-level body average (each task group weighs "
-        "the same); FedAvg averages the body over all clients by samples and each task's head within the task.",
+        "the same); FedAvg averages the body over all clients by samples and each task's head within "
+        "the task.",
         "",
         f"Reproduce: `fedmtl bench personalization --rounds {rounds} --seeds {' '.join(map(str, seeds))}`.",
         "",

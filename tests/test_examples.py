@@ -14,7 +14,9 @@ EXAMPLES = sorted((Path(__file__).resolve().parents[1] / "examples").glob("*.yam
 
 @pytest.mark.parametrize("path", EXAMPLES, ids=lambda p: p.stem)
 def test_example_runs(path, tmp_path, shared_data):
-    cfg = load_config(path, ["train.rounds=2", "train.local_steps=3", "output.progress=false", "eval.every=1"])
+    cfg = load_config(
+        path, ["train.rounds=2", "train.local_steps=3", "output.progress=false", "eval.every=1"]
+    )
     res = fedmtl.run(cfg, out=tmp_path / "run")
     assert res.summary["rounds_completed"] == 2
     metric = res.summary["primary_metric"]

@@ -31,11 +31,17 @@ def _multi(**kw):
 def test_derived_tasks_relabel_the_same_images():
     data = load_federated(parse_config(_multi()).data, 0)
     assert {n: (t.kind, t.num_outputs) for n, t in data.tasks.items()} == {
-        "digit": ("classification", 10), "parity": ("classification", 2),
-        "ge5": ("classification", 2), "ink": ("regression", 1),
+        "digit": ("classification", 10),
+        "parity": ("classification", 2),
+        "ge5": ("classification", 2),
+        "ink": ("regression", 1),
     }
-    digits = load_federated(parse_config(digits_config(data__partition={"kind": "dirichlet", "alpha": 0.5,
-                                                                        "num_clients": 12})).data, 0)
+    digits = load_federated(
+        parse_config(
+            digits_config(data__partition={"kind": "dirichlet", "alpha": 0.5, "num_clients": 12})
+        ).data,
+        0,
+    )
     for c, d in zip(data.clients, digits.clients, strict=True):
         assert c.task.name == TASKS[c.cid % 4]
         np.testing.assert_array_equal(c.x_train, d.x_train)
@@ -46,8 +52,12 @@ def test_derived_tasks_relabel_the_same_images():
     with pytest.raises(ConfigError, match="unknown task 'colour'; allowed: digit, ge5, ink, parity"):
         load_federated(parse_config(_multi(data={"dataset": "digits", "tasks": ["colour"]})).data, 0)
     with pytest.raises(ConfigError, match="derived tasks need a 10-class image dataset"):
-        load_federated(parse_config({"data": {"dataset": "diabetes", "partition": {"kind": "iid"},
-                                              "tasks": ["digit"]}}).data, 0)
+        load_federated(
+            parse_config(
+                {"data": {"dataset": "diabetes", "partition": {"kind": "iid"}, "tasks": ["digit"]}}
+            ).data,
+            0,
+        )
 
 
 def test_task_qualified_heads_never_mix():
@@ -62,7 +72,9 @@ def test_task_qualified_heads_never_mix():
     assert set(g) == {"body.1.weight", f"digit{SEP}head.weight", f"parity{SEP}head.weight"}
 
 
-@pytest.mark.parametrize("algo", ["fedavg", "local", "fedper", "fedrep", "ditto", "fedavg_ft", "hierarchical"])
+@pytest.mark.parametrize(
+    "algo", ["fedavg", "local", "fedper", "fedrep", "ditto", "fedavg_ft", "hierarchical"]
+)
 def test_every_algorithm_trains_a_heterogeneous_task_federation(tmp_path, algo):
     res = fedmtl.run(_multi(algorithm={"name": algo}), out=tmp_path / algo)
     f = res.final
@@ -94,9 +106,13 @@ def test_personalised_methods_report_gain_against_their_shared_model(tmp_path):
 
 
 def test_new_clients_are_never_trained_and_gain_from_head_finetuning(tmp_path):
-    cfg = digits_config(data__holdout_clients=3, data__partition={"kind": "dirichlet", "alpha": 0.3,
-                                                                   "num_clients": 12},
-                        train__rounds=10, clients__per_round=9, eval__new_client_steps=30)
+    cfg = digits_config(
+        data__holdout_clients=3,
+        data__partition={"kind": "dirichlet", "alpha": 0.3, "num_clients": 12},
+        train__rounds=10,
+        clients__per_round=9,
+        eval__new_client_steps=30,
+    )
     res = fedmtl.run(cfg, out=tmp_path / "n")
     data = load_federated(parse_config(cfg).data, 0)
     rows = fedmtl.experiment.records.RunDir(res.run_dir).read_metrics()
@@ -117,8 +133,14 @@ def test_hierarchical_discovers_concept_shift_groups(tmp_path):
         model={"name": "mlp", "hidden": [32]},
         train__rounds=5,
         clients__per_round=10,
-        algorithm={"name": "hierarchical", "grouping": "cluster", "eps1": 1e9, "eps2": 0.0,
-                   "warmup_rounds": 3, "max_groups": 2},
+        algorithm={
+            "name": "hierarchical",
+            "grouping": "cluster",
+            "eps1": 1e9,
+            "eps2": 0.0,
+            "warmup_rounds": 3,
+            "max_groups": 2,
+        },
     )
     res = fedmtl.run(cfg, out=tmp_path / "c")
     assert all("group_of" in r and "groups" in r for r in res.rounds)

@@ -27,7 +27,11 @@ BASE = {
     "eval": {"every": 5},
 }
 
-ALGORITHMS = [("local", {"name": "local"}), ("fedavg", {"name": "fedavg"}), ("ditto", {"name": "ditto", "lam": 0.1})]
+ALGORITHMS = [
+    ("local", {"name": "local"}),
+    ("fedavg", {"name": "fedavg"}),
+    ("ditto", {"name": "ditto", "lam": 0.1}),
+]
 
 
 def demo(out: Path) -> Path:

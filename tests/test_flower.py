@@ -222,8 +222,29 @@ def test_codec_names_the_path_of_a_value_it_cannot_send():
             "algorithm": {"name": "local"},
         },
         {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedprox", "mu": 0.1}},
+        # personalised multi-task: heads of different sizes stay on the nodes, only the body travels
+        {
+            "data__partition__num_clients": 2,
+            "data__tasks": ["digit", "parity"],
+            "train__rounds": 2,
+            "algorithm": {"name": "fedper"},
+        },
+        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "ditto", "lam": 0.1}},
+        {
+            "data__partition__num_clients": 2,
+            "train__rounds": 2,
+            "algorithm": {"name": "fedavg_ft", "finetune_steps": 3},
+        },
     ],
-    ids=["fedavg", "sampling-drops-momentum", "local-stateful", "fedprox"],
+    ids=[
+        "fedavg",
+        "sampling-drops-momentum",
+        "local-stateful",
+        "fedprox",
+        "fedper-multitask",
+        "ditto",
+        "fedavg-ft",
+    ],
 )
 def test_flower_run_equals_in_process_run(tmp_path, over):
     raw = _cfg(**over)

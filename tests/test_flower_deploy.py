@@ -54,10 +54,10 @@ def federation(tmp_path: Path) -> Iterator[Callable[[int], LocalFederation]]:
     assert not left, f"processes still running after stop: {sorted(left)}"
 
 
-def _run_config(tmp_path: Path, **extra: Any) -> dict[str, Any]:
+def _run_config(tmp_path: Path, overrides: list[str] = OVERRIDES, **extra: Any) -> dict[str, Any]:
     return {
         "config": str(EXAMPLE),
-        "overrides": "; ".join(OVERRIDES),
+        "overrides": "; ".join(overrides),
         "out": str(tmp_path / "flower-run"),
         "poll-interval": 0.1,
         **extra,
@@ -69,11 +69,17 @@ def _round_times(run_dir: Path) -> list[float]:
     return [r["exchange_time"] for r in rows if r["kind"] == "round"]
 
 
-def test_two_rounds_on_loopback_equal_the_in_process_run(tmp_path, federation):
-    expected = fedmtl.run(load_config(EXAMPLE, OVERRIDES), out=tmp_path / "inproc")  # before Flower's CPU use
+@pytest.mark.parametrize(
+    "extra",
+    [[], ["algorithm.name=fedper", "data.tasks=[digit, parity]"]],
+    ids=["fedavg", "fedper-multitask"],
+)
+def test_two_rounds_on_loopback_equal_the_in_process_run(tmp_path, federation, extra):
+    overrides = OVERRIDES + extra
+    expected = fedmtl.run(load_config(EXAMPLE, overrides), out=tmp_path / "inproc")  # before Flower's CPU use
     fed = federation(2)
     t0 = time.perf_counter()
-    proc = fed.run(APP, _run_config(tmp_path, **{"round-timeout": 150.0}), timeout=300)
+    proc = fed.run(APP, _run_config(tmp_path, overrides, **{"round-timeout": 150.0}), timeout=300)
     wall = time.perf_counter() - t0
     run_dir = tmp_path / "flower-run"
     assert proc.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()

@@ -22,7 +22,7 @@ BASE = {
         "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 20},
     },
     "model": {"name": "mlp", "hidden": [64]},
-    "train": {"rounds": 40, "local_epochs": 2, "batch_size": 16, "lr": 0.05},
+    "train": {"rounds": 30, "local_epochs": 2, "batch_size": 16, "lr": 0.05},
     "clients": {"per_round": 10},
     "eval": {"every": 5},
 }

@@ -110,8 +110,10 @@ class Simulator:
     def systems(self, round: int, cid: int) -> tuple[float, bool]:
         """(work fraction, dropped) for a client this round."""
         rt = self.cfg.runtime
-        rng = derived_rng(self.cfg.seed, SYSTEMS, round, cid)
         lo, hi = rt.work_fraction
+        if hi <= lo and rt.drop_prob == 0:  # nothing to draw: skip building the rng (same result)
+            return float(hi), cid in rt.always_drop
+        rng = derived_rng(self.cfg.seed, SYSTEMS, round, cid)
         frac = float(rng.uniform(lo, hi)) if hi > lo else float(hi)
         dropped = bool(rng.random() < rt.drop_prob) or cid in rt.always_drop
         return frac, dropped
@@ -196,7 +198,7 @@ class Simulator:
             }
             rows.append(row)
             if dropped:
-                row["sim_time"] = self.comm_seconds(0, msg.nbytes)
+                row["sim_time"] = self.comm_seconds(0, row["bytes_down"])
                 continue
             state = states.get(cid)
             if state is None:
@@ -209,17 +211,18 @@ class Simulator:
         replies: dict[int, Message] = {}
         losses, weights = [], []
         outcomes = self._train_clients(jobs) if jobs else []
-        for (cid, _, msg, _), row, (new_state, reply, wall) in zip(jobs, trained, outcomes, strict=True):
+        for (cid, _, _, _), row, (new_state, reply, wall) in zip(jobs, trained, outcomes, strict=True):
             states[cid] = new_state
             replies[cid] = reply
             samples = float(reply.scalars.get("samples", 0))
+            up = reply.nbytes
             row["compute_wall"] = wall
             row.update(
-                bytes_up=reply.nbytes,
+                bytes_up=up,
                 steps=int(reply.scalars.get("steps", 0)),
                 train_loss=float(reply.scalars.get("train_loss", float("nan"))),
                 sim_time=samples * self.flops / (self.cfg.runtime.client_gflops * 1e9)
-                + self.comm_seconds(reply.nbytes, msg.nbytes),
+                + self.comm_seconds(up, row["bytes_down"]),
             )
             if "train_loss" in reply.scalars:
                 losses.append(row["train_loss"])

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 from torch.func import functional_call, vmap
+from torch.overrides import TorchFunctionMode
 
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
@@ -103,23 +104,31 @@ def _is_shared(values: Sequence[ArrayLike]) -> bool:
 
 
 def _stack(values: Sequence[ArrayLike]) -> torch.Tensor:
-    """A fresh [n, ...] tensor to train in place (never a view of the inputs).
-
-    Matrices are stored transposed in memory ([n, in, out] viewed as [n, out, in]): a vmapped
-    linear layer then multiplies by a contiguous operand and its weight gradient comes out with
-    the same strides as the weight, so the optimizer's in-place update streams through memory
-    instead of striding across it (several times faster for a 784x200 layer)."""
+    """A fresh contiguous [n, ...] tensor to train in place (never a view of the inputs)."""
     first = torch.as_tensor(values[0])
-    n = len(values)
-    if first.dim() == 2:
-        out = torch.empty((n, first.shape[1], first.shape[0]), dtype=first.dtype).transpose(1, 2)
-    else:
-        out = torch.empty((n, *first.shape), dtype=first.dtype)
+    out = torch.empty((len(values), *first.shape), dtype=first.dtype)
     if _is_shared(values):
         return out.copy_(first)
     for i, v in enumerate(values):
         out[i].copy_(torch.as_tensor(v))
     return out
+
+
+class _WeightMajorLinear(TorchFunctionMode):
+    """Runs ``F.linear(x, W, b)`` as ``(W @ x^T)^T + b`` (the same product).
+
+    Autograd then forms the weight gradient as ``g^T @ x``: shaped and laid out like the stacked
+    weight [clients, out, in], which batched GEMM computes about 1.5x faster than the ``x^T @ g``
+    that the usual form leads to, and which the in-place update then reads contiguously."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func is nn.functional.linear and args and args[0].dim() >= 2:
+            x, w = args[0], args[1]
+            bias = args[2] if len(args) > 2 else kwargs.get("bias")
+            out = torch.matmul(w, x.mT).mT
+            return out if bias is None else out + bias
+        return func(*args, **kwargs)
 
 
 @lru_cache(maxsize=16)
@@ -324,10 +333,6 @@ def _train_group(
         grads, batch_loss = step_fn(live, fz, ct, xb, yb, mb)
         optim.step_(spec.optimizer, live, grads, _state_view(state, k, t))
         loss_sum[:k] += batch_loss.detach().double() * torch.from_numpy(counts).double()
-    # Hand back C-ordered stacks (the wire and aggregation expect ordinary arrays): one copy per
-    # matrix for the whole group rather than one per client.
-    for key, v in grp.stacked.items():
-        grp.stacked[key] = v.contiguous()
     for row, i in enumerate(members):
         seen_out[i] = seen[row]
         loss_out[i] = float(loss_sum[row]) / max(int(seen[row]), 1)
@@ -396,7 +401,8 @@ def _step_fn(
         mask: torch.Tensor,
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         leaves = {k: v.detach().requires_grad_(True) for k, v in live.items()}
-        losses = losses_fn(leaves, frozen or None, x, y, mask)
+        with _WeightMajorLinear():
+            losses = losses_fn(leaves, frozen or None, x, y, mask)
         objective = losses.sum()
         if mu > 0 and center:
             # A shared centre broadcasts over the client axis; a stacked one matches it.

@@ -112,3 +112,10 @@ def test_regression_on_diabetes(tmp_path):
     # Diabetes targets have std ~77; a useful model does far better than predicting the mean.
     assert res.final["global_rmse"] < 65
     assert res.final["global_r2"] > 0.25
+
+
+def test_non_finite_updates_are_rejected_not_averaged(tmp_path):
+    # lr 1e20 makes local SGD overflow to inf/NaN on every client: nothing may reach the global model.
+    res = _run(tmp_path, "nan", train__rounds=2, train__lr=1e20)
+    assert all(r["rejected_clients"] for r in res.rounds)
+    assert np.isfinite(res.final["global_loss"])

@@ -25,6 +25,7 @@ from fedmtl.algorithms.base import Algorithm, ClientWork, Message
 from fedmtl.config import Config
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError
+from fedmtl.runtime.validation import reply_problem
 from fedmtl.training.batched import DEFAULT_MEMORY_BYTES, batch_support
 
 # Purposes for derived random streams (stable small ints; never reorder).
@@ -211,9 +212,15 @@ class Simulator:
         replies: dict[int, Message] = {}
         losses, weights = [], []
         outcomes = self._train_clients(jobs) if jobs else []
+        rejected: dict[int, str] = {}
         for (cid, _, _, _), row, (new_state, reply, wall) in zip(jobs, trained, outcomes, strict=True):
-            states[cid] = new_state
-            replies[cid] = reply
+            problem = reply_problem(reply)
+            if problem is None:
+                states[cid] = new_state
+                replies[cid] = reply
+            else:  # the client's update and its new state are discarded, as for a malformed message
+                rejected[cid] = problem
+                row["rejected"] = problem
             samples = float(reply.scalars.get("samples", 0))
             up = reply.nbytes
             row["compute_wall"] = wall
@@ -237,6 +244,7 @@ class Simulator:
             "sim_time": max((r["sim_time"] for r in rows), default=0.0),
             "lr": lr,
             "execution": self.execution,
+            "rejected_clients": sorted(rejected),
         }
         if losses and sum(weights) > 0:
             info["train_loss"] = float(np.average(losses, weights=weights))

@@ -267,3 +267,12 @@ def test_batched_on_unsupported_algorithm_is_a_config_error(tmp_path):
     data, algo = _unbatchable_fedavg(cfg.to_dict())
     with pytest.raises(ConfigError, match=r"runtime.execution = 'batched': algorithm 'tweaked' overrides"):
         Simulator(algo, data, cfg, 1.0)
+
+
+def test_derived_rng_fast_path_draws_the_default_rng_stream():
+    """The simulator builds 2 rngs per client and round; its fast construction must not change them."""
+    from fedmtl.runtime.simulation import derived_rng
+
+    for keys in [(0, 3, 1, 0), (7, 2, 12, 9999), (2**32 - 1, 1, 5, 3), (2**40 + 3, 3, 2, 1)]:
+        expect = np.random.default_rng(list(keys)).random(5)
+        np.testing.assert_array_equal(derived_rng(*keys).random(5), expect)

@@ -148,7 +148,7 @@ def test_dropped_clients_are_untouched_and_a_silent_one_is_reported(shared_data,
         algo.server_step(server, {0: bad}, 8)
 
 
-def test_always_dropping_client_is_reported_in_round_rows(tmp_path):
+def test_always_dropping_client_is_reported_in_round_rows(tmp_path, shared_data):
     import fedmtl
 
     cfg = {

@@ -36,6 +36,7 @@ from fedmtl.experiment.run import RunResult, build
 from fedmtl.flower import codec, protocol
 from fedmtl.metrics import primary_metric, summarize_clients
 from fedmtl.runtime.simulation import round_lr
+from fedmtl.runtime.validation import reply_problem
 
 K = TypeVar("K")
 EVENTS = "flower.jsonl"
@@ -368,6 +369,7 @@ class FlowerServer:
             self._finish_eval(pending, replies, missing)
 
         got: dict[int, Message] = {}
+        rejected: list[int] = []
         losses, weights = [], []
         for cid, msg in sent.items():
             row = rows[cid]
@@ -377,7 +379,6 @@ class FlowerServer:
                 row["sim_time"] = sim.comm_seconds(0, msg.nbytes)
                 continue
             reply = codec.get_message(content, protocol.REPLY)
-            got[cid] = reply
             samples = float(reply.scalars.get("samples", 0))
             row.update(
                 compute_wall=float(content.metric_records[protocol.META]["compute_wall"]),  # type: ignore[arg-type]
@@ -387,6 +388,12 @@ class FlowerServer:
                 sim_time=samples * sim.flops / (self.cfg.runtime.client_gflops * 1e9)
                 + sim.comm_seconds(reply.nbytes, msg.nbytes),
             )
+            problem = reply_problem(reply)
+            if problem is not None:  # not aggregated; the node keeps its own state (it lives there)
+                rejected.append(cid)
+                row["rejected"] = problem
+                continue
+            got[cid] = reply
             if "train_loss" in reply.scalars:
                 losses.append(row["train_loss"])
                 weights.append(samples)
@@ -401,10 +408,11 @@ class FlowerServer:
             "sim_time": max((r["sim_time"] for r in train_rows), default=0.0),
             "lr": lr,
             "execution": "flower",
+            "rejected_clients": rejected,
         }
         if losses and sum(weights) > 0:
             info["train_loss"] = float(np.average(losses, weights=weights))
-        lost = sorted(c for c in sent if c not in got)
+        lost = sorted(c for c in sent if c not in got and c not in rejected)
         info.update(missing_clients=lost, exchange_time=exchange_time, nodes=len(self.node_of))
         if lost:
             info["missing_reasons"] = {str(c): rows[c]["reason"] for c in lost}

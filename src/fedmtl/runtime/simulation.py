@@ -214,13 +214,6 @@ class Simulator:
         outcomes = self._train_clients(jobs) if jobs else []
         rejected: dict[int, str] = {}
         for (cid, _, _, _), row, (new_state, reply, wall) in zip(jobs, trained, outcomes, strict=True):
-            problem = reply_problem(reply)
-            if problem is None:
-                states[cid] = new_state
-                replies[cid] = reply
-            else:  # the client's update and its new state are discarded, as for a malformed message
-                rejected[cid] = problem
-                row["rejected"] = problem
             samples = float(reply.scalars.get("samples", 0))
             up = reply.nbytes
             row["compute_wall"] = wall
@@ -231,6 +224,13 @@ class Simulator:
                 sim_time=samples * self.flops / (self.cfg.runtime.client_gflops * 1e9)
                 + self.comm_seconds(up, row["bytes_down"]),
             )
+            problem = reply_problem(reply)
+            if problem is not None:  # update and new state discarded, as for a malformed message
+                rejected[cid] = problem
+                row["rejected"] = problem
+                continue
+            states[cid] = new_state
+            replies[cid] = reply
             if "train_loss" in reply.scalars:
                 losses.append(row["train_loss"])
                 weights.append(samples)

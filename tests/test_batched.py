@@ -138,7 +138,7 @@ HETEROGENEOUS = {"runtime__work_fraction": [0.2, 1.0], "runtime__drop_prob": 0.2
 
 
 def _config(algorithm: dict[str, Any], execution: str, **kw: Any) -> dict[str, Any]:
-    cfg = digits_config(algorithm=algorithm, train__rounds=3, **{**HETEROGENEOUS, **kw})
+    cfg = digits_config(algorithm=algorithm, **{"train__rounds": 3, **HETEROGENEOUS, **kw})
     cfg["runtime"]["execution"] = execution
     return cfg
 
@@ -276,3 +276,26 @@ def test_derived_rng_fast_path_draws_the_default_rng_stream():
     for keys in [(0, 3, 1, 0), (7, 2, 12, 9999), (2**32 - 1, 1, 5, 3), (2**40 + 3, 3, 2, 1)]:
         expect = np.random.default_rng(list(keys)).random(5)
         np.testing.assert_array_equal(derived_rng(*keys).random(5), expect)
+
+
+def test_batched_run_resumes_to_the_uninterrupted_metrics(tmp_path):
+    """A batched run continued from its round-2 checkpoint ends exactly where a full run does."""
+    from fedmtl.experiment.records import RunDir
+
+    def cfg(rounds: int) -> dict[str, Any]:
+        raw = _config({"name": "fedprox", "mu": 0.1}, "batched", train__rounds=rounds)
+        raw["output"] = {"progress": False, "checkpoint_every": 2}
+        return raw
+
+    full = fedmtl.run(cfg(4), out=tmp_path / "full")
+    short = fedmtl.run(cfg(2), out=tmp_path / "short")
+    part = tmp_path / "part"
+    part.mkdir()
+    (part / "config.yaml").write_bytes((full.run_dir / "config.yaml").read_bytes())
+    rd = RunDir(part)
+    rd.append([r for r in RunDir(full.run_dir).read_metrics() if r["round"] <= 2])
+    rd.save_checkpoint(RunDir(short.run_dir).load_checkpoint())
+    fedmtl.resume(part)
+    volatile = {"wall_time", "compute_wall"}
+    stable = lambda rows: [{k: v for k, v in r.items() if k not in volatile} for r in rows]  # noqa: E731
+    assert stable(rd.read_metrics()) == stable(RunDir(full.run_dir).read_metrics())

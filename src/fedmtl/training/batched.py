@@ -18,6 +18,7 @@ instead of a Python loop per client:
 from __future__ import annotations
 
 import math
+from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
@@ -338,20 +339,30 @@ def _train_group(
         loss_out[i] = float(loss_sum[row]) / max(int(seen[row]), 1)
 
 
-_DATA_CACHE: dict[tuple[int, ...], tuple[list[np.ndarray], torch.Tensor, torch.Tensor]] = {}
+#: Concatenated group data kept between calls, least recently used first, up to DATA_CACHE_BYTES.
+_DATA_CACHE: OrderedDict[tuple[int, ...], tuple[list[np.ndarray], torch.Tensor, torch.Tensor]] = OrderedDict()
+DATA_CACHE_BYTES = 256 * 2**20
 
 
 def _group_data(xs: list[np.ndarray], ys: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's samples in one tensor. The last group is remembered (holding its arrays, so
-    their ids stay valid): when every client is sampled, rounds reuse it instead of re-copying."""
+    """The group's samples in one tensor each for x and y.
+
+    With full participation the same groups come back every round, so their concatenations are
+    kept (least recently used dropped beyond ``DATA_CACHE_BYTES``). Entries are keyed by the
+    arrays' ids and hold the arrays, so an id cannot be reused while its entry exists; client
+    data is never modified in place, so a kept concatenation cannot go stale."""
     key = tuple(id(a) for a in xs) + tuple(id(a) for a in ys)
     hit = _DATA_CACHE.get(key)
     if hit is not None:
+        _DATA_CACHE.move_to_end(key)
         return hit[1], hit[2]
-    _DATA_CACHE.clear()
     x_all = torch.from_numpy(np.concatenate(xs))
     y_all = torch.from_numpy(np.concatenate(ys))
-    _DATA_CACHE[key] = (xs + ys, x_all, y_all)
+    size = x_all.nbytes + y_all.nbytes
+    if size <= DATA_CACHE_BYTES:
+        _DATA_CACHE[key] = (xs + ys, x_all, y_all)
+        while sum(v[1].nbytes + v[2].nbytes for v in _DATA_CACHE.values()) > DATA_CACHE_BYTES:
+            _DATA_CACHE.popitem(last=False)
     return x_all, y_all
 
 

@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 RUNS ?= runs
 
-.PHONY: demo test bench lint venv dev clean flower
+.PHONY: demo test bench bench-throughput lint venv dev clean flower
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -41,3 +41,6 @@ clean:
 
 flower: $(VENV)/.dev
 	$(VENV)/bin/fedmtl flower run examples/flower_digits.yaml
+
+bench-throughput: $(VENV)/.dev
+	$(VENV)/bin/fedmtl bench throughput

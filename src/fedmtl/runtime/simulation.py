@@ -90,8 +90,8 @@ class Simulator:
         #: so 'batched' on an unbatchable algorithm fails before a run directory exists.
         self.execution = self._resolve_execution()
         #: Budget for what batched execution stacks at once (``runtime.batch_memory_gib``).
-        gib = getattr(cfg.runtime, "batch_memory_gib", None)
-        self.memory_bytes = int(gib * 2**30) if gib else DEFAULT_MEMORY_BYTES
+        gib = cfg.runtime.batch_memory_gib
+        self.memory_bytes = int(gib * 2**30)
 
     def num_sampled(self) -> int:
         n = len(self.data.train_clients)

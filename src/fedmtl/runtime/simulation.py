@@ -26,7 +26,7 @@ from fedmtl.config import Config
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError
 from fedmtl.runtime.validation import reply_problem
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES, batch_support
+from fedmtl.training.batched import batch_support
 
 # Purposes for derived random streams (stable small ints; never reorder).
 SAMPLE, SYSTEMS, TRAIN = 1, 2, 3

@@ -19,7 +19,7 @@ from scipy.spatial.distance import squareform
 from fedmtl.aggregation import server_opt_init, server_opt_step
 from fedmtl.algorithms.base import Message
 from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
-from fedmtl.algorithms.heads import SEP, body_of, head_of, keywise_mean
+from fedmtl.algorithms.heads import SEP, body_of, for_task, head_of, keywise_mean
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training.tensors import Arrays
 
@@ -68,11 +68,8 @@ class Hierarchical(FedAvg):
         }
 
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:
-        g = server["group_of"][cid]
-        prefix = f"{g}{SEP}"
-        arrays = {k: v for k, v in server["params"].items() if SEP not in k}
-        arrays.update({k[len(prefix) :]: v for k, v in server["params"].items() if k.startswith(prefix)})
-        return Message(arrays=arrays)
+        # Group heads are keyed like task heads, so the task-head view serves groups too.
+        return Message(arrays=for_task(server["params"], server["group_of"][cid], multi=True))
 
     def global_params(self, server: dict[str, Any]) -> Arrays | None:
         return None

@@ -27,8 +27,8 @@ def _cli(*args, cwd=None):
         ),
         (
             ["run", "--set", "trian.lr=1"],
-            "fedmtl: error: config: unknown key 'trian'; allowed keys: algorithm, "
-            "clients, data, eval, model, name, output, runtime, seed, train",
+            "fedmtl: error: config: unknown key 'trian'; allowed keys: aggregation, algorithm, attack, "
+            "clients, data, eval, model, name, output, privacy, runtime, secagg, seed, selection, train",
         ),
         (["run", "missing.yaml"], "fedmtl: error: config file not found: missing.yaml"),
         (["resume", "."], "fedmtl: error: . is not a fedmtl run directory (no config.yaml)"),

@@ -20,8 +20,8 @@ def test_defaults_are_valid_and_resolved():
     [
         (
             {"trian": {}},
-            "config: unknown key 'trian'; allowed keys: algorithm, clients, data, eval, model, name, "
-            "output, runtime, seed, train",
+            "config: unknown key 'trian'; allowed keys: aggregation, algorithm, attack, clients, data, "
+            "eval, model, name, output, privacy, runtime, secagg, seed, selection, train",
         ),
         (
             {"data": {"partition": {"alpah": 1}}},

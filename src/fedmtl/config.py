@@ -14,13 +14,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedmtl.config_base import Strict
 from fedmtl.errors import ConfigError
-
-
-class Strict(BaseModel):
-    """Base for every config section: unknown keys are errors, values are checked on assignment."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from fedmtl.sections.corruption import CorruptConfig
+from fedmtl.sections.privacy import PrivacyConfig, SecAggConfig
+from fedmtl.sections.robustness import AggregationSteps, AttackConfig
+from fedmtl.sections.selection import SelectionConfig
 
 
 class PartitionConfig(Strict):
@@ -43,6 +42,7 @@ class DataConfig(Strict):
     max_clients: int | None = Field(None, ge=1)
     tasks: list[str] | None = None
     holdout_clients: int = Field(0, ge=0)
+    corrupt: CorruptConfig = CorruptConfig()
 
 
 class ModelConfig(Strict):
@@ -116,6 +116,11 @@ class Config(Strict):
     runtime: RuntimeConfig = RuntimeConfig()
     eval: EvalConfig = EvalConfig()
     output: OutputConfig = OutputConfig()
+    selection: SelectionConfig = SelectionConfig()
+    aggregation: AggregationSteps = Field(default_factory=list)
+    attack: AttackConfig = AttackConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    secagg: SecAggConfig = SecAggConfig()
 
     @model_validator(mode="after")
     def _resolve_registered(self) -> Config:

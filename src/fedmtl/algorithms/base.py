@@ -135,6 +135,11 @@ class Algorithm:
         """Extra per-round facts for the round row of metrics.jsonl (e.g. discovered groups)."""
         return {}
 
+    def stop_reason(self, server: dict[str, Any], round: int) -> str | None:
+        """Why the run must stop before ``round`` (e.g. a privacy budget it would exceed), or None.
+        The round loop ends the run cleanly, with the reason in the summary."""
+        return None
+
     # --- batched execution (optional) ---------------------------------------------------------
     def batched_client_step(
         self,

@@ -15,6 +15,7 @@ import torch
 from tqdm import tqdm
 
 from fedmtl.algorithms import AlgoContext, Algorithm, get_algorithm
+from fedmtl.algorithms.stack import wrap_algorithm
 from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
@@ -97,7 +98,7 @@ def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
     algo_cls = get_algorithm(cfg.algorithm.name)
     raw = cfg.algorithm.model_dump()
     raw.pop("name")
-    algo = algo_cls(algo_cls.Params.model_validate(raw), ctx)
+    algo = wrap_algorithm(algo_cls(algo_cls.Params.model_validate(raw), ctx), cfg, data)
     sim = Simulator(algo, data, cfg, train_flops_per_sample(model, data.input_shape))
     return data, algo, sim
 
@@ -173,8 +174,15 @@ def _loop(
         dynamic_ncols=True,
         leave=False,
     )
+    stopped: str | None = None
     try:
         for r in range(start, total + 1):
+            if stopped is None:
+                stopped = algo.stop_reason(server, r)
+            if stopped is not None:
+                # Deterministic in the server state, so a resumed run stops at the same round.
+                print(f"fedmtl: {cfg.name}: stopped before round {r}: {stopped}", file=sys.stderr)
+                break
             res = sim.run_round(r, server, states)
             server = res.server
             row: dict[str, Any] = {"round": r, "kind": "round", **res.info, **algo.round_info(server)}
@@ -224,6 +232,7 @@ def _loop(
         "higher_is_better": higher,
         "rounds_completed": last_row["round"],
         "complete": True,
+        "stopped": stopped,
         "final": last_row,
         "best": best if best is not None else last_row,
         "wall_time": last_row["wall_time"],

@@ -17,8 +17,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fedmtl.config_base import Strict
 from fedmtl.errors import ConfigError
 from fedmtl.sections.corruption import CorruptConfig
-from fedmtl.sections.privacy import PrivacyConfig, SecAggConfig
+from fedmtl.sections.privacy import PrivacyConfig
 from fedmtl.sections.robustness import AggregationSteps, AttackConfig
+from fedmtl.sections.secagg import SecAggConfig
 from fedmtl.sections.selection import SelectionConfig
 
 

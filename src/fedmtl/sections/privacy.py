@@ -1,4 +1,4 @@
-"""``privacy:`` (differential privacy and its accountant) and ``secagg:`` (secure aggregation)."""
+"""``privacy:``: differential privacy and its accountant."""
 
 from __future__ import annotations
 
@@ -6,8 +6,4 @@ from fedmtl.config_base import Strict
 
 
 class PrivacyConfig(Strict):
-    enabled: bool = False
-
-
-class SecAggConfig(Strict):
     enabled: bool = False

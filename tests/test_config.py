@@ -4,8 +4,16 @@ from __future__ import annotations
 
 import pytest
 
+from fedmtl.algorithms import algorithm_names
 from fedmtl.config import apply_overrides, load_config, parse_config
 from fedmtl.errors import ConfigError
+from fedmtl.models import model_names
+
+
+def test_the_registries_hold_every_method_and_model():
+    assert {"fedavg", "fedprox", "local", "mocha", "fedbone", "fdrmfl"} <= set(algorithm_names())
+    assert {"cnn", "linear", "mlp", "fedbone_net"} <= set(model_names())
+    assert algorithm_names() == sorted(algorithm_names()) and model_names() == sorted(model_names())
 
 
 def test_defaults_are_valid_and_resolved():
@@ -35,8 +43,7 @@ def test_defaults_are_valid_and_resolved():
         ),
         (
             {"algorithm": {"name": "fedfoo"}},
-            "config: algorithm.name = 'fedfoo': unknown algorithm; allowed: "
-            "ditto, fedavg, fedavg_ft, fedper, fedprox, fedrep, hierarchical, local, mocha",
+            "config: algorithm.name = 'fedfoo': unknown algorithm; allowed: " + ", ".join(algorithm_names()),
         ),
         (
             {"algorithm": {"name": "fedprox", "mu": -0.1}},
@@ -49,7 +56,7 @@ def test_defaults_are_valid_and_resolved():
         ({"model": {"name": "mlp", "hiddn": [3]}}, "config: unknown key 'model.hiddn'; allowed keys: hidden"),
         (
             {"model": {"name": "resnet"}},
-            "config: model.name = 'resnet': unknown model; allowed: cnn, linear, mlp",
+            "config: model.name = 'resnet': unknown model; allowed: " + ", ".join(model_names()),
         ),
         (
             {"runtime": {"work_fraction": [0.5, 0.2]}},

@@ -61,6 +61,8 @@ class AlgoContext:
     task_init: dict[str, Arrays] = field(default_factory=dict)
     client_tasks: dict[int, str] = field(default_factory=dict)
     task_specs: dict[str, TaskSpec] = field(default_factory=dict)
+    #: the ``aggregation:`` chain (``fedmtl.aggregation.pipeline.Pipeline``); None = weighted mean
+    aggregator: Any = None
 
     @property
     def multi_task(self) -> bool:

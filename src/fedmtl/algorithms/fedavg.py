@@ -46,7 +46,7 @@ class FedAvg(Algorithm):
         steps = num_local_steps(data.n_train, spec, work.fraction)
         mu = self.prox_mu()
         params, loss, seen = local_train(
-            self.ctx.model,
+            self.ctx.model_for(data.task.name),
             start,
             data.x_train,
             data.y_train,
@@ -92,17 +92,85 @@ class FedAvg(Algorithm):
         ]
         return list(states), replies
 
+    def expected_reply(self, server: dict[str, Any], cid: int) -> Arrays:
+        """What a valid reply from ``cid`` looks like (same keys and shapes); replies that differ
+        are rejected with a logged reason before aggregation (``fedmtl.runtime.validation``)."""
+        return self.broadcast(server, cid).arrays
+
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+        replies, server = accept_replies(self, server, replies)
         if not replies:
             return server
-        mean = aggregate_replies(self.ctx, replies)
+        mean, server = aggregate_into(self.ctx, replies, server, round)
         params, opt = server_opt_step(self.p.server_optimizer, server["params"], mean, server["opt"])
         return {**server, "params": params, "opt": opt}
 
+    def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
+        return aggregation_info(server)
 
-def aggregate_replies(ctx: AlgoContext, replies: dict[int, Message]) -> Arrays:
-    """Sample-weighted mean; in multi-task federations each head only over its task's clients."""
+
+def accept_replies(
+    algo: Any, server: dict[str, Any], replies: dict[int, Message]
+) -> tuple[dict[int, Message], dict[str, Any]]:
+    """Replies that match what the server sent (keys, shapes, finite values), and the server state
+    with this round's rejections (``{cid: reason}``, shown in the round row) recorded."""
+    from fedmtl.runtime.validation import split_valid
+
+    ok, rejected = split_valid(replies, lambda c: algo.expected_reply(server, c))
+    server = {k: v for k, v in server.items() if k not in ("rejected", "agg_info")}
+    if rejected:
+        server["rejected"] = rejected
+    return ok, server
+
+
+def aggregation_info(server: dict[str, Any]) -> dict[str, Any]:
+    """Round-row facts of the aggregation: rejected replies with their reasons, chain diagnostics."""
+    out: dict[str, Any] = {}
+    if server.get("rejected"):
+        out["rejected_reasons"] = {str(c): r for c, r in sorted(server["rejected"].items())}
+    if server.get("agg_info"):
+        out["aggregation"] = server["agg_info"]
+    return out
+
+
+def aggregate_into(
+    ctx: AlgoContext, replies: dict[int, Message], server: dict[str, Any], round: int
+) -> tuple[Arrays, dict[str, Any]]:
+    """``aggregate_replies`` that also keeps the chain's state and diagnostics in the server state."""
+    if ctx.aggregator is None:
+        return aggregate_replies(ctx, replies), server
+    res = run_chain(ctx, replies, server, round)
+    server = {**server, "agg": res.state}
+    if res.info:
+        server["agg_info"] = res.info
+    return res.params, server
+
+
+def run_chain(ctx: AlgoContext, replies: dict[int, Message], server: dict[str, Any], round: int) -> Any:
+    """The ``aggregation:`` chain over the replies (multi-task heads under their task's key names)."""
     cids = sorted(replies)
+    return ctx.aggregator.run(
+        server["params"],
+        {c: qualify(replies[c].arrays, ctx.task_of(c), ctx.multi_task) for c in cids},
+        {c: float(replies[c].scalars["num_examples"]) for c in cids},
+        seed=ctx.seed,
+        round=round,
+        state=server.get("agg"),
+        scalars={c: replies[c].scalars for c in cids},
+    )
+
+
+def aggregate_replies(
+    ctx: AlgoContext, replies: dict[int, Message], server: dict[str, Any] | None = None, round: int = 0
+) -> Arrays:
+    """New values of the aggregated keys. With no ``aggregation:`` chain: the sample-weighted mean
+    (in multi-task federations each head only over its task's clients); otherwise the chain, run
+    against ``server["params"]`` (its state is not kept: use ``aggregate_into`` for that)."""
+    cids = sorted(replies)
+    if ctx.aggregator is not None:
+        if server is None:
+            raise ValueError("aggregate_replies: an aggregation chain needs the server state")
+        return run_chain(ctx, replies, server, round).params
     weights = [float(replies[c].scalars["num_examples"]) for c in cids]
     if not ctx.multi_task:
         return weighted_mean([replies[c].arrays for c in cids], weights)

@@ -18,9 +18,10 @@ from scipy.spatial.distance import squareform
 
 from fedmtl.aggregation import server_opt_init, server_opt_step
 from fedmtl.algorithms.base import Message
-from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
+from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams, accept_replies, aggregation_info
 from fedmtl.algorithms.heads import SEP, body_of, for_task, head_of, keywise_mean
 from fedmtl.data.federated import TaskSpec
+from fedmtl.errors import ConfigError
 from fedmtl.training.tensors import Arrays
 
 
@@ -43,6 +44,10 @@ def _shape_key(task: TaskSpec) -> str:
 class Hierarchical(FedAvg):
     name = "hierarchical"
     Params = HierarchicalParams
+
+    def __init__(self, params: HierarchicalParams, ctx: Any) -> None:
+        super().__init__(params, ctx)
+        _check_chain(params, ctx.aggregator)
 
     # --- server --------------------------------------------------------------------------------
     def _initial_group(self, cid: int) -> str:
@@ -75,22 +80,29 @@ class Hierarchical(FedAvg):
         return None
 
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+        replies, server = accept_replies(self, server, replies)
         if not replies:
             return server
         group_of = server["group_of"]
         cids = sorted(replies)
         weights = {c: float(replies[c].scalars["num_examples"]) for c in cids}
-        mean = self._body_mean(replies, cids, weights, group_of)
         withheld = server["withheld"]
         by_group: dict[str, list[int]] = {}
         for c in cids:
             by_group.setdefault(group_of[c], []).append(c)
-        for g, members in by_group.items():
-            if len(members) < self.p.min_group_size:
-                withheld += 1
-                continue
-            heads = keywise_mean([head_of(replies[c].arrays) for c in members], [weights[c] for c in members])
-            mean.update({f"{g}{SEP}{k}": v for k, v in heads.items()})
+        if self.ctx.aggregator is not None:
+            mean, server = self._chain_mean(server, replies, round, by_group)
+            withheld += sum(len(m) < self.p.min_group_size for m in by_group.values())
+        else:
+            mean = self._body_mean(replies, cids, weights, group_of)
+            for g, members in by_group.items():
+                if len(members) < self.p.min_group_size:
+                    withheld += 1
+                    continue
+                heads = keywise_mean(
+                    [head_of(replies[c].arrays) for c in members], [weights[c] for c in members]
+                )
+                mean.update({f"{g}{SEP}{k}": v for k, v in heads.items()})
         updates = dict(server["updates"])
         if self.p.grouping == "cluster":
             for c in cids:
@@ -103,6 +115,29 @@ class Hierarchical(FedAvg):
         if self.p.grouping == "cluster" and round >= self.p.warmup_rounds:
             new = self._maybe_split(new)
         return new
+
+    def _chain_mean(
+        self, server: dict[str, Any], replies: dict[int, Message], round: int, by_group: dict[str, list[int]]
+    ) -> tuple[Arrays, dict[str, Any]]:
+        """The ``aggregation:`` chain over body + group-keyed heads (heads only within their group);
+        heads of groups below ``min_group_size`` are withheld."""
+        _check_chain(self.p, self.ctx.aggregator)
+        group_of = server["group_of"]
+        res = self.ctx.aggregator.run(
+            server["params"],
+            {c: qualify_group(r.arrays, group_of[c]) for c, r in replies.items()},
+            {c: float(r.scalars["num_examples"]) for c, r in replies.items()},
+            seed=self.ctx.seed,
+            round=round,
+            state=server.get("agg"),
+            scalars={c: r.scalars for c, r in replies.items()},
+        )
+        small = {f"{g}{SEP}" for g, m in by_group.items() if len(m) < self.p.min_group_size}
+        mean = {k: v for k, v in res.params.items() if not any(k.startswith(p) for p in small)}
+        server = {**server, "agg": res.state}
+        if res.info:
+            server["agg_info"] = res.info
+        return mean, server
 
     def _body_mean(
         self,
@@ -183,7 +218,21 @@ class Hierarchical(FedAvg):
             "groups": sizes,
             "group_of": [group_of[c] for c in sorted(group_of)],
             "withheld_groups": server["withheld"],
+            **aggregation_info(server),
         }
+
+
+def _check_chain(p: HierarchicalParams, aggregator: Any) -> None:
+    if aggregator is not None and p.body_weighting != "samples":
+        raise ConfigError(
+            "config: algorithm.body_weighting = 'groups': needs the default aggregation "
+            "(an empty aggregation list); use 'samples' with an aggregation chain"
+        )
+
+
+def qualify_group(arrays: Arrays, group: str) -> Arrays:
+    """Client names -> server names with heads under their group's prefix."""
+    return {(f"{group}{SEP}{k}" if k.startswith("head.") else k): v for k, v in arrays.items()}
 
 
 def _extend_opt_state(opt: dict[str, Any], params: Arrays) -> dict[str, Any]:

@@ -30,7 +30,7 @@ class Local(Algorithm):
         spec = self.ctx.local.with_lr(work.lr)
         steps = num_local_steps(data.n_train, spec, work.fraction)
         params, loss, seen = local_train(
-            self.ctx.model,
+            self.ctx.model_for(data.task.name),
             torch_params(state["params"]),
             data.x_train,
             data.y_train,

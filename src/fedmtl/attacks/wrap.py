@@ -1,4 +1,4 @@
-"""Wraps an algorithm with this feature when its config section enables it."""
+"""Wraps an algorithm with malicious clients when ``attack.enabled`` is set."""
 
 from __future__ import annotations
 
@@ -8,4 +8,9 @@ from fedmtl.data.federated import FederatedData
 
 
 def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
-    return algo
+    if not cfg.attack.enabled:
+        return algo
+    from fedmtl.attacks.malicious import MaliciousClients, choose_malicious, clients_per_round
+
+    bad = choose_malicious(cfg.attack, data.train_clients, cfg.seed)
+    return MaliciousClients(algo, cfg.attack, bad, data, clients_per_round(cfg, data))

@@ -329,7 +329,7 @@ def _summary_row(run: Run) -> list[str]:
         str(s["algorithm"] or MISSING),
         str(s["dataset"] or MISSING),
         f"{pm} {arrow}",
-        str(s["rounds_completed"]) + ("" if s["finished"] else " (unfinished)"),
+        str(s["rounds_completed"]) + ("" if s["finished"] else " (unfinished)") + _privacy_note(final),
         _fmt_metric(final.get(f"{pm}_mean")),
         _fmt_metric(final.get(f"{pm}_std")),
         _fmt_metric(final.get(f"{pm}_worst10")),
@@ -340,6 +340,13 @@ def _summary_row(run: Run) -> list[str]:
         _fmt_mb(s["bytes_total"]),
         _fmt_seconds(s["wall_time"]),
     ]
+
+
+def _privacy_note(final: dict[str, Any]) -> str:
+    """Epsilon at delta of a differentially private run (the accountant's value after the last round)."""
+    if not _is_number(final.get("epsilon")):
+        return ""
+    return f" (ε = {final['epsilon']:.3g} at δ = {final.get('delta', float('nan')):.0e})"
 
 
 def _client_columns(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from fedmtl.aggregation.pipeline import build_pipeline
 from fedmtl.algorithms import AlgoContext, Algorithm, get_algorithm
 from fedmtl.algorithms.stack import wrap_algorithm
 from fedmtl.config import Config, parse_config
@@ -25,6 +26,7 @@ from fedmtl.experiment.records import RunDir
 from fedmtl.metrics import primary_metric, summarize_clients
 from fedmtl.models import build_model
 from fedmtl.runtime import Simulator
+from fedmtl.runtime.validation import merge_rejections
 from fedmtl.training import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.tensors import model_arrays
@@ -94,6 +96,7 @@ def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
         task_init={name: model_arrays(m) for name, m in models.items()},
         client_tasks={c.cid: c.task.name for c in data.clients},
         task_specs=data.tasks,
+        aggregator=build_pipeline(cfg.aggregation),
     )
     algo_cls = get_algorithm(cfg.algorithm.name)
     raw = cfg.algorithm.model_dump()
@@ -185,9 +188,13 @@ def _loop(
                 break
             res = sim.run_round(r, server, states)
             server = res.server
-            row: dict[str, Any] = {"round": r, "kind": "round", **res.info, **algo.round_info(server)}
+            # A run that stops behind this round evaluates and checkpoints it like a last round.
+            last = r == total or (stopped := algo.stop_reason(server, r + 1)) is not None
+            row: dict[str, Any] = merge_rejections(
+                {"round": r, "kind": "round", **res.info, **algo.round_info(server)}
+            )
             rows: list[dict[str, Any]] = list(res.train_rows)
-            if r % cfg.eval.every == 0 or r == total:
+            if r % cfg.eval.every == 0 or last:
                 client_rows = evaluate_clients(algo, server, states, data, r)
                 rows += client_rows
                 row.update(summarize_clients(client_rows))
@@ -205,7 +212,7 @@ def _loop(
             if key in row and (best is None or (row[key] > best[key] if higher else row[key] < best[key])):
                 best = row
             last_row = row
-            if r % cfg.output.checkpoint_every == 0 or r == total:
+            if r % cfg.output.checkpoint_every == 0 or last:
                 rd.save_checkpoint(
                     {
                         "round": r,

@@ -35,8 +35,8 @@ from fedmtl.experiment.records import RunDir, dumps
 from fedmtl.experiment.run import RunResult, build
 from fedmtl.flower import codec, protocol
 from fedmtl.metrics import primary_metric, summarize_clients
-from fedmtl.runtime.simulation import round_lr
-from fedmtl.runtime.validation import reply_problem
+from fedmtl.runtime.simulation import round_driver, round_lr
+from fedmtl.runtime.validation import merge_rejections, reply_problem
 
 K = TypeVar("K")
 EVENTS = "flower.jsonl"
@@ -108,6 +108,8 @@ class FlowerServer:
         self.s = settings
         self.log = log or (lambda text: print(f"[fedmtl] {text}", flush=True))
         self.data, self.algo, self.sim = build(cfg)
+        if hasattr(self.algo, "attach_exchange"):  # multi-stage protocols (secure aggregation)
+            self.algo.attach_exchange(self.exchange)
         self.config_json = json.dumps(cfg.to_dict())
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.seen: set[int] = set()  # node ids already asked which client they hold
@@ -282,6 +284,11 @@ class FlowerServer:
             for key, record in p.view(cid).items():
                 items[cid][2][key] = record
 
+    def _eval_due(self, rnd: int, server: dict[str, Any]) -> bool:
+        """Evaluate on schedule, after the last round, and after a round the run stops behind."""
+        every, last = self.cfg.eval.every, self.cfg.train.rounds
+        return rnd % every == 0 or rnd == last or self.algo.stop_reason(server, rnd + 1) is not None
+
     def _eval_clients(self) -> list[int]:
         """The clients evaluated on their own test split (held-out clients are not)."""
         return list(getattr(self.data, "train_clients", range(self.data.num_clients)))
@@ -338,6 +345,8 @@ class FlowerServer:
     def _round(
         self, rnd: int, server: dict[str, Any], pending: _Pending | None
     ) -> tuple[dict[str, Any], _Pending | None]:
+        if round_driver(self.algo) is not None:
+            return self._driven_round(rnd, server, pending)
         algo, sim = self.algo, self.sim
         lr = round_lr(self.cfg, rnd)
         rows: dict[int, dict[str, Any]] = {}
@@ -418,8 +427,79 @@ class FlowerServer:
             info["missing_reasons"] = {str(c): rows[c]["reason"] for c in lost}
             self.log(f"round {rnd}: no reply from clients {lost}; aggregated {sorted(got)}")
         round_info = getattr(algo, "round_info", None)
-        row = {"round": rnd, "kind": "round", **info, **(round_info(server) if round_info else {})}
-        if rnd % self.cfg.eval.every == 0 or rnd == self.cfg.train.rounds:
+        extra = round_info(server) if round_info else {}
+        row = merge_rejections({"round": rnd, "kind": "round", **info, **extra})
+        if self._eval_due(rnd, server):
+            server_rows, server_metrics = self._server_side_eval(server, rnd)
+            return server, _Pending(
+                rnd, self._eval_view(server, rnd), train_rows, row, server_rows, server_metrics
+            )
+        self._write(train_rows + [row])
+        return server, None
+
+    def _driven_round(
+        self, rnd: int, server: dict[str, Any], pending: _Pending | None
+    ) -> tuple[dict[str, Any], _Pending | None]:
+        """A round of a multi-step protocol (``drive_round``): the algorithm drives its exchanges
+        through ``exchange``. The previous round's evaluation goes first, on its own, so every node
+        evaluates the state it ended that round with."""
+        sim = self.sim
+        if pending is not None:
+            items: dict[int, tuple[int, str, RecordDict]] = {}
+            self._attach_eval(items, pending, rnd)
+            replies, missing = self._roundtrip(items, f"{pending.round}.eval")
+            self._finish_eval(pending, replies, missing)
+        rows: dict[int, dict[str, Any]] = {}
+        for cid in sim.sample(rnd):
+            frac, dropped = sim.systems(rnd, cid)
+            rows[cid] = {
+                "round": rnd, "kind": "train", "client": cid, "work": frac, "dropped": dropped,
+                "bytes_down": 0, "bytes_up": 0,
+            }  # fmt: skip
+        transport = _FlowerTransport(self, [c for c, r in rows.items() if not r["dropped"]], rnd)
+        t = time.perf_counter()
+        server, driven = self.algo.drive_round(server, transport, rnd) if transport.clients else (server, {})  # type: ignore[attr-defined]
+        exchange_time = time.perf_counter() - t
+        losses, weights = [], []
+        for cid, row in rows.items():
+            row["bytes_up"], row["bytes_down"] = transport.up.get(cid, 0), transport.down.get(cid, 0)
+            row["sim_time"] = sim.comm_seconds(row["bytes_up"], row["bytes_down"])
+            reply = driven.get(cid)
+            if reply is None:
+                if not row["dropped"]:
+                    row.update(missing=True, reason=transport.missing.get(cid, "no reply"))
+                continue
+            samples = float(reply.scalars.get("samples", 0))
+            row.update(
+                steps=int(reply.scalars.get("steps", 0)),
+                train_loss=float(reply.scalars.get("train_loss", float("nan"))),
+            )
+            flops = float(reply.scalars.get("client_flops", samples * sim.flops))
+            row["sim_time"] = flops / (self.cfg.runtime.client_gflops * 1e9) + row["sim_time"]
+            losses.append(row["train_loss"])
+            weights.append(samples)
+        train_rows = list(rows.values())
+        lost = sorted(c for c in transport.clients if c not in driven)
+        info: dict[str, Any] = {
+            "sampled": len(train_rows),
+            "dropped": sum(r["dropped"] for r in train_rows),
+            "dropped_clients": [r["client"] for r in train_rows if r["dropped"]],
+            "bytes_up": int(sum(r["bytes_up"] for r in train_rows)),
+            "bytes_down": int(sum(r["bytes_down"] for r in train_rows)),
+            "sim_time": max((r["sim_time"] for r in train_rows), default=0.0),
+            "lr": round_lr(self.cfg, rnd),
+            "execution": "flower",
+            "rejected_clients": [],
+            "missing_clients": lost,
+            "exchange_time": exchange_time,
+            "nodes": len(self.node_of),
+        }
+        if losses and sum(weights) > 0:
+            info["train_loss"] = float(np.average(losses, weights=weights))
+        if lost:
+            info["missing_reasons"] = {str(c): transport.missing.get(c, "no reply") for c in lost}
+        row = merge_rejections({"round": rnd, "kind": "round", **info, **self.algo.round_info(server)})
+        if self._eval_due(rnd, server):
             server_rows, server_metrics = self._server_side_eval(server, rnd)
             return server, _Pending(
                 rnd, self._eval_view(server, rnd), train_rows, row, server_rows, server_metrics
@@ -437,6 +517,10 @@ class FlowerServer:
         server = self.algo.init_server()
         pending: _Pending | None = None
         for rnd in range(1, cfg.train.rounds + 1):
+            self.stopped = self.algo.stop_reason(server, rnd)  # e.g. a privacy budget it would exceed
+            if self.stopped is not None:
+                self.log(f"stopped before round {rnd}: {self.stopped}")
+                break
             self._refresh()
             server, pending = self._round(rnd, server, pending)
         if pending is not None:
@@ -459,6 +543,7 @@ class FlowerServer:
             "higher_is_better": higher,
             "rounds_completed": self.last["round"],
             "complete": True,
+            "stopped": getattr(self, "stopped", None),
             "final": self.last,
             "best": self.best if self.best is not None else self.last,
             "wall_time": self.last["wall_time"],
@@ -477,6 +562,30 @@ class FlowerServer:
             rounds=[r for r in rows if r.get("kind") == "round"],
             clients=[r for r in rows if r.get("kind") == "client" and r.get("round") == last],
         )
+
+
+class _FlowerTransport:
+    """``drive_round``'s transport on Flower: each exchange is one ``FlowerServer.exchange``; bytes
+    counted per client each way; a client that misses an exchange is out for the rest of the round."""
+
+    def __init__(self, srv: FlowerServer, clients: list[int], rnd: int) -> None:
+        self.srv = srv
+        self.clients = list(clients)
+        self.rnd = rnd
+        self.up: dict[int, int] = {}
+        self.down: dict[int, int] = {}
+        self.missing: dict[int, str] = {}
+
+    def exchange(self, action: str, msgs: Mapping[int, Message]) -> dict[int, Message]:
+        msgs = {c: m for c, m in msgs.items() if c not in self.missing}
+        for c, m in msgs.items():
+            self.down[c] = self.down.get(c, 0) + m.nbytes
+        replies, missing = self.srv.exchange(action, msgs, self.rnd)
+        for c, m in replies.items():
+            self.up[c] = self.up.get(c, 0) + m.nbytes
+        for c, why in missing.items():
+            self.missing.setdefault(c, f"{action}: {why}")
+        return replies
 
 
 def _who(key: Any, node: int) -> str:

@@ -1,0 +1,173 @@
+"""Malicious clients as an algorithm wrapper: whatever the algorithm, a seeded set of clients
+tampers with what it trains on or with what it sends.
+
+Model poisoning changes the reply: with ``u`` the honest update (returned arrays minus the arrays
+received), ``sign_flip`` sends ``-s*u``, ``scale`` sends ``s*u`` (model replacement: with ``s`` =
+clients per round the mean lands on the attacker's model), ``gaussian`` sends pure noise.
+Data poisoning changes the training split: ``label_flip`` relabels every sample, ``backdoor``
+stamps a pixel trigger on a share of the samples and relabels them to the target class, then sends
+``s*u`` (s = 1 by default). Label flipping and the trigger reuse ``fedmtl.data.corrupt``.
+
+The attacker set is drawn from the seed alone, so the simulator and every Flower node agree on it
+without a message. The backdoor's success rate (triggered global-test inputs of other classes
+classified as the target) goes into every round row as ``backdoor_asr``."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Any
+
+import numpy as np
+
+from fedmtl.algorithms.base import Algorithm, ClientWork, Message
+from fedmtl.algorithms.wrapper import AlgorithmWrapper
+from fedmtl.config import Config
+from fedmtl.data.corrupt import apply_trigger, attack_success_rate, flip_labels, pick
+from fedmtl.data.federated import ClientData, FederatedData
+from fedmtl.errors import ConfigError
+from fedmtl.sections.robustness import AttackConfig
+from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
+
+ATTACK_RNG = 12  # rng purpose: (seed, ATTACK_RNG, 0) picks attackers; (seed, ATTACK_RNG, round, cid) draws
+_MODEL = ("sign_flip", "scale", "gaussian", "backdoor")
+
+
+def choose_malicious(cfg: AttackConfig, train_clients: list[int], seed: int) -> list[int]:
+    """``cfg.clients`` or a seeded ``round(fraction * n)`` of the training clients."""
+    if cfg.clients is not None:
+        unknown = sorted(set(cfg.clients) - set(train_clients))
+        if unknown:
+            raise ConfigError(
+                f"config: attack.clients = {cfg.clients}: clients {unknown} do not exist or do not train"
+            )
+        return sorted(set(cfg.clients))
+    k = int(round(cfg.fraction * len(train_clients)))
+    if k == 0:
+        return []
+    rng = np.random.default_rng([seed, ATTACK_RNG, 0])
+    return sorted(int(c) for c in rng.choice(train_clients, size=k, replace=False))
+
+
+def clients_per_round(cfg: Config, data: FederatedData) -> int:
+    n = len(data.train_clients)
+    c = cfg.clients
+    return min(n, c.per_round if c.per_round is not None else max(1, round(c.fraction * n)))
+
+
+class MaliciousClients(AlgorithmWrapper):
+    def __init__(
+        self, inner: Algorithm, cfg: AttackConfig, malicious: list[int], data: FederatedData, per_round: int
+    ) -> None:
+        super().__init__(inner)
+        self.cfg = cfg
+        self.malicious = set(malicious)
+        task = data.task
+        if cfg.kind in ("label_flip", "backdoor") and not all(c.task.is_classification for c in data.clients):
+            raise ConfigError(f"config: attack.kind = {cfg.kind!r}: needs classification tasks only")
+        if cfg.kind == "backdoor" and cfg.target >= task.num_outputs:
+            raise ConfigError(
+                f"config: attack.target = {cfg.target}: the task has {task.num_outputs} classes "
+                f"(0..{task.num_outputs - 1})"
+            )
+        defaults = {"sign_flip": 1.0, "scale": float(per_round), "backdoor": 1.0}
+        self.scale = cfg.scale if cfg.scale is not None else defaults.get(cfg.kind, 1.0)
+        self._poisoned: dict[int, ClientData] = {}
+        self._asr_x: np.ndarray | None = None
+        if cfg.kind == "backdoor" and data.x_global_test is not None:
+            keep = data.y_global_test != cfg.target
+            self._asr_x = apply_trigger(data.x_global_test[keep], cfg.trigger_size, cfg.trigger_value)
+            self._asr_y = data.y_global_test[keep]
+
+    def is_active(self, cid: int, round: int) -> bool:
+        return cid in self.malicious and round >= self.cfg.start_round
+
+    # --- data poisoning -----------------------------------------------------------------------
+    def poisoned(self, data: ClientData) -> ClientData:
+        """This client's training split as the attacker trains on it (built once, seeded)."""
+        if data.cid in self._poisoned:
+            return self._poisoned[data.cid]
+        rng = np.random.default_rng([self.inner.ctx.seed, ATTACK_RNG, 1, data.cid])
+        x, y = data.x_train, data.y_train
+        k = data.task.num_outputs
+        if self.cfg.kind == "label_flip":
+            y = (k - 1 - y) if self.cfg.flip == "reverse" else flip_labels(y, np.arange(len(y)), k, rng)
+        else:
+            idx = pick(len(y), self.cfg.poison_rate, rng, allowed=y != self.cfg.target)
+            x, y = x.copy(), y.copy()
+            if len(idx):
+                x[idx] = apply_trigger(x[idx], self.cfg.trigger_size, self.cfg.trigger_value)
+                y[idx] = self.cfg.target
+        out = replace(data, x_train=x, y_train=y)
+        self._poisoned[data.cid] = out
+        return out
+
+    # --- model poisoning ----------------------------------------------------------------------
+    def tamper(self, reply: Message, sent: Message, round: int, cid: int) -> Message:
+        arrays = dict(reply.arrays)
+        rng = np.random.default_rng([self.inner.ctx.seed, ATTACK_RNG, round, cid])
+        for k, v in reply.arrays.items():
+            if k not in sent.arrays:
+                continue
+            ref = sent.arrays[k].astype(np.float64)
+            u = v.astype(np.float64) - ref
+            if self.cfg.kind == "sign_flip":
+                u = -self.scale * u
+            elif self.cfg.kind == "gaussian":
+                u = rng.normal(0.0, self.cfg.noise_std, u.shape)
+            else:
+                u = self.scale * u
+            arrays[k] = (ref + u).astype(v.dtype)
+        return Message(arrays=arrays, scalars=dict(reply.scalars))
+
+    def client_step(
+        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
+    ) -> tuple[dict[str, Any], Message]:
+        if not self.is_active(data.cid, work.round):
+            return self.inner.client_step(state, data, msg, work)
+        if self.cfg.kind in ("label_flip", "backdoor"):
+            data = self.poisoned(data)
+        state, reply = self.inner.client_step(state, data, msg, work)
+        if self.cfg.kind in _MODEL and not (self.cfg.kind == "backdoor" and self.scale == 1.0):
+            reply = self.tamper(reply, msg, work.round, data.cid)
+        return state, reply
+
+    def batched_client_step(
+        self,
+        states: list[dict[str, Any]],
+        datas: list[ClientData],
+        msgs: list[Message],
+        works: list[ClientWork],
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    ) -> tuple[list[dict[str, Any]], list[Message]]:
+        """The same attacks around the inner algorithm's batched step (attackers train in the batch)."""
+        active = [self.is_active(d.cid, w.round) for d, w in zip(datas, works, strict=True)]
+        if self.cfg.kind in ("label_flip", "backdoor"):
+            datas = [self.poisoned(d) if a else d for d, a in zip(datas, active, strict=True)]
+        states, replies = self.inner.batched_client_step(states, datas, msgs, works, memory_bytes)
+        if self.cfg.kind in _MODEL and not (self.cfg.kind == "backdoor" and self.scale == 1.0):
+            replies = [
+                self.tamper(r, m, w.round, d.cid) if a else r
+                for r, m, w, d, a in zip(replies, msgs, works, datas, active, strict=True)
+            ]
+        return states, replies
+
+    # --- measurement --------------------------------------------------------------------------
+    def backdoor_asr(self, server: dict[str, Any]) -> float | None:
+        if self._asr_x is None:
+            return None
+        params = self.inner.global_params(server)
+        if params is None:
+            return None
+        from fedmtl.training.local import predict
+        from fedmtl.training.tensors import to_torch
+
+        pred = predict(self.ctx.model, to_torch(params), self._asr_x).argmax(1).numpy()
+        return attack_success_rate(pred, self._asr_y, self.cfg.target)
+
+    def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
+        info = dict(self.inner.round_info(server))
+        info["malicious"] = len(self.malicious)
+        asr = self.backdoor_asr(server)
+        if asr is not None:
+            info["backdoor_asr"] = asr
+        return info

@@ -1,0 +1,84 @@
+"""DP-SGD (Abadi et al. 2016) for local training: per-sample gradients (``torch.func``: ``vmap`` of
+``grad``), each clipped to L2 norm ``clip``, summed, Gaussian noise of std ``noise_multiplier *
+clip`` added, divided by the batch size. Same batches, optimizer and return values as
+``local_train``, so an algorithm can use either."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from fedmtl.data.federated import TaskSpec
+from fedmtl.training import optim
+from fedmtl.training.local import LocalSpec, batch_schedule, task_loss
+from fedmtl.training.tensors import Params
+
+
+def per_sample_grads(
+    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, task: TaskSpec
+) -> Params:
+    """Gradient of the loss of every sample separately: each value has a leading batch axis."""
+
+    def one(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return task_loss(out, yi.unsqueeze(0), task)
+
+    return vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
+
+
+def clip_and_noise(
+    grads: Params, clip: float, noise_multiplier: float, batch: int, gen: torch.Generator
+) -> tuple[Params, int]:
+    """(noisy mean of the clipped per-sample gradients, number of samples clipped)."""
+    sq = sum(g.reshape(g.shape[0], -1).pow(2).sum(1) for g in grads.values())
+    norms = sq.sqrt()
+    factor = (clip / norms.clamp_min(1e-12)).clamp(max=1.0)
+    out = {}
+    for k, g in grads.items():
+        s = torch.einsum("b,b...->...", factor.to(g.dtype), g)
+        if noise_multiplier > 0:
+            s = s + noise_multiplier * clip * torch.randn(s.shape, generator=gen, dtype=s.dtype)
+        out[k] = s / batch
+    return out, int((norms > clip).sum())
+
+
+def dp_local_train(
+    model: nn.Module,
+    params: Params,
+    x: np.ndarray,
+    y: np.ndarray,
+    task: TaskSpec,
+    spec: LocalSpec,
+    steps: int,
+    rng: np.random.Generator,
+    clip: float,
+    noise_multiplier: float,
+    noise_rng: np.random.Generator,
+    prox_center: Params | None = None,
+    prox_mu: float = 0.0,
+) -> tuple[Params, float, int]:
+    """``local_train`` with DP-SGD steps; returns (params, mean training loss, samples processed).
+
+    The noise is divided by the nominal batch size (``min(batch_size, n)``), the quantity the
+    accountant's sampling rate refers to. FedProx's term is data-independent, so it is added to the
+    privatised gradient without cost to privacy."""
+    current = {k: v.detach().clone() for k, v in params.items()}
+    state = optim.init_state(spec.optimizer, current)
+    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    gen = torch.Generator().manual_seed(int(noise_rng.integers(2**62)))
+    nominal = min(spec.batch_size, len(y))
+    total, seen = 0.0, 0
+    for idx in batch_schedule(len(y), spec.batch_size, steps, rng):
+        xb, yb = xt[idx], yt[idx]
+        with torch.no_grad():
+            total += float(task_loss(functional_call(model, current, (xb,)), yb, task)) * len(idx)
+        g, _ = clip_and_noise(
+            per_sample_grads(model, current, xb, yb, task), clip, noise_multiplier, nominal, gen
+        )
+        if prox_mu > 0 and prox_center is not None:
+            g = {k: v + prox_mu * (current[k] - prox_center[k]) for k, v in g.items()}
+        current = optim.step(spec.optimizer, current, g, state)
+        seen += len(idx)
+    return current, total / max(seen, 1), seen

@@ -1,0 +1,223 @@
+"""Differential privacy: calibrated noise, epsilon from dp_accounting, the hard budget, Flower."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from dp_accounting import NeighboringRelation, dp_event
+from dp_accounting.pld import pld_privacy_accountant
+from dp_accounting.rdp import rdp_privacy_accountant
+
+import fedmtl
+from fedmtl.aggregation.pipeline import build_pipeline
+from fedmtl.config import parse_config
+from fedmtl.errors import ConfigError
+from fedmtl.privacy import epsilon, privatize_update
+from fedmtl.privacy.accountant import adaptive_update_noise
+from fedmtl.training.dp_sgd import clip_and_noise
+from tests.conftest import digits_config
+from tests.test_flower import LoopbackGrid, _cfg, _flower_run, _nodes, _task_identity, assert_same_metrics  # noqa: F401
+
+DP = {"enabled": True, "noise_multiplier": 1.0, "clip_norm": 0.5}
+
+
+def _dp_config(**over):
+    base = {
+        "train__rounds": 3,
+        "clients__per_round": 4,
+        "data__partition": {"kind": "iid", "num_clients": 8},
+        "privacy": DP,
+    }
+    return digits_config(**{**base, **over})
+
+
+# ------------------------------------------------------------------------------------ noise
+def test_server_noise_has_the_calibrated_std():
+    z, clip, n = 1.3, 0.7, 10
+    chain = build_pipeline(
+        parse_config(
+            {
+                "aggregation": [
+                    {"name": "clip", "max_norm": clip},
+                    {"name": "mean", "weighting": "uniform"},
+                    {"name": "gaussian_noise", "noise_multiplier": z},
+                ]
+            }
+        ).aggregation
+    )
+    ref = {"w": np.zeros(200_000, np.float32)}
+    res = chain.run(
+        ref, {c: {"w": ref["w"]} for c in range(n)}, dict.fromkeys(range(n), 1.0), seed=0, round=1
+    )
+    std = float(res.params["w"].std())
+    assert std == pytest.approx(z * clip / n, rel=0.01)  # z * C on the sum, divided by n
+    assert res.info["noise_std"] == pytest.approx(z * clip / n)
+
+
+def test_client_side_noise_shares_sum_to_the_central_noise():
+    z, clip, m = 1.1, 2.0, 16
+    rng = np.random.default_rng(0)
+    total = np.zeros(100_000)
+    for _ in range(m):
+        private, within = privatize_update(
+            {"w": np.zeros(100_000, np.float32)}, clip, z * clip / np.sqrt(m), rng
+        )
+        total += private["w"]
+        assert within
+    assert float(total.std()) == pytest.approx(z * clip, rel=0.01)
+    clipped, within = privatize_update({"w": np.full(4, 10.0)}, clip, 0.0, rng)
+    assert not within and np.linalg.norm(clipped["w"]) == pytest.approx(clip)
+
+
+def test_dp_sgd_clips_each_sample_and_adds_the_calibrated_noise():
+    grads = {"w": torch.zeros(8, 50_000), "b": torch.zeros(8, 3)}
+    grads["w"][0, 0] = 100.0  # one sample with a huge gradient: clipped to norm clip
+    gen = torch.Generator().manual_seed(0)
+    out, clipped = clip_and_noise(grads, clip=0.5, noise_multiplier=0.0, batch=8, gen=gen)
+    assert clipped == 1 and float(out["w"][0]) == pytest.approx(0.5 / 8)
+    out, _ = clip_and_noise({"w": torch.zeros(8, 200_000)}, clip=0.5, noise_multiplier=2.0, batch=8, gen=gen)
+    assert float(out["w"].std()) == pytest.approx(2.0 * 0.5 / 8, rel=0.01)
+
+
+# ------------------------------------------------------------------------------------ accountant
+def test_epsilon_matches_dp_accounting_for_a_known_setting():
+    # DP-FedAvg setting: 100 of 10,000 clients per round, z = 1.0, 1,000 rounds, delta 1e-6
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(
+        dp_event.SelfComposedDpEvent(
+            dp_event.PoissonSampledDpEvent(0.01, dp_event.GaussianDpEvent(1.0)), 1000
+        )
+    )
+    want = acc.get_epsilon(1e-6)
+    assert epsilon(1.0, 1000, 1e-6, 100, 10_000) == pytest.approx(want, rel=1e-12)
+    assert 1.0 < want < 10.0
+    # the other accountant and the exact fixed-size sampling (1 of 10 clients, z = 3, 3 rounds)
+    event = dp_event.PoissonSampledDpEvent(0.1, dp_event.GaussianDpEvent(3.0))
+    pld = pld_privacy_accountant.PLDAccountant()
+    pld.compose(dp_event.SelfComposedDpEvent(event, 3))
+    assert epsilon(3.0, 3, 1e-5, 1, 10, accountant="pld") == pytest.approx(pld.get_epsilon(1e-5))
+    wor = rdp_privacy_accountant.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    # replace-one moves the clipped sum by up to 2C: the mechanism's multiplier is z / 2
+    wor.compose(
+        dp_event.SelfComposedDpEvent(
+            dp_event.SampledWithoutReplacementDpEvent(10, 1, dp_event.GaussianDpEvent(1.5)), 3
+        )
+    )
+    assert epsilon(3.0, 3, 1e-5, 1, 10, sampling="without_replacement") == pytest.approx(
+        wor.get_epsilon(1e-5)
+    )
+    assert epsilon(0.0, 3, 1e-5, 1, 2) == float("inf") and epsilon(1.0, 0, 1e-5, 1, 2) == 0.0
+
+
+def test_round_rows_report_the_accountants_epsilon(tmp_path):
+    res = fedmtl.run(_dp_config(), out=tmp_path / "r")
+    eps = [r["epsilon"] for r in res.rounds]
+    want = [epsilon(1.0, k, 1e-5, 4, 8) for k in (1, 2, 3)]
+    assert eps == pytest.approx(want) and eps[0] < eps[1] < eps[2]
+    assert all(r["delta"] == 1e-5 and r["dp_clip"] == 0.5 for r in res.rounds)
+    assert res.final["epsilon"] == pytest.approx(want[-1])
+    assert np.isfinite(res.final["global_loss"])
+
+
+def test_the_budget_stops_training_before_the_round_that_would_exceed_it(tmp_path, capsys):
+    budget = (epsilon(1.0, 2, 1e-5, 4, 8) + epsilon(1.0, 3, 1e-5, 4, 8)) / 2
+    cfg = _dp_config(train__rounds=6, eval__every=5, privacy={**DP, "max_epsilon": budget})
+    res = fedmtl.run(cfg, out=tmp_path / "r")
+    assert res.summary["rounds_completed"] == 2 and res.summary["complete"]
+    assert "accuracy_mean" in res.final  # the last round before the stop is evaluated off schedule
+    assert res.summary["stopped"].startswith("privacy budget: round 3 would raise epsilon to ")
+    assert res.final["epsilon"] <= budget
+    assert "stopped before round 3: privacy budget" in capsys.readouterr().err
+
+
+def test_adaptive_clipping_moves_the_bound_and_costs_the_same_epsilon(tmp_path):
+    cfg = _dp_config(
+        train__rounds=4, privacy={**DP, "clipping": "adaptive", "clip_norm": 0.05, "clip_lr": 0.5}
+    )
+    res = fedmtl.run(cfg, out=tmp_path / "r")
+    bounds = [r["dp_clip"] for r in res.rounds]
+    assert bounds[0] > 0.05 and bounds[-1] > bounds[0]  # updates are far larger than 0.05: it grows
+    assert res.final["epsilon"] == pytest.approx(epsilon(1.0, 4, 1e-5, 4, 8))
+    # round 1 used the initial bound; the update noise is raised to pay for the noisy count
+    assert adaptive_update_noise(1.0, 1.0) == pytest.approx(1.0 / np.sqrt(0.75))
+    assert res.rounds[0]["aggregation"]["noise_std"] == pytest.approx(
+        adaptive_update_noise(1.0, 1.0) * 0.05 / 4
+    )
+
+
+@pytest.mark.parametrize("extra", [{"noise_at": "client"}, {"level": "sample", "noise_multiplier": 0.8}])
+def test_client_noise_and_dp_sgd_run_and_report_epsilon(tmp_path, extra):
+    res = fedmtl.run(
+        _dp_config(train__rounds=2, train__local_steps=3, privacy={**DP, **extra}), out=tmp_path / "r"
+    )
+    assert 0 < res.final["epsilon"] < float("inf") and np.isfinite(res.final["global_loss"])
+
+
+def test_batched_execution_gives_the_dp_run_sequential_execution_gives(tmp_path):
+    seq = fedmtl.run(_dp_config(runtime__execution="sequential"), out=tmp_path / "s")
+    bat = fedmtl.run(_dp_config(runtime__execution="batched"), out=tmp_path / "b")
+    assert bat.rounds[-1]["execution"] == "batched"
+    assert bat.final["global_loss"] == pytest.approx(seq.final["global_loss"], rel=1e-4)
+
+
+def test_dp_runs_on_a_personalised_multi_task_federation(tmp_path):
+    res = fedmtl.run(
+        _dp_config(algorithm={"name": "fedper"}, data__tasks=["digit", "parity"], train__rounds=2),
+        out=tmp_path / "r",
+    )
+    assert res.final["epsilon"] > 0 and res.final["accuracy_mean"] > 0.1
+
+
+@pytest.mark.parametrize(
+    "over,message",
+    [
+        (
+            {"aggregation": ["median"]},
+            "config: privacy.level = 'client': sets the aggregation chain itself (clip, uniform mean, "
+            "noise); leave aggregation empty",
+        ),
+        (
+            {"algorithm": {"name": "local"}},
+            "config: privacy.enabled = True: needs a FedAvg-family algorithm (fedavg, fedprox, fedavg_ft, "
+            "fedper, fedrep, ditto, hierarchical), not 'local'",
+        ),
+        (
+            {"privacy": {**DP, "accountant": "pld", "sampling": "without_replacement"}},
+            "config: privacy = {'enabled': True, 'noise_multiplier': 1.0, 'clip_norm': 0.5, "
+            "'accountant': 'pld', 'sampling': 'without_replacement'}: sampling 'without_replacement' "
+            "needs accountant 'rdp' (PLD supports 'poisson')",
+        ),
+        (
+            {"privacy": {**DP, "clipping": "adaptive", "count_noise_std": 0.1}},
+            "config: privacy.count_noise_std: count_noise_std = 0.1 is too small for noise_multiplier = 1: "
+            "needs 2 * count_noise_std > noise_multiplier",
+        ),
+        ({"privacy": {**DP, "delta": 0}}, "config: privacy.delta = 0: input should be greater than 0"),
+    ],
+)
+def test_config_errors_are_one_line(tmp_path, over, message):
+    with pytest.raises(ConfigError) as exc:
+        fedmtl.run(_dp_config(**over), out=tmp_path / "r")
+    assert str(exc.value) == message
+
+
+# ------------------------------------------------------------------------------------ flower
+@pytest.mark.parametrize(
+    "privacy",
+    [
+        {**DP, "clipping": "adaptive", "max_epsilon": 7.0},  # stops before round 4 (epsilon 7.41)
+        {**DP, "noise_at": "client"},
+    ],
+    ids=["server-noise-adaptive-budget", "client-noise"],
+)
+def test_flower_run_with_dp_equals_the_simulator(tmp_path, privacy):
+    raw = _cfg(data__partition__num_clients=4, clients__per_round=2, train__rounds=4, privacy=privacy)
+    expected = fedmtl.run(raw, out=tmp_path / "inproc")
+    got = _flower_run(tmp_path, raw, LoopbackGrid(_nodes(4)))
+    assert_same_metrics(expected.run_dir, got.run_dir)
+    assert got.summary["stopped"] == expected.summary["stopped"]
+    assert got.summary["rounds_completed"] == expected.summary["rounds_completed"]
+    if "max_epsilon" in privacy:
+        assert got.summary["rounds_completed"] == 3 and got.summary["stopped"].startswith("privacy budget")
+    assert got.summary["final"]["epsilon"] == pytest.approx(expected.summary["final"]["epsilon"])

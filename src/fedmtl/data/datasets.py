@@ -17,6 +17,7 @@ import numpy as np
 
 from fedmtl.config import DataConfig, PartitionConfig
 from fedmtl.data import partition
+from fedmtl.data.corrupt import corrupt_clients
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
 from fedmtl.data.formats import file_error, read_idx_gz, read_leaf_json, read_mat_tasks
 from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
@@ -65,6 +66,9 @@ class DatasetSpec:
     description: str
     num_classes: int | None = None  # None: max label + 1 (classification)
     pixel_max: float = 1.0  # images are divided by this to land in [0, 1]
+    #: Per-client task derivation after scaling (``data.tasks`` passed through): returns the new
+    #: clients and facts for ``info``. Datasets whose clients learn different derived tasks use it.
+    derive: Callable[[list[ClientData], list[str] | None, int], tuple[list[ClientData], dict]] | None = None
 
     @property
     def image(self) -> bool:
@@ -145,6 +149,25 @@ def _read_leaf(paths: list[Path]) -> Raw:
     )
 
 
+def _dense_tasks(
+    clients: list[ClientData], names: list[str] | None, seed: int
+) -> tuple[list[ClientData], dict]:
+    from fedmtl.fedbone.tasks import assign_dense_tasks  # FedBone's tasks; imported on use
+
+    return assign_dense_tasks(clients, names, seed)
+
+
+def _multimodal(name: str) -> Callable[[list[Path]], Raw]:
+    """Multi-modal rows (modalities + mask columns; layout in ``fedmtl.fdrmfl.data``)."""
+
+    def read(_: list[Path]) -> Raw:
+        from fedmtl.fdrmfl.data import pooled
+
+        return Pooled(*pooled(name))
+
+    return read
+
+
 MNIST_FILES = tuple(
     f"mnist/{n}"
     for n in (
@@ -190,6 +213,18 @@ REGISTRY: dict[str, DatasetSpec] = {
             255.0,
         ),
         DatasetSpec(
+            "mnist_dense",
+            "pooled",
+            "classification",
+            MNIST_FILES,
+            (1, 28, 28),
+            _read_mnist,
+            "MNIST with per-client dense tasks: digit, segment (mIoU), edge (RMSE), denoise (PSNR)",
+            10,
+            255.0,
+            derive=_dense_tasks,
+        ),
+        DatasetSpec(
             "landmine",
             "natural",
             "classification",
@@ -227,6 +262,15 @@ REGISTRY: dict[str, DatasetSpec] = {
             _read_leaf,
             "Vehicle Sensor: 23 sensors, 100 features, binary",
             2,
+        ),
+        *(
+            DatasetSpec(n, "pooled", "regression", (), None, _multimodal(n), d)
+            for n, d in (
+                ("diabetes_mm", "diabetes as 2 modalities: clinical {age,sex,bmi,bp} + serum {s1..s6}"),
+                ("fdrmfl_sim1", "FDRMFL simulation f1: image 3x32x32 + sequence 10x50 + vector 32"),
+                ("fdrmfl_sim2", "FDRMFL simulation f2: image 3x32x32 + sequence 10x50 + vector 32"),
+                ("fdrmfl_sim3", "FDRMFL simulation f3: image 3x32x32 + sequence 10x50 + vector 32"),
+            )
         ),
         DatasetSpec(
             "leaf",
@@ -431,11 +475,20 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     splits, gx, gy, task, info = _finalise(splits, gx, gy, spec, cfg)
     clients = [ClientData(cid, a, b, c, d, task, name) for cid, (name, a, b, c, d) in enumerate(splits)]
     shape = spec.input_shape or (int(clients[0].x_train.shape[1]),)
-    if cfg.tasks:
+    if spec.derive is not None:
+        clients, extra = spec.derive(clients, list(cfg.tasks) if cfg.tasks else None, seed)
+        task, gx, gy = clients[0].task, None, None  # no single global test set across tasks
+        info.update(extra)
+    elif cfg.tasks:
         clients = assign_tasks(clients, list(cfg.tasks), spec.image, task.num_outputs)
         task, gx, gy = clients[0].task, None, None  # no single global test set across different tasks
         info["tasks"] = {name: sum(c.task.name == name for c in clients) for name in dict.fromkeys(cfg.tasks)}
     holdout = _holdout(len(clients), cfg.holdout_clients, seed)
+    if cfg.corrupt.enabled:
+        held = set(holdout)
+        clients, info["corrupt"] = corrupt_clients(
+            clients, cfg.corrupt, seed, [c.cid for c in clients if c.cid not in held]
+        )
     info.update(
         partition=cfg.partition.kind,
         seed=seed,

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from fedmtl.data.corrupt import Corruption
 
 
 @dataclass(frozen=True)
@@ -17,6 +20,9 @@ class TaskSpec:
     name: str = "default"
     target_mean: float = 0.0
     target_std: float = 1.0
+    #: "" for per-sample outputs; a dense task's name (e.g. "segment") when the output is a
+    #: per-pixel map: classification then means per-pixel classes, regression a target image.
+    dense: str = ""
 
     @property
     def is_classification(self) -> bool:
@@ -32,6 +38,8 @@ class ClientData:
     y_test: np.ndarray
     task: TaskSpec
     name: str = ""
+    #: ground truth of the corruption harness (``data.corrupt``) for the training split, if any
+    corruption: Corruption | None = None
 
     @property
     def n_train(self) -> int:

@@ -2,6 +2,14 @@
 
 from __future__ import annotations
 
+from fedmtl.models import registry as _registry
+from fedmtl.models.autoencoder import Autoencoder, AutoencoderParams
 from fedmtl.models.registry import build_model, model_names, model_params
+
+# The multi-task autoencoder of sample selection (docs/selection.md), registered by name.
+_registry._MODELS["autoencoder"] = (
+    AutoencoderParams,
+    lambda p, shape, out: Autoencoder(tuple(shape), out, p),  # type: ignore[arg-type]
+)
 
 __all__ = ["build_model", "model_names", "model_params"]

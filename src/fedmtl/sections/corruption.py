@@ -1,9 +1,52 @@
-"""``data.corrupt:``: the seeded corruption harness applied to clients' training splits."""
+"""``data.corrupt:``: the seeded corruption harness applied to clients' training splits.
+
+Rates are fractions of each affected client's training samples (taken before duplicates are
+appended); test splits and the global test set are never touched, so accuracy stays honest."""
 
 from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field, model_validator
 
 from fedmtl.config_base import Strict
 
 
+class BackdoorConfig(Strict):
+    """A pixel trigger plus a target label on a fraction of the malicious clients' samples."""
+
+    #: fraction of the training clients that are malicious (at least one when > 0)
+    fraction: float = Field(0.0, ge=0, le=1)
+    #: explicit malicious client ids (replaces ``fraction`` when given)
+    clients: list[int] | None = None
+    #: fraction of each malicious client's samples (whose label differs from ``target``) poisoned
+    rate: float = Field(0.5, gt=0, le=1)
+    target: int = Field(0, ge=0)
+    #: side of the square trigger in pixels (images) or number of trailing features (vectors)
+    size: int = Field(3, ge=1)
+    #: value written into the trigger (1.0 is the brightest pixel of a [0, 1] image)
+    value: float = 1.0
+
+
 class CorruptConfig(Strict):
     enabled: bool = False
+    #: fraction of training clients whose data gets label flips / open-set images / duplicates
+    clients: float = Field(1.0, gt=0, le=1)
+    #: symmetric label flipping (closed-set noise): label replaced by a different random class
+    label_flip: float = Field(0.0, ge=0, lt=1)
+    #: open-set noise: image replaced by an out-of-distribution one, label kept
+    open_set: float = Field(0.0, ge=0, lt=1)
+    #: 'photos': grey crops of scikit-learn's bundled natural photos; 'noise': uniform noise
+    open_set_source: Literal["photos", "noise"] = "photos"
+    #: redundant copies appended, as a fraction of the client's samples
+    duplicate: float = Field(0.0, ge=0, le=4)
+    backdoor: BackdoorConfig = BackdoorConfig()
+
+    @model_validator(mode="after")
+    def _disjoint(self) -> CorruptConfig:
+        if self.label_flip + self.open_set >= 1:
+            raise ValueError(
+                f"label_flip + open_set = {self.label_flip + self.open_set:g}: must be below 1 "
+                "(they corrupt disjoint samples)"
+            )
+        return self

@@ -16,6 +16,10 @@ SUMMARY_STATS = ("mean", "std", "worst10", "best10")
 
 def primary_metric(task: TaskSpec) -> tuple[str, bool]:
     """The metric used for 'best round' and the progress bar, and whether higher is better."""
+    if task.dense:
+        from fedmtl.fedbone.metrics import dense_primary
+
+        return dense_primary(task)
     return ("accuracy", True) if task.is_classification else ("rmse", False)
 
 
@@ -55,6 +59,10 @@ def regression_metrics(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> di
 
 
 def task_metrics(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> dict[str, float]:
+    if task.dense:  # per-pixel outputs (segmentation mIoU, map RMSE, PSNR)
+        from fedmtl.fedbone.metrics import dense_metrics
+
+        return dense_metrics(out, y, task)
     return classification_metrics(out, y) if task.is_classification else regression_metrics(out, y, task)
 
 
@@ -91,7 +99,7 @@ def summarize_clients(rows: list[dict[str, float]]) -> dict[str, float]:
     if len(tasks) > 1:
         for task in sorted(t for t in tasks if t is not None):
             sub = [r for r in rows if r.get("task") == task]
-            for key in ("accuracy", "rmse", "r2", "gain"):
+            for key in ("accuracy", "rmse", "r2", "gain", "miou", "psnr"):
                 vals = [r[key] for r in sub if key in r]
                 if vals:
                     out[f"task_{task}_{key}_mean"] = float(np.mean(vals))

@@ -50,3 +50,6 @@ __all__ = [
     "get_algorithm",
     "register",
 ]
+
+import fedmtl.fdrmfl.algorithm  # noqa: E402,F401  (registers 'fdrmfl')
+import fedmtl.fedbone.algorithm  # noqa: E402,F401  (registers "fedbone" and model "fedbone_net")

@@ -14,7 +14,7 @@ import gc
 import math
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,7 +24,7 @@ import numpy as np
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
 from fedmtl.config import Config
 from fedmtl.data.federated import FederatedData
-from fedmtl.errors import ConfigError
+from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.runtime.validation import reply_problem
 from fedmtl.training.batched import batch_support
 
@@ -70,6 +70,64 @@ def round_lr(cfg: Config, round: int) -> float:
     return t.lr
 
 
+def round_driver(algo: Algorithm) -> Any:
+    """The algorithm's ``drive_round`` when it runs a multi-step protocol, else None.
+
+    A wrapper (selection, attacks, privacy, secure aggregation) changes ``client_step`` or
+    ``server_step``, which a driven round never calls; rather than silently skip the feature, such a
+    stack is refused."""
+    drive = getattr(algo, "drive_round", None)
+    if drive is not None and hasattr(algo, "inner"):
+        raise ConfigError(
+            f"config: algorithm.name = {algo.name!r}: drives a multi-step protocol, which "
+            f"{type(algo).__name__} cannot wrap yet; disable that feature for this algorithm"
+        )
+    return drive
+
+
+class LocalTransport:
+    """The simulator's side of a multi-step protocol: an algorithm with ``drive_round(server,
+    transport, round) -> (server, replies)`` drives its round itself, calling ``exchange`` once per
+    protocol step; each exchange runs the named ``client_actions`` method of every addressed client
+    in-process, with the client's state and a fresh work rng per message (exactly what a Flower node
+    builds from its message), and counts the bytes each way."""
+
+    def __init__(
+        self,
+        algo: Algorithm,
+        data: FederatedData,
+        seed: int,
+        jobs: list[tuple[int, dict[str, Any], Message, ClientWork]],
+    ) -> None:
+        self.algo = algo
+        self.data = data
+        self.seed = seed
+        self.clients = [cid for cid, _, _, _ in jobs]
+        self.states = {cid: state for cid, state, _, _ in jobs}
+        self.works = {cid: work for cid, _, _, work in jobs}
+        self.bytes_up = dict.fromkeys(self.clients, 0)
+        self.bytes_down = dict.fromkeys(self.clients, 0)
+        self.wall = dict.fromkeys(self.clients, 0.0)
+
+    def exchange(self, action: str, msgs: Mapping[int, Message]) -> dict[int, Message]:
+        methods: dict[str, str] = getattr(self.algo, "client_actions", {})
+        if action not in methods:
+            raise ProtocolError(f"algorithm {self.algo.name!r} has no client action {action!r}")
+        method = getattr(self.algo, methods[action])
+        out: dict[int, Message] = {}
+        for cid, msg in msgs.items():
+            if cid not in self.states:
+                raise ProtocolError(f"client {cid} does not take part in this round")
+            w = self.works[cid]
+            work = ClientWork(w.round, w.fraction, derived_rng(self.seed, TRAIN, w.round, cid), w.lr)
+            t0 = time.perf_counter()
+            self.states[cid], out[cid] = method(self.states[cid], self.data.clients[cid], msg, work)
+            self.wall[cid] += time.perf_counter() - t0
+            self.bytes_down[cid] += msg.nbytes
+            self.bytes_up[cid] += out[cid].nbytes
+        return out
+
+
 @dataclass
 class RoundResult:
     server: dict[str, Any]
@@ -86,6 +144,7 @@ class Simulator:
         self.data = data
         self.cfg = cfg
         self.flops = train_flops_per_sample
+        round_driver(algo)  # a wrapped multi-step protocol fails before any run directory exists
         #: "sequential" or "batched": ``runtime.execution`` resolved once, before any round runs,
         #: so 'batched' on an unbatchable algorithm fails before a run directory exists.
         self.execution = self._resolve_execution()
@@ -211,17 +270,31 @@ class Simulator:
             trained.append(row)
         replies: dict[int, Message] = {}
         losses, weights = [], []
-        outcomes = self._train_clients(jobs) if jobs else []
+        drive = round_driver(self.algo)
+        transport: LocalTransport | None = None
+        if drive is not None:  # a multi-step protocol: the algorithm drives the round's exchanges
+            transport = LocalTransport(self.algo, self.data, self.cfg.seed, jobs)
+            server, driven = drive(server, transport, round) if jobs else (server, {})
+            outcomes = [
+                (transport.states[c], driven.get(c, Message()), transport.wall[c]) for c, _, _, _ in jobs
+            ]
+        else:
+            outcomes = self._train_clients(jobs) if jobs else []
         rejected: dict[int, str] = {}
         for (cid, _, _, _), row, (new_state, reply, wall) in zip(jobs, trained, outcomes, strict=True):
             samples = float(reply.scalars.get("samples", 0))
             up = reply.nbytes
+            flops = samples * self.flops
+            if transport is not None:  # driven: bytes of every exchange; the client's own FLOPs
+                up = transport.bytes_up[cid]
+                row["bytes_down"] += transport.bytes_down[cid]
+                flops = float(reply.scalars.get("client_flops", flops))
             row["compute_wall"] = wall
             row.update(
                 bytes_up=up,
                 steps=int(reply.scalars.get("steps", 0)),
                 train_loss=float(reply.scalars.get("train_loss", float("nan"))),
-                sim_time=samples * self.flops / (self.cfg.runtime.client_gflops * 1e9)
+                sim_time=flops / (self.cfg.runtime.client_gflops * 1e9)
                 + self.comm_seconds(up, row["bytes_down"]),
             )
             problem = reply_problem(reply)
@@ -234,7 +307,8 @@ class Simulator:
             if "train_loss" in reply.scalars:
                 losses.append(row["train_loss"])
                 weights.append(samples)
-        server = self.algo.server_step(server, replies, round)
+        if transport is None:
+            server = self.algo.server_step(server, replies, round)
         info = {
             "sampled": len(rows),
             "dropped": sum(r["dropped"] for r in rows),

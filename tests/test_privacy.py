@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -202,14 +204,103 @@ def test_config_errors_are_one_line(tmp_path, over, message):
     assert str(exc.value) == message
 
 
+# ------------------------------------------------------------------------ DP-aggregated evaluation
+EVAL_DP = {**DP, "eval_noise_multiplier": 2.0, "eval_metrics": ["accuracy", "f1"]}
+
+
+def test_dp_evaluation_releases_only_noisy_clipped_means(tmp_path):
+    exact = fedmtl.run(_dp_config(), out=tmp_path / "exact")
+    private = fedmtl.run(_dp_config(privacy=EVAL_DP), out=tmp_path / "private")
+
+    def kind(res, k):
+        lines = (res.run_dir / "metrics.jsonl").read_text().splitlines()
+        return [r for r in map(json.loads, lines) if r["kind"] == k]
+
+    assert kind(private, "client") == []
+    clients = kind(exact, "client")
+    for e, p in zip(exact.rounds, private.rounds, strict=True):  # training is untouched
+        assert p["global_accuracy"] == e["global_accuracy"]
+        assert p["eval_private"] is True and "accuracy_std" not in p and "loss_mean" not in p
+        rows = [c for c in clients if c["round"] == e["round"]]
+        rng = np.random.default_rng([0, 14, e["round"]])  # (seed, DP_EVAL_RNG, round)
+        for metric in ("accuracy", "f1"):
+            total = sum(min(max(c[metric], 0.0), 1.0) for c in rows)
+            want = (total + rng.normal(0.0, 2.0)) / len(rows)
+            assert p[f"{metric}_mean"] == pytest.approx(want, abs=1e-12)
+        assert p["eval_clients"] == len(rows) == 8
+
+
+def test_dp_evaluation_is_composed_by_the_accountant(tmp_path):
+    res = fedmtl.run(_dp_config(train__rounds=5, eval__every=2, privacy=EVAL_DP), out=tmp_path / "r")
+    evals = [r["round"] for r in res.rounds if "accuracy_mean" in r]
+    assert evals == [2, 4, 5] and [r["dp_eval_releases"] for r in res.rounds] == [0, 1, 1, 2, 3]
+    acc = rdp_privacy_accountant.RdpAccountant()
+    train = dp_event.PoissonSampledDpEvent(4 / 8, dp_event.GaussianDpEvent(1.0))
+    metric = dp_event.GaussianDpEvent(2.0)  # two metric means per evaluation round
+    acc.compose(dp_event.ComposedDpEvent([dp_event.SelfComposedDpEvent(train, 5),
+                                          dp_event.SelfComposedDpEvent(metric, 2 * 3)]))  # fmt: skip
+    assert res.final["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert res.final["epsilon"] > epsilon(1.0, 5, 1e-5, 4, 8)
+
+
+def test_the_budget_reserves_the_evaluation_of_the_round_it_stops_behind(tmp_path):
+    """Round 3 is off schedule (every 5): the budget counts its evaluation, which happens when the
+    run stops behind it, so the released epsilon never exceeds max_epsilon."""
+    cfg = _dp_config(eval__every=5, train__rounds=6)
+    ctx = ClientDPProbe(cfg)
+    budget = (ctx.eps(3, 1) + ctx.eps(4, 1)) / 2  # round 3 and its evaluation fit, round 4 does not
+    res = fedmtl.run(
+        _dp_config(eval__every=5, train__rounds=6, privacy={**EVAL_DP, "max_epsilon": budget}),
+        out=tmp_path / "r",
+    )
+    assert res.summary["rounds_completed"] == 3 and res.summary["stopped"].startswith("privacy budget")
+    assert "accuracy_mean" in res.final and res.final["dp_eval_releases"] == 1
+    assert res.final["epsilon"] == pytest.approx(ctx.eps(3, 1)) and res.final["epsilon"] <= budget
+
+
+class ClientDPProbe:
+    """Epsilon of the EVAL_DP mechanism after given numbers of training and evaluation releases."""
+
+    def __init__(self, cfg):
+        from fedmtl.experiment.run import build
+
+        _, self.algo, _ = build(parse_config({**cfg, "privacy": EVAL_DP}))
+
+    def eps(self, releases: int, evaluations: int) -> float:
+        return self.algo.epsilon_after(releases, evaluations)
+
+
+@pytest.mark.parametrize(
+    ("over", "message"),
+    [
+        (
+            {"privacy": {**EVAL_DP, "level": "sample"}},
+            "config: privacy = {'enabled': True, 'noise_multiplier': 1.0, 'clip_norm': 0.5, "
+            "'eval_noise_multiplier': 2.0, 'eval_metrics': ['accuracy', 'f1'], 'level': 'sample'}: "
+            "eval_noise_multiplier (DP-aggregated evaluation) protects clients: it needs level 'client'",
+        ),
+        (
+            {"privacy": EVAL_DP, "data__holdout_clients": 2},
+            "config: privacy.eval_noise_multiplier: DP-aggregated evaluation releases only the trained "
+            "clients' metric means; set data.holdout_clients to 0",
+        ),
+    ],
+)
+def test_dp_evaluation_config_errors(tmp_path, over, message):
+    with pytest.raises(ConfigError) as exc:
+        fedmtl.run(_dp_config(**over), out=tmp_path / "r")
+    assert str(exc.value) == message
+
+
 # ------------------------------------------------------------------------------------ flower
 @pytest.mark.parametrize(
     "privacy",
     [
         {**DP, "clipping": "adaptive", "max_epsilon": 7.0},  # stops before round 4 (epsilon 7.41)
         {**DP, "noise_at": "client"},
+        EVAL_DP,
     ],
-    ids=["server-noise-adaptive-budget", "client-noise"],
+    ids=["server-noise-adaptive-budget", "client-noise", "dp-evaluation"],
 )
 def test_flower_run_with_dp_equals_the_simulator(tmp_path, privacy):
     raw = _cfg(data__partition__num_clients=4, clients__per_round=2, train__rounds=4, privacy=privacy)

@@ -84,7 +84,8 @@ def _print_result(res) -> None:  # noqa: ANN001
     print(f"run: {res.run_dir}")
     print(
         f"final (round {fin['round']}): {m} mean {fin.get(m + '_mean', float('nan')):.4f}"
-        f"  worst-10% {fin.get(m + '_worst10', float('nan')):.4f}"
+        + (f"  worst-10% {fin[m + '_worst10']:.4f}" if m + "_worst10" in fin else "")
+        + (" (DP-aggregated)" if fin.get("eval_private") else "")
         + (f"  global {fin['global_' + m]:.4f}" if "global_" + m in fin else "")
     )
     print(f"best  (round {best['round']}): {m} mean {best.get(m + '_mean', float('nan')):.4f}")

@@ -16,7 +16,7 @@ from fedmtl.algorithms.base import Algorithm, ClientWork
 from fedmtl.algorithms.common import train_arrays
 from fedmtl.algorithms.heads import head_of
 from fedmtl.data.federated import ClientData, FederatedData
-from fedmtl.metrics import primary_metric, task_metrics
+from fedmtl.metrics import primary_metric, summarize_clients, task_metrics
 from fedmtl.training.local import predict
 from fedmtl.training.tensors import Arrays, to_torch
 
@@ -118,3 +118,17 @@ def evaluate_global(algo: Algorithm, server: dict[str, Any], data: FederatedData
     out = predict(algo.ctx.model, to_torch(arrays), data.x_global_test)
     metrics = task_metrics(out, torch.as_tensor(data.y_global_test), data.task)
     return {f"global_{k}": v for k, v in metrics.items()}
+
+
+def release_client_eval(
+    algo: Algorithm, client_rows: list[dict[str, Any]], rnd: int
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """The client rows to record and the round-row summary of one evaluation round.
+
+    Exact by default; with DP-aggregated evaluation (``privacy.eval_noise_multiplier``) only the
+    noisy metric means leave the clients, so no client row is recorded."""
+    private = getattr(algo, "private_eval", None)
+    released = private(client_rows, rnd) if private is not None else None
+    if released is None:
+        return client_rows, summarize_clients(client_rows)
+    return [], released

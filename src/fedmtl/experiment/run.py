@@ -21,7 +21,12 @@ from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import RunDirError
-from fedmtl.experiment.evaluate import evaluate_clients, evaluate_global, evaluate_new_clients
+from fedmtl.experiment.evaluate import (
+    evaluate_clients,
+    evaluate_global,
+    evaluate_new_clients,
+    release_client_eval,
+)
 from fedmtl.experiment.records import RunDir
 from fedmtl.metrics import primary_metric, summarize_clients
 from fedmtl.models import build_model
@@ -195,9 +200,11 @@ def _loop(
             )
             rows: list[dict[str, Any]] = list(res.train_rows)
             if r % cfg.eval.every == 0 or last:
-                client_rows = evaluate_clients(algo, server, states, data, r)
+                client_rows, summary = release_client_eval(
+                    algo, evaluate_clients(algo, server, states, data, r), r
+                )
                 rows += client_rows
-                row.update(summarize_clients(client_rows))
+                row.update(summary)
                 if data.holdout:
                     new_rows = evaluate_new_clients(
                         algo, server, data, r, cfg.eval.new_client_steps, cfg.eval.new_client_lr

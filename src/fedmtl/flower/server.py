@@ -30,7 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 from fedmtl.algorithms.base import Message
 from fedmtl.config import Config, load_config
 from fedmtl.errors import ConfigError, FedmtlError
-from fedmtl.experiment.evaluate import evaluate_global
+from fedmtl.experiment.evaluate import evaluate_global, release_client_eval
 from fedmtl.experiment.records import RunDir, dumps
 from fedmtl.experiment.run import RunResult, build
 from fedmtl.flower import codec, protocol
@@ -318,9 +318,11 @@ class FlowerServer:
             if reply is not None and codec.has_tree(reply, protocol.EVAL_ROW):
                 client_rows += codec.get_tree(reply, protocol.EVAL_ROW)
         row = p.row
-        row.update(summarize_clients(client_rows))
+        evaluated = {c["client"] for c in client_rows}
+        client_rows, summary = release_client_eval(self.algo, client_rows, p.round)
+        row.update(summary)
         row.update(p.server_metrics)
-        lost = sorted(set(self._eval_clients()) - {c["client"] for c in client_rows})
+        lost = sorted(set(self._eval_clients()) - evaluated)
         if lost:
             row["eval_missing_clients"] = lost
             row["eval_missing_reasons"] = {str(c): missing.get(c, "no node holds this client") for c in lost}

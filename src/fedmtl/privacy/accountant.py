@@ -40,16 +40,23 @@ def epsilon(
     population: int,
     sampling: str = "poisson",
     accountant: str = "rdp",
+    eval_noise: float = 0.0,
+    eval_releases: int = 0,
 ) -> float:
-    """Epsilon at ``delta`` after ``releases`` compositions of ``round_event``; 0 before any,
-    inf without noise."""
-    if releases <= 0:
+    """Epsilon at ``delta`` after ``releases`` compositions of ``round_event``, composed with
+    ``eval_releases`` Gaussian mechanisms of multiplier ``eval_noise`` (DP-aggregated evaluation:
+    one per released metric mean, every client counted); 0 before any, inf without noise."""
+    if releases <= 0 and eval_releases <= 0:
         return 0.0
-    if noise_multiplier <= 0:
+    if (releases > 0 and noise_multiplier <= 0) or (eval_releases > 0 and eval_noise <= 0):
         return float("inf")
-    event = dp_event.SelfComposedDpEvent(
-        round_event(noise_multiplier, sampled, population, sampling), releases
-    )
+    parts: list[dp_event.DpEvent] = []
+    if releases > 0:
+        train = round_event(noise_multiplier, sampled, population, sampling)
+        parts.append(dp_event.SelfComposedDpEvent(train, releases))
+    if eval_releases > 0:  # values clipped to [0, bound]: one client moves the sum by <= bound
+        parts.append(dp_event.SelfComposedDpEvent(dp_event.GaussianDpEvent(eval_noise), eval_releases))
+    event = parts[0] if len(parts) == 1 else dp_event.ComposedDpEvent(parts)
     if accountant == "pld":
         acc: dp_accounting.PrivacyAccountant = pld_privacy_accountant.PLDAccountant()
     else:

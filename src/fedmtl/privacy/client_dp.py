@@ -33,6 +33,7 @@ from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
 from fedmtl.training.tensors import Arrays
 
 DP_RNG = 13  # rng purpose of client-side noise: (seed, DP_RNG, round, cid)
+DP_EVAL_RNG = 14  # rng purpose of the noise on released evaluation means: (seed, DP_EVAL_RNG, round)
 CLIP_KEY = "dp_clip"
 
 
@@ -78,11 +79,22 @@ class BoundOnly(Step):
 
 
 class ClientDP(AlgorithmWrapper):
-    def __init__(self, inner: Algorithm, cfg: PrivacyConfig, per_round: int, population: int) -> None:
+    def __init__(
+        self,
+        inner: Algorithm,
+        cfg: PrivacyConfig,
+        per_round: int,
+        population: int,
+        eval_every: int = 1,
+        rounds: int = 0,
+    ) -> None:
         super().__init__(inner)
         self.cfg = cfg
         self.per_round = per_round
         self.population = population
+        #: the evaluation schedule (``eval.every``, ``train.rounds``): which rounds release metrics
+        self.eval_every = eval_every
+        self.rounds = rounds
         z = cfg.noise_multiplier
         adaptive = cfg.clipping == "adaptive"
         self.count_noise_std = (cfg.count_noise_std or max(per_round / 20.0, z)) if adaptive else 0.0
@@ -108,11 +120,53 @@ class ClientDP(AlgorithmWrapper):
         self.ctx.aggregator = self.chain  # the context is shared with the wrapped algorithm
 
     # --- accounting ---------------------------------------------------------------------------
-    def epsilon_after(self, releases: int) -> float:
+    def epsilon_after(self, releases: int, evaluations: int = 0) -> float:
+        """Epsilon after ``releases`` training rounds and ``evaluations`` DP evaluation rounds."""
         c = self.cfg
+        k = len(c.eval_metrics) if c.eval_noise_multiplier is not None else 0
         return epsilon(
-            c.noise_multiplier, releases, c.delta, self.per_round, self.population, c.sampling, c.accountant
+            c.noise_multiplier,
+            releases,
+            c.delta,
+            self.per_round,
+            self.population,
+            c.sampling,
+            c.accountant,
+            eval_noise=c.eval_noise_multiplier or 0.0,
+            eval_releases=k * evaluations,
         )
+
+    # --- DP-aggregated evaluation -----------------------------------------------------------
+    def _scheduled(self, rnd: int) -> bool:
+        return rnd % self.eval_every == 0 or rnd == self.rounds
+
+    def _evaluations(self, server: dict[str, Any]) -> int:
+        """DP evaluation rounds released up to the server's last round: the scheduled ones, plus
+        that round itself when the run stops behind it (the runtimes then evaluate it too)."""
+        if self.cfg.eval_noise_multiplier is None:
+            return 0
+        rnd = int(server["dp"].get("round", 0))
+        n = sum(self._scheduled(i) for i in range(1, rnd + 1))
+        if rnd > 0 and not self._scheduled(rnd) and self.stop_reason(server, rnd + 1) is not None:
+            n += 1
+        return n
+
+    def private_eval(self, client_rows: list[dict[str, Any]], rnd: int) -> dict[str, Any] | None:
+        """What an evaluation round releases under DP: per metric, the noisy mean of the clients'
+        clipped values; None when evaluation is exact. The count of clients is public (the
+        configured federation), the rows themselves are never written."""
+        c = self.cfg
+        if c.eval_noise_multiplier is None:
+            return None
+        rng = np.random.default_rng([self.ctx.seed, DP_EVAL_RNG, rnd])
+        n = len(client_rows)
+        out: dict[str, Any] = {"eval_private": True, "eval_clients": n}
+        for metric in c.eval_metrics:
+            total = sum(float(np.clip(r[metric], 0.0, c.eval_bound)) for r in client_rows if metric in r)
+            noise = float(rng.normal(0.0, c.eval_noise_multiplier * c.eval_bound))
+            if n:
+                out[f"{metric}_mean"] = (total + noise) / n
+        return out
 
     def clip_bound(self, server: dict[str, Any]) -> float:
         state = self.chain.state_of(server.get("agg"), "clip")
@@ -131,23 +185,31 @@ class ClientDP(AlgorithmWrapper):
         new = self.inner.server_step(server, replies, round)
         if replies:
             releases += 1
-        return {**new, "dp": {"releases": releases}}
+        return {**new, "dp": {"releases": releases, "round": round}}
 
     def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
         releases = server["dp"]["releases"]
-        return {
+        evaluations = self._evaluations(server)
+        info = {
             **self.inner.round_info(server),
-            "epsilon": self.epsilon_after(releases),
+            "epsilon": self.epsilon_after(releases, evaluations),
             "delta": self.cfg.delta,
             "dp_releases": releases,
             "dp_clip": self.clip_bound(server),
         }
+        if self.cfg.eval_noise_multiplier is not None:
+            info["dp_eval_releases"] = evaluations
+        return info
 
     def stop_reason(self, server: dict[str, Any], round: int) -> str | None:
         reason = self.inner.stop_reason(server, round)
         if reason is not None or self.cfg.max_epsilon is None:
             return reason
-        nxt = self.epsilon_after(server["dp"]["releases"] + 1)
+        # the next round, and its evaluation whether scheduled or because the run stops behind it
+        evaluations = 0
+        if self.cfg.eval_noise_multiplier is not None:
+            evaluations = sum(self._scheduled(i) for i in range(1, round + 1)) + (not self._scheduled(round))
+        nxt = self.epsilon_after(server["dp"]["releases"] + 1, evaluations)
         if nxt > self.cfg.max_epsilon:
             return (
                 f"privacy budget: round {round} would raise epsilon to {nxt:.4g} > privacy.max_epsilon = "

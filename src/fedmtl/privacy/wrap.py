@@ -31,6 +31,11 @@ def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
                 f"attack/selection wrapper; got {cfg.algorithm.name!r}"
             )
         return SampleDP(algo, p, data)
+    if p.eval_noise_multiplier is not None and cfg.data.holdout_clients:
+        raise ConfigError(
+            "config: privacy.eval_noise_multiplier: DP-aggregated evaluation releases only the trained "
+            "clients' metric means; set data.holdout_clients to 0"
+        )
     if cfg.aggregation:
         raise ConfigError(
             "config: privacy.level = 'client': sets the aggregation chain itself (clip, uniform mean, "
@@ -40,6 +45,13 @@ def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
     from fedmtl.privacy.client_dp import ClientDP
 
     try:
-        return ClientDP(algo, p, clients_per_round(cfg, data), len(data.train_clients))
+        return ClientDP(
+            algo,
+            p,
+            clients_per_round(cfg, data),
+            len(data.train_clients),
+            eval_every=cfg.eval.every,
+            rounds=cfg.train.rounds,
+        )
     except ValueError as exc:
         raise ConfigError(f"config: privacy.count_noise_std: {exc}") from None

@@ -43,11 +43,22 @@ class PrivacyConfig(Strict):
     sampling: Literal["poisson", "without_replacement"] = "poisson"
     #: stop before the round whose release would push epsilon above this
     max_epsilon: float | None = Field(None, gt=0)
+    #: DP-aggregated evaluation (client level): instead of exact client metrics, each evaluation
+    #: round releases only the mean of every metric in ``eval_metrics`` over the clients, each
+    #: client's value clipped to [0, eval_bound], with Gaussian noise of std
+    #: eval_noise_multiplier * eval_bound on the sum; the accountant composes these releases too
+    eval_noise_multiplier: float | None = Field(None, gt=0)
+    eval_metrics: list[str] = Field(default_factory=lambda: ["accuracy"], min_length=1)
+    eval_bound: float = Field(1.0, gt=0)
 
     @model_validator(mode="after")
     def _combinations(self) -> PrivacyConfig:
         if self.accountant == "pld" and self.sampling == "without_replacement":
             raise ValueError("sampling 'without_replacement' needs accountant 'rdp' (PLD supports 'poisson')")
+        if self.level == "sample" and self.eval_noise_multiplier is not None:
+            raise ValueError(
+                "eval_noise_multiplier (DP-aggregated evaluation) protects clients: it needs level 'client'"
+            )
         if self.level == "sample" and self.sampling == "without_replacement":
             raise ValueError("level 'sample' accounts batches as 'poisson' sampling")
         return self

@@ -34,7 +34,7 @@ def test_defaults_are_valid_and_resolved():
         (
             {"data": {"partition": {"alpah": 1}}},
             "config: unknown key 'data.partition.alpah'; allowed keys: "
-            "alpha, classes_per_client, kind, min_samples, num_clients, sigma",
+            "alpha, classes_per_client, jitter, kind, min_samples, num_clients, sigma",
         ),
         ({"train": {"lr": -1}}, "config: train.lr = -1: input should be greater than 0"),
         (

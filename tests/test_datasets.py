@@ -165,7 +165,7 @@ def test_partition_kind_errors() -> None:
         load_federated(_cfg("digits", "natural"), seed=0)
     assert str(info.value) == (
         "config: data.partition.kind = 'natural': dataset 'digits' has no natural clients; "
-        "use one of iid, dirichlet, shards, quantity"
+        "use one of iid, dirichlet, shards, quantity, target, covariate"
     )
     with pytest.raises(ConfigError, match="data.dataset = 'nope': unknown dataset; available: digits"):
         load_federated(_cfg("nope"), seed=0)

@@ -253,6 +253,59 @@ def test_non_iid_splits_shift_the_target_or_the_inputs():
         mm.load("diabetes_mm", 3, "shards")
 
 
+def test_covariate_split_and_missing_modalities_from_the_config(tmp_path):
+    cfg = _cfg()
+    cfg["data"] = {
+        "dataset": "diabetes_mm",
+        "partition": {"kind": "covariate", "num_clients": 3},
+        "missing_modalities": {0: ["serum"], 2: ["clinical"]},
+    }
+    data, _, _ = build(parse_config(cfg))
+    layout = mm.layout_for("diabetes_mm")
+    assert layout.present(data.clients[0].x_test).tolist()[0] == [True, False]
+    assert layout.present(data.clients[1].x_train).all()
+    assert layout.present(data.clients[2].x_train).tolist()[0] == [False, True]
+    assert np.all(data.clients[0].x_train[:, 4:10] == 0) and np.all(data.clients[2].x_test[:, :4] == 0)
+    assert data.info["missing_modalities"] == {0: ["serum"], 2: ["clinical"]}
+    res = fedmtl.run(cfg, out=tmp_path / "run")
+    assert res.rounds[-1]["loss_mean"] < 0.8 * res.rounds[0]["loss_mean"]  # the model copes
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            {"dataset": "diabetes", "missing_modalities": {0: ["serum"]}},
+            "config: data.missing_modalities: dataset 'diabetes' has no modalities; allowed for "
+            "diabetes_mm, fdrmfl_sim1, fdrmfl_sim2, fdrmfl_sim3",
+        ),
+        (
+            {"dataset": "diabetes_mm", "missing_modalities": {5: ["serum"]}},
+            "config: data.missing_modalities: client 5 does not exist (clients 0..2)",
+        ),
+        (
+            {"dataset": "diabetes_mm", "missing_modalities": {0: ["blood"]}},
+            "config: data.missing_modalities: client 0: unknown modality 'blood'; allowed: clinical, serum",
+        ),
+        (
+            {"dataset": "diabetes_mm", "missing_modalities": {0: ["serum", "clinical"]}},
+            "config: data.missing_modalities: client 0 would hold no modality; keep at least one",
+        ),
+        (
+            {"dataset": "diabetes_mm", "missing_modalities": {0: ["serum"], 1: ["serum"], 2: ["serum"]}},
+            "config: data.missing_modalities: modality 'serum' is missing on every client",
+        ),
+    ],
+)
+def test_bad_missing_modalities_are_one_line_errors(tmp_path, data, message):
+    cfg = _cfg()
+    cfg["data"] = {"partition": {"kind": "iid", "num_clients": 3}, **data}
+    with pytest.raises(ConfigError) as exc:
+        fedmtl.run(cfg, out=tmp_path / "r")
+    assert str(exc.value) == message
+    assert not (tmp_path / "r").exists()
+
+
 # ------------------------------------------------------------------------------------ flower
 def test_flower_run_equals_in_process_run(tmp_path):
     pytest.importorskip("flwr")

@@ -140,3 +140,47 @@ def test_split_small_and_fallback() -> None:
     assert sorted(labels[test].tolist()) == list(range(6)) and sorted(labels[train].tolist()) == list(
         range(6)
     )
+
+
+# ------------------------------------------------------------------------ target / covariate
+def test_sorted_groups_cover_every_sample_and_order_the_score():
+    score = np.random.default_rng(0).normal(size=1000)
+    for jitter, max_overlap in ((0.0, 0.0), (0.25, 0.1)):
+        parts = P.sorted_groups(score, 4, jitter, np.random.default_rng(1))
+        assert _covers(parts, 1000) and [len(p) for p in parts] == [250] * 4
+        means = [score[p].mean() for p in parts]
+        assert means == sorted(means)
+        # without jitter the ranges are disjoint; with it neighbours overlap a little
+        overlap = np.mean(score[parts[0]] > np.median(score[parts[1]]))
+        assert (score[parts[0]].max() <= score[parts[1]].min()) == (jitter == 0)
+        assert overlap <= max_overlap
+    again = P.sorted_groups(score, 4, 0.25, np.random.default_rng(1))
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
+
+
+def test_first_component_follows_the_main_direction_with_a_fixed_sign():
+    rng = np.random.default_rng(0)
+    t = rng.normal(size=500)
+    x = np.stack([3 * t, -2 * t, 0.01 * rng.normal(size=500)], axis=1)
+    pc = P.first_component(x)
+    assert abs(np.corrcoef(pc, t)[0, 1]) > 0.999
+    assert np.array_equal(pc, P.first_component(x.copy()))
+
+
+def test_covariate_and_target_partitions_from_the_config():
+    from fedmtl.config import parse_config
+    from fedmtl.data import load_federated
+
+    def load(dataset: str, kind: str, k: int):  # noqa: ANN202
+        cfg = parse_config({"data": {"dataset": dataset, "partition": {"kind": kind, "num_clients": k}}})
+        return load_federated(cfg.data, 0)
+
+    data = load("diabetes", "target", 4)
+    means = [float(c.y_train.mean()) for c in data.clients]
+    assert means == sorted(means) and means[-1] - means[0] > 1.5  # standardised target
+    data = load("digits", "covariate", 3)
+    x = np.concatenate([c.x_train for c in data.clients]).reshape(-1, 64)
+    pc = P.first_component(x)
+    bounds = np.cumsum([0] + [len(c.y_train) for c in data.clients])
+    centres = [pc[a:b].mean() for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+    assert abs(centres[0] - centres[2]) > 1.0 * pc.std()  # clients see different parts of input space

@@ -24,12 +24,15 @@ from fedmtl.sections.selection import SelectionConfig
 
 
 class PartitionConfig(Strict):
-    kind: Literal["iid", "dirichlet", "shards", "quantity", "natural"] = "dirichlet"
+    kind: Literal["iid", "dirichlet", "shards", "quantity", "target", "covariate", "natural"] = "dirichlet"
     num_clients: int = Field(10, ge=1)
     alpha: float = Field(0.5, gt=0)
     min_samples: int = Field(10, ge=1)
     classes_per_client: int = Field(2, ge=1)
     sigma: float = Field(1.0, ge=0)
+    #: target / covariate: clients get contiguous ranges of the target or of the inputs' first
+    #: principal component, sorted after adding seeded noise of this many standard deviations
+    jitter: float = Field(0.25, ge=0)
 
 
 class DataConfig(Strict):
@@ -44,6 +47,8 @@ class DataConfig(Strict):
     tasks: list[str] | None = None
     holdout_clients: int = Field(0, ge=0)
     corrupt: CorruptConfig = CorruptConfig()
+    #: multi-modal datasets: client id -> modalities that client does not hold (zero-filled, masked)
+    missing_modalities: dict[int, list[str]] = Field(default_factory=dict)
 
 
 class ModelConfig(Strict):

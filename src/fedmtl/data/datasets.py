@@ -8,7 +8,7 @@ comes from ``np.random.default_rng([seed, purpose, ...])`` streams so a seed rep
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal
@@ -25,7 +25,7 @@ from fedmtl.data.tasks import assign_tasks
 from fedmtl.errors import ConfigError, DataError
 
 EMBEDDED = "embedded (scikit-learn)"
-POOLED_KINDS = ("iid", "dirichlet", "shards", "quantity")
+POOLED_KINDS = ("iid", "dirichlet", "shards", "quantity", "target", "covariate")
 REGRESSION_BINS = 10  # label-skew partitions of regression data use target quantile bins
 # Purposes for np.random.default_rng([seed, purpose, ...]); fixed so old seeds stay valid.
 RNG_HOLDOUT, RNG_PARTITION, RNG_SPLIT, RNG_HOLDOUT_CLIENTS = 1, 2, 3, 4
@@ -372,10 +372,21 @@ def _partition_labels(y: np.ndarray, classification: bool) -> np.ndarray:
 
 
 def partition_indices(
-    pcfg: PartitionConfig, labels: np.ndarray, rng: np.random.Generator
+    pcfg: PartitionConfig,
+    labels: np.ndarray,
+    rng: np.random.Generator,
+    y: np.ndarray | None = None,
+    x: np.ndarray | None = None,
 ) -> list[np.ndarray]:
-    """Dispatch ``data.partition`` to the pooled partition functions."""
+    """Dispatch ``data.partition`` to the pooled partition functions (``y``: raw targets for
+    'target', ``x``: inputs for 'covariate'; the labels stand in when absent)."""
     n, k = len(labels), pcfg.num_clients
+    if pcfg.kind == "target":
+        return partition.sorted_groups(labels if y is None else y, k, pcfg.jitter, rng)
+    if pcfg.kind == "covariate":
+        if x is None:
+            raise ConfigError("config: data.partition.kind = 'covariate': needs the inputs")
+        return partition.sorted_groups(partition.first_component(x), k, pcfg.jitter, rng)
     if pcfg.kind == "iid":
         return partition.iid(n, k, rng)
     if pcfg.kind == "dirichlet":
@@ -409,7 +420,8 @@ def _pooled_groups(
         x, y, gx, gy = raw.x[tr], raw.y[tr], raw.x[te], raw.y[te]
     else:
         x, y, gx, gy = raw.x, raw.y, raw.x_test, raw.y_test
-    parts = partition_indices(cfg.partition, _partition_labels(y, classification), _rng(seed, RNG_PARTITION))
+    labels = _partition_labels(y, classification)
+    parts = partition_indices(cfg.partition, labels, _rng(seed, RNG_PARTITION), y=y, x=x)
     parts = parts[: cfg.max_clients]  # a cap keeps the first clients; the rest of the pool is unused
     return [(f"client_{i:03d}", x[idx], y[idx]) for i, idx in enumerate(parts)], gx, gy
 
@@ -483,6 +495,9 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
         clients = assign_tasks(clients, list(cfg.tasks), spec.image, task.num_outputs)
         task, gx, gy = clients[0].task, None, None  # no single global test set across different tasks
         info["tasks"] = {name: sum(c.task.name == name for c in clients) for name in dict.fromkeys(cfg.tasks)}
+    if cfg.missing_modalities:
+        clients = _drop_modalities(clients, spec.name, cfg.missing_modalities)
+        info["missing_modalities"] = {int(c): list(m) for c, m in sorted(cfg.missing_modalities.items())}
     holdout = _holdout(len(clients), cfg.holdout_clients, seed)
     if cfg.corrupt.enabled:
         held = set(holdout)
@@ -496,6 +511,49 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
         test_fraction=cfg.test_fraction,
     )
     return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout)
+
+
+def _drop_modalities(
+    clients: list[ClientData], dataset: str, missing: dict[int, list[str]]
+) -> list[ClientData]:
+    """Clients without some modalities: their columns zero-filled (the standardised mean) and their
+    mask column set to 'missing', on train and test rows alike (``fedmtl.fdrmfl.data``'s layout)."""
+    from fedmtl.fdrmfl.data import _LAYOUTS, MISSING  # the multi-modal layouts; imported on use
+
+    key = "config: data.missing_modalities"
+    layout = _LAYOUTS.get(dataset)
+    if layout is None:
+        raise ConfigError(
+            f"{key}: dataset {dataset!r} has no modalities; allowed for {', '.join(sorted(_LAYOUTS))}"
+        )
+    for cid, names in missing.items():
+        if not 0 <= cid < len(clients):
+            raise ConfigError(f"{key}: client {cid} does not exist (clients 0..{len(clients) - 1})")
+        unknown = sorted(set(names) - set(layout.names))
+        if unknown:
+            allowed = ", ".join(layout.names)
+            raise ConfigError(f"{key}: client {cid}: unknown modality {unknown[0]!r}; allowed: {allowed}")
+        if set(names) >= set(layout.names):
+            raise ConfigError(f"{key}: client {cid} would hold no modality; keep at least one")
+    for name in layout.names:
+        if all(name in missing.get(c.cid, []) for c in clients):
+            raise ConfigError(f"{key}: modality {name!r} is missing on every client")
+    out = []
+    for c in clients:
+        gone = [j for j, m in enumerate(layout.names) if m in missing.get(c.cid, [])]
+        if not gone:
+            out.append(c)
+            continue
+        xs = []
+        for x in (c.x_train, c.x_test):
+            x = np.array(x, copy=True)
+            for j in gone:
+                m = layout.modalities[j]
+                x[:, m.start : m.stop] = 0.0
+                x[:, layout.mask_start + j] = MISSING
+            xs.append(x)
+        out.append(replace(c, x_train=xs[0], x_test=xs[1]))
+    return out
 
 
 def _holdout(n: int, k: int, seed: int) -> list[int]:

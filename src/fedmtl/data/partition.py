@@ -143,6 +143,32 @@ def quantity_skew(
     return _sorted(np.split(rng.permutation(n), np.cumsum(sizes)[:-1]))
 
 
+def sorted_groups(
+    score: np.ndarray, num_clients: int, jitter: float, rng: np.random.Generator
+) -> list[np.ndarray]:
+    """Contiguous, equal-sized groups of the samples sorted by ``score`` plus seeded Gaussian
+    jitter of ``jitter`` score standard deviations: each client sees its own range of the score
+    (the target: label/target skew; an input direction: covariate shift), with overlap set by the
+    jitter."""
+    score = np.asarray(score, np.float64)
+    n = len(score)
+    _check_capacity(n, num_clients, 1)
+    noise = jitter * score.std() * rng.standard_normal(n)
+    order = np.argsort(score + noise, kind="stable")
+    return _sorted(np.array_split(order, num_clients))
+
+
+def first_component(x: np.ndarray) -> np.ndarray:
+    """Each sample's score along the first principal direction of the standardised inputs; used
+    only to assign samples to clients (simulated covariate shift), never as a feature."""
+    x = np.asarray(x, np.float64).reshape(len(x), -1)
+    x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
+    _, vecs = np.linalg.eigh(x.T @ x)  # d x d: fast for many samples (MNIST: 784 x 784)
+    v = vecs[:, -1]
+    v = v if v[np.argmax(np.abs(v))] > 0 else -v  # a fixed sign: the same data, the same clients
+    return x @ v
+
+
 def natural(task_sizes: Sequence[int]) -> list[np.ndarray]:
     """Identity partition: task ``t`` is client ``t``; indices address the concatenated tasks."""
     offsets = np.concatenate([[0], np.cumsum(np.asarray(task_sizes, dtype=np.int64))])

@@ -36,6 +36,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from fedmtl.data import partition
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
 from fedmtl.errors import ConfigError, DataError
 
@@ -225,8 +226,9 @@ SPLITS: tuple[str, ...] = ("iid", "target", "covariate")
 
 
 def first_component(parts: dict[str, np.ndarray]) -> np.ndarray:
-    """Score along the first principal direction of the standardised, concatenated inputs; used
-    only to *assign* samples to clients (the simulation of covariate shift), never as a feature."""
+    """Score along the first principal direction of the standardised, concatenated modalities (by
+    SVD, whose sign the committed FDRMFL benchmark splits follow; ``partition.first_component``
+    is the general, sign-fixed version ``data.partition.kind: covariate`` uses)."""
     x = np.concatenate([v.reshape(len(v), -1) for v in parts.values()], axis=1)
     x = (x - x.mean(0)) / np.where(x.std(0) > 0, x.std(0), 1.0)
     _, _, vt = np.linalg.svd(x - x.mean(0), full_matrices=False)
@@ -250,15 +252,11 @@ def split_clients(
     if num_clients < 1 or num_clients > n // 4:
         raise ConfigError(f"fdrmfl data: num_clients = {num_clients}: allowed 1..{n // 4} for {n} samples")
     if kind == "iid":
-        order = rng.permutation(n)
-    else:
-        source = y if kind == "target" else covariate
-        if source is None or len(source) != n:
-            raise ConfigError("fdrmfl data: split = 'covariate' needs a covariate score per sample")
-        score = np.asarray(source, np.float64)
-        jitter = noise * score.std() * rng.standard_normal(n)
-        order = np.argsort(score + jitter, kind="stable")
-    return [np.sort(part) for part in np.array_split(order, num_clients)]
+        return [np.sort(part) for part in np.array_split(rng.permutation(n), num_clients)]
+    source = y if kind == "target" else covariate
+    if source is None or len(source) != n:
+        raise ConfigError("fdrmfl data: split = 'covariate' needs a covariate score per sample")
+    return partition.sorted_groups(source, num_clients, noise, rng)
 
 
 def _standardiser(rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

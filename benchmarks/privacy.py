@@ -19,6 +19,7 @@ from typing import Any
 import numpy as np
 
 import fedmtl
+from _mnist_setting import mnist_config  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.privacy.accountant import epsilon
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -44,16 +45,7 @@ SETTINGS += [
 
 
 def config(seed: int, rounds: int, privacy: dict[str, Any] | None) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "seed": seed,
-        "data": {"dataset": "mnist", "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100}},
-        "model": {"name": "mlp", "hidden": [64]},
-        "train": {"rounds": rounds, "local_steps": 10, "batch_size": 32, "lr": 0.05},
-        "clients": {"per_round": 20},
-        "eval": {"every": rounds},
-        "runtime": {"execution": "auto"},  # batched where the stack allows (same numbers, faster)
-        "output": {"progress": False, "checkpoint_every": 1000},
-    }
+    cfg = mnist_config(seed, rounds)
     if privacy is not None:
         cfg["privacy"] = {"enabled": True, "delta": DELTA, **privacy}
     return cfg

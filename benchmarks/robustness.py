@@ -22,6 +22,7 @@ import numpy as np
 
 import fedmtl
 import fedmtl.experiment.run as run_mod
+from _mnist_setting import mnist_config  # benchmarks/ is on sys.path under fedmtl bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -44,17 +45,7 @@ ATTACK_OPTS: dict[str, dict[str, Any]] = {
 
 
 def config(seed: int, rounds: int, agg: list[Any], kind: str | None, fraction: float) -> dict[str, Any]:
-    cfg: dict[str, Any] = {
-        "seed": seed,
-        "data": {"dataset": "mnist", "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100}},
-        "model": {"name": "mlp", "hidden": [64]},
-        "train": {"rounds": rounds, "local_steps": 10, "batch_size": 32, "lr": 0.05},
-        "clients": {"per_round": 20},
-        "eval": {"every": rounds},
-        "runtime": {"execution": "auto"},  # batched where the stack allows (same numbers, faster)
-        "output": {"progress": False, "checkpoint_every": 1000},
-        "aggregation": agg,
-    }
+    cfg = {**mnist_config(seed, rounds), "aggregation": agg}
     if kind is not None:
         cfg["attack"] = {"enabled": True, "kind": kind, "fraction": fraction, **ATTACK_OPTS[kind]}
     return cfg
@@ -107,7 +98,7 @@ def main(argv: list[str]) -> Path:
     ap.add_argument(
         "--seeds", type=int, nargs="+", default=[0, 1, 2], help="first: full grid; rest: key rows"
     )
-    ap.add_argument("--quick", action="store_true", help="2 rounds, one seed, 30% only: a smoke test")
+    ap.add_argument("--quick", action="store_true", help="2 rounds, one seed, 30%% only: a smoke test")
     ap.add_argument("--runs", default="runs/bench/robustness")
     ap.add_argument("--out", default=str(RESULTS / "robustness.md"))
     a = ap.parse_args(argv)

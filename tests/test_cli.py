@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import yaml
@@ -69,3 +70,16 @@ def test_datasets_lists_embedded_and_shared(capsys):
     out = capsys.readouterr().out
     for name in ("digits", "diabetes", "mnist", "landmine", "landmine_small", "school", "vehicle"):
         assert name in out
+
+
+BENCHMARKS = sorted(
+    p.stem for p in (Path(__file__).parents[1] / "benchmarks").glob("*.py") if not p.stem.startswith("_")
+)
+
+
+@pytest.mark.parametrize("name", BENCHMARKS)
+def test_every_benchmark_prints_its_help(name, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["bench", name, "--help"])
+    assert exc.value.code == 0
+    assert f"fedmtl bench {name}" in capsys.readouterr().out

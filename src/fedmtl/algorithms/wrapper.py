@@ -98,3 +98,31 @@ class AlgorithmWrapper(Algorithm):
         ):
             return f"{cls.__name__} has no batched client step"
         return self.inner.batched_unsupported()
+
+
+class ReplyWrapper(AlgorithmWrapper):
+    """A wrapper that only transforms each client's reply after the inner client step (clip and
+    noise it, encrypt or mask it), the same way in sequential and batched execution."""
+
+    def after_step(
+        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork, reply: Message
+    ) -> tuple[dict[str, Any], Message]:
+        raise NotImplementedError
+
+    def client_step(
+        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
+    ) -> tuple[dict[str, Any], Message]:
+        state, reply = self.inner.client_step(state, data, msg, work)
+        return self.after_step(state, data, msg, work, reply)
+
+    def batched_client_step(
+        self,
+        states: list[dict[str, Any]],
+        datas: list[ClientData],
+        msgs: list[Message],
+        works: list[ClientWork],
+        memory_bytes: int = DEFAULT_MEMORY_BYTES,
+    ) -> tuple[list[dict[str, Any]], list[Message]]:
+        new_states, replies = self.inner.batched_client_step(states, datas, msgs, works, memory_bytes)
+        out = [self.after_step(*args) for args in zip(new_states, datas, msgs, works, replies, strict=True)]
+        return [s for s, _ in out], [r for _, r in out]

@@ -24,12 +24,11 @@ import numpy as np
 from fedmtl.aggregation.pipeline import Batch, Pipeline, Step
 from fedmtl.aggregation.steps import CLIP_BIT, Clip, GaussianNoise, Mean, adapt_bound
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
-from fedmtl.algorithms.wrapper import AlgorithmWrapper
+from fedmtl.algorithms.wrapper import ReplyWrapper
 from fedmtl.data.federated import ClientData
 from fedmtl.privacy.accountant import adaptive_update_noise, epsilon
 from fedmtl.sections.privacy import PrivacyConfig
 from fedmtl.sections.robustness import ClipStep, GaussianNoiseStep, MeanStep
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
 from fedmtl.training.tensors import Arrays
 
 DP_RNG = 13  # rng purpose of client-side noise: (seed, DP_RNG, round, cid)
@@ -78,7 +77,7 @@ class BoundOnly(Step):
         return {"bound": adapt_bound(bound, within, len(batch.updates), self.cfg, batch.rng)}
 
 
-class ClientDP(AlgorithmWrapper):
+class ClientDP(ReplyWrapper):
     def __init__(
         self,
         inner: Algorithm,
@@ -218,22 +217,10 @@ class ClientDP(AlgorithmWrapper):
         return None
 
     # --- client side --------------------------------------------------------------------------
-    def client_step(
-        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
+    def after_step(
+        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork, reply: Message
     ) -> tuple[dict[str, Any], Message]:
-        state, reply = self.inner.client_step(state, data, msg, work)
         return state, self.privatize(reply, data, msg, work)
-
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        states, replies = self.inner.batched_client_step(states, datas, msgs, works, memory_bytes)
-        return states, [self.privatize(*x) for x in zip(replies, datas, msgs, works, strict=True)]
 
     def privatize(self, reply: Message, data: ClientData, msg: Message, work: ClientWork) -> Message:
         """The reply with its update clipped (and noised with ``noise_at: client``) and the clip bit."""

@@ -26,7 +26,6 @@ from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.runtime.validation import reply_problem
 from fedmtl.secagg.masking import AGGREGATE, SecureUpdates
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
 
 
 def tenseal() -> Any:
@@ -59,7 +58,7 @@ class CKKSWrapper(SecureUpdates):
         self.slots = n // 2
 
     # --- client side ---------------------------------------------------------------------------
-    def _encrypt(
+    def after_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork, reply: Message
     ) -> tuple[dict[str, Any], Message]:
         if reply_problem(reply) is not None:
@@ -74,24 +73,6 @@ class CKKSWrapper(SecureUpdates):
         out = Message(arrays=arrays, scalars=self.clear_scalars(reply))
         out.scalars["secagg_encrypt_seconds"] = time.perf_counter() - t0
         return state, out
-
-    def client_step(
-        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
-        state, reply = self.inner.client_step(state, data, msg, work)
-        return self._encrypt(state, data, msg, work, reply)
-
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        new_states, replies = self.inner.batched_client_step(states, datas, msgs, works, memory_bytes)
-        out = [self._encrypt(*args) for args in zip(new_states, datas, msgs, works, replies, strict=True)]
-        return [s for s, _ in out], [r for _, r in out]
 
     def decrypt_sum(self, msg: Message) -> Message:
         """The key holder's one job: decrypt an aggregated ciphertext (never an individual one)."""

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
-from fedmtl.algorithms.wrapper import AlgorithmWrapper
+from fedmtl.algorithms.wrapper import ReplyWrapper
 from fedmtl.config import Config
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.errors import ConfigError, ProtocolError
@@ -42,7 +42,6 @@ from fedmtl.secagg.protocol import (
     refusal,
 )
 from fedmtl.secagg.quantize import RingCodec
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
 
 #: Purposes of derived random streams (the simulator uses 1-3).
 ROUNDING, STAGE_DROP, GRAPH = 101, 103, 104
@@ -73,7 +72,7 @@ def threshold_for(cfg: Config, sampled: int) -> int:
     return sa.threshold if sa.threshold is not None else max(2, math.ceil(sa.threshold_fraction * n))
 
 
-class SecureUpdates(AlgorithmWrapper):
+class SecureUpdates(ReplyWrapper):
     """Shared by both modes: encoding updates, the aggregated reply, the round row."""
 
     def __init__(self, inner: Algorithm, cfg: Config, data: FederatedData) -> None:
@@ -143,7 +142,7 @@ class SecAggWrapper(SecureUpdates):
         self.exchange = exchange
 
     # --- client side ---------------------------------------------------------------------------
-    def _seal(
+    def after_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork, reply: Message
     ) -> tuple[dict[str, Any], Message]:
         cid = data.cid
@@ -159,24 +158,6 @@ class SecAggWrapper(SecureUpdates):
         new_state = {**state, "secagg": session}
         self._devices[cid] = new_state
         return new_state, adv
-
-    def client_step(
-        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
-        state, reply = self.inner.client_step(state, data, msg, work)
-        return self._seal(state, data, msg, work, reply)
-
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        new_states, replies = self.inner.batched_client_step(states, datas, msgs, works, memory_bytes)
-        out = [self._seal(*args) for args in zip(new_states, datas, msgs, works, replies, strict=True)]
-        return [s for s, _ in out], [r for _, r in out]
 
     def _session(self, state: dict[str, Any], cid: int) -> dict[str, Any]:
         if "secagg" not in state:

@@ -214,3 +214,20 @@ def test_odd_names_and_empty_runs_still_report(tmp_path: Path) -> None:
     assert "_tmp $\\x^$ run (fedavg)" in report.read_text(encoding="utf-8")
     _, rows = _table(compare_runs([odd, empty]))
     assert rows[1][0] == "empty" and rows[1][5] == "—"
+
+
+def test_multi_task_runs_get_a_per_task_table(tmp_path: Path) -> None:
+    import fedmtl
+    from tests.conftest import digits_config
+
+    res = fedmtl.run(
+        digits_config(train__rounds=2, data__tasks=["digit", "parity"], algorithm={"name": "fedper"}),
+        out=tmp_path / "mt",
+    )
+    page = write_report([res.run_dir]).read_text()
+    assert "<h2>Per task at the final round</h2>" in page
+    for task in ("digit", "parity"):
+        value = res.final[f"task_{task}_accuracy_mean"]
+        assert f"<td>{task}</td><td>{value:.4f}</td>" in page
+    single = fedmtl.run(digits_config(train__rounds=1), out=tmp_path / "st")
+    assert "Per task" not in write_report([single.run_dir]).read_text()

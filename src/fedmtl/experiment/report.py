@@ -10,6 +10,7 @@ from __future__ import annotations
 import html
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -568,6 +569,33 @@ def _client_section(run: Run) -> str:
     return title + note + _html_table(cols, cells)
 
 
+_TASK_KEY = re.compile(r"^task_(?P<task>.+)_(?P<metric>accuracy|rmse|r2|gain|miou|psnr)_mean$")
+
+
+def _task_section(runs: Sequence[Run]) -> str:
+    """Per-task client means at the final round, for multi-task federations (empty otherwise): the
+    primary-metric summary only covers the tasks that share the primary metric."""
+    rows: list[list[str]] = []
+    metrics: list[str] = []
+    found: list[tuple[Run, dict[str, dict[str, Any]]]] = []
+    for run in runs:
+        per_task: dict[str, dict[str, Any]] = {}
+        for key, value in run.final.items():
+            m = _TASK_KEY.match(key)
+            if m is not None:
+                per_task.setdefault(m["task"], {})[m["metric"]] = value
+                if m["metric"] not in metrics:
+                    metrics.append(m["metric"])
+        if per_task:
+            found.append((run, per_task))
+    if not found:
+        return ""
+    for run, per_task in found:
+        for task, values in per_task.items():
+            rows.append([run.name, task, *(_fmt_metric(values.get(k)) for k in metrics)])
+    return "<h2>Per task at the final round</h2>" + _html_table(["run", "task", *metrics], rows)
+
+
 def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     """Write ``report.html`` and its four PNGs into ``out_dir`` (default: the first run dir)."""
     runs = _load_all(run_dirs)
@@ -607,6 +635,7 @@ def write_report(run_dirs: list[Path], out_dir: Path | None = None) -> Path:
     for filename, _, caption in figures:
         src = html.escape(filename, quote=True)
         parts.append(f'<h3>{html.escape(caption)}</h3><img src="{src}" alt="{html.escape(caption)}">')
+    parts.append(_task_section(runs))
     parts.append("<h2>Clients at the final round</h2>")
     parts += [_client_section(r) for r in runs]
     parts.append("</body></html>\n")

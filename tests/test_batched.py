@@ -16,6 +16,7 @@ from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
 from fedmtl.runtime import Simulator
 from fedmtl.training.batched import batch_support, batched_local_train
+from fedmtl.training.fused import linear_chain
 from fedmtl.training.local import LocalSpec, local_train
 from fedmtl.training.optim import OptimizerSpec
 from tests.conftest import digits_config
@@ -63,7 +64,10 @@ def _close(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, start: to
     ],
     ids=["sgd", "momentum-wd-prox", "adam-head-only", "regression-body-only-prox"],
 )
-def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind):
+@pytest.mark.parametrize("fused", [True, False], ids=["fused", "vmap"])
+def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind, fused):
+    """Both batched steps (the hand-written one for Linear/ReLU chains and the generic vmapped
+    autograd one) give every client what ``local_train`` gives it."""
     task = TaskSpec(kind, 4 if kind == "classification" else 1)
     model = _mlp(task.num_outputs)
     base = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -74,7 +78,7 @@ def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind):
     spec = LocalSpec(optimizer=opt, batch_size=8)
     res = batched_local_train(
         model, starts, xs, ys, task, spec, STEPS, _rngs(), trainable=trainable,
-        prox_centers=centers if mu else None, prox_mu=mu,
+        prox_centers=centers if mu else None, prox_mu=mu, fused=fused,
     )  # fmt: skip
     for i, rng in enumerate(_rngs()):
         params, loss, seen = local_train(
@@ -88,6 +92,45 @@ def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind):
         if trainable is not None:  # frozen keys never move
             for k in set(base) - set(trainable):
                 assert torch.equal(torch.as_tensor(res.arrays(i)[k]), starts[i][k])
+
+
+def test_fused_step_on_deeper_chains_with_a_shared_frozen_layer():
+    """Three layers, a ReLU on the output, the first layer frozen and shared by every client (the
+    FedRep head phase), momentum and weight decay: the hand-written step still equals autograd."""
+    torch.manual_seed(3)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 9), nn.ReLU(), nn.Sequential(nn.Linear(9, 7), nn.ReLU()),
+        nn.Linear(7, 4), nn.ReLU(),
+    ).eval()  # fmt: skip
+    assert [layer.relu for layer in linear_chain(model)] == [True, True, True]
+    task = TaskSpec("classification", 4)
+    base = {k: v.detach().clone() for k, v in model.named_parameters()}
+    trainable = [k for k in base if not k.startswith("1.")]
+    starts = [{k: (v if k.startswith("1.") else v + 0.01 * i) for k, v in base.items()} for i in range(5)]
+    xs, ys = _clients(task)
+    spec = LocalSpec(optimizer=OptimizerSpec(lr=0.1, momentum=0.9, weight_decay=1e-3), batch_size=8)
+    res = batched_local_train(model, starts, xs, ys, task, spec, STEPS, _rngs(), trainable=trainable)
+    assert not res.groups[0].stacked.keys() & {"1.weight", "1.bias"}  # shared, not stacked
+    for i, rng in enumerate(_rngs()):
+        params, loss, _ = local_train(model, starts[i], xs[i], ys[i], task, spec, STEPS[i], rng, trainable)
+        assert res.loss[i] == pytest.approx(loss, rel=RTOL)
+        for k, v in params.items():
+            _close(res.params(i)[k], v, starts[i][k])
+
+
+def test_linear_chain_recognises_only_plain_chains():
+    cfg = lambda name, **kw: parse_config({"model": {"name": name, **kw}}).model  # noqa: E731
+    from fedmtl.models import build_model
+
+    mlp = linear_chain(build_model(cfg("mlp", hidden=[20, 10]), (1, 8, 8), 10, 0))
+    assert [(layer.weight, layer.relu) for layer in mlp] == [
+        ("body.1.weight", True), ("body.3.weight", True), ("head.weight", False),
+    ]  # fmt: skip
+    assert linear_chain(build_model(cfg("linear"), (1, 8, 8), 10, 0))[0].bias == "head.bias"
+    for name in ("cnn", "autoencoder"):
+        assert linear_chain(build_model(cfg(name), (1, 8, 8), 10, 0)) is None
+    assert linear_chain(_Branchy()) is None  # its own forward: never assumed to be a chain
+    assert linear_chain(nn.Sequential(nn.Linear(4, 4), nn.Flatten())) is None
 
 
 def test_memory_budget_splits_into_groups_with_the_same_result():

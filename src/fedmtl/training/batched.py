@@ -31,6 +31,8 @@ from torch.overrides import TorchFunctionMode
 
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
+from fedmtl.training.buffers import POOL
+from fedmtl.training.fused import FusedChainStep, linear_chain
 from fedmtl.training.local import LocalSpec, batch_schedule
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -107,7 +109,7 @@ def _is_shared(values: Sequence[ArrayLike]) -> bool:
 def _stack(values: Sequence[ArrayLike]) -> torch.Tensor:
     """A fresh contiguous [n, ...] tensor to train in place (never a view of the inputs)."""
     first = torch.as_tensor(values[0])
-    out = torch.empty((len(values), *first.shape), dtype=first.dtype)
+    out = POOL.empty((len(values), *first.shape), dtype=first.dtype)
     if _is_shared(values):
         return out.copy_(first)
     for i, v in enumerate(values):
@@ -205,6 +207,7 @@ def batched_local_train(
     prox_mu: float = 0.0,
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     step_bytes: int | None = None,
+    fused: bool = True,
 ) -> BatchedResult:
     """Train client i from ``starts[i]`` on ``(xs[i], ys[i])`` for ``steps[i]`` steps, all at once.
 
@@ -212,7 +215,10 @@ def batched_local_train(
     for every client (FedAvg's broadcast model, FedProx's centre) are shared, not copied.
     Clients are trained in groups that fit ``memory_bytes`` and whose per-step working set fits
     ``step_bytes`` (default ``STEP_BYTES``: large enough to amortise per-step overhead, small
-    enough that a step's parameters and gradients are still in cache when the update reads them)."""
+    enough that a step's parameters and gradients are still in cache when the update reads them).
+    ``fused``: train Flatten-Linear-ReLU chains with the hand-written step of
+    ``fedmtl.training.fused`` (same numbers, fewer passes over memory); False forces the generic
+    vmapped autograd step."""
     step_bytes = STEP_BYTES if step_bytes is None else step_bytes
     n = len(starts)
     if not (len(xs) == len(ys) == len(steps) == len(rngs) == n) or n == 0:
@@ -236,6 +242,8 @@ def batched_local_train(
     # The largest stacked tensor a step allocates (a weight's gradient or the gathered batch).
     widest = _F32 * max([numel[k] for k in train_keys] + [spec.batch_size * math.prod(sample_shape)])
     cost = [(mem + per_row * len(y), work, widest) for y in ys]
+    chain = linear_chain(model) if fused and not task.dense else None
+    kernel = None if chain is None else FusedChainStep(chain, task, spec.optimizer, set(train_keys), prox_mu)
 
     # Longest-training clients first: at every step the clients still training form a prefix.
     order = sorted(range(n), key=lambda i: (-int(steps[i]), i))
@@ -250,7 +258,7 @@ def batched_local_train(
         groups.append(grp)
         _train_group(
             model, grp, starts, xs, ys, task, spec, steps, rngs, train_keys, frozen_keys,
-            prox_centers if use_prox else None, center_keys, prox_mu, loss, seen,
+            prox_centers if use_prox else None, center_keys, prox_mu, loss, seen, kernel,
         )  # fmt: skip
     return BatchedResult(keys=keys, loss=loss, seen=seen, groups=groups, where=where)
 
@@ -272,6 +280,7 @@ def _train_group(
     prox_mu: float,
     loss_out: np.ndarray,
     seen_out: np.ndarray,
+    kernel: FusedChainStep | None = None,
 ) -> None:
     members = grp.clients
     m = len(members)
@@ -287,7 +296,7 @@ def _train_group(
             grp.shared[k] = frozen[k] = torch.as_tensor(vals[0])
             frozen_dims[k] = None
         else:
-            grp.stacked[k] = frozen[k] = torch.stack([torch.as_tensor(v) for v in vals])
+            grp.stacked[k] = frozen[k] = _stack(vals)
             frozen_dims[k] = 0
     center: dict[str, torch.Tensor] = {}
     center_dims: dict[str, int | None] = {}
@@ -295,7 +304,7 @@ def _train_group(
         vals = [prox_centers[i][k] for i in members]  # type: ignore[index]
         shared = _is_shared(vals)
         # Shared centres are the caller's tensors: safe, since only fresh stacks are trained in place.
-        center[k] = torch.as_tensor(vals[0]) if shared else torch.stack([torch.as_tensor(v) for v in vals])
+        center[k] = torch.as_tensor(vals[0]) if shared else _stack(vals)
         center_dims[k] = None if shared else 0
 
     # Data of the group in one tensor; each step gathers its padded batches from it.
@@ -304,12 +313,16 @@ def _train_group(
     x_all, y_all = _group_data([xs[i] for i in members], [ys[i] for i in members])
     x_flat = x_all.view(len(x_all), -1)
     # One buffer for every step's gathered batch (reused, so never page-faulted in again).
-    x_buf = torch.empty((m * min(spec.batch_size, int(sizes.max())), x_flat.shape[1]), dtype=x_flat.dtype)
+    x_buf = POOL.empty((m * min(spec.batch_size, int(sizes.max())), x_flat.shape[1]), dtype=x_flat.dtype)
     schedules = [batch_schedule(len(ys[i]), spec.batch_size, int(steps[i]), rngs[i]) for i in members]
     n_steps = np.array([len(s) for s in schedules])
 
-    step_fn = _step_fn(model, task, prox_mu if center else 0.0, frozen_dims, center_dims)
-    state = optim.init_state(spec.optimizer, {k: grp.stacked[k] for k in train_keys})
+    step_fn = (
+        None
+        if kernel is not None
+        else _step_fn(model, task, prox_mu if center else 0.0, frozen_dims, center_dims)
+    )
+    state = optim.init_state(spec.optimizer, {k: grp.stacked[k] for k in train_keys}, zeros=_pooled_zeros)
     loss_sum = torch.zeros(m, dtype=torch.float64)
     seen = np.zeros(m, dtype=np.int64)
     for t in range(int(n_steps.max())):
@@ -331,9 +344,13 @@ def _train_group(
         live = {key: grp.stacked[key][:k] for key in train_keys}
         fz = {key: v[:k] if frozen_dims[key] == 0 else v for key, v in frozen.items()}
         ct = {key: v[:k] if center_dims[key] == 0 else v for key, v in center.items()}
-        grads, batch_loss = step_fn(live, fz, ct, xb, yb, mb)
-        optim.step_(spec.optimizer, live, grads, _state_view(state, k, t))
-        loss_sum[:k] += batch_loss.detach().double() * torch.from_numpy(counts).double()
+        counts_t = torch.from_numpy(counts)
+        if kernel is not None:
+            batch_loss = kernel(live, fz, ct, xb, yb, mb, counts_t, _state_view(state, k, t))
+        else:
+            grads, batch_loss = step_fn(live, fz, ct, xb, yb, mb)
+            optim.step_(spec.optimizer, live, grads, _state_view(state, k, t))
+        loss_sum[:k] += batch_loss.detach().double() * counts_t.double()
     for row, i in enumerate(members):
         seen_out[i] = seen[row]
         loss_out[i] = float(loss_sum[row]) / max(int(seen[row]), 1)
@@ -364,6 +381,10 @@ def _group_data(xs: list[np.ndarray], ys: list[np.ndarray]) -> tuple[torch.Tenso
         while sum(v[1].nbytes + v[2].nbytes for v in _DATA_CACHE.values()) > DATA_CACHE_BYTES:
             _DATA_CACHE.popitem(last=False)
     return x_all, y_all
+
+
+def _pooled_zeros(like: torch.Tensor) -> torch.Tensor:
+    return POOL.zeros(like.shape, like.dtype)
 
 
 def _state_view(state: dict, k: int, t: int) -> dict:

@@ -5,6 +5,7 @@ or on parameters stacked across clients (batched execution) and gives identical 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,15 +24,18 @@ class OptimizerSpec:
     eps: float = 1e-8
 
 
-def init_state(spec: OptimizerSpec, params: Params) -> dict[str, Params | int]:
+def init_state(
+    spec: OptimizerSpec, params: Params, zeros: Callable[[torch.Tensor], torch.Tensor] = torch.zeros_like
+) -> dict[str, Params | int]:
+    """Empty optimizer state; ``zeros`` makes each zero tensor (batched training reuses memory)."""
     if spec.name == "adam":
         return {
-            "m": {k: torch.zeros_like(v) for k, v in params.items()},
-            "v": {k: torch.zeros_like(v) for k, v in params.items()},
+            "m": {k: zeros(v) for k, v in params.items()},
+            "v": {k: zeros(v) for k, v in params.items()},
             "t": 0,
         }
     if spec.momentum > 0:
-        return {"buf": {k: torch.zeros_like(v) for k, v in params.items()}}
+        return {"buf": {k: zeros(v) for k, v in params.items()}}
     return {}
 
 

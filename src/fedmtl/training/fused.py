@@ -1,0 +1,257 @@
+"""A hand-written training step for Flatten-Linear-ReLU chains over parameters stacked on a client axis.
+
+Most federated benchmarks train MLPs and linear models. For them the vmapped autograd step of
+``fedmtl.training.batched`` spends much of its time outside the two big products of each layer
+(the forward ``a @ W^T`` and the weight gradient ``delta^T @ a``): building the graph, writing every
+gradient to memory and reading it back in the optimizer. This step does the same arithmetic by
+hand with batched matrix products and, for SGD, folds the update into the gradient product
+(``W <- beta*W - lr * delta^T @ a`` is one ``baddbmm_``), so the largest tensors are read and
+written once per step. The numbers equal autograd's to float rounding (tested against
+``local_train``); any model that is not such a chain uses the generic step."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from fedmtl.data.federated import TaskSpec
+from fedmtl.training.buffers import POOL
+from fedmtl.training.optim import OptimizerSpec, step_
+
+
+@dataclass(frozen=True)
+class Layer:
+    """One ``nn.Linear`` of a chain (parameter names as in ``named_parameters``), and whether a
+    ReLU follows it."""
+
+    weight: str
+    bias: str | None
+    relu: bool
+
+
+def linear_chain(model: nn.Module) -> list[Layer] | None:
+    """The model as a list of Linear(+ReLU) layers when its forward is exactly that chain (after
+    an optional leading Flatten), else None.
+
+    Recognised: ``nn.Sequential`` of ``Flatten``/``Linear``/``ReLU``/``Identity`` (nested
+    Sequentials included) and fedmtl's ``mlp`` and ``linear`` models (``head(body(x))``). Only these
+    exact types are accepted: a subclass may override ``forward``."""
+    ops = _ops(model, "")
+    if ops is None:
+        return None
+    while ops and ops[0] == ("flatten",):
+        ops.pop(0)
+    layers: list[Layer] = []
+    for op in ops:
+        if op[0] == "linear":
+            layers.append(Layer(op[1], op[2], relu=False))
+        elif op[0] == "relu" and layers and not layers[-1].relu:
+            last = layers[-1]
+            layers[-1] = Layer(last.weight, last.bias, relu=True)
+        else:  # a Flatten after the first layer, or two ReLUs in a row
+            return None
+    return layers or None
+
+
+def _ops(module: nn.Module, prefix: str) -> list[tuple] | None:
+    from fedmtl.models.nets import MLP
+    from fedmtl.models.nets import Linear as LinearModel
+
+    kind = type(module)
+    if kind is nn.Linear:
+        return [("linear", f"{prefix}weight", f"{prefix}bias" if module.bias is not None else None)]
+    if kind is nn.ReLU:
+        return [("relu",)]
+    if kind is nn.Identity:
+        return []
+    if kind is nn.Flatten:
+        return [("flatten",)] if (module.start_dim, module.end_dim) == (1, -1) else None
+    if kind is nn.Sequential:
+        children = [(name, child) for name, child in module.named_children()]
+    elif kind in (MLP, LinearModel):
+        children = [("body", module.body), ("head", module.head)]
+    else:
+        return None
+    out: list[tuple] = []
+    for name, child in children:
+        sub = _ops(child, f"{prefix}{name}.")
+        if sub is None:
+            return None
+        out += sub
+    return out
+
+
+class FusedChainStep:
+    """One local step of every live client: forward, loss, backward and the optimizer update.
+
+    Parameters arrive as dicts of tensors: ``live`` holds the trainable ones ([k, ...] views,
+    updated in place), ``frozen`` the others, ``center`` the proximal centres; a frozen or centre
+    tensor is either stacked ([k, ...]) or one tensor shared by every client. The loss of client i
+    is the mean over its real samples (``mask``), exactly ``task_loss`` on its batch."""
+
+    def __init__(
+        self,
+        chain: list[Layer],
+        task: TaskSpec,
+        opt: OptimizerSpec,
+        trainable: set[str],
+        mu: float,
+    ) -> None:
+        self.chain = chain
+        self.task = task
+        self.opt = opt
+        self.trainable = trainable
+        self.mu = mu
+        trained = [i for i, layer in enumerate(chain) if {layer.weight, layer.bias} & trainable]
+        #: the lowest layer with a trainable parameter: backpropagation stops there
+        self.lowest = min(trained) if trained else len(chain)
+        self.workspace = Workspace()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        live: dict[str, torch.Tensor],
+        frozen: dict[str, torch.Tensor],
+        center: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor,
+        counts: torch.Tensor,
+        state: dict,
+    ) -> torch.Tensor:
+        """Trains one step in place; returns each live client's batch loss, shape [k]."""
+        k, width = mask.shape
+        params = {**frozen, **live}
+        ws = self.workspace
+        acts = [x.reshape(k, width, -1)]
+        for i, layer in enumerate(self.chain):
+            w = params[layer.weight]
+            out = ws.take(f"act{i}", (k, width, w.shape[-2]))
+            acts.append(_linear(acts[-1], w, params.get(layer.bias or ""), layer.relu, out))
+        scale = mask / counts.unsqueeze(1)  # d(mean over real samples) / d(per-sample loss)
+        losses, delta = self._loss_and_delta(acts[-1], y, mask, scale, counts)
+        grads: dict[str, torch.Tensor] = {}
+        for i in range(len(self.chain) - 1, self.lowest - 1, -1):
+            layer = self.chain[i]
+            if layer.relu:  # zero where the unit was off (one fused kernel; a bool mask is far slower)
+                torch.ops.aten.threshold_backward.grad_input(delta, acts[i + 1], 0.0, grad_input=delta)
+            weight = params[layer.weight]
+            below = None
+            if i > self.lowest:  # the gradient for the layer below, before this layer's weight changes
+                below = ws.take(f"below{i}", (k, width, weight.shape[-1]))
+                torch.matmul(delta, weight, out=below)
+            if layer.weight in self.trainable:
+                grads[layer.weight] = self._update(layer.weight, live, center, state, delta, acts[i])
+            if layer.bias is not None and layer.bias in self.trainable:
+                grads[layer.bias] = self._update(layer.bias, live, center, state, delta, None)
+            delta = below  # type: ignore[assignment]
+        if self.opt.name == "adam":  # Adam needs the whole gradient: one generic in-place step
+            step_(self.opt, {key: live[key] for key in grads}, grads, state)
+        return losses
+
+    def _loss_and_delta(
+        self,
+        out: torch.Tensor,
+        y: torch.Tensor,
+        mask: torch.Tensor,
+        scale: torch.Tensor,
+        counts: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-client mean losses [k] and d(sum of them)/d(out), written over ``out``."""
+        if self.task.is_classification:
+            logp = torch.log_softmax(out, dim=-1)
+            per_sample = -logp.gather(-1, y.unsqueeze(-1)).squeeze(-1)
+            # The outputs are not needed again unless a ReLU follows the last layer.
+            delta = torch.exp(logp) if self.chain[-1].relu else torch.exp(logp, out=out)
+            delta.scatter_add_(
+                -1, y.unsqueeze(-1), torch.full(y.unsqueeze(-1).shape, -1.0, dtype=delta.dtype)
+            )
+            delta.mul_(scale.unsqueeze(-1))
+        else:
+            diff = out.reshape(y.shape) - y
+            per_elem = diff * diff
+            inner = per_elem[0, 0].numel()
+            per_sample = per_elem.reshape(*mask.shape, -1).mean(-1)
+            grad = diff.mul_((2.0 / inner) * scale.reshape(*mask.shape, *([1] * (diff.dim() - 2))))
+            delta = grad.reshape(out.shape)
+        losses = (per_sample * mask).sum(1) / counts
+        return losses, delta
+
+    def _update(
+        self,
+        key: str,
+        live: dict[str, torch.Tensor],
+        center: dict[str, torch.Tensor],
+        state: dict,
+        delta: torch.Tensor,
+        inputs: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """SGD (with momentum, weight decay and the proximal term) applied in place, the weight
+        gradient formed inside the update's own product; for Adam, the gradient (prox included)."""
+        p = live[key]
+        opt = self.opt
+        c = center.get(key)
+        mu = self.mu if c is not None else 0.0
+        if opt.name == "adam":
+            if inputs is not None:
+                g = torch.bmm(delta.mT, inputs, out=self.workspace.take(f"grad:{key}", p.shape))
+            else:
+                g = delta.sum(1)
+            return g.add_(p - c, alpha=mu) if mu else g
+        decay = opt.weight_decay + mu  # d/dp of (wd/2)||p||^2 + (mu/2)||p - c||^2, minus the mu*c part
+        if opt.momentum == 0:
+            if inputs is not None:
+                p.baddbmm_(delta.mT, inputs, beta=1.0 - opt.lr * decay, alpha=-opt.lr)
+            else:
+                if decay:
+                    p.mul_(1.0 - opt.lr * decay)
+                p.add_(delta.sum(1), alpha=-opt.lr)
+            if mu:
+                p.add_(c, alpha=opt.lr * mu)
+            return p
+        buf = state["buf"][key]
+        if inputs is not None:
+            buf.baddbmm_(delta.mT, inputs, beta=opt.momentum)
+        else:
+            buf.mul_(opt.momentum).add_(delta.sum(1))
+        if decay:
+            buf.add_(p, alpha=decay)
+        if mu:
+            buf.add_(c, alpha=-mu)
+        p.add_(buf, alpha=-opt.lr)
+        return p
+
+
+def _linear(
+    a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, relu: bool, out: torch.Tensor
+) -> torch.Tensor:
+    """``a @ W^T + b`` into ``out``, for inputs [k, B, in] and a stacked [k, out, in] or shared
+    [out, in] weight."""
+    if w.dim() == 3 and b is not None and b.dim() == 2:
+        z = torch.baddbmm(b.unsqueeze(1), a, w.mT, out=out)
+    else:
+        z = torch.matmul(a, w.mT, out=out)
+        if b is not None:
+            z += b.unsqueeze(1) if b.dim() == 2 else b
+    return z.clamp_min_(0.0) if relu else z
+
+
+class Workspace:
+    """Scratch tensors reused from step to step (and, through the pool, from round to round).
+
+    A step's intermediates are a few hundred kilobytes each: freshly allocated, every one would be
+    a new memory mapping whose pages fault in again (measured: 20-40x the cost of the operation
+    that fills it). Each role keeps one flat buffer, grown when needed, viewed at each step's shape."""
+
+    def __init__(self) -> None:
+        self._flat: dict[str, torch.Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        n = math.prod(shape)
+        flat = self._flat.get(role)
+        if flat is None or flat.numel() < n:
+            flat = self._flat[role] = POOL.empty((n,))
+        return flat[:n].view(shape)

@@ -342,3 +342,32 @@ def test_batched_run_resumes_to_the_uninterrupted_metrics(tmp_path):
     volatile = {"wall_time", "compute_wall"}
     stable = lambda rows: [{k: v for k, v in r.items() if k not in volatile} for r in rows]  # noqa: E731
     assert stable(rd.read_metrics()) == stable(RunDir(full.run_dir).read_metrics())
+
+
+@pytest.mark.parametrize(
+    "n, bs, steps", [(35, 32, 2), (35, 32, 1), (7, 32, 5), (64, 32, 2), (10, 3, 9), (5, 5, 3)]
+)
+def test_batch_order_and_lengths_match_the_schedule(n, bs, steps):
+    """Batched execution lays out mini-batches from ``batch_order`` and ``batch_lengths``: the same
+    indices, in the same batches, as ``batch_schedule`` draws for sequential execution."""
+    from fedmtl.training.local import batch_lengths, batch_order, batch_schedule
+
+    schedule = batch_schedule(n, bs, steps, np.random.default_rng(5))
+    np.testing.assert_array_equal(
+        batch_order(n, bs, steps, np.random.default_rng(5)), np.concatenate(schedule)
+    )
+    lens = batch_lengths(np.array([n, 1]), bs, np.array([steps, 1]))
+    assert lens[0].tolist() == [len(b) for b in schedule]
+    assert lens[1].tolist() == [1] + [0] * (steps - 1)
+
+
+def test_derived_rngs_build_the_same_streams_in_bulk():
+    from fedmtl.runtime.seeds import derived_rng, derived_rngs
+
+    cids = [0, 1, 77, 4095, 2**32 - 1]
+    for seed, purpose, rnd in [(0, 3, 1), (2**32 - 1, 2, 400), (2**40, 3, 2)]:
+        bulk = derived_rngs(seed, purpose, rnd, cids)
+        for c, rng in zip(cids, bulk, strict=True):
+            expect = np.random.default_rng([seed, purpose, rnd, c]).permutation(50)
+            np.testing.assert_array_equal(rng.permutation(50), expect)
+            np.testing.assert_array_equal(derived_rng(seed, purpose, rnd, c).permutation(50), expect)

@@ -25,25 +25,12 @@ from fedmtl.algorithms.base import Algorithm, ClientWork, Message
 from fedmtl.config import Config
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError, ProtocolError
-from fedmtl.runtime.validation import reply_problem
+from fedmtl.runtime.seeds import derived_rng, derived_rngs
+from fedmtl.runtime.validation import reply_problems
 from fedmtl.training.batched import batch_support
 
 # Purposes for derived random streams (stable small ints; never reorder).
 SAMPLE, SYSTEMS, TRAIN = 1, 2, 3
-
-
-_U32 = 2**32
-
-
-def derived_rng(seed: int, *keys: int) -> np.random.Generator:
-    """``np.random.default_rng([seed, *keys])``, built about twice as fast when every key fits in
-    32 bits (the same stream: SeedSequence reads such ints as one uint32 word each). A round of
-    10,000 clients draws 20,000 of these."""
-    words = (seed, *keys)
-    if all(0 <= k < _U32 for k in words):
-        seq = np.random.SeedSequence(np.array(words, dtype=np.uint32))
-        return np.random.Generator(np.random.PCG64(seq))
-    return np.random.default_rng(list(words))
 
 
 @contextmanager
@@ -169,14 +156,20 @@ class Simulator:
 
     def systems(self, round: int, cid: int) -> tuple[float, bool]:
         """(work fraction, dropped) for a client this round."""
+        return self.systems_many(round, [cid])[0]
+
+    def systems_many(self, round: int, cids: list[int]) -> list[tuple[float, bool]]:
+        """``systems`` for each client, each from its own (seed, round, client) stream."""
         rt = self.cfg.runtime
         lo, hi = rt.work_fraction
-        if hi <= lo and rt.drop_prob == 0:  # nothing to draw: skip building the rng (same result)
-            return float(hi), cid in rt.always_drop
-        rng = derived_rng(self.cfg.seed, SYSTEMS, round, cid)
-        frac = float(rng.uniform(lo, hi)) if hi > lo else float(hi)
-        dropped = bool(rng.random() < rt.drop_prob) or cid in rt.always_drop
-        return frac, dropped
+        always = set(rt.always_drop)
+        if hi <= lo and rt.drop_prob == 0:  # nothing to draw: skip building the rngs (same result)
+            return [(float(hi), cid in always) for cid in cids]
+        out = []
+        for cid, rng in zip(cids, derived_rngs(self.cfg.seed, SYSTEMS, round, cids), strict=True):
+            frac = float(rng.uniform(lo, hi)) if hi > lo else float(hi)
+            out.append((frac, bool(rng.random() < rt.drop_prob) or cid in always))
+        return out
 
     def comm_seconds(self, up: int, down: int) -> float:
         rt = self.cfg.runtime
@@ -244,16 +237,22 @@ class Simulator:
         rows: list[dict[str, Any]] = []
         jobs: list[tuple[int, dict[str, Any], Message, ClientWork]] = []
         trained: list[dict[str, Any]] = []
-        for cid in self.sample(round):
-            frac, dropped = self.systems(round, cid)
+        sampled = self.sample(round)
+        draws = self.systems_many(round, sampled)
+        live = [cid for cid, (_, dropped) in zip(sampled, draws, strict=True) if not dropped]
+        rngs = iter(derived_rngs(self.cfg.seed, TRAIN, round, live))
+        last: Message | None = None  # consecutive clients usually get the very same arrays
+        for cid, (frac, dropped) in zip(sampled, draws, strict=True):
             msg = self.algo.broadcast(server, cid)
+            if last is None or msg.arrays is not last.arrays:
+                last, down = msg, msg.nbytes
             row: dict[str, Any] = {
                 "round": round,
                 "kind": "train",
                 "client": cid,
                 "work": frac,
                 "dropped": dropped,
-                "bytes_down": msg.nbytes,
+                "bytes_down": down,
                 "bytes_up": 0,
             }
             rows.append(row)
@@ -263,10 +262,7 @@ class Simulator:
             state = states.get(cid)
             if state is None:
                 state = self.algo.init_client(cid)
-            work = ClientWork(
-                round=round, fraction=frac, rng=derived_rng(self.cfg.seed, TRAIN, round, cid), lr=lr
-            )
-            jobs.append((cid, state, msg, work))
+            jobs.append((cid, state, msg, ClientWork(round=round, fraction=frac, rng=next(rngs), lr=lr)))
             trained.append(row)
         replies: dict[int, Message] = {}
         losses, weights = [], []
@@ -281,23 +277,26 @@ class Simulator:
         else:
             outcomes = self._train_clients(jobs) if jobs else []
         rejected: dict[int, str] = {}
-        for (cid, _, _, _), row, (new_state, reply, wall) in zip(jobs, trained, outcomes, strict=True):
-            samples = float(reply.scalars.get("samples", 0))
+        problems = reply_problems([reply for _, reply, _ in outcomes])
+        rt = self.cfg.runtime
+        flop_rate, up_rate, down_rate = rt.client_gflops * 1e9, rt.uplink_mbps * 1e6, rt.downlink_mbps * 1e6
+        for (cid, _, _, _), row, (new_state, reply, wall), problem in zip(
+            jobs, trained, outcomes, problems, strict=True
+        ):
+            scalars = reply.scalars
+            samples = float(scalars.get("samples", 0))
             up = reply.nbytes
             flops = samples * self.flops
             if transport is not None:  # driven: bytes of every exchange; the client's own FLOPs
                 up = transport.bytes_up[cid]
                 row["bytes_down"] += transport.bytes_down[cid]
-                flops = float(reply.scalars.get("client_flops", flops))
+                flops = float(scalars.get("client_flops", flops))
             row["compute_wall"] = wall
-            row.update(
-                bytes_up=up,
-                steps=int(reply.scalars.get("steps", 0)),
-                train_loss=float(reply.scalars.get("train_loss", float("nan"))),
-                sim_time=flops / (self.cfg.runtime.client_gflops * 1e9)
-                + self.comm_seconds(up, row["bytes_down"]),
-            )
-            problem = reply_problem(reply)
+            row["bytes_up"] = up
+            row["steps"] = int(scalars.get("steps", 0))
+            row["train_loss"] = float(scalars.get("train_loss", float("nan")))
+            # flops / client rate + comm_seconds(up, down), inlined: this loop runs once per client
+            row["sim_time"] = flops / flop_rate + (up * 8 / up_rate + row["bytes_down"] * 8 / down_rate)
             if problem is not None:  # update and new state discarded, as for a malformed message
                 rejected[cid] = problem
                 row["rejected"] = problem

@@ -9,19 +9,23 @@ also checks each reply against what it sent that client (same keys, same shapes)
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
 from fedmtl.algorithms.base import Message
+from fedmtl.training.rows import group_rows
 
 
-def reply_problem(reply: Message, expected: Mapping[str, np.ndarray] | None = None) -> str | None:
+def reply_problem(
+    reply: Message, expected: Mapping[str, np.ndarray] | None = None, finite_known: bool = False
+) -> str | None:
     """Why ``reply`` cannot be aggregated, or None when it can.
 
     ``expected``: the arrays the reply must match key for key and shape for shape (for FedAvg-family
-    algorithms, what the server broadcast to that client)."""
+    algorithms, what the server broadcast to that client). ``finite_known``: the values were
+    already found finite (``reply_problems`` checks whole stacks at once)."""
     if expected is not None:
         missing = [k for k in expected if k not in reply.arrays]
         if missing:
@@ -41,9 +45,46 @@ def reply_problem(reply: Message, expected: Mapping[str, np.ndarray] | None = No
             if kind not in "fiu":
                 return f"key {key!r} has non-numeric dtype {arr.dtype}"
         # NaN and inf always reach the sum, so a finite sum clears the array without a mask
-        if kind == "f" and not np.isfinite(arr.sum()) and not np.isfinite(arr).all():
+        if finite_known:
+            continue
+        if kind == "f" and not _finite_sum(arr) and not np.isfinite(arr).all():
             return f"non-finite values in {key!r}"
     return None
+
+
+def _finite_sum(arr: np.ndarray) -> bool:
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing sum is checked exactly
+        return bool(np.isfinite(arr.sum()))
+
+
+def reply_problems(
+    replies: Sequence[Message], expected: Sequence[Mapping[str, np.ndarray]] | None = None
+) -> list[str | None]:
+    """``reply_problem`` for each reply. Replies that are rows of a batched round's stacks are
+    checked per stack: one finite-value reduction per array for all of them, and their keys and
+    shapes (the same for every row of a stack) once per stack and expected structure."""
+    out: list[str | None] = [None] * len(replies)
+    todo = list(range(len(replies)))
+    groups = group_rows([r.arrays for r in replies])
+    if groups is not None:
+        todo = []
+        for stack, positions, rows in groups:
+            flagged = stack.maybe_nonfinite(np.asarray(rows)).tolist()
+            verdicts: dict[int, str | None] = {}  # id(expected) -> problem of this stack's structure
+            kept: list[Mapping[str, np.ndarray]] = []  # keeps those ids from being reused
+            for pos, bad in zip(positions, flagged, strict=True):
+                if bad:
+                    todo.append(pos)
+                elif expected is not None:
+                    want = expected[pos]
+                    if id(want) not in verdicts:
+                        kept.append(want)
+                        verdicts[id(want)] = reply_problem(replies[pos], want, finite_known=True)
+                    out[pos] = verdicts[id(want)]
+        todo.sort()
+    for pos in todo:
+        out[pos] = reply_problem(replies[pos], None if expected is None else expected[pos])
+    return out
 
 
 def split_valid(
@@ -52,8 +93,9 @@ def split_valid(
     """(replies that pass ``reply_problem`` against ``expected_for(cid)``, {cid: reason} of the rest)."""
     ok: dict[int, Message] = {}
     rejected: dict[int, str] = {}
-    for cid in sorted(replies):
-        problem = reply_problem(replies[cid], expected_for(cid))
+    cids = sorted(replies)
+    problems = reply_problems([replies[c] for c in cids], [expected_for(c) for c in cids])
+    for cid, problem in zip(cids, problems, strict=True):
         if problem is None:
             ok[cid] = replies[cid]
         else:

@@ -33,7 +33,8 @@ from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
 from fedmtl.training.buffers import POOL
 from fedmtl.training.fused import FusedChainStep, linear_chain
-from fedmtl.training.local import LocalSpec, batch_schedule
+from fedmtl.training.local import LocalSpec, batch_lengths, batch_order
+from fedmtl.training.rows import StackedRows
 
 ArrayLike = np.ndarray | torch.Tensor
 ParamsLike = Mapping[str, ArrayLike]
@@ -56,7 +57,7 @@ class _Group:
     clients: list[int]
     stacked: dict[str, torch.Tensor] = field(default_factory=dict)
     shared: dict[str, torch.Tensor] = field(default_factory=dict)
-    numpy: dict[str, np.ndarray] = field(default_factory=dict)
+    rows: StackedRows | None = None
 
 
 @dataclass
@@ -79,14 +80,24 @@ class BatchedResult:
         return {k: grp.stacked[k][r] if k in grp.stacked else grp.shared[k] for k in self.keys}
 
     def arrays(self, i: int, copy: bool = False) -> dict[str, np.ndarray]:
-        """Client i's parameters as numpy arrays (views unless ``copy``: copy what outlives the
-        round, such as client state, so it does not pin the whole stack)."""
+        """Client i's parameters as numpy arrays: a ``RowView`` of views into the stacks unless
+        ``copy`` (copy what outlives the round, such as client state, so it does not pin the
+        whole stack)."""
         g, r = self.where[i]
         grp = self.groups[g]
-        if not grp.numpy:
-            grp.numpy = {k: v.numpy() for k, v in {**grp.shared, **grp.stacked}.items()}
-        out = {k: grp.numpy[k][r] if k in grp.stacked else grp.numpy[k] for k in self.keys}
-        return {k: v.copy() for k, v in out.items()} if copy else out
+        if grp.rows is None:
+            grp.rows = StackedRows(
+                self.keys,
+                {k: v.numpy() for k, v in grp.stacked.items()},
+                {k: v.numpy() for k, v in grp.shared.items()},
+            )
+        if copy:
+            rows = grp.rows
+            return {
+                k: rows.stacked[k][r].copy() if k in rows.stacked else rows.shared[k].copy()
+                for k in self.keys
+            }
+        return grp.rows.row(r)
 
 
 def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
@@ -179,18 +190,36 @@ def client_bytes(
     return _F32 * memory, _F32 * working
 
 
-def _groups(order: list[int], cost: Sequence[tuple[int, ...]], budget: tuple[int, ...]) -> list[list[int]]:
+def _groups(order: Sequence[int], cost: Sequence[Sequence[int]], budget: tuple[int, ...]) -> list[list[int]]:
     """Consecutive runs of ``order`` whose summed costs fit ``budget`` in every component (at
-    least one client per group)."""
-    groups: list[list[int]] = [[]]
-    used = [0] * len(budget)
-    for i in order:
-        if groups[-1] and any(u + c > b for u, c, b in zip(used, cost[i], budget, strict=True)):
-            groups.append([])
-            used = [0] * len(budget)
-        groups[-1].append(i)
-        used = [u + c for u, c in zip(used, cost[i], strict=True)]
+    least one client per group): the greedy packing, one jump per group instead of one test per
+    client (cumulative sums and a binary search per component)."""
+    order = np.asarray(order, dtype=np.int64)
+    costs = np.asarray(cost, dtype=np.int64).reshape(-1, len(budget))[order]
+    cum = np.concatenate([np.zeros((1, len(budget)), dtype=np.int64), np.cumsum(costs, axis=0)])
+    groups: list[list[int]] = []
+    start, n = 0, len(order)
+    while start < n:
+        end = n
+        for c, limit in enumerate(budget):
+            end = min(end, int(np.searchsorted(cum[:, c], cum[start, c] + limit, side="right")) - 1)
+        end = max(end, start + 1)
+        groups.append(order[start:end].tolist())
+        start = end
     return groups
+
+
+def _step_plan(
+    orders: list[np.ndarray], sizes: np.ndarray, offsets: np.ndarray, batch_size: int, steps: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Every client's mini-batches laid out for stepping: (rows of the group data in batch order,
+    where each (client, step) batch starts in it, its length [clients, steps], 0 once a client is
+    done). Built from one index array per client (``batch_order``), not one per client and step."""
+    lens = batch_lengths(sizes, batch_size, steps)
+    totals = np.fromiter((len(o) for o in orders), dtype=np.int64, count=len(orders))
+    rows = np.concatenate(orders).astype(np.int64) + np.repeat(offsets, totals)
+    starts = np.cumsum(lens, axis=1) - lens + (np.cumsum(totals) - totals)[:, None]
+    return rows, starts, lens
 
 
 def batched_local_train(
@@ -241,12 +270,14 @@ def batched_local_train(
     per_row = _F32 * (math.prod(sample_shape) + 1)
     # The largest stacked tensor a step allocates (a weight's gradient or the gathered batch).
     widest = _F32 * max([numel[k] for k in train_keys] + [spec.batch_size * math.prod(sample_shape)])
-    cost = [(mem + per_row * len(y), work, widest) for y in ys]
+    cost = np.empty((n, 3), dtype=np.int64)
+    cost[:, 0] = mem + per_row * np.fromiter((len(y) for y in ys), dtype=np.int64, count=n)
+    cost[:, 1], cost[:, 2] = work, widest
     chain = linear_chain(model) if fused and not task.dense else None
     kernel = None if chain is None else FusedChainStep(chain, task, spec.optimizer, set(train_keys), prox_mu)
 
     # Longest-training clients first: at every step the clients still training form a prefix.
-    order = sorted(range(n), key=lambda i: (-int(steps[i]), i))
+    order = np.argsort(-np.asarray(steps, dtype=np.int64), kind="stable")
     loss = np.zeros(n)
     seen = np.zeros(n, dtype=np.int64)
     where: list[tuple[int, int]] = [(0, 0)] * n
@@ -314,8 +345,10 @@ def _train_group(
     x_flat = x_all.view(len(x_all), -1)
     # One buffer for every step's gathered batch (reused, so never page-faulted in again).
     x_buf = POOL.empty((m * min(spec.batch_size, int(sizes.max())), x_flat.shape[1]), dtype=x_flat.dtype)
-    schedules = [batch_schedule(len(ys[i]), spec.batch_size, int(steps[i]), rngs[i]) for i in members]
-    n_steps = np.array([len(s) for s in schedules])
+    group_steps = np.fromiter((int(steps[i]) for i in members), dtype=np.int64, count=m)
+    orders = [batch_order(len(ys[i]), spec.batch_size, int(steps[i]), rngs[i]) for i in members]
+    order_rows, batch_start, batch_len = _step_plan(orders, sizes, offsets, spec.batch_size, group_steps)
+    n_steps = group_steps
 
     step_fn = (
         None
@@ -324,18 +357,17 @@ def _train_group(
     )
     state = optim.init_state(spec.optimizer, {k: grp.stacked[k] for k in train_keys}, zeros=_pooled_zeros)
     loss_sum = torch.zeros(m, dtype=torch.float64)
-    seen = np.zeros(m, dtype=np.int64)
     for t in range(int(n_steps.max())):
         k = int((n_steps > t).sum())
-        batches = [schedules[j][t] for j in range(k)]
-        width = max(len(b) for b in batches)
-        idx = np.repeat(offsets[:k, None], width, axis=1)
-        mask = np.zeros((k, width), dtype=np.float32)
-        for j, b in enumerate(batches):
-            idx[j, : len(b)] += b
-            mask[j, : len(b)] = 1.0
-        counts = mask.sum(1)
-        seen[:k] += counts.astype(np.int64)
+        lens = batch_len[:k, t]
+        width = int(lens.max())
+        pos = np.arange(width)
+        real = pos[None, :] < lens[:, None]
+        # Padding repeats each client's first sample; the mask keeps it out of loss and gradient.
+        src = np.where(real, batch_start[:k, t, None] + pos[None, :], 0)
+        idx = np.where(real, order_rows[src], offsets[:k, None])
+        mask = real.astype(np.float32)
+        counts = lens.astype(np.float32)
         gi = torch.from_numpy(idx)
         rows = x_buf[: k * width]
         torch.index_select(x_flat, 0, gi.view(-1), out=rows)
@@ -351,9 +383,10 @@ def _train_group(
             grads, batch_loss = step_fn(live, fz, ct, xb, yb, mb)
             optim.step_(spec.optimizer, live, grads, _state_view(state, k, t))
         loss_sum[:k] += batch_loss.detach().double() * counts_t.double()
-    for row, i in enumerate(members):
-        seen_out[i] = seen[row]
-        loss_out[i] = float(loss_sum[row]) / max(int(seen[row]), 1)
+    seen = batch_len.sum(1)
+    idx_members = np.asarray(members)
+    seen_out[idx_members] = seen
+    loss_out[idx_members] = loss_sum.numpy() / np.maximum(seen, 1)
 
 
 #: Concatenated group data kept between calls, least recently used first, up to DATA_CACHE_BYTES.

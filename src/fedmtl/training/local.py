@@ -34,6 +34,16 @@ def num_local_steps(n: int, spec: LocalSpec, work: float = 1.0) -> int:
     return full if work >= 1.0 else max(1, math.floor(full * work))
 
 
+def num_local_steps_many(n: list[int], spec: LocalSpec, work: list[float]) -> list[int]:
+    """``[num_local_steps(n_i, spec, work_i) ...]`` for a whole round (the same integers)."""
+    if spec.steps:
+        full = [spec.steps] * len(n)
+    else:
+        bs = spec.batch_size
+        full = [max(1, math.ceil(spec.epochs * -(-k // bs))) for k in n]
+    return [f if w >= 1.0 else max(1, math.floor(f * w)) for f, w in zip(full, work, strict=True)]
+
+
 def batch_schedule(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Mini-batch indices: fresh permutation each epoch, the last batch of an epoch may be short.
 
@@ -48,6 +58,34 @@ def batch_schedule(n: int, batch_size: int, steps: int, rng: np.random.Generator
             if len(batches) == steps:
                 break
     return batches
+
+
+def batch_order(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+    """``np.concatenate(batch_schedule(n, batch_size, steps, rng))`` from the same draws (one
+    permutation per epoch started), without building the per-batch list; the batch lengths
+    follow from (n, batch size, steps) alone (``batch_lengths``)."""
+    bs = min(batch_size, n)
+    per_epoch = -(-n // bs)
+    if steps <= per_epoch:  # the common case: at most one epoch
+        return rng.permutation(n)[: min(steps * bs, n)]
+    epochs = -(-steps // per_epoch)
+    order = rng.permutation(n) if epochs == 1 else np.concatenate([rng.permutation(n) for _ in range(epochs)])
+    rest = steps - (epochs - 1) * per_epoch  # batches taken from the last epoch
+    return order[: (epochs - 1) * n + min(rest * bs, n)]
+
+
+def batch_lengths(n: np.ndarray, batch_size: int, steps: np.ndarray) -> np.ndarray:
+    """Length of every mini-batch of ``batch_schedule`` for clients of sizes ``n`` doing ``steps``
+    steps each: [clients, max steps], 0 after a client's last step."""
+    n = np.asarray(n, dtype=np.int64)
+    steps = np.asarray(steps, dtype=np.int64)
+    bs = np.minimum(batch_size, n)
+    per_epoch = -(-n // bs)
+    t = np.arange(int(steps.max()) if len(steps) else 0)[None, :]
+    within = t % per_epoch[:, None]  # batch index inside its epoch
+    last = within == per_epoch[:, None] - 1
+    lens = np.where(last, n[:, None] - bs[:, None] * (per_epoch[:, None] - 1), bs[:, None])
+    return np.where(t < steps[:, None], lens, 0)
 
 
 def task_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:

@@ -1,0 +1,108 @@
+"""Replies that stay in their batched stacks: they behave as plain dicts, and the stack-wide checks
+and mean give exactly what the per-client ones give."""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+
+from fedmtl.aggregation.mean import weighted_mean
+from fedmtl.algorithms.base import Message
+from fedmtl.config import parse_config
+from fedmtl.experiment.run import build
+from fedmtl.runtime.validation import reply_problem, reply_problems
+from fedmtl.training.buffers import BufferPool
+from fedmtl.training.rows import StackedRows, group_rows, linked_stack
+from tests.conftest import digits_config
+
+
+def _stack(n: int = 6, seed: int = 0) -> StackedRows:
+    rng = np.random.default_rng(seed)
+    return StackedRows(
+        ["w", "b", "frozen"],
+        {"w": rng.normal(size=(n, 4, 3)).astype(np.float32), "b": rng.normal(size=(n, 4)).astype(np.float32)},
+        {"frozen": np.ones(2, dtype=np.float32)},
+    )
+
+
+def test_a_row_is_a_dict_of_views_until_edited():
+    st = _stack()
+    view = st.row(2)
+    assert list(view) == ["w", "b", "frozen"] and linked_stack(view) is st
+    assert np.shares_memory(view["w"], st.stacked["w"]) and view["frozen"] is st.shared["frozen"]
+    view["w"] *= 2  # in place: the stack sees it, so the link stays true
+    assert linked_stack(view) is st and np.array_equal(st.stacked["w"][2], view["w"])
+    assert pickle.loads(pickle.dumps(view)).__class__ is dict
+    for edit in (
+        lambda v: v.__setitem__("w", np.zeros((4, 3))),
+        lambda v: v.update(b=np.zeros(4)),
+        lambda v: v.pop("b"),
+        lambda v: v.__delitem__("b"),
+        lambda v: v.setdefault("extra", 1),
+        lambda v: v.clear(),
+    ):
+        other = st.row(1)
+        edit(other)
+        assert linked_stack(other) is None  # rebinding a key cuts the link
+    assert group_rows([st.row(0), {"w": 1}]) is None
+
+
+def test_stacked_mean_equals_the_per_client_mean():
+    a, b = _stack(6, 0), _stack(5, 1)
+    rows = [a.row(i) for i in (0, 2, 5)] + [b.row(i) for i in (4, 1)] + [a.row(3)]
+    weights = [3.0, 1.0, 7.0, 2.0, 5.0, 0.5]
+    fast = weighted_mean(rows, weights)
+    slow = weighted_mean([dict(r) for r in rows], weights)
+    for k in slow:
+        np.testing.assert_allclose(fast[k], slow[k], rtol=1e-6, atol=1e-7)
+        assert fast[k].dtype == slow[k].dtype
+
+
+def test_stack_wide_checks_give_the_per_reply_verdicts():
+    st = _stack(8)
+    st.stacked["w"][3, 1, 2] = np.nan
+    st.stacked["b"][6, 0] = np.inf
+    big = _stack(2, 3)
+    big.stacked["b"][:] = 3e38  # finite, but the float32 row sum overflows: checked exactly
+    replies = [Message(arrays=st.row(i)) for i in range(8)] + [Message(arrays=big.row(0))]
+    plain = [Message(arrays=dict(r.arrays)) for r in replies]
+    assert reply_problems(replies) == [reply_problem(r) for r in plain]
+    assert reply_problems(replies)[3] == "non-finite values in 'w'"
+    assert reply_problems(replies)[6] == "non-finite values in 'b'"
+    assert reply_problems(replies)[8] is None
+    want = {"w": np.zeros((4, 3)), "b": np.zeros(5), "frozen": np.zeros(2)}
+    expected = [want] * len(replies)
+    assert reply_problems(replies, expected) == [reply_problem(r, want) for r in plain]
+    assert reply_problems(replies, expected)[0] == "key 'b' has shape (4,), expected (5,)"
+
+
+def test_batched_round_rejects_one_diverged_client_by_name():
+    """A NaN in one client's row of a batched stack rejects that client only, with its reason."""
+    _, algo, sim = build(parse_config({**digits_config(), "runtime": {"execution": "batched"}}))
+    inner = algo.batched_client_step
+
+    def poisoned(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        states, replies = inner(*args, **kwargs)
+        replies[1].arrays["head.bias"][0] = np.nan  # in place: still a row of its stack
+        return states, replies
+
+    algo.batched_client_step = poisoned
+    res = sim.run_round(1, algo.init_server(), {})
+    bad = [r for r in res.train_rows if "rejected" in r]
+    assert [r["rejected"] for r in bad] == ["non-finite values in 'head.bias'"]
+    assert res.info["rejected_clients"] == [bad[0]["client"]] and bad[0]["client"] not in res.replies
+    assert all(np.isfinite(v).all() for v in res.server["params"].values())
+
+
+def test_pool_reuses_only_memory_nobody_holds():
+    pool = BufferPool(max_bytes=8 * 2**20)
+    first = pool.empty((512, 256))
+    ptr = first.data_ptr()
+    assert pool.empty((512, 256)).data_ptr() != ptr  # the first is still held
+    view = first[3].numpy()
+    del first
+    assert pool.empty((512, 256)).data_ptr() != ptr  # a numpy view of it is still alive
+    del view
+    assert pool.empty((512, 256)).data_ptr() == ptr
+    assert pool.nbytes <= pool.max_bytes

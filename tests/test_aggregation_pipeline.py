@@ -178,7 +178,8 @@ def BadReplies_wrap(algo: Algorithm, cfg: Any, data: Any) -> Algorithm:  # noqa:
 
 def test_wrong_shape_key_or_nan_replies_are_rejected_with_a_logged_reason(tmp_path, monkeypatch):
     monkeypatch.setattr(
-        "fedmtl.algorithms.stack.FACTORIES", [*FACTORIES, "tests.test_aggregation_pipeline:BadReplies_wrap"]
+        "fedmtl.algorithms.stack.FACTORIES",
+        [*FACTORIES, (None, "tests.test_aggregation_pipeline:BadReplies_wrap")],
     )
     cfg = digits_config(train__rounds=2, clients__per_round=8, runtime__execution="sequential")
     res = fedmtl.run(cfg, out=tmp_path / "r")

@@ -65,9 +65,14 @@ def _close(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, start: to
     ids=["sgd", "momentum-wd-prox", "adam-head-only", "regression-body-only-prox"],
 )
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "vmap"])
-def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind, fused):
+@pytest.mark.parametrize("gather", ["per-client", "concatenated"])
+def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind, fused, gather, monkeypatch):
     """Both batched steps (the hand-written one for Linear/ReLU chains and the generic vmapped
-    autograd one) give every client what ``local_train`` gives it."""
+    autograd one), with batches gathered from each client's array or from the group's
+    concatenated data, give every client what ``local_train`` gives it."""
+    import fedmtl.training.batched as batched_mod
+
+    monkeypatch.setattr(batched_mod, "GATHER_PER_CLIENT", 32 if gather == "per-client" else 0)
     task = TaskSpec(kind, 4 if kind == "classification" else 1)
     model = _mlp(task.num_outputs)
     base = {k: v.detach().clone() for k, v in model.named_parameters()}

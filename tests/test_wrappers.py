@@ -35,7 +35,7 @@ class HalveUpdates(AlgorithmWrapper):
 
 def _use(monkeypatch: pytest.MonkeyPatch, cls: type[AlgorithmWrapper]) -> None:
     monkeypatch.setattr(
-        "fedmtl.algorithms.stack.FACTORIES", [*FACTORIES, f"tests.test_wrappers:{cls.__name__}_wrap"]
+        "fedmtl.algorithms.stack.FACTORIES", [*FACTORIES, (None, f"tests.test_wrappers:{cls.__name__}_wrap")]
     )
 
 

@@ -15,17 +15,22 @@ if TYPE_CHECKING:
     from fedmtl.config import Config
     from fedmtl.data.federated import FederatedData
 
-#: ``module:function`` of each wrapper factory ``(algo, cfg, data) -> algo``, innermost first.
+#: (config section, ``module:function``) of each wrapper factory ``(algo, cfg, data) -> algo``,
+#: innermost first (section None: always applied). A factory is imported only when its section
+#: is enabled: the packages behind them (dp-accounting and SciPy's statistics, cryptography,
+#: scikit-learn) take about a second to import, which a run that uses none of them should not pay.
 FACTORIES = [
-    "fedmtl.selection.wrap:wrap",
-    "fedmtl.attacks.wrap:wrap",
-    "fedmtl.privacy.wrap:wrap",
-    "fedmtl.secagg.wrap:wrap",
+    ("selection", "fedmtl.selection.wrap:wrap"),
+    ("attack", "fedmtl.attacks.wrap:wrap"),
+    ("privacy", "fedmtl.privacy.wrap:wrap"),
+    ("secagg", "fedmtl.secagg.wrap:wrap"),
 ]
 
 
 def wrap_algorithm(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
-    for path in FACTORIES:
+    for section, path in FACTORIES:
+        if section is not None and not getattr(cfg, section).enabled:
+            continue
         module, func = path.split(":")
         algo = getattr(importlib.import_module(module), func)(algo, cfg, data)
     return algo

@@ -153,6 +153,12 @@ def matmul_peak(n: int, repeats: int = 5) -> float:
 
 
 def peak_rss_mib() -> float:
+    """This process's peak resident set (VmHWM). Not ``getrusage``'s ru_maxrss: that survives
+    exec, so a probe started from a big parent process reports the parent's size."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -375,7 +381,7 @@ def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[di
             if n > w.max_clients:
                 continue
             data = small_federation(w.pool, n)
-            repeats = 5 if n <= 100 else (3 if n <= 1000 else 2)
+            repeats = 5 if n <= 100 else 3
             row = {"model": w.label, "clients": n, "samples": int(sum(c.n_train for c in data.clients))}
             row["gflop"] = row["samples"] * w.flops_per_sample / 1e9
             for execution in ("batched", "sequential"):
@@ -594,7 +600,7 @@ def write_report(
             "",
             "## Scaling: seconds per round vs sampled clients (20-50 images each)",
             "",
-            "FedAvg, every client sampled, 1 local epoch, batch 32. Each point is the fastest of 2-5 "
+            "FedAvg, every client sampled, 1 local epoch, batch 32. Each point is the fastest of 3-5 "
             "rounds after one untimed round (the least disturbed measurement on a shared machine). "
             "Digits 8x8 with an MLP 64-32-10 is the regime where per-client overhead dominates; MNIST "
             "with the 784-200-10 MLP is arithmetic-bound (about "
@@ -616,7 +622,7 @@ def write_report(
             "",
             "## Memory: one batched round with 1000 sampled clients, MLP 784-200-10",
             "",
-            "Measured in a fresh process per row (peak resident set size from `getrusage`, which includes "
+            "Measured in a fresh process per row (peak resident set size, VmHWM, which includes "
             "Python, torch, MNIST and the per-client replies). Target: peak < 4 GiB.",
             "",
             "| stacking | groups | clients' parameters (MiB) | RSS before round (MiB) | peak RSS (MiB) | "
@@ -659,7 +665,7 @@ def write_report(
         f"- Each runner ran {args.passes} time(s), the passes in alternating order (the second pass "
         "reversed), so a slow spell on the shared machine does not fall on one runner only; steady "
         "is the fastest round after the first over all passes, median the median of those rounds, "
-        "end to end and round 1 are the best pass.",
+        "round 1 and end to end the mean over the passes.",
     ]
     path.write_text("\n".join(lines) + "\n")
 
@@ -692,16 +698,19 @@ def _parse(argv: list[str]) -> argparse.Namespace:
 
 
 def merge_passes(runs: list[RunnerResult]) -> RunnerResult:
-    """One row from several passes of a runner: all steady-state rounds pooled, the best pass's
-    round 1 and end-to-end time (accuracy is the same in every pass: same seed)."""
+    """One row from several passes of a runner: all steady-state rounds pooled (steady is their
+    best, median their median); round 1 and end to end are means over the passes (start-up costs
+    differ between a process's first and later runs, for every runner alike); accuracy is the same
+    in every pass (same seed)."""
     done = [r for r in runs if not r.skipped]
     if not done:
         return runs[0]
-    best = min(done, key=lambda r: r.end_to_end)
     later = [t for r in done for t in r.rounds[1:]]
+    first = done[0]
     merged = RunnerResult(
-        best.name, rounds=[best.rounds[0], *later], end_to_end=best.end_to_end, accuracy=best.accuracy,
-        clients=best.clients, note=best.note, load=float(np.mean([r.load for r in done])),
+        first.name, rounds=[float(np.mean([r.rounds[0] for r in done])), *later],
+        end_to_end=float(np.mean([r.end_to_end for r in done])), accuracy=first.accuracy,
+        clients=first.clients, note=first.note, load=float(np.mean([r.load for r in done])),
     )  # fmt: skip
     if len({round(r.accuracy, 6) for r in done}) > 1:
         merged.note = (merged.note + "; " if merged.note else "") + "accuracy differed between passes"

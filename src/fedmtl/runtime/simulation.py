@@ -242,8 +242,9 @@ class Simulator:
         live = [cid for cid, (_, dropped) in zip(sampled, draws, strict=True) if not dropped]
         rngs = iter(derived_rngs(self.cfg.seed, TRAIN, round, live))
         last: Message | None = None  # consecutive clients usually get the very same arrays
+        broadcast, init_client = self.algo.broadcast, self.algo.init_client
         for cid, (frac, dropped) in zip(sampled, draws, strict=True):
-            msg = self.algo.broadcast(server, cid)
+            msg = broadcast(server, cid)
             if last is None or msg.arrays is not last.arrays:
                 last, down = msg, msg.nbytes
             row: dict[str, Any] = {
@@ -261,8 +262,8 @@ class Simulator:
                 continue
             state = states.get(cid)
             if state is None:
-                state = self.algo.init_client(cid)
-            jobs.append((cid, state, msg, ClientWork(round=round, fraction=frac, rng=next(rngs), lr=lr)))
+                state = init_client(cid)
+            jobs.append((cid, state, msg, ClientWork(round, frac, next(rngs), lr)))
             trained.append(row)
         replies: dict[int, Message] = {}
         losses, weights = [], []

@@ -14,9 +14,8 @@ from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from fedmtl.data.federated import ClientData, TaskSpec
-from fedmtl.training import LocalSpec, Params
+from fedmtl.training import LocalSpec, Params, num_local_steps
 from fedmtl.training.batched import DEFAULT_MEMORY_BYTES, batched_local_train
-from fedmtl.training.local import num_local_steps_many
 from fedmtl.training.rows import linked_stack
 from fedmtl.training.tensors import Arrays
 
@@ -187,18 +186,12 @@ class Algorithm:
         ``client_step`` makes), grouped by learning rate and task (each task has its own model
         and loss), results in input order."""
         out: list[LocalResult | None] = [None] * len(starts)
-        lr0, task0 = works[0].lr, datas[0].task
         groups: dict[tuple[float, str, bool], list[int]] = {}
-        if all(w.lr == lr0 and d.task is task0 for d, w in zip(datas, works, strict=True)):
-            groups[(lr0, task0.name, task0.is_classification)] = list(range(len(starts)))
-        else:
-            for i, (data, work) in enumerate(zip(datas, works, strict=True)):
-                groups.setdefault((work.lr, data.task.name, data.task.is_classification), []).append(i)
+        for i, (data, work) in enumerate(zip(datas, works, strict=True)):
+            groups.setdefault((work.lr, data.task.name, data.task.is_classification), []).append(i)
         for (lr, task, _), idx in groups.items():
             spec = self.ctx.local.with_lr(lr)
-            steps = num_local_steps_many(
-                [len(datas[i].y_train) for i in idx], spec, [works[i].fraction for i in idx]
-            )
+            steps = [num_local_steps(len(datas[i].y_train), spec, works[i].fraction) for i in idx]
             res = batched_local_train(
                 self.ctx.model_for(task),
                 [starts[i] for i in idx],

@@ -95,8 +95,6 @@ class FedAvg(Algorithm):
     def expected_reply(self, server: dict[str, Any], cid: int) -> Arrays:
         """What a valid reply from ``cid`` looks like (same keys and shapes); replies that differ
         are rejected with a logged reason before aggregation (``fedmtl.runtime.validation``)."""
-        if type(self).broadcast is FedAvg.broadcast:  # what broadcast sends, without the Message
-            return for_task(server["params"], self.ctx.task_of(cid), self.ctx.multi_task)
         return self.broadcast(server, cid).arrays
 
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:

@@ -49,8 +49,9 @@ class _Precomputed(ISeedSequence):
 
 
 def _pool_states(entropy: np.ndarray) -> np.ndarray:
-    """SeedSequence's mixed pool for each row of ``entropy`` ([n, words], uint32; no spawn key)."""
-    n, width = entropy.shape
+    """SeedSequence's mixed pool for each row of ``entropy`` ([n, 4] uint32 words, no spawn key:
+    exactly the pool's size, so every word is hashed in once and then cross-mixed)."""
+    n = len(entropy)
     hash_a = np.full(n, _INIT_A, dtype=np.uint32)
 
     def hashmix(value: np.ndarray) -> np.ndarray:
@@ -64,15 +65,11 @@ def _pool_states(entropy: np.ndarray) -> np.ndarray:
         out = _MIX_L * x - _MIX_R * y
         return out ^ (out >> _SHIFT)
 
-    zero = np.zeros(n, dtype=np.uint32)
-    pool = [hashmix(entropy[:, i] if i < width else zero) for i in range(_POOL)]
+    pool = [hashmix(entropy[:, i]) for i in range(_POOL)]
     for src in range(_POOL):
         for dst in range(_POOL):
             if src != dst:
                 pool[dst] = mix(pool[dst], hashmix(pool[src]))
-    for src in range(_POOL, width):
-        for dst in range(_POOL):
-            pool[dst] = mix(pool[dst], hashmix(entropy[:, src]))
     return np.stack(pool, axis=1)
 
 
@@ -82,12 +79,11 @@ def _pcg64_words(entropy: np.ndarray) -> np.ndarray:
     n = len(pool)
     hash_b = np.full(n, _INIT_B, dtype=np.uint32)
     out = np.empty((n, 8), dtype=np.uint32)
-    with np.errstate(over="ignore"):
-        for i in range(8):
-            value = pool[:, i % _POOL] ^ hash_b
-            hash_b = hash_b * _MULT_B
-            value = value * hash_b
-            out[:, i] = value ^ (value >> _SHIFT)
+    for i in range(8):
+        value = pool[:, i % _POOL] ^ hash_b
+        hash_b = hash_b * _MULT_B
+        value = value * hash_b
+        out[:, i] = value ^ (value >> _SHIFT)
     return out.view(np.uint64)
 
 

@@ -279,8 +279,7 @@ class Simulator:
             outcomes = self._train_clients(jobs) if jobs else []
         rejected: dict[int, str] = {}
         problems = reply_problems([reply for _, reply, _ in outcomes])
-        rt = self.cfg.runtime
-        flop_rate, up_rate, down_rate = rt.client_gflops * 1e9, rt.uplink_mbps * 1e6, rt.downlink_mbps * 1e6
+        flop_rate = self.cfg.runtime.client_gflops * 1e9
         for (cid, _, _, _), row, (new_state, reply, wall), problem in zip(
             jobs, trained, outcomes, problems, strict=True
         ):
@@ -296,8 +295,7 @@ class Simulator:
             row["bytes_up"] = up
             row["steps"] = int(scalars.get("steps", 0))
             row["train_loss"] = float(scalars.get("train_loss", float("nan")))
-            # flops / client rate + comm_seconds(up, down), inlined: this loop runs once per client
-            row["sim_time"] = flops / flop_rate + (up * 8 / up_rate + row["bytes_down"] * 8 / down_rate)
+            row["sim_time"] = flops / flop_rate + self.comm_seconds(up, row["bytes_down"])
             if problem is not None:  # update and new state discarded, as for a malformed message
                 rejected[cid] = problem
                 row["rejected"] = problem

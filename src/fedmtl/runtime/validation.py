@@ -70,15 +70,14 @@ def reply_problems(
         todo = []
         for stack, positions, rows in groups:
             flagged = stack.maybe_nonfinite(np.asarray(rows)).tolist()
-            verdicts: dict[int, str | None] = {}  # id(expected) -> problem of this stack's structure
-            kept: list[Mapping[str, np.ndarray]] = []  # keeps those ids from being reused
+            # id(expected) -> problem of this stack's structure (``expected`` keeps those ids alive)
+            verdicts: dict[int, str | None] = {}
             for pos, bad in zip(positions, flagged, strict=True):
                 if bad:
                     todo.append(pos)
                 elif expected is not None:
                     want = expected[pos]
                     if id(want) not in verdicts:
-                        kept.append(want)
                         verdicts[id(want)] = reply_problem(replies[pos], want, finite_known=True)
                     out[pos] = verdicts[id(want)]
         todo.sort()

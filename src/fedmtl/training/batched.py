@@ -357,17 +357,9 @@ def _train_group(
     # One buffer for every step's gathered batch (reused, so never page-faulted in again).
     x_dtype = torch.from_numpy(xs[members[0]][:0]).dtype
     x_buf = POOL.empty((m * min(spec.batch_size, int(sizes.max())), row_elems), dtype=x_dtype)
-    group_steps = np.fromiter((int(steps[i]) for i in members), dtype=np.int64, count=m)
-    bs = spec.batch_size
-    orders = [
-        # batch_order's one-epoch case inlined (a round of 10,000 small clients calls it 10,000 times)
-        rngs[i].permutation(n)[: min(s * b, n)] if s * b < n + b else batch_order(n, bs, s, rngs[i])
-        for i, n, s, b in zip(
-            members, sizes.tolist(), group_steps.tolist(), np.minimum(sizes, bs).tolist(), strict=True
-        )
-    ]
-    order_rows, batch_start, batch_len = _step_plan(orders, sizes, offsets, spec.batch_size, group_steps)
-    n_steps = group_steps
+    n_steps = np.fromiter((int(steps[i]) for i in members), dtype=np.int64, count=m)
+    orders = [batch_order(len(ys[i]), spec.batch_size, int(steps[i]), rngs[i]) for i in members]
+    order_rows, batch_start, batch_len = _step_plan(orders, sizes, offsets, spec.batch_size, n_steps)
 
     step_fn = (
         None

@@ -76,10 +76,6 @@ class BufferPool:
     def zeros(self, shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return self.empty(shape, dtype).zero_()
 
-    def clear(self) -> None:
-        self._bufs.clear()
-        self._bytes = 0
-
     @property
     def nbytes(self) -> int:
         return self._bytes

@@ -143,10 +143,11 @@ class FusedChainStep:
             if i > self.lowest:  # the gradient for the layer below, before this layer's weight changes
                 below = ws.take(f"below{i}", (k, width, weight.shape[-1]))
                 torch.matmul(delta, weight, out=below)
-            if layer.weight in self.trainable:
-                grads[layer.weight] = self._update(layer.weight, live, center, state, delta, acts[i])
-            if layer.bias is not None and layer.bias in self.trainable:
-                grads[layer.bias] = self._update(layer.bias, live, center, state, delta, None)
+            for key, inputs in ((layer.weight, acts[i]), (layer.bias, None)):
+                if key is not None and key in self.trainable:
+                    g = self._update(key, live, center, state, delta, inputs)
+                    if g is not None:
+                        grads[key] = g
             delta = below  # type: ignore[assignment]
         if self.opt.name == "adam":  # Adam needs the whole gradient: one generic in-place step
             step_(self.opt, {key: live[key] for key in grads}, grads, state)
@@ -190,9 +191,10 @@ class FusedChainStep:
         state: dict,
         delta: torch.Tensor,
         inputs: torch.Tensor | None,
-    ) -> torch.Tensor:
+    ) -> torch.Tensor | None:
         """SGD (with momentum, weight decay and the proximal term) applied in place, the weight
-        gradient formed inside the update's own product; for Adam, the gradient (prox included)."""
+        gradient formed inside the update's own product (returns None); for Adam, returns the
+        gradient (prox included) for one generic step after the backward pass."""
         p = live[key]
         opt = self.opt
         c = center.get(key)
@@ -213,7 +215,7 @@ class FusedChainStep:
                 p.add_(delta.sum(1), alpha=-opt.lr)
             if mu:
                 p.add_(c, alpha=opt.lr * mu)
-            return p
+            return None
         buf = state["buf"][key]
         if inputs is not None:
             buf.baddbmm_(delta.mT, inputs, beta=opt.momentum)
@@ -224,7 +226,7 @@ class FusedChainStep:
         if mu:
             buf.add_(c, alpha=-mu)
         p.add_(buf, alpha=-opt.lr)
-        return p
+        return None
 
 
 def _linear(

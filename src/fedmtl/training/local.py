@@ -34,16 +34,6 @@ def num_local_steps(n: int, spec: LocalSpec, work: float = 1.0) -> int:
     return full if work >= 1.0 else max(1, math.floor(full * work))
 
 
-def num_local_steps_many(n: list[int], spec: LocalSpec, work: list[float]) -> list[int]:
-    """``[num_local_steps(n_i, spec, work_i) ...]`` for a whole round (the same integers)."""
-    if spec.steps:
-        full = [spec.steps] * len(n)
-    else:
-        bs = spec.batch_size
-        full = [max(1, math.ceil(spec.epochs * -(-k // bs))) for k in n]
-    return [f if w >= 1.0 else max(1, math.floor(f * w)) for f, w in zip(full, work, strict=True)]
-
-
 def batch_schedule(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
     """Mini-batch indices: fresh permutation each epoch, the last batch of an epoch may be short.
 

@@ -15,7 +15,7 @@ from fedmtl.data.federated import TaskSpec
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
 from fedmtl.runtime import Simulator
-from fedmtl.training.batched import batch_support, batched_local_train
+from fedmtl.training.batched import _shared_base, batch_support, batched_local_train
 from fedmtl.training.fused import linear_chain
 from fedmtl.training.local import LocalSpec, local_train
 from fedmtl.training.optim import OptimizerSpec
@@ -43,6 +43,13 @@ def _clients(task: TaskSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
     return xs, ys
 
 
+def _one_array(arrays: list[np.ndarray]) -> list[np.ndarray]:
+    """The same arrays as row blocks of one array, stored in reverse order."""
+    whole = np.concatenate(arrays[::-1])
+    ends = np.cumsum([len(a) for a in arrays[::-1]])
+    return [whole[e - len(a) : e] for a, e in zip(arrays[::-1], ends, strict=True)][::-1]
+
+
 def _rngs() -> list[np.random.Generator]:
     return [np.random.default_rng([7, i]) for i in range(len(SIZES))]
 
@@ -65,14 +72,12 @@ def _close(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, start: to
     ids=["sgd", "momentum-wd-prox", "adam-head-only", "regression-body-only-prox"],
 )
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "vmap"])
-@pytest.mark.parametrize("gather", ["per-client", "concatenated"])
-def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind, fused, gather, monkeypatch):
+@pytest.mark.parametrize("layout", ["separate", "one-array"])
+def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind, fused, layout):
     """Both batched steps (the hand-written one for Linear/ReLU chains and the generic vmapped
-    autograd one), with batches gathered from each client's array or from the group's
-    concatenated data, give every client what ``local_train`` gives it."""
-    import fedmtl.training.batched as batched_mod
-
-    monkeypatch.setattr(batched_mod, "GATHER_PER_CLIENT", 32 if gather == "per-client" else 0)
+    autograd one), with client data in separate arrays (concatenated for the group) or as row
+    blocks of one array (read in place, blocks out of order), give every client what
+    ``local_train`` gives it."""
     task = TaskSpec(kind, 4 if kind == "classification" else 1)
     model = _mlp(task.num_outputs)
     base = {k: v.detach().clone() for k, v in model.named_parameters()}
@@ -80,6 +85,11 @@ def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind, fused,
     starts = [{k: v + 0.01 * i for k, v in base.items()} for i in range(len(SIZES))]
     centers = [{k: v - 0.02 * i for k, v in base.items()} for i in range(len(SIZES))]
     xs, ys = _clients(task)
+    if layout == "one-array":
+        xs, ys = _one_array(xs), _one_array(ys)
+        assert _shared_base(xs) is not None and _shared_base(ys) is not None
+    else:
+        assert _shared_base(xs) is None
     spec = LocalSpec(optimizer=opt, batch_size=8)
     res = batched_local_train(
         model, starts, xs, ys, task, spec, STEPS, _rngs(), trainable=trainable,
@@ -376,3 +386,30 @@ def test_derived_rngs_build_the_same_streams_in_bulk():
             expect = np.random.default_rng([seed, purpose, rnd, c]).permutation(50)
             np.testing.assert_array_equal(rng.permutation(50), expect)
             np.testing.assert_array_equal(derived_rng(seed, purpose, rnd, c).permutation(50), expect)
+
+
+def test_shared_base_takes_only_whole_row_blocks_of_one_array():
+    """Client data is read in place only when every array is a block of whole rows of one
+    C-contiguous array; anything else is concatenated (never read at the wrong offset)."""
+    whole = np.arange(40, dtype=np.float32).reshape(10, 4).copy()  # owns its memory
+    found = _shared_base([whole[7:10], whole[2:5], whole[10:10]])
+    assert found is not None and found[0] is whole and found[1][:2].tolist() == [7, 2]  # empty: anywhere
+    assert _shared_base([whole[::2]]) is None  # every other row
+    assert _shared_base([whole[:, :2]]) is None  # a column block
+    assert _shared_base([whole[2:5], whole.copy()[5:7]]) is None  # two different arrays
+    assert _shared_base([whole.reshape(20, 2)[0:4]]) is None  # rows of a reshaped view
+    assert _shared_base([whole.copy()]) is None  # owns its memory
+
+
+def test_load_federated_lays_client_data_out_as_row_blocks():
+    from fedmtl.config import DataConfig, PartitionConfig
+    from fedmtl.data import load_federated
+
+    data = load_federated(
+        DataConfig(dataset="digits", partition=PartitionConfig(kind="iid", num_clients=6)), 0
+    )
+    clients = data.clients
+    xs, ys = _shared_base([c.x_train for c in clients]), _shared_base([c.y_train for c in clients])
+    assert xs is not None and ys is not None
+    for c, first in zip(clients, xs[1], strict=True):
+        np.testing.assert_array_equal(xs[0][first : first + c.n_train], c.x_train)

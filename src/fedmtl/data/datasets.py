@@ -464,7 +464,15 @@ def _finalise(
             return y.astype(np.int64, copy=False)
         return ((y - tmean) / tstd).astype(np.float32)
 
-    out = [(n, fx(a), fy(b), fx(c), fy(d)) for n, a, b, c, d in splits]
+    # Every client's training samples are consecutive rows of one array (the clients get views):
+    # batched training then gathers any group's mini-batches from it without first copying the
+    # group's data together.
+    sizes = np.cumsum([len(s[2]) for s in splits])[:-1]
+    x_trains = np.split(fx(np.concatenate([s[1] for s in splits])), sizes)
+    y_trains = np.split(fy(np.concatenate([s[2] for s in splits])), sizes)
+    out = [
+        (n, xa, ya, fx(c), fy(d)) for (n, _, _, c, d), xa, ya in zip(splits, x_trains, y_trains, strict=True)
+    ]
     if gx is None or gy is None:
         return out, None, None, task, info
     return out, fx(gx), fy(gy), task, info

@@ -43,8 +43,6 @@ ParamsLike = Mapping[str, ArrayLike]
 DEFAULT_MEMORY_BYTES = 2 * 2**30
 #: Default cap on one group's per-step working set (see ``batched_local_train``).
 STEP_BYTES = 12 * 2**20
-#: Groups of at most this many clients gather their batches from each client's array directly.
-GATHER_PER_CLIENT = 32
 #: Cap on any one stacked tensor a step allocates. Larger blocks come from mmap and are returned
 #: on free, so every step would page-fault them in again (measured: 10x slower than reusing heap
 #: memory for a 40 MB gradient); blocks below glibc's 32 MiB mmap ceiling get recycled.
@@ -211,17 +209,58 @@ def _groups(order: Sequence[int], cost: Sequence[Sequence[int]], budget: tuple[i
     return groups
 
 
-def _step_plan(
-    orders: list[np.ndarray], sizes: np.ndarray, offsets: np.ndarray, batch_size: int, steps: np.ndarray
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Every client's mini-batches laid out for stepping: (rows of the group data in batch order,
-    where each (client, step) batch starts in it, its length [clients, steps], 0 once a client is
-    done). Built from one index array per client (``batch_order``), not one per client and step."""
-    lens = batch_lengths(sizes, batch_size, steps)
+@dataclass
+class _StepPlan:
+    """Every step's padded batches for one group, laid out step after step and built once with
+    array operations (not per step and client). Step t trains the first ``live[t]`` clients on
+    batches padded to ``width[t]``: its entries (client-major, ``width[t]`` per client) are
+    ``entry[t]:entry[t + 1]`` and its (client, step) pairs ``pair[t]:pair[t + 1]``."""
+
+    live: list[int]
+    width: list[int]
+    entry: list[int]
+    pair: list[int]
+    local: np.ndarray  # row of each entry in its client's own data; padding repeats row 0
+    entry_client: np.ndarray  # group row of each entry's client
+    mask: np.ndarray  # 1.0 for a real sample, 0.0 for padding (float32)
+    scale: np.ndarray  # mask / the batch's real length: d(batch mean) / d(sample loss) (float32)
+    pair_client: np.ndarray  # group row of each pair
+    pair_count: np.ndarray  # real samples of each pair's batch
+
+
+def _step_plan(orders: list[np.ndarray], sizes: np.ndarray, batch_size: int, steps: np.ndarray) -> _StepPlan:
+    """The plan from one index array per client (``batch_order``); ``steps`` must be descending
+    (the clients still training at any step are then a prefix)."""
+    lens = batch_lengths(sizes, batch_size, steps)  # [clients, steps]
     totals = np.fromiter((len(o) for o in orders), dtype=np.int64, count=len(orders))
-    rows = np.concatenate(orders).astype(np.int64) + np.repeat(offsets, totals)
-    starts = np.cumsum(lens, axis=1) - lens + (np.cumsum(totals) - totals)[:, None]
-    return rows, starts, lens
+    order_rows = np.concatenate(orders).astype(np.int64)
+    batch_start = np.cumsum(lens, axis=1) - lens + (np.cumsum(totals) - totals)[:, None]
+    n_steps = lens.shape[1]
+    live = (steps[None, :] > np.arange(n_steps)[:, None]).sum(1)
+    pair = np.concatenate([[0], np.cumsum(live)])
+    pair_t = np.repeat(np.arange(n_steps), live)
+    pair_j = np.arange(pair[-1]) - np.repeat(pair[:-1], live)
+    pair_len = lens[pair_j, pair_t]
+    width = np.maximum.reduceat(pair_len, pair[:-1])
+    pair_width = width[pair_t]
+    entry_of_pair = np.concatenate([[0], np.cumsum(pair_width)])
+    e_pair = np.repeat(np.arange(pair[-1]), pair_width)
+    pos = np.arange(entry_of_pair[-1]) - entry_of_pair[:-1][e_pair]
+    real = pos < pair_len[e_pair]
+    src = np.where(real, batch_start[pair_j, pair_t][e_pair] + pos, 0)
+    mask = real.astype(np.float32)
+    return _StepPlan(
+        live=live.tolist(),
+        width=width.tolist(),
+        entry=entry_of_pair[pair].tolist(),
+        pair=pair.tolist(),
+        local=np.where(real, order_rows[src], 0),
+        entry_client=pair_j[e_pair],
+        mask=mask,
+        scale=mask / pair_len[e_pair].astype(np.float32),
+        pair_client=pair_j,
+        pair_count=pair_len,
+    )
 
 
 def batched_local_train(
@@ -340,26 +379,20 @@ def _train_group(
         center[k] = torch.as_tensor(vals[0]) if shared else _stack(vals)
         center_dims[k] = None if shared else 0
 
-    # Data of the group in one tensor; each step gathers its padded batches from it.
+    # Each step gathers its padded batches from the group's samples held as rows of one tensor.
     sizes = np.array([len(ys[i]) for i in members])
-    offsets = np.concatenate([[0], np.cumsum(sizes)[:-1]])
-    sample_shape = tuple(xs[members[0]].shape[1:])
-    if m <= GATHER_PER_CLIENT:
-        # Few clients, each with many samples: gather every step's rows from each client's own
-        # array (k small copies per step) rather than first copying the whole group's data.
-        x_src = [torch.from_numpy(xs[i]).reshape(len(ys[i]), -1) for i in members]
-        y_all = torch.from_numpy(np.concatenate([ys[i] for i in members]))
-        x_flat = None
-    else:
-        x_all, y_all = _group_data([xs[i] for i in members], [ys[i] for i in members])
-        x_flat = x_all.view(len(x_all), -1)
-    row_elems = math.prod(sample_shape)
-    # One buffer for every step's gathered batch (reused, so never page-faulted in again).
-    x_dtype = torch.from_numpy(xs[members[0]][:0]).dtype
-    x_buf = POOL.empty((m * min(spec.batch_size, int(sizes.max())), row_elems), dtype=x_dtype)
+    x_all, x_first = _rows_of([xs[i] for i in members])
+    y_all, y_first = _rows_of([ys[i] for i in members])
+    sample_shape = tuple(x_all.shape[1:])
+    x_flat = x_all.view(len(x_all), -1)
     n_steps = np.fromiter((int(steps[i]) for i in members), dtype=np.int64, count=m)
     orders = [batch_order(len(ys[i]), spec.batch_size, int(steps[i]), rngs[i]) for i in members]
-    order_rows, batch_start, batch_len = _step_plan(orders, sizes, offsets, spec.batch_size, n_steps)
+    plan = _step_plan(orders, sizes, spec.batch_size, n_steps)
+    x_rows = torch.from_numpy(x_first[plan.entry_client] + plan.local)
+    y_plan = y_all[torch.from_numpy(y_first[plan.entry_client] + plan.local)]
+    mask_t, scale_t = torch.from_numpy(plan.mask), torch.from_numpy(plan.scale)
+    # One buffer for every step's gathered batch (reused, so never page-faulted in again).
+    x_buf = POOL.empty((m * min(spec.batch_size, int(sizes.max())), x_flat.shape[1]), dtype=x_flat.dtype)
 
     step_fn = (
         None
@@ -367,81 +400,95 @@ def _train_group(
         else _step_fn(model, task, prox_mu if center else 0.0, frozen_dims, center_dims)
     )
     state = optim.init_state(spec.optimizer, {k: grp.stacked[k] for k in train_keys}, zeros=_pooled_zeros)
-    loss_sum = torch.zeros(m, dtype=torch.float64)
-    for t in range(int(n_steps.max())):
-        k = int((n_steps > t).sum())
-        lens = batch_len[:k, t]
-        width = int(lens.max())
-        pos = np.arange(width)
-        real = pos[None, :] < lens[:, None]
-        # Padding repeats each client's first sample; the mask keeps it out of loss and gradient.
-        src = np.where(real, batch_start[:k, t, None] + pos[None, :], 0)
-        idx = np.where(real, order_rows[src], offsets[:k, None])
-        mask = real.astype(np.float32)
-        counts = lens.astype(np.float32)
-        gi = torch.from_numpy(idx)
-        rows = x_buf[: k * width]
-        if x_flat is not None:
-            torch.index_select(x_flat, 0, gi.view(-1), out=rows)
-        else:
-            local = torch.from_numpy(idx - offsets[:k, None])
-            for j in range(k):
-                torch.index_select(x_src[j], 0, local[j], out=rows[j * width : (j + 1) * width])
-        xb = rows.view(k, width, *sample_shape)
-        yb, mb = y_all[gi], torch.from_numpy(mask)
-        live = {key: grp.stacked[key][:k] for key in train_keys}
-        fz = {key: v[:k] if frozen_dims[key] == 0 else v for key, v in frozen.items()}
-        ct = {key: v[:k] if center_dims[key] == 0 else v for key, v in center.items()}
-        counts_t = torch.from_numpy(counts)
+    pair_loss = torch.empty(plan.pair[-1], dtype=torch.float32)
+    views: dict[int, tuple[dict, dict, dict, dict]] = {}  # live clients -> their parameter views
+    for t, (k, width) in enumerate(zip(plan.live, plan.width, strict=True)):
+        lo, hi = plan.entry[t], plan.entry[t + 1]
+        xb = torch.index_select(x_flat, 0, x_rows[lo:hi], out=x_buf[: k * width])
+        xb = xb.view(k, width, *sample_shape)
+        yb = y_plan[lo:hi].view(k, width, *y_all.shape[1:])
+        if k not in views:
+            views[k] = (
+                {key: grp.stacked[key][:k] for key in train_keys},
+                {key: v[:k] if frozen_dims[key] == 0 else v for key, v in frozen.items()},
+                {key: v[:k] if center_dims[key] == 0 else v for key, v in center.items()},
+                _state_view(state, k),
+            )
+        live, fz, ct, opt_state = views[k]
+        if "t" in state:
+            opt_state["t"] = t  # every client still training has done exactly t steps
         if kernel is not None:
-            batch_loss = kernel(live, fz, ct, xb, yb, mb, counts_t, _state_view(state, k, t))
+            batch_loss = kernel(live, fz, ct, xb, yb, scale_t[lo:hi].view(k, width), opt_state)
         else:
-            grads, batch_loss = step_fn(live, fz, ct, xb, yb, mb)
-            optim.step_(spec.optimizer, live, grads, _state_view(state, k, t))
-        loss_sum[:k] += batch_loss.detach().double() * counts_t.double()
-    seen = batch_len.sum(1)
+            grads, batch_loss = step_fn(live, fz, ct, xb, yb, mask_t[lo:hi].view(k, width))
+            optim.step_(spec.optimizer, live, grads, opt_state)
+        pair_loss[plan.pair[t] : plan.pair[t + 1]] = batch_loss.detach()
+    seen = np.bincount(plan.pair_client, weights=plan.pair_count, minlength=m).astype(np.int64)
+    loss_sum = np.bincount(
+        plan.pair_client, weights=pair_loss.numpy().astype(np.float64) * plan.pair_count, minlength=m
+    )
     idx_members = np.asarray(members)
     seen_out[idx_members] = seen
-    loss_out[idx_members] = loss_sum.numpy() / np.maximum(seen, 1)
+    loss_out[idx_members] = loss_sum / np.maximum(seen, 1)
 
 
 #: Concatenated group data kept between calls, least recently used first, up to DATA_CACHE_BYTES.
-_DATA_CACHE: OrderedDict[tuple[int, ...], tuple[list[np.ndarray], torch.Tensor, torch.Tensor]] = OrderedDict()
+_DATA_CACHE: OrderedDict[tuple[int, ...], tuple[list[np.ndarray], torch.Tensor]] = OrderedDict()
 DATA_CACHE_BYTES = 256 * 2**20
 
 
-def _group_data(xs: list[np.ndarray], ys: list[np.ndarray]) -> tuple[torch.Tensor, torch.Tensor]:
-    """The group's samples in one tensor each for x and y.
+def _rows_of(arrays: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+    """The arrays as rows of one tensor, and where each array's first row is in it.
 
-    With full participation the same groups come back every round, so their concatenations are
-    kept (least recently used dropped beyond ``DATA_CACHE_BYTES``). Entries are keyed by the
-    arrays' ids and hold the arrays, so an id cannot be reused while its entry exists; client
-    data is never modified in place, so a kept concatenation cannot go stale."""
-    key = tuple(id(a) for a in xs) + tuple(id(a) for a in ys)
+    Without a copy when they are row blocks of one array (``load_federated`` lays clients out
+    so); else their concatenation, which is kept for the next call (with full participation the
+    same groups come back every round; least recently used dropped beyond ``DATA_CACHE_BYTES``).
+    Entries are keyed by the arrays' ids and hold the arrays, so an id cannot be reused while its
+    entry exists; client data is never modified in place, so a kept concatenation cannot go stale."""
+    shared = _shared_base(arrays)
+    if shared is not None:
+        return torch.from_numpy(shared[0]), shared[1]
+    first = np.concatenate([[0], np.cumsum([len(a) for a in arrays])[:-1]]).astype(np.int64)
+    key = tuple(id(a) for a in arrays)
     hit = _DATA_CACHE.get(key)
     if hit is not None:
         _DATA_CACHE.move_to_end(key)
-        return hit[1], hit[2]
-    x_all = torch.from_numpy(np.concatenate(xs))
-    y_all = torch.from_numpy(np.concatenate(ys))
-    size = x_all.nbytes + y_all.nbytes
-    if size <= DATA_CACHE_BYTES:
-        _DATA_CACHE[key] = (xs + ys, x_all, y_all)
-        while sum(v[1].nbytes + v[2].nbytes for v in _DATA_CACHE.values()) > DATA_CACHE_BYTES:
+        return hit[1], first
+    rows = torch.from_numpy(np.concatenate(arrays))
+    if rows.nbytes <= DATA_CACHE_BYTES:
+        _DATA_CACHE[key] = (list(arrays), rows)
+        while sum(v[1].nbytes for v in _DATA_CACHE.values()) > DATA_CACHE_BYTES:
             _DATA_CACHE.popitem(last=False)
-    return x_all, y_all
+    return rows, first
+
+
+def _shared_base(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | None:
+    """(the one C-contiguous array every array is a block of whole rows of, each block's first
+    row), or None."""
+    base = arrays[0].base
+    if not isinstance(base, np.ndarray) or base.ndim == 0 or not base.flags.c_contiguous:
+        return None
+    start, row = base.__array_interface__["data"][0], base.strides[0]
+    first = np.empty(len(arrays), dtype=np.int64)
+    for i, a in enumerate(arrays):
+        if a.base is not base or a.dtype != base.dtype or a.shape[1:] != base.shape[1:]:
+            return None
+        if not a.flags.c_contiguous:
+            return None
+        offset = a.__array_interface__["data"][0] - start
+        if offset % row or not 0 <= offset // row <= len(base) - len(a):
+            return None
+        first[i] = offset // row
+    return base, first
 
 
 def _pooled_zeros(like: torch.Tensor) -> torch.Tensor:
     return POOL.zeros(like.shape, like.dtype)
 
 
-def _state_view(state: dict, k: int, t: int) -> dict:
+def _state_view(state: dict, k: int) -> dict:
     """The optimizer state of the first k clients, as views (updates land in the full state)."""
-    out: dict = {name: {key: v[:k] for key, v in slot.items()} for name, slot in state.items() if name != "t"}
-    if "t" in state:
-        out["t"] = t  # every client still training has done exactly t steps
-    return out
+    return {name: {key: v[:k] for key, v in slot.items()} for name, slot in state.items() if name != "t"}
 
 
 StepFn = Callable[..., tuple[dict[str, torch.Tensor], torch.Tensor]]

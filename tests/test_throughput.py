@@ -27,7 +27,14 @@ def test_quick_benchmark_writes_table_and_scaling_plot(tmp_path, shared_data):
     )
     assert out == tmp_path / "throughput.md"
     text = out.read_text()
-    for row in ("| fedmtl batched |", "| fedmtl sequential |", "| plain PyTorch loop |", "## Targets"):
+    rows = (
+        "| fedmtl batched |",
+        "| fedmtl sequential |",
+        "| plain PyTorch loop, DataLoader |",
+        "| plain PyTorch loop, tensor indexing |",
+        "## Targets",
+    )
+    for row in rows:
         assert row in text
     assert "skipped (--quick or --no-flower)" in text
     assert "Accuracies agree to 0.00" in text  # same computation in every runner
@@ -54,3 +61,22 @@ def test_scaling_federation_has_small_ragged_clients(clients, shared_data):
     fed = throughput.small_federation(pool, clients)
     sizes = [c.n_train for c in fed.clients]
     assert len(sizes) == clients and all(20 <= n <= 50 for n in sizes)
+
+
+def test_dataloader_loop_trains_exactly_like_the_indexing_loop(shared_data):
+    """The two plain loops differ only in how batches are fetched: same batches, same weights."""
+    import numpy as np
+    import torch
+
+    from flower_throughput_app import task
+
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.normal(size=(70, 784)).astype(np.float32))
+    y = torch.from_numpy(rng.integers(0, 10, 70))
+    nets = [task.Net(hidden=16) for _ in range(2)]
+    nets[1].load_state_dict(nets[0].state_dict())
+    a = task.train(nets[0], x, y, 1.0, 32, 0.1, task.client_rng(0, 1, 3))
+    b = task.train_with_loader(nets[1], x, y, 1.0, 32, 0.1, task.client_rng(0, 1, 3))
+    assert a == b
+    for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
+        assert torch.equal(p, q)

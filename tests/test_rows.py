@@ -6,6 +6,7 @@ from __future__ import annotations
 import pickle
 
 import numpy as np
+import pytest
 
 from fedmtl.aggregation.mean import weighted_mean
 from fedmtl.algorithms.base import Message
@@ -59,7 +60,11 @@ def test_stacked_mean_equals_the_per_client_mean():
         assert fast[k].dtype == slow[k].dtype
 
 
-def test_stack_wide_checks_give_the_per_reply_verdicts():
+@pytest.mark.parametrize("summed_by", ["numpy", "torch"])
+def test_stack_wide_checks_give_the_per_reply_verdicts(summed_by, monkeypatch):
+    import fedmtl.training.rows as rows_mod
+
+    monkeypatch.setattr(rows_mod, "_TORCH_SUM_ELEMS", 2**40 if summed_by == "numpy" else 0)
     st = _stack(8)
     st.stacked["w"][3, 1, 2] = np.nan
     st.stacked["b"][6, 0] = np.inf

@@ -278,6 +278,9 @@ def run_flower(work: Workload, tmp: Path) -> RunnerResult:
             backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0}},
         )
         res.end_to_end = time.perf_counter() - t0
+    # The ClientApp actors keep a core busy for up to half a second after run_simulation returns;
+    # let them exit before the next runner starts timing.
+    time.sleep(1.0)
     ends = server_app.ROUND_END
     if len(ends) != work.rounds + 1 or "accuracy" not in server_app.RESULT:
         res.note = f"failed: the ServerApp finished {max(len(ends) - 1, 0)} of {work.rounds} rounds"

@@ -469,6 +469,8 @@ def _shared_base(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | No
     if not isinstance(base, np.ndarray) or base.ndim == 0 or not base.flags.c_contiguous:
         return None
     start, row = base.__array_interface__["data"][0], base.strides[0]
+    if row <= 0:  # rows of no elements
+        return None
     first = np.empty(len(arrays), dtype=np.int64)
     for i, a in enumerate(arrays):
         if a.base is not base or a.dtype != base.dtype or a.shape[1:] != base.shape[1:]:

@@ -69,17 +69,28 @@ def reply_problems(
     if groups is not None:
         todo = []
         for stack, positions, rows in groups:
-            flagged = stack.maybe_nonfinite(np.asarray(rows)).tolist()
+            flagged = stack.maybe_nonfinite(np.asarray(rows))
+            finite = positions
+            if flagged.any():
+                marks = flagged.tolist()
+                todo += [pos for pos, bad in zip(positions, marks, strict=True) if bad]
+                finite = [pos for pos, bad in zip(positions, marks, strict=True) if not bad]
+            if expected is None or not finite:
+                continue
+            want = expected[finite[0]]
+            if all(expected[pos] is want for pos in finite):  # one broadcast for the whole stack
+                verdict = reply_problem(replies[finite[0]], want, finite_known=True)
+                if verdict is not None:
+                    for pos in finite:
+                        out[pos] = verdict
+                continue
             # id(expected) -> problem of this stack's structure (``expected`` keeps those ids alive)
             verdicts: dict[int, str | None] = {}
-            for pos, bad in zip(positions, flagged, strict=True):
-                if bad:
-                    todo.append(pos)
-                elif expected is not None:
-                    want = expected[pos]
-                    if id(want) not in verdicts:
-                        verdicts[id(want)] = reply_problem(replies[pos], want, finite_known=True)
-                    out[pos] = verdicts[id(want)]
+            for pos in finite:
+                want = expected[pos]
+                if id(want) not in verdicts:
+                    verdicts[id(want)] = reply_problem(replies[pos], want, finite_known=True)
+                out[pos] = verdicts[id(want)]
         todo.sort()
     for pos in todo:
         out[pos] = reply_problem(replies[pos], None if expected is None else expected[pos])

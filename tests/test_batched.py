@@ -38,8 +38,9 @@ def _clients(task: TaskSpec) -> tuple[list[np.ndarray], list[np.ndarray]]:
     xs = [rng.normal(size=(n, 6)).astype(np.float32) for n in SIZES]
     if task.is_classification:
         ys = [rng.integers(0, task.num_outputs, n) for n in SIZES]
-    else:
-        ys = [rng.normal(size=n).astype(np.float32) for n in SIZES]
+    else:  # one target per sample, or several (shape [n, outputs])
+        shape = (lambda n: (n,)) if task.num_outputs == 1 else (lambda n: (n, task.num_outputs))
+        ys = [rng.normal(size=shape(n)).astype(np.float32) for n in SIZES]
     return xs, ys
 
 
@@ -68,8 +69,9 @@ def _close(a: torch.Tensor | np.ndarray, b: torch.Tensor | np.ndarray, start: to
         (OptimizerSpec(lr=0.1, momentum=0.9, weight_decay=1e-3), None, 0.3, "classification"),
         (OptimizerSpec(name="adam", lr=0.01), ["3.weight", "3.bias"], 0.0, "classification"),
         (OptimizerSpec(lr=0.05, momentum=0.5), ["1.weight", "1.bias"], 0.5, "regression"),
+        (OptimizerSpec(name="adam", lr=0.01), None, 0.0, "regression-3"),
     ],
-    ids=["sgd", "momentum-wd-prox", "adam-head-only", "regression-body-only-prox"],
+    ids=["sgd", "momentum-wd-prox", "adam-head-only", "regression-body-only-prox", "adam-3-targets"],
 )
 @pytest.mark.parametrize("fused", [True, False], ids=["fused", "vmap"])
 @pytest.mark.parametrize("layout", ["separate", "one-array"])
@@ -78,7 +80,8 @@ def test_trainer_matches_local_train_per_client(opt, trainable, mu, kind, fused,
     autograd one), with client data in separate arrays (concatenated for the group) or as row
     blocks of one array (read in place, blocks out of order), give every client what
     ``local_train`` gives it."""
-    task = TaskSpec(kind, 4 if kind == "classification" else 1)
+    outputs = {"classification": 4, "regression": 1, "regression-3": 3}[kind]
+    task = TaskSpec(kind.split("-")[0], outputs)
     model = _mlp(task.num_outputs)
     base = {k: v.detach().clone() for k, v in model.named_parameters()}
     # Personal starts (as under Local/Ditto) and per-client proximal centres exercise the stacked paths.

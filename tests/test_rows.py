@@ -80,6 +80,11 @@ def test_stack_wide_checks_give_the_per_reply_verdicts(summed_by, monkeypatch):
     expected = [want] * len(replies)
     assert reply_problems(replies, expected) == [reply_problem(r, want) for r in plain]
     assert reply_problems(replies, expected)[0] == "key 'b' has shape (4,), expected (5,)"
+    # Replies of one stack answering different broadcasts: a verdict per expected structure.
+    right = {"w": np.zeros((4, 3)), "b": np.zeros(4), "frozen": np.zeros(2)}
+    mixed = [right if i % 2 else want for i in range(len(replies))]
+    assert reply_problems(replies, mixed) == [reply_problem(r, w) for r, w in zip(plain, mixed, strict=True)]
+    assert reply_problems(replies, mixed)[1] is None and reply_problems(replies, mixed)[2] is not None
 
 
 def test_batched_round_rejects_one_diverged_client_by_name():

@@ -63,7 +63,7 @@ def test_scaling_federation_has_small_ragged_clients(clients, shared_data):
     assert len(sizes) == clients and all(20 <= n <= 50 for n in sizes)
 
 
-def test_dataloader_loop_trains_exactly_like_the_indexing_loop(shared_data):
+def test_dataloader_loop_trains_exactly_like_the_indexing_loop():
     """The two plain loops differ only in how batches are fetched: same batches, same weights."""
     import numpy as np
     import torch

@@ -48,6 +48,9 @@ STEP_BYTES = 12 * 2**20
 #: memory for a 40 MB gradient); blocks below glibc's 32 MiB mmap ceiling get recycled.
 TENSOR_BYTES = 16 * 2**20
 _F32 = 4
+#: Peak bytes of the step plan per (sample, step) entry (index, mask and scale arrays and the
+#: temporaries that build them).
+PLAN_BYTES = 64
 
 
 @dataclass
@@ -312,7 +315,10 @@ def batched_local_train(
     # The largest stacked tensor a step allocates (a weight's gradient or the gathered batch).
     widest = _F32 * max([numel[k] for k in train_keys] + [spec.batch_size * math.prod(sample_shape)])
     cost = np.empty((n, 3), dtype=np.int64)
-    cost[:, 0] = mem + per_row * np.fromiter((len(y) for y in ys), dtype=np.int64, count=n)
+    sizes = np.fromiter((len(y) for y in ys), dtype=np.int64, count=n)
+    # The step plan holds a few numbers per (sample, step) entry, built with temporaries.
+    entries = np.asarray(steps, dtype=np.int64) * np.minimum(spec.batch_size, sizes)
+    cost[:, 0] = mem + per_row * sizes + PLAN_BYTES * entries
     cost[:, 1], cost[:, 2] = work, widest
     chain = linear_chain(model) if fused and not task.dense else None
     kernel = None if chain is None else FusedChainStep(chain, task, spec.optimizer, set(train_keys), prox_mu)
@@ -389,7 +395,7 @@ def _train_group(
     orders = [batch_order(len(ys[i]), spec.batch_size, int(steps[i]), rngs[i]) for i in members]
     plan = _step_plan(orders, sizes, spec.batch_size, n_steps)
     x_rows = torch.from_numpy(x_first[plan.entry_client] + plan.local)
-    y_plan = y_all[torch.from_numpy(y_first[plan.entry_client] + plan.local)]
+    y_rows = torch.from_numpy(y_first[plan.entry_client] + plan.local)
     mask_t, scale_t = torch.from_numpy(plan.mask), torch.from_numpy(plan.scale)
     # One buffer for every step's gathered batch (reused, so never page-faulted in again).
     x_buf = POOL.empty((m * min(spec.batch_size, int(sizes.max())), x_flat.shape[1]), dtype=x_flat.dtype)
@@ -406,7 +412,7 @@ def _train_group(
         lo, hi = plan.entry[t], plan.entry[t + 1]
         xb = torch.index_select(x_flat, 0, x_rows[lo:hi], out=x_buf[: k * width])
         xb = xb.view(k, width, *sample_shape)
-        yb = y_plan[lo:hi].view(k, width, *y_all.shape[1:])
+        yb = y_all[y_rows[lo:hi]].view(k, width, *y_all.shape[1:])  # per step: dense targets are large
         if k not in views:
             views[k] = (
                 {key: grp.stacked[key][:k] for key in train_keys},

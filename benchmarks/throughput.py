@@ -387,7 +387,7 @@ def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[di
             if n > w.max_clients:
                 continue
             data = small_federation(w.pool, n)
-            repeats = 5 if n <= 1000 else 3
+            repeats = 5
             row = {"model": w.label, "clients": n, "samples": int(sum(c.n_train for c in data.clients))}
             row["gflop"] = row["samples"] * w.flops_per_sample / 1e9
             for execution in ("batched", "sequential"):
@@ -625,8 +625,7 @@ def write_report(
             "## Scaling: seconds per round vs sampled clients (20-50 images each)",
             "",
             "FedAvg, every client sampled, 1 local epoch, batch 32. Each point is the fastest of 5 "
-            "rounds (3 at 10,000 clients) after one untimed round (the least disturbed measurement "
-            "on a shared machine). "
+            "rounds after one untimed round (the least disturbed measurement on a shared machine). "
             "Digits 8x8 with an MLP 64-32-10 is the regime where per-client overhead dominates; MNIST "
             "with the 784-200-10 MLP is arithmetic-bound (about "
             f"{35 * executed_flops_per_sample([784, HIDDEN, 10]) / 1e6:.0f} MFLOP per client per round "

@@ -8,6 +8,7 @@ same computation and their accuracies can be compared directly."""
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 from functools import lru_cache
 
 import numpy as np
@@ -56,18 +57,8 @@ def train(
 ) -> float:
     """Local SGD on one client's data; returns the mean training loss."""
     steps = max(1, math.ceil(epochs * math.ceil(len(y) / batch_size)))
-    opt = torch.optim.SGD(net.parameters(), lr=lr)
-    net.train()
-    total, seen = 0.0, 0
-    for idx in batches(len(y), batch_size, steps, rng):
-        ix = torch.from_numpy(idx)
-        opt.zero_grad()
-        loss = nn.functional.cross_entropy(net(x[ix]), y[ix])
-        loss.backward()
-        opt.step()
-        total += float(loss.detach()) * len(idx)
-        seen += len(idx)
-    return total / max(seen, 1)
+    indices = (torch.from_numpy(idx) for idx in batches(len(y), batch_size, steps, rng))
+    return sgd(net, ((x[ix], y[ix]) for ix in indices), lr)
 
 
 def train_with_loader(
@@ -87,10 +78,15 @@ def train_with_loader(
     loader = DataLoader(
         TensorDataset(x, y), batch_sampler=[b.tolist() for b in batches(len(y), batch_size, steps, rng)]
     )
+    return sgd(net, loader, lr)
+
+
+def sgd(net: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: float) -> float:
+    """One ``torch.optim.SGD`` step per (inputs, labels) batch; returns the mean training loss."""
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     net.train()
     total, seen = 0.0, 0
-    for xb, yb in loader:
+    for xb, yb in pairs:
         opt.zero_grad()
         loss = nn.functional.cross_entropy(net(xb), yb)
         loss.backward()

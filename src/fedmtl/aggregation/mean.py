@@ -74,7 +74,7 @@ def _stacked_mean(
                 raise ProtocolError(f"aggregation: key {k!r} has shape {arr.shape[1:]}, expected {acc.shape}")
             flat = acc.reshape(-1)
             idx = np.asarray(rows)
-            whole = len(idx) == len(arr) and bool((idx == np.arange(len(arr))).all())
+            whole = stack.is_every_row(idx)
             wcast = ws.astype(arr.dtype) if arr.dtype.kind == "f" else ws
             for lo in range(0, len(idx), _BLOCK_ROWS):
                 sel = slice(lo, lo + _BLOCK_ROWS)

@@ -191,7 +191,7 @@ class Algorithm:
             groups.setdefault((work.lr, data.task.name, data.task.is_classification), []).append(i)
         for (lr, task, _), idx in groups.items():
             spec = self.ctx.local.with_lr(lr)
-            steps = [num_local_steps(len(datas[i].y_train), spec, works[i].fraction) for i in idx]
+            steps = [num_local_steps(datas[i].n_train, spec, works[i].fraction) for i in idx]
             res = batched_local_train(
                 self.ctx.model_for(task),
                 [starts[i] for i in idx],

@@ -75,14 +75,7 @@ def reply_problems(
                 marks = flagged.tolist()
                 todo += [pos for pos, bad in zip(positions, marks, strict=True) if bad]
                 finite = [pos for pos, bad in zip(positions, marks, strict=True) if not bad]
-            if expected is None or not finite:
-                continue
-            want = expected[finite[0]]
-            if all(expected[pos] is want for pos in finite):  # one broadcast for the whole stack
-                verdict = reply_problem(replies[finite[0]], want, finite_known=True)
-                if verdict is not None:
-                    for pos in finite:
-                        out[pos] = verdict
+            if expected is None:
                 continue
             # id(expected) -> problem of this stack's structure (``expected`` keeps those ids alive)
             verdicts: dict[int, str | None] = {}

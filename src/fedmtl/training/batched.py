@@ -178,17 +178,17 @@ def client_bytes(
     n_personal: int,
     spec: LocalSpec,
     sample_shape: tuple[int, ...],
-    n_samples: int,
 ) -> tuple[int, int]:
-    """Estimated (memory, per-step working set) one client adds to a group, in bytes.
+    """Estimated (memory, per-step working set) one client adds to a group, in bytes, apart from
+    its data and step plan (they depend on its size; ``batched_local_train`` adds them).
 
     Memory: parameters, gradients and their temporaries, optimizer state, per-client frozen or
-    centre tensors, one batch of activations and the client's data. Working set: what one step
+    centre tensors and one batch of activations. Working set: what one step
     reads and writes (parameters, gradients, optimizer state, the batch and its activations)."""
     slots = 2 if spec.optimizer.name == "adam" else (1 if spec.optimizer.momentum > 0 else 0)
     acts = 2 * spec.batch_size * _activation_elems(model, sample_shape)
     batch = spec.batch_size * (math.prod(sample_shape) + 1)
-    memory = n_trainable * (3 + slots) + n_personal + acts + batch + n_samples * (math.prod(sample_shape) + 1)
+    memory = n_trainable * (3 + slots) + n_personal + acts + batch
     working = n_trainable * (2 + slots) + n_personal + acts + batch
     return _F32 * memory, _F32 * working
 
@@ -310,7 +310,7 @@ def batched_local_train(
     if use_prox:
         personal += sum(numel[k] for k in center_keys if not _is_shared([c[k] for c in prox_centers]))  # type: ignore[union-attr]
     sample_shape = tuple(xs[0].shape[1:])
-    mem, work = client_bytes(model, sum(numel[k] for k in train_keys), personal, spec, sample_shape, 0)
+    mem, work = client_bytes(model, sum(numel[k] for k in train_keys), personal, spec, sample_shape)
     per_row = _F32 * (math.prod(sample_shape) + 1)
     # The largest stacked tensor a step allocates (a weight's gradient or the gathered batch).
     widest = _F32 * max([numel[k] for k in train_keys] + [spec.batch_size * math.prod(sample_shape)])

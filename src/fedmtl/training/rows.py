@@ -49,6 +49,10 @@ class StackedRows:
         view.stack, view.row = self, r
         return view
 
+    def is_every_row(self, rows: np.ndarray) -> bool:
+        """Whether ``rows`` is 0..n-1 in order (then the stacks can be used without indexing)."""
+        return len(rows) == self.n and bool((rows == np.arange(self.n)).all())
+
     def maybe_nonfinite(self, rows: np.ndarray) -> np.ndarray:
         """For each of ``rows``: False when every value of that client is finite. True means "check
         it exactly": a finite row whose float32 sum overflows is also flagged."""
@@ -57,7 +61,7 @@ class StackedRows:
             if a.dtype.kind == "f" and not np.isfinite(a).all():
                 flag[:] = True
                 return flag
-        every_row = len(rows) == self.n and bool((rows == np.arange(self.n)).all())
+        every_row = self.is_every_row(rows)
         for a in self.stacked.values():
             if a.dtype.kind != "f":
                 continue

@@ -26,6 +26,7 @@ from fedmtl.config import Config
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.runtime.seeds import derived_rng, derived_rngs
+from fedmtl.runtime.threads import torch_owns_the_cores
 from fedmtl.runtime.validation import reply_problems
 from fedmtl.training.batched import batch_support
 
@@ -227,7 +228,7 @@ class Simulator:
     # --- one round ----------------------------------------------------------------------------
     def run_round(self, round: int, server: dict[str, Any], states: dict[int, dict[str, Any]]) -> RoundResult:
         """One synchronous round; ``states`` (client id -> client state) is updated in place."""
-        with _gc_paused():
+        with _gc_paused(), torch_owns_the_cores():
             return self._run_round(round, server, states)
 
     def _run_round(

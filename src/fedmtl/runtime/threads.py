@@ -24,7 +24,7 @@ def _openblas() -> Any | None:
     scan takes milliseconds), or None without threadpoolctl or OpenBLAS."""
     try:
         from threadpoolctl import ThreadpoolController
-    except ImportError:  # an optional nicety: scikit-learn brings it
+    except ImportError:  # a declared dependency; an environment without it just keeps spinning
         return None
     pools = ThreadpoolController().select(internal_api="openblas")
     return pools if pools.lib_controllers else None

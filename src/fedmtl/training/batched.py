@@ -397,8 +397,11 @@ def _train_group(
     x_rows = torch.from_numpy(x_first[plan.entry_client] + plan.local)
     y_rows = torch.from_numpy(y_first[plan.entry_client] + plan.local)
     mask_t, scale_t = torch.from_numpy(plan.mask), torch.from_numpy(plan.scale)
-    # One buffer for every step's gathered batch (reused, so never page-faulted in again).
-    x_buf = POOL.empty((m * min(spec.batch_size, int(sizes.max())), x_flat.shape[1]), dtype=x_flat.dtype)
+    # One buffer for every step's gathered batch (reused, so never page-faulted in again; the
+    # fused step also keeps its views of them from step to step).
+    widest = m * min(spec.batch_size, int(sizes.max()))
+    x_buf = POOL.empty((widest, x_flat.shape[1]), dtype=x_flat.dtype)
+    y_buf = POOL.empty((widest, *y_all.shape[1:]), dtype=y_all.dtype)
 
     step_fn = (
         None
@@ -412,7 +415,8 @@ def _train_group(
         lo, hi = plan.entry[t], plan.entry[t + 1]
         xb = torch.index_select(x_flat, 0, x_rows[lo:hi], out=x_buf[: k * width])
         xb = xb.view(k, width, *sample_shape)
-        yb = y_all[y_rows[lo:hi]].view(k, width, *y_all.shape[1:])  # per step: dense targets are large
+        yb = torch.index_select(y_all, 0, y_rows[lo:hi], out=y_buf[: k * width])
+        yb = yb.view(k, width, *y_all.shape[1:])  # per step: dense targets are large
         if k not in views:
             views[k] = (
                 {key: grp.stacked[key][:k] for key in train_keys},
@@ -429,6 +433,8 @@ def _train_group(
             grads, batch_loss = step_fn(live, fz, ct, xb, yb, mask_t[lo:hi].view(k, width))
             optim.step_(spec.optimizer, live, grads, opt_state)
         pair_loss[plan.pair[t] : plan.pair[t + 1]] = batch_loss.detach()
+    if kernel is not None:
+        kernel.forget()
     seen = np.bincount(plan.pair_client, weights=plan.pair_count, minlength=m).astype(np.int64)
     loss_sum = np.bincount(
         plan.pair_client, weights=pair_loss.numpy().astype(np.float64) * plan.pair_count, minlength=m

@@ -84,6 +84,24 @@ def _ops(module: nn.Module, prefix: str) -> list[tuple] | None:
     return out
 
 
+#: Bound step shapes kept per trainer (a group has about two: full batches and the last one).
+_MAX_BINDINGS = 64
+
+
+@dataclass
+class _Bound:
+    """Views one step shape reads: activations (``acts[0]`` is the input, feature-major), per
+    layer (weight, bias view, whether the bias is added after the product), the layer-below
+    gradient buffers with transposed weights, the update's inputs, labels and the -1 tensor."""
+
+    acts: list[torch.Tensor]
+    forward: list[tuple[torch.Tensor, torch.Tensor | None, bool | None]]
+    below: dict[int, tuple[torch.Tensor, torch.Tensor]]
+    inputs: dict[int, torch.Tensor]
+    label: torch.Tensor
+    minus_one: torch.Tensor
+
+
 class FusedChainStep:
     """One local step of every live client: forward, loss, backward and the optimizer update.
 
@@ -111,6 +129,7 @@ class FusedChainStep:
         self.lowest = min(trained) if trained else len(chain)
         self.workspace = Workspace()
         self._ones: torch.Tensor | None = None
+        self._bindings: dict[tuple, _Bound] = {}
 
     @torch.no_grad()
     def __call__(
@@ -125,30 +144,29 @@ class FusedChainStep:
     ) -> torch.Tensor:
         """Trains one step in place; returns each live client's batch loss, shape [k]."""
         k, width = scale.shape
-        params = {**frozen, **live}
-        ws = self.workspace
-        # Activations are feature-major, [k, features, B]: every forward product is then W @ a,
-        # which batched GEMM runs faster than a @ W^T (2.8x for a 10-unit output layer).
-        acts = [x.reshape(k, width, -1).mT]
-        for i, layer in enumerate(self.chain):
-            w = params[layer.weight]
-            out = ws.take(f"act{i}", (k, w.shape[-2], width))
-            acts.append(_linear(acts[-1], w, params.get(layer.bias or ""), layer.relu, out))
-        losses, delta = self._loss_and_delta(acts[-1], y, scale)
+        bound = self._bound(live, frozen, x, y, k, width)
+        acts = bound.acts
+        for i, (w, b, add) in enumerate(bound.forward):
+            out = acts[i + 1]
+            if add is None:  # stacked weight and bias: the bias is the product's initial value
+                torch.baddbmm(b, w, acts[i], out=out)
+            else:
+                torch.matmul(w, acts[i], out=out)
+                if b is not None:
+                    out += b
+            if self.chain[i].relu:
+                out.clamp_min_(0.0)
+        losses, delta = self._loss_and_delta(acts[-1], bound.label, scale, bound.minus_one)
         grads: dict[str, torch.Tensor] = {}
         for i in range(len(self.chain) - 1, self.lowest - 1, -1):
             layer = self.chain[i]
             if layer.relu:  # zero where the unit was off (one fused kernel; a bool mask is far slower)
                 torch.ops.aten.threshold_backward.grad_input(delta, acts[i + 1], 0.0, grad_input=delta)
-            weight = params[layer.weight]
             below = None
             if i > self.lowest:  # the gradient for the layer below, before this layer's weight changes
-                below = ws.take(f"below{i}", (k, weight.shape[-1], width))
-                if weight.dim() == 3:
-                    torch.bmm(weight.mT, delta, out=below)
-                else:  # a frozen weight shared by every client
-                    torch.matmul(weight.mT, delta, out=below)
-            for key, inputs in ((layer.weight, acts[i].mT), (layer.bias, None)):
+                below, w_t = bound.below[i]
+                torch.matmul(w_t, delta, out=below)
+            for key, inputs in ((layer.weight, bound.inputs[i]), (layer.bias, None)):
                 if key is not None and key in self.trainable:
                     g = self._update(key, live, center, state, delta, inputs)
                     if g is not None:
@@ -158,8 +176,59 @@ class FusedChainStep:
             step_(self.opt, {key: live[key] for key in grads}, grads, state)
         return losses
 
+    def forget(self) -> None:
+        """Drop the bound views (a group's buffers and stacks), so the pool can hand that memory
+        to the next group."""
+        self._bindings.clear()
+
+    def _bound(
+        self,
+        live: dict[str, torch.Tensor],
+        frozen: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        k: int,
+        width: int,
+    ) -> _Bound:
+        """The step's views (activations, transposed weights, unsqueezed biases, buffers), made
+        once per shape and inputs: a group repeats a handful of step shapes, and building ~20
+        views per step costs more Python time than the small operations they feed. Keyed by the
+        memory the views point into; an entry holds that memory, so an address cannot be reused
+        while its entry exists."""
+        params = {**frozen, **live}
+        tensors = [params[n] for layer in self.chain for n in (layer.weight, layer.bias) if n]
+        key = (k, width, x.data_ptr(), x.stride(), y.data_ptr(), *(t.data_ptr() for t in tensors))
+        hit = self._bindings.get(key)
+        if hit is not None:
+            return hit
+        if len(self._bindings) >= _MAX_BINDINGS:  # inputs that move every step: do not pile up
+            self._bindings.clear()
+        ws = self.workspace
+        acts = [x.reshape(k, width, -1).mT]
+        forward: list[tuple[torch.Tensor, torch.Tensor | None, bool | None]] = []
+        for i, layer in enumerate(self.chain):
+            w = params[layer.weight]
+            b = params.get(layer.bias or "")
+            acts.append(ws.take(f"act{i}", (k, w.shape[-2], width)))
+            if w.dim() == 3 and b is not None and b.dim() == 2:
+                forward.append((w, b.unsqueeze(-1), None))
+            else:  # a shared (frozen) weight, or a shared bias: product, then add
+                forward.append((w, None if b is None else b.unsqueeze(-1), True))
+        below = {
+            i: (
+                ws.take(f"below{i}", (k, params[self.chain[i].weight].shape[-1], width)),
+                params[self.chain[i].weight].mT,
+            )
+            for i in range(self.lowest + 1, len(self.chain))
+        }
+        inputs = {i: acts[i].mT for i in range(self.lowest, len(self.chain))}
+        label = y.unsqueeze(-2) if self.task.is_classification else y
+        bound = _Bound(acts, forward, below, inputs, label, self._minus_one(k, width, x.dtype))
+        self._bindings[key] = bound
+        return bound
+
     def _loss_and_delta(
-        self, out: torch.Tensor, y: torch.Tensor, scale: torch.Tensor
+        self, out: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, minus_one: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-client mean losses [k] and d(sum of them)/d(out), both feature-major ([k, outputs,
         B]); the gradient is written over ``out`` unless a ReLU follows the last layer (its
@@ -168,14 +237,14 @@ class FusedChainStep:
         if self.task.is_classification:
             # Cross-entropy by hand: softmax - onehot(y) is the gradient. A handful of simple
             # kernels; the fused log-softmax and logsumexp are several times slower on 10 classes.
-            label = y.unsqueeze(-2)
+            label = y  # [k, 1, B]
             picked = out.gather(-2, label)
             top = out.amax(-2, keepdim=True)
             delta = torch.sub(out, top) if self.chain[-1].relu else out.sub_(top)
             total = delta.exp_().sum(-2, keepdim=True)
             delta.div_(total)
             per_sample = total.log_().add_(top).sub_(picked).squeeze(-2)  # logsumexp - out[y]
-            delta.scatter_add_(-2, label, self._minus_one(k, width, delta.dtype))
+            delta.scatter_add_(-2, label, minus_one)
             delta.mul_(scale.unsqueeze(-2))
         else:
             diff = out.mT.reshape(y.shape) - y
@@ -237,20 +306,6 @@ class FusedChainStep:
             buf.add_(c, alpha=-mu)
         p.add_(buf, alpha=-opt.lr)
         return None
-
-
-def _linear(
-    a: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, relu: bool, out: torch.Tensor
-) -> torch.Tensor:
-    """``W @ a + b`` into ``out``, for feature-major inputs [k, in, B] and a stacked [k, out, in]
-    or shared [out, in] weight."""
-    if w.dim() == 3 and b is not None and b.dim() == 2:
-        z = torch.baddbmm(b.unsqueeze(-1), w, a, out=out)
-    else:
-        z = torch.matmul(w, a, out=out)
-        if b is not None:
-            z += b.unsqueeze(-1)
-    return z.clamp_min_(0.0) if relu else z
 
 
 class Workspace:

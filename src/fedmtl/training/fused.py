@@ -91,11 +91,11 @@ _MAX_BINDINGS = 64
 @dataclass
 class _Bound:
     """Views one step shape reads: activations (``acts[0]`` is the input, feature-major), per
-    layer (weight, bias view, whether the bias is added after the product), the layer-below
+    layer (weight, bias view, whether the bias is the product's initial value), the layer-below
     gradient buffers with transposed weights, the update's inputs, labels and the -1 tensor."""
 
     acts: list[torch.Tensor]
-    forward: list[tuple[torch.Tensor, torch.Tensor | None, bool | None]]
+    forward: list[tuple[torch.Tensor, torch.Tensor | None, bool]]
     below: dict[int, tuple[torch.Tensor, torch.Tensor]]
     inputs: dict[int, torch.Tensor]
     label: torch.Tensor
@@ -146,9 +146,9 @@ class FusedChainStep:
         k, width = scale.shape
         bound = self._bound(live, frozen, x, y, k, width)
         acts = bound.acts
-        for i, (w, b, add) in enumerate(bound.forward):
+        for i, (w, b, bias_first) in enumerate(bound.forward):
             out = acts[i + 1]
-            if add is None:  # stacked weight and bias: the bias is the product's initial value
+            if bias_first:  # stacked weight and bias: the bias is the product's initial value
                 torch.baddbmm(b, w, acts[i], out=out)
             else:
                 torch.matmul(w, acts[i], out=out)
@@ -205,15 +205,15 @@ class FusedChainStep:
             self._bindings.clear()
         ws = self.workspace
         acts = [x.reshape(k, width, -1).mT]
-        forward: list[tuple[torch.Tensor, torch.Tensor | None, bool | None]] = []
+        forward: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
         for i, layer in enumerate(self.chain):
             w = params[layer.weight]
             b = params.get(layer.bias or "")
             acts.append(ws.take(f"act{i}", (k, w.shape[-2], width)))
             if w.dim() == 3 and b is not None and b.dim() == 2:
-                forward.append((w, b.unsqueeze(-1), None))
+                forward.append((w, b.unsqueeze(-1), True))
             else:  # a shared (frozen) weight, or a shared bias: product, then add
-                forward.append((w, None if b is None else b.unsqueeze(-1), True))
+                forward.append((w, None if b is None else b.unsqueeze(-1), False))
         below = {
             i: (
                 ws.take(f"below{i}", (k, params[self.chain[i].weight].shape[-1], width)),

@@ -136,6 +136,44 @@ def test_fused_step_on_deeper_chains_with_a_shared_frozen_layer():
             _close(res.params(i)[k], v, starts[i][k])
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "strided"])
+def test_fused_step_views_bound_once_read_each_steps_new_inputs(layout):
+    """The fused step keeps its views from step to step, keyed by the memory they point into: a
+    buffer refilled with the next batch (as the trainer does), a strided input that has to be
+    copied, and more step shapes than it keeps must all give what a fresh step gives."""
+    from fedmtl.training.fused import _MAX_BINDINGS, FusedChainStep
+
+    model = _mlp()
+    chain = linear_chain(model)
+    task = TaskSpec("classification", 4)
+    opt = OptimizerSpec(lr=0.1)
+    keys = [k for k, _ in model.named_parameters()]
+    make = lambda: FusedChainStep(chain, task, opt, set(keys), 0.0)  # noqa: E731
+    kept, rng = make(), np.random.default_rng(0)
+    k = 3
+    ours = {n: p.detach().repeat(k, *[1] * p.dim()).contiguous() for n, p in model.named_parameters()}
+    fresh = {n: v.clone() for n, v in ours.items()}
+    steps = _MAX_BINDINGS + 6
+    buf_x, buf_y = torch.empty((steps + k * 8) * 6), torch.empty(k * 8, dtype=torch.int64)
+    for step in range(steps):
+        # The same shape and memory four times, then a new start address every step (more keys
+        # than the step keeps, so it clears them) with varying widths.
+        width, at = (8, 0) if step < 4 else (1 + step % 7, 6 * step)
+        x = buf_x[at : at + k * width * 6].view(k, width, 6)
+        if layout == "strided":  # 2x3 "images" read transposed: flattening them must copy
+            x = buf_x[at : at + k * width * 6].view(k, width, 3, 2).mT
+        x.copy_(torch.as_tensor(rng.normal(size=x.shape), dtype=torch.float32))
+        y = buf_y[: k * width].view(k, width)
+        y.copy_(torch.as_tensor(rng.integers(0, 4, (k, width))))
+        scale = torch.full((k, width), 1.0 / width)
+        got = kept(ours, {}, {}, x, y, scale, {})
+        want = make()(fresh, {}, {}, x, y, scale, {})
+        assert torch.equal(got, want), step
+    assert 0 < len(kept._bindings) < _MAX_BINDINGS if layout == "contiguous" else not kept._bindings
+    for n in ours:
+        assert torch.equal(ours[n], fresh[n])
+
+
 def test_linear_chain_recognises_only_plain_chains():
     cfg = lambda name, **kw: parse_config({"model": {"name": name, **kw}}).model  # noqa: E731
     from fedmtl.models import build_model

@@ -35,6 +35,7 @@ def test_openblas_runs_on_one_thread_inside_and_gets_its_limit_back(two_of_each)
     assert set(_openblas_threads()) == {2}
     with torch_owns_the_cores():
         assert set(_openblas_threads()) == {1}
+        assert torch.get_num_threads() == 2  # torch's own pool is untouched
     assert set(_openblas_threads()) == {2}
     with pytest.raises(RuntimeError, match="boom"), torch_owns_the_cores():
         raise RuntimeError("boom")

@@ -10,6 +10,7 @@ its limit is restored after the round."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from functools import lru_cache
@@ -19,21 +20,24 @@ import torch
 
 
 @lru_cache(maxsize=1)
-def _openblas() -> Any | None:
-    """threadpoolctl's handle on the OpenBLAS libraries loaded now (found once per process: the
-    scan takes milliseconds), or None without threadpoolctl or OpenBLAS."""
+def _openblas(modules: int) -> Any | None:
+    """threadpoolctl's handle on the loaded OpenBLAS builds that run their own pthreads workers,
+    or None without threadpoolctl or such a library. The scan takes milliseconds, so it is
+    repeated only when ``modules`` (the number of imported modules) changes, which is when a new
+    library can have been loaded. OpenMP builds are left alone: their thread count is the OpenMP
+    runtime's, which torch may share (torch's own products would then run on one thread)."""
     try:
         from threadpoolctl import ThreadpoolController
     except ImportError:  # a declared dependency; an environment without it just keeps spinning
         return None
-    pools = ThreadpoolController().select(internal_api="openblas")
+    pools = ThreadpoolController().select(internal_api="openblas", threading_layer="pthreads")
     return pools if pools.lib_controllers else None
 
 
 @contextmanager
 def torch_owns_the_cores() -> Iterator[None]:
     """OpenBLAS on one thread inside the block when torch computes on several (else a no-op)."""
-    pools = _openblas() if torch.get_num_threads() > 1 else None
+    pools = _openblas(len(sys.modules)) if torch.get_num_threads() > 1 else None
     if pools is None:
         yield
         return

@@ -193,8 +193,8 @@ class FusedChainStep:
         """The step's views (activations, transposed weights, unsqueezed biases, buffers), made
         once per shape and inputs: a group repeats a handful of step shapes, and building ~20
         views per step costs more Python time than the small operations they feed. Keyed by the
-        memory the views point into; an entry holds that memory, so an address cannot be reused
-        while its entry exists."""
+        memory the views point into; an entry holds that memory (it is kept only when every view
+        is one, not a copy), so an address cannot be reused while its entry exists."""
         params = {**frozen, **live}
         tensors = [params[n] for layer in self.chain for n in (layer.weight, layer.bias) if n]
         key = (k, width, x.data_ptr(), x.stride(), y.data_ptr(), *(t.data_ptr() for t in tensors))
@@ -204,7 +204,10 @@ class FusedChainStep:
         if len(self._bindings) >= _MAX_BINDINGS:  # inputs that move every step: do not pile up
             self._bindings.clear()
         ws = self.workspace
-        acts = [x.reshape(k, width, -1).mT]
+        flat = x.reshape(k, width, -1)
+        # A strided input is copied by reshape: that copy must not answer for the next step.
+        keep = flat.data_ptr() == x.data_ptr()
+        acts = [flat.mT]
         forward: list[tuple[torch.Tensor, torch.Tensor | None, bool]] = []
         for i, layer in enumerate(self.chain):
             w = params[layer.weight]
@@ -224,7 +227,8 @@ class FusedChainStep:
         inputs = {i: acts[i].mT for i in range(self.lowest, len(self.chain))}
         label = y.unsqueeze(-2) if self.task.is_classification else y
         bound = _Bound(acts, forward, below, inputs, label, self._minus_one(k, width, x.dtype))
-        self._bindings[key] = bound
+        if keep:
+            self._bindings[key] = bound
         return bound
 
     def _loss_and_delta(

@@ -4,7 +4,6 @@ and mean give exactly what the per-client ones give."""
 from __future__ import annotations
 
 import pickle
-import warnings
 
 import numpy as np
 import pytest
@@ -59,39 +58,6 @@ def test_stacked_mean_equals_the_per_client_mean():
     for k in slow:
         np.testing.assert_allclose(fast[k], slow[k], rtol=1e-6, atol=1e-7)
         assert fast[k].dtype == slow[k].dtype
-
-
-def test_stacked_mean_of_float_stacks_wakes_no_numpy_blas_threads(monkeypatch):
-    """numpy's OpenBLAS workers spin ~0.1 s after a product and take a core from the next round's
-    training: float stacks are averaged by torch; read-only and integer stacks by numpy, correctly."""
-    import torch
-
-    import fedmtl.aggregation.mean as mean
-
-    wrapped: list[tuple] = []
-    real_from_numpy = torch.from_numpy
-
-    def spy(a: np.ndarray) -> torch.Tensor:
-        wrapped.append(a.shape)
-        return real_from_numpy(a)
-
-    monkeypatch.setattr(mean.torch, "from_numpy", spy)
-    st = _stack(6, 0)
-    weights = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]
-    expect = weighted_mean([dict(st.row(i)) for i in range(6)], weights)
-    got = weighted_mean([st.row(i) for i in range(6)], weights)
-    for k in expect:
-        np.testing.assert_allclose(got[k], expect[k], rtol=1e-6, atol=1e-7)
-    assert sorted(wrapped) == [(6,), (6,), (6, 4), (6, 12)]  # weights and rows of "b" and "w"
-    monkeypatch.undo()
-    rows = np.arange(12, dtype=np.float32).reshape(3, 4)
-    w = np.array([0.5, 0.25, 0.25], dtype=np.float32)
-    np.testing.assert_allclose(mean._weighted_rows(w, rows), [3.0, 4.0, 5.0, 6.0])
-    rows.flags.writeable = False  # torch cannot wrap it: numpy, without a warning
-    with warnings.catch_warnings():
-        warnings.simplefilter("error")
-        np.testing.assert_allclose(mean._weighted_rows(w, rows), [3.0, 4.0, 5.0, 6.0])
-    assert mean._weighted_rows(np.array([1, 2]), np.arange(6).reshape(2, 3)).tolist() == [6, 9, 12]
 
 
 @pytest.mark.parametrize("summed_by", ["numpy", "torch"])

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
 from fedmtl.errors import ProtocolError
 from fedmtl.training.rows import group_rows
@@ -44,19 +43,6 @@ def weighted_mean(
 _BLOCK_ROWS = 64
 
 
-def _weighted_rows(w: np.ndarray, rows: np.ndarray) -> np.ndarray:
-    """``w @ rows``, by torch for float32/float64 rows.
-
-    numpy's OpenBLAS keeps its own worker threads, which spin for about 0.1 s after each product;
-    on a small machine they then take a core from the next round's torch training (measured: 0.06 to
-    0.12 core-seconds per round of the 100-client throughput workload). Torch's pool is the one
-    training uses, so the product costs the same and nothing spins into the next round. (Read-only
-    rows stay with numpy: torch cannot wrap them without a copy.)"""
-    if rows.dtype in (np.float32, np.float64) and w.dtype == rows.dtype and rows.flags.writeable:
-        return torch.from_numpy(w).matmul(torch.from_numpy(rows)).numpy()
-    return w @ rows
-
-
 def _stacked_mean(
     updates: Sequence[dict[str, np.ndarray]], w: np.ndarray, keys: list[str]
 ) -> dict[str, np.ndarray] | None:
@@ -93,6 +79,6 @@ def _stacked_mean(
             for lo in range(0, len(idx), _BLOCK_ROWS):
                 sel = slice(lo, lo + _BLOCK_ROWS)
                 part = arr[sel] if whole else arr[idx[sel]]
-                flat += _weighted_rows(wcast[sel], part.reshape(len(part), -1))
+                flat += wcast[sel] @ part.reshape(len(part), -1)
         out[k] = acc.astype(ref.dtype)
     return out

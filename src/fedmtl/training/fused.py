@@ -236,19 +236,18 @@ class FusedChainStep:
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Per-client mean losses [k] and d(sum of them)/d(out), both feature-major ([k, outputs,
         B]); the gradient is written over ``out`` unless a ReLU follows the last layer (its
-        backward needs the outputs)."""
+        backward needs the outputs). ``y``: class labels as [k, 1, B], or regression targets."""
         k, width = scale.shape
         if self.task.is_classification:
             # Cross-entropy by hand: softmax - onehot(y) is the gradient. A handful of simple
             # kernels; the fused log-softmax and logsumexp are several times slower on 10 classes.
-            label = y  # [k, 1, B]
-            picked = out.gather(-2, label)
+            picked = out.gather(-2, y)
             top = out.amax(-2, keepdim=True)
             delta = torch.sub(out, top) if self.chain[-1].relu else out.sub_(top)
             total = delta.exp_().sum(-2, keepdim=True)
             delta.div_(total)
             per_sample = total.log_().add_(top).sub_(picked).squeeze(-2)  # logsumexp - out[y]
-            delta.scatter_add_(-2, label, minus_one)
+            delta.scatter_add_(-2, y, minus_one)
             delta.mul_(scale.unsqueeze(-2))
         else:
             diff = out.mT.reshape(y.shape) - y

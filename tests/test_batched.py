@@ -417,6 +417,27 @@ def test_batch_order_and_lengths_match_the_schedule(n, bs, steps):
     assert lens[1].tolist() == [1] + [0] * (steps - 1)
 
 
+def test_batch_orders_are_every_clients_batch_order_from_the_same_draws():
+    """The bulk orders (one shared array shuffled slice by slice) equal ``batch_order`` per client,
+    for whole epochs, stragglers that stop inside their epoch and clients training several
+    epochs, and leave every rng in the same state (later draws agree too)."""
+    from fedmtl.training.local import batch_order, batch_orders
+
+    sizes = [35, 20, 7, 64, 10, 5, 50, 1]
+    steps = [2, 1, 5, 1, 9, 3, 2, 4]
+    bulk = [np.random.default_rng([3, i]) for i in range(len(sizes))]
+    each = [np.random.default_rng([3, i]) for i in range(len(sizes))]
+    order, lengths = batch_orders(sizes, 32, steps, bulk)
+    expected = [batch_order(n, 32, s, r) for n, s, r in zip(sizes, steps, each, strict=True)]
+    np.testing.assert_array_equal(order, np.concatenate(expected))
+    assert lengths.tolist() == [len(e) for e in expected]
+    assert [r.integers(1 << 30) for r in bulk] == [r.integers(1 << 30) for r in each]
+    whole, lengths = batch_orders([30, 12], 32, [1, 1], [np.random.default_rng(i) for i in (1, 2)])
+    perms = [np.random.default_rng(1).permutation(30), np.random.default_rng(2).permutation(12)]
+    np.testing.assert_array_equal(whole, np.concatenate(perms))
+    assert lengths.tolist() == [30, 12]
+
+
 def test_derived_rngs_build_the_same_streams_in_bulk():
     from fedmtl.runtime.seeds import derived_rng, derived_rngs
 

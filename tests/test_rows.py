@@ -27,6 +27,22 @@ def _stack(n: int = 6, seed: int = 0) -> StackedRows:
     )
 
 
+def test_all_rows_at_once_are_the_rows_one_by_one():
+    st = _stack()
+    bulk = st.rows()
+    assert len(bulk) == st.n
+    for r, view in enumerate(bulk):
+        single = st.row(r)
+        assert type(view) is type(single) and list(view) == list(single) == st.keys
+        assert linked_stack(view) is st and view.row == r
+        for key in st.keys:
+            np.testing.assert_array_equal(view[key], single[key])
+            assert np.shares_memory(view[key], single[key])
+        assert view["frozen"] is st.shared["frozen"]
+    bulk[3]["w"] = np.zeros((4, 3))  # rows are independent dicts: editing one unlinks only it
+    assert linked_stack(bulk[3]) is None and linked_stack(bulk[4]) is st
+
+
 def test_a_row_is_a_dict_of_views_until_edited():
     st = _stack()
     view = st.row(2)

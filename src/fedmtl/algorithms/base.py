@@ -207,8 +207,8 @@ class Algorithm:
                 memory_bytes=memory_bytes,
             )
             losses, seen = res.loss.tolist(), res.seen.tolist()
-            for j, i in enumerate(idx):
-                out[i] = LocalResult(res.arrays(j), losses[j], seen[j], steps[j])
+            for j, (i, arrays) in enumerate(zip(idx, res.all_arrays(), strict=True)):
+                out[i] = LocalResult(arrays, losses[j], seen[j], steps[j])
         return [r for r in out if r is not None]
 
 

@@ -116,7 +116,20 @@ def accept_replies(
     with this round's rejections (``{cid: reason}``, shown in the round row) recorded."""
     from fedmtl.runtime.validation import split_valid
 
-    ok, rejected = split_valid(replies, lambda c: algo.expected_reply(server, c))
+    expected_for = lambda c: algo.expected_reply(server, c)  # noqa: E731
+    cls = type(algo)
+    if cls.expected_reply is FedAvg.expected_reply and cls.broadcast is FedAvg.broadcast:
+        # What FedAvg broadcasts depends on the client's task only: build it once per task
+        # (a round of thousands of small clients spends a measurable share on the rebuilding).
+        by_task: dict[str, Arrays] = {}
+
+        def expected_for(c: int) -> Arrays:
+            task = algo.ctx.task_of(c)
+            if task not in by_task:
+                by_task[task] = algo.expected_reply(server, c)
+            return by_task[task]
+
+    ok, rejected = split_valid(replies, expected_for)
     server = {k: v for k, v in server.items() if k not in ("rejected", "agg_info")}
     if rejected:
         server["rejected"] = rejected

@@ -34,7 +34,7 @@ from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
 from fedmtl.training.buffers import POOL
 from fedmtl.training.fused import FusedChainStep, linear_chain
-from fedmtl.training.local import LocalSpec, batch_lengths, batch_order
+from fedmtl.training.local import LocalSpec, batch_lengths, batch_orders
 from fedmtl.training.rows import StackedRows
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -83,25 +83,32 @@ class BatchedResult:
         grp = self.groups[g]
         return {k: grp.stacked[k][r] if k in grp.stacked else grp.shared[k] for k in self.keys}
 
-    def arrays(self, i: int, copy: bool = False) -> dict[str, np.ndarray]:
-        """Client i's parameters as numpy arrays: a ``RowView`` of views into the stacks unless
-        ``copy`` (copy what outlives the round, such as client state, so it does not pin the
-        whole stack)."""
-        g, r = self.where[i]
-        grp = self.groups[g]
+    def all_arrays(self) -> list[dict[str, np.ndarray]]:
+        """``[self.arrays(i) for i in range(len(self))]``, each group's row views built at once."""
+        per_group = [self._rows(grp).rows() for grp in self.groups]
+        return [per_group[g][r] for g, r in self.where]
+
+    def _rows(self, grp: _Group) -> StackedRows:
         if grp.rows is None:
             grp.rows = StackedRows(
                 self.keys,
                 {k: v.numpy() for k, v in grp.stacked.items()},
                 {k: v.numpy() for k, v in grp.shared.items()},
             )
+        return grp.rows
+
+    def arrays(self, i: int, copy: bool = False) -> dict[str, np.ndarray]:
+        """Client i's parameters as numpy arrays: a ``RowView`` of views into the stacks unless
+        ``copy`` (copy what outlives the round, such as client state, so it does not pin the
+        whole stack)."""
+        g, r = self.where[i]
+        rows = self._rows(self.groups[g])
         if copy:
-            rows = grp.rows
             return {
                 k: rows.stacked[k][r].copy() if k in rows.stacked else rows.shared[k].copy()
                 for k in self.keys
             }
-        return grp.rows.row(r)
+        return rows.row(r)
 
 
 def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
@@ -232,12 +239,13 @@ class _StepPlan:
     pair_count: np.ndarray  # real samples of each pair's batch
 
 
-def _step_plan(orders: list[np.ndarray], sizes: np.ndarray, batch_size: int, steps: np.ndarray) -> _StepPlan:
-    """The plan from one index array per client (``batch_order``); ``steps`` must be descending
-    (the clients still training at any step are then a prefix)."""
+def _step_plan(
+    order_rows: np.ndarray, totals: np.ndarray, sizes: np.ndarray, batch_size: int, steps: np.ndarray
+) -> _StepPlan:
+    """The plan from every client's ``batch_order``, concatenated (``batch_orders``: the rows and
+    each client's count); ``steps`` must be descending (the clients still training at any step
+    are then a prefix)."""
     lens = batch_lengths(sizes, batch_size, steps)  # [clients, steps]
-    totals = np.fromiter((len(o) for o in orders), dtype=np.int64, count=len(orders))
-    order_rows = np.concatenate(orders).astype(np.int64)
     batch_start = np.cumsum(lens, axis=1) - lens + (np.cumsum(totals) - totals)[:, None]
     n_steps = lens.shape[1]
     live = (steps[None, :] > np.arange(n_steps)[:, None]).sum(1)
@@ -393,8 +401,8 @@ def _train_group(
     sample_shape = tuple(x_all.shape[1:])
     x_flat = x_all.view(len(x_all), -1)
     n_steps = np.fromiter((int(steps[i]) for i in members), dtype=np.int64, count=m)
-    orders = [batch_order(len(ys[i]), spec.batch_size, int(steps[i]), rngs[i]) for i in members]
-    plan = _step_plan(orders, sizes, spec.batch_size, n_steps)
+    order_rows, totals = batch_orders(sizes, spec.batch_size, n_steps, [rngs[i] for i in members])
+    plan = _step_plan(order_rows, totals, sizes, spec.batch_size, n_steps)
     x_rows = torch.from_numpy(x_first[plan.entry_client] + plan.local)
     y_rows = torch.from_numpy(y_first[plan.entry_client] + plan.local)
     mask_t, scale_t = torch.from_numpy(plan.mask), torch.from_numpy(plan.scale)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, replace
 
 import numpy as np
@@ -62,6 +62,40 @@ def batch_order(n: int, batch_size: int, steps: int, rng: np.random.Generator) -
     order = rng.permutation(n) if epochs == 1 else np.concatenate([rng.permutation(n) for _ in range(epochs)])
     rest = steps - (epochs - 1) * per_epoch  # batches taken from the last epoch
     return order[: (epochs - 1) * n + min(rest * bs, n)]
+
+
+def batch_orders(
+    sizes: Sequence[int], batch_size: int, steps: Sequence[int], rngs: Sequence[np.random.Generator]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``batch_order`` of every client, concatenated, and each one's length.
+
+    A client that trains at most one epoch draws ``permutation(n)``, which is ``arange(n)``
+    shuffled in place: here every such client shuffles its own slice of one shared array of
+    aranges, the same draws without a new array (and its Python call) per client. Clients of a
+    small federation cost a few microseconds each, so this is a measurable share of a round."""
+    n = np.asarray(sizes, dtype=np.int64)
+    t = np.asarray(steps, dtype=np.int64)
+    bs = np.minimum(batch_size, n)
+    single = t <= -(-n // np.maximum(bs, 1))  # at most one epoch: one permutation of n
+    starts = np.cumsum(n) - n
+    order = np.arange(int(n.sum()), dtype=np.int64) - np.repeat(starts, n)
+    shuffle = [rng.shuffle for rng in rngs]
+    multi: dict[int, np.ndarray] = {}
+    for i, (s, m, one) in enumerate(zip(starts.tolist(), n.tolist(), single.tolist(), strict=True)):
+        if one:
+            shuffle[i](order[s : s + m])
+        else:
+            multi[i] = batch_order(m, batch_size, int(t[i]), rngs[i])
+    lengths = np.where(single, np.minimum(t * bs, n), 0)
+    for i, o in multi.items():
+        lengths[i] = len(o)
+    if not multi and bool((lengths == n).all()):  # every client uses its whole permutation
+        return order, lengths
+    parts = [
+        multi[i] if i in multi else order[s : s + k]
+        for i, (s, k) in enumerate(zip(starts.tolist(), lengths.tolist(), strict=True))
+    ]
+    return np.concatenate(parts) if parts else order[:0], lengths
 
 
 def batch_lengths(n: np.ndarray, batch_size: int, steps: np.ndarray) -> np.ndarray:

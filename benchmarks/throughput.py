@@ -346,21 +346,29 @@ def small_federation(pool: FederatedData, num_clients: int, seed: int = SEED) ->
     )
 
 
-def time_round(data: FederatedData, execution: str, hidden: list[int], repeats: int) -> float:
-    """Fastest of ``repeats`` FedAvg rounds on ``data`` (every client sampled) after one untimed
-    round: the least disturbed measurement on a shared machine, in steady state."""
-    raw = fedmtl_config(execution, hidden, 1 + repeats)
-    raw["data"]["dataset"] = data.name.split("-")[0]
-    cfg = parse_config(raw)
-    with given_data(data):
-        _, algo, sim = fedmtl_run.build(cfg)
-    server, states = algo.init_server(), {}
-    times = []
+def time_rounds(
+    data: FederatedData, executions: list[str], hidden: list[int], repeats: int
+) -> dict[str, float]:
+    """Fastest of ``repeats`` FedAvg rounds on ``data`` (every client sampled) for each execution,
+    after one untimed round each. The executions' rounds alternate (round r of each, then round
+    r + 1 of each), so a change in the shared machine's speed during the measurement falls on
+    all of them rather than on whichever ran later; the fastest round is the least disturbed."""
+    runs = []
+    for execution in executions:
+        raw = fedmtl_config(execution, hidden, 1 + repeats)
+        raw["data"]["dataset"] = data.name.split("-")[0]
+        with given_data(data):
+            _, algo, sim = fedmtl_run.build(parse_config(raw))
+        runs.append([sim, algo.init_server(), {}])
+    times: dict[str, list[float]] = {e: [] for e in executions}
     for r in range(1, repeats + 2):
-        t = time.perf_counter()
-        server = sim.run_round(r, server, states).server
-        times.append(time.perf_counter() - t)
-    return min(times[1:])
+        for execution, run in zip(executions, runs, strict=True):
+            sim, server, states = run
+            t = time.perf_counter()
+            run[1] = sim.run_round(r, server, states).server
+            if r > 1:
+                times[execution].append(time.perf_counter() - t)
+    return {e: min(v) for e, v in times.items()}
 
 
 @dataclass
@@ -381,8 +389,7 @@ def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[di
     rows = []
     for w in workloads:
         warm = small_federation(w.pool, 4)
-        time_round(warm, "batched", w.hidden, 1)  # warm-up: lazy imports and first calls
-        time_round(warm, "sequential", w.hidden, 1)
+        time_rounds(warm, ["batched", "sequential"], w.hidden, 1)  # warm-up: lazy imports, first calls
         for n in sizes:
             if n > w.max_clients:
                 continue
@@ -390,8 +397,7 @@ def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[di
             repeats = 5
             row = {"model": w.label, "clients": n, "samples": int(sum(c.n_train for c in data.clients))}
             row["gflop"] = row["samples"] * w.flops_per_sample / 1e9
-            for execution in ("batched", "sequential"):
-                row[execution] = time_round(data, execution, w.hidden, repeats)
+            row.update(time_rounds(data, ["batched", "sequential"], w.hidden, repeats))
             row["speedup"] = row["sequential"] / row["batched"]
             rows.append(row)
             print(f"  scaling {w.label}, {n:>6} clients: {row['batched']:.3f} s batched, "
@@ -621,7 +627,8 @@ def write_report(
             "## Scaling: seconds per round vs sampled clients (20-50 images each)",
             "",
             "FedAvg, every client sampled, 1 local epoch, batch 32. Each point is the fastest of 5 "
-            "rounds after one untimed round (the least disturbed measurement on a shared machine). "
+            "rounds after one untimed round (the least disturbed measurement on a shared machine); "
+            "batched and sequential rounds alternate, so a drift in the machine's speed falls on both. "
             "Digits 8x8 with an MLP 64-32-10 is the regime where per-client overhead dominates; MNIST "
             "with the 784-200-10 MLP is arithmetic-bound (about "
             f"{35 * executed_flops_per_sample([784, HIDDEN, 10]) / 1e6:.0f} MFLOP per client per round "

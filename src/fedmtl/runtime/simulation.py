@@ -280,41 +280,48 @@ class Simulator:
             outcomes = self._train_clients(jobs) if jobs else []
         rejected: dict[int, str] = {}
         problems = reply_problems([reply for _, reply, _ in outcomes])
+        # The loop below runs once per client: its constants are read once (``comm_seconds``'s
+        # arithmetic, written out in the same order, so the same numbers).
         flop_rate = self.cfg.runtime.client_gflops * 1e9
+        per_flop = self.flops
+        up_bps, down_bps = self.cfg.runtime.uplink_mbps * 1e6, self.cfg.runtime.downlink_mbps * 1e6
+        nan = float("nan")
         for (cid, _, _, _), row, (new_state, reply, wall), problem in zip(
             jobs, trained, outcomes, problems, strict=True
         ):
             scalars = reply.scalars
             samples = float(scalars.get("samples", 0))
             up = reply.nbytes
-            flops = samples * self.flops
+            flops = samples * per_flop
             if transport is not None:  # driven: bytes of every exchange; the client's own FLOPs
                 up = transport.bytes_up[cid]
                 row["bytes_down"] += transport.bytes_down[cid]
                 flops = float(scalars.get("client_flops", flops))
+            loss = float(scalars.get("train_loss", nan))
             row["compute_wall"] = wall
             row["bytes_up"] = up
             row["steps"] = int(scalars.get("steps", 0))
-            row["train_loss"] = float(scalars.get("train_loss", float("nan")))
-            row["sim_time"] = flops / flop_rate + self.comm_seconds(up, row["bytes_down"])
+            row["train_loss"] = loss
+            row["sim_time"] = flops / flop_rate + (up * 8 / up_bps + row["bytes_down"] * 8 / down_bps)
             if problem is not None:  # update and new state discarded, as for a malformed message
                 rejected[cid] = problem
                 row["rejected"] = problem
                 continue
             states[cid] = new_state
             replies[cid] = reply
-            if "train_loss" in reply.scalars:
-                losses.append(row["train_loss"])
+            if "train_loss" in scalars:
+                losses.append(loss)
                 weights.append(samples)
         if transport is None:
             server = self.algo.server_step(server, replies, round)
+        dropped_clients = [r["client"] for r in rows if r["dropped"]]
         info = {
             "sampled": len(rows),
-            "dropped": sum(r["dropped"] for r in rows),
-            "dropped_clients": [r["client"] for r in rows if r["dropped"]],
-            "bytes_up": int(sum(r["bytes_up"] for r in rows)),
-            "bytes_down": int(sum(r["bytes_down"] for r in rows)),
-            "sim_time": max((r["sim_time"] for r in rows), default=0.0),
+            "dropped": len(dropped_clients),
+            "dropped_clients": dropped_clients,
+            "bytes_up": int(sum([r["bytes_up"] for r in rows])),
+            "bytes_down": int(sum([r["bytes_down"] for r in rows])),
+            "sim_time": max([r["sim_time"] for r in rows], default=0.0),
             "lr": lr,
             "execution": self.execution,
             "rejected_clients": sorted(rejected),

@@ -187,11 +187,26 @@ class Algorithm:
         and loss), results in input order."""
         out: list[LocalResult | None] = [None] * len(starts)
         groups: dict[tuple[float, str, bool], list[int]] = {}
-        for i, (data, work) in enumerate(zip(datas, works, strict=True)):
-            groups.setdefault((work.lr, data.task.name, data.task.is_classification), []).append(i)
+        if len(datas) != len(works):
+            raise ValueError("batched_local_train: datas and works need one entry per client")
+        task0, lr0 = (datas[0].task, works[0].lr) if datas else (None, None)
+        if datas and all(d.task is task0 for d in datas) and all(w.lr == lr0 for w in works):
+            # The usual round: one task, one learning rate (thousands of small clients make a
+            # per-client dictionary update measurable).
+            groups[(lr0, task0.name, task0.is_classification)] = list(range(len(datas)))  # type: ignore[union-attr]
+        else:
+            for i, (data, work) in enumerate(zip(datas, works, strict=True)):
+                groups.setdefault((work.lr, data.task.name, data.task.is_classification), []).append(i)
         for (lr, task, _), idx in groups.items():
             spec = self.ctx.local.with_lr(lr)
-            steps = [num_local_steps(datas[i].n_train, spec, works[i].fraction) for i in idx]
+            known: dict[tuple[int, float], int] = {}  # (size, work fraction) -> steps: few distinct
+            steps = []
+            for i in idx:
+                key = (len(datas[i].y_train), works[i].fraction)
+                n_steps = known.get(key)
+                if n_steps is None:
+                    n_steps = known[key] = num_local_steps(key[0], spec, key[1])
+                steps.append(n_steps)
             res = batched_local_train(
                 self.ctx.model_for(task),
                 [starts[i] for i in idx],

@@ -128,6 +128,16 @@ def _is_shared(values: Sequence[ArrayLike]) -> bool:
     return all(v is first for v in values[1:])
 
 
+def _column_reader(dicts: Sequence[ParamsLike], members: list[int]) -> Callable[[str], list[ArrayLike]]:
+    """``key -> [dicts[i][key] for i in members]``, read once when every member holds the very
+    same dict (FedAvg's broadcast model): then each key's values are one object, repeated."""
+    first = dicts[members[0]]
+    if all(dicts[i] is first for i in members):
+        m = len(members)
+        return lambda key: [first[key]] * m
+    return lambda key: [dicts[i][key] for i in members]
+
+
 def _stack(values: Sequence[ArrayLike]) -> torch.Tensor:
     """A fresh contiguous [n, ...] tensor to train in place (never a view of the inputs)."""
     first = torch.as_tensor(values[0])
@@ -371,14 +381,15 @@ def _train_group(
 ) -> None:
     members = grp.clients
     m = len(members)
+    column = _column_reader(starts, members)
     # Parameters: trainable ones are always stacked (they diverge); frozen ones and the proximal
     # centre only when they differ between clients.
     for k in train_keys:
-        grp.stacked[k] = _stack([starts[i][k] for i in members])
+        grp.stacked[k] = _stack(column(k))
     frozen: dict[str, torch.Tensor] = {}
     frozen_dims: dict[str, int | None] = {}
     for k in frozen_keys:
-        vals = [starts[i][k] for i in members]
+        vals = column(k)
         if _is_shared(vals):
             grp.shared[k] = frozen[k] = torch.as_tensor(vals[0])
             frozen_dims[k] = None
@@ -387,8 +398,9 @@ def _train_group(
             frozen_dims[k] = 0
     center: dict[str, torch.Tensor] = {}
     center_dims: dict[str, int | None] = {}
+    center_column = None if prox_centers is None else _column_reader(prox_centers, members)
     for k in center_keys:
-        vals = [prox_centers[i][k] for i in members]  # type: ignore[index]
+        vals = center_column(k)  # type: ignore[misc]
         shared = _is_shared(vals)
         # Shared centres are the caller's tensors: safe, since only fresh stacks are trained in place.
         center[k] = torch.as_tensor(vals[0]) if shared else _stack(vals)

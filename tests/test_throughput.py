@@ -36,6 +36,9 @@ def test_quick_benchmark_writes_table_and_scaling_plot(tmp_path, shared_data):
     )
     for row in rows:
         assert row in text
+    if throughput.onednn.available():  # the loop on the batched step's product route, for comparison
+        assert "| plain PyTorch loop, tensor indexing, oneDNN products |" in text
+        assert "oneDNN's float32 kernels" in text and "product shapes" in text
     assert "skipped (--quick or --no-flower)" in text
     assert "Accuracies agree to 0.00" in text  # same computation in every runner
     assert (tmp_path / "throughput_scaling.png").stat().st_size > 0

@@ -82,6 +82,9 @@ class ClientsConfig(Strict):
 class RuntimeConfig(Strict):
     execution: Literal["sequential", "batched", "auto"] = "sequential"
     batch_memory_gib: float = Field(2.0, gt=0, description="budget for stacking sampled clients when batched")
+    onednn: bool = Field(
+        True, description="batched MLP steps multiply on oneDNN's float32 kernels where probed exact"
+    )
     work_fraction: tuple[float, float] = (1.0, 1.0)
     drop_prob: float = Field(0.0, ge=0, lt=1)
     always_drop: list[int] = Field(default_factory=list, description="clients that drop every round")

@@ -28,6 +28,7 @@ from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.runtime.seeds import derived_rng, derived_rngs
 from fedmtl.runtime.threads import torch_owns_the_cores
 from fedmtl.runtime.validation import reply_problems
+from fedmtl.training import onednn
 from fedmtl.training.batched import batch_support
 
 # Purposes for derived random streams (stable small ints; never reorder).
@@ -135,7 +136,8 @@ class Simulator:
         round_driver(algo)  # a wrapped multi-step protocol fails before any run directory exists
         #: "sequential" or "batched": ``runtime.execution`` resolved once, before any round runs,
         #: so 'batched' on an unbatchable algorithm fails before a run directory exists.
-        self.execution = self._resolve_execution()
+        with onednn.enabled_as(cfg.runtime.onednn):  # the trial step probes products too
+            self.execution = self._resolve_execution()
         #: Budget for what batched execution stacks at once (``runtime.batch_memory_gib``).
         gib = cfg.runtime.batch_memory_gib
         self.memory_bytes = int(gib * 2**30)
@@ -228,7 +230,7 @@ class Simulator:
     # --- one round ----------------------------------------------------------------------------
     def run_round(self, round: int, server: dict[str, Any], states: dict[int, dict[str, Any]]) -> RoundResult:
         """One synchronous round; ``states`` (client id -> client state) is updated in place."""
-        with _gc_paused(), torch_owns_the_cores():
+        with _gc_paused(), torch_owns_the_cores(), onednn.enabled_as(self.cfg.runtime.onednn):
             return self._run_round(round, server, states)
 
     def _run_round(

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from fedmtl.data.federated import TaskSpec
+from fedmtl.training import onednn
 from fedmtl.training.buffers import POOL
 from fedmtl.training.optim import OptimizerSpec, step_
 
@@ -100,6 +101,8 @@ class _Bound:
     inputs: dict[int, torch.Tensor]
     label: torch.Tensor
     minus_one: torch.Tensor
+    #: every product of the step is exact float32 on oneDNN's kernels (``fedmtl.training.onednn``)
+    onednn: bool = False
 
 
 class FusedChainStep:
@@ -145,6 +148,22 @@ class FusedChainStep:
         """Trains one step in place; returns each live client's batch loss, shape [k]."""
         k, width = scale.shape
         bound = self._bound(live, frozen, x, y, k, width)
+        if not bound.onednn:
+            return self._step(bound, live, center, scale, state)
+        before = onednn.begin()
+        try:
+            return self._step(bound, live, center, scale, state)
+        finally:
+            onednn.end(before)
+
+    def _step(
+        self,
+        bound: _Bound,
+        live: dict[str, torch.Tensor],
+        center: dict[str, torch.Tensor],
+        scale: torch.Tensor,
+        state: dict,
+    ) -> torch.Tensor:
         acts = bound.acts
         for i, (w, b, bias_first) in enumerate(bound.forward):
             out = acts[i + 1]
@@ -227,9 +246,25 @@ class FusedChainStep:
         inputs = {i: acts[i].mT for i in range(self.lowest, len(self.chain))}
         label = y.unsqueeze(-2) if self.task.is_classification else y
         bound = _Bound(acts, forward, below, inputs, label, self._minus_one(k, width, x.dtype))
+        bound.onednn = onednn.exact(self._products(bound, params))
         if keep:
             self._bindings[key] = bound
         return bound
+
+    def _products(self, bound: _Bound, params: dict[str, torch.Tensor]) -> list[tuple]:
+        """The step's matrix products as ``onednn.exact`` takes them (form, a, b, out)."""
+        acts = bound.acts
+        out: list[tuple] = []
+        for i, (w, _, bias_first) in enumerate(bound.forward):
+            out.append(("baddbmm" if bias_first else "matmul", w, acts[i], acts[i + 1]))
+        for i, (buf, w_t) in bound.below.items():
+            out.append(("matmul", w_t, acts[i + 1], buf))  # the layer's delta is shaped as its output
+        form = "matmul" if self.opt.name == "adam" else "baddbmm"
+        for i in range(self.lowest, len(self.chain)):
+            key = self.chain[i].weight
+            if key in self.trainable:
+                out.append((form, acts[i + 1], bound.inputs[i], params[key]))
+        return out
 
     def _loss_and_delta(
         self, out: torch.Tensor, y: torch.Tensor, scale: torch.Tensor, minus_one: torch.Tensor

@@ -1,0 +1,131 @@
+"""Float32 matrix products on oneDNN's kernels, where they are exact float32.
+
+torch multiplies float32 matrices on x86 with MKL, which on CPUs that are not Intel's runs its
+AVX2 code: on the development machine (AMD EPYC, AVX-512) a 2048x2048 product reaches about
+175 GFLOP/s on two cores where oneDNN, which ships inside torch and picks its kernels by
+instruction set, reaches about 420. torch sends float32 products to oneDNN only while
+``torch.backends.mkldnn.matmul.fp32_precision`` is "bf16", a setting that *permits* oneDNN to round
+the inputs to bfloat16; whether it does depends on the CPU (with Intel AMX it does; with AVX-512
+alone, here, it runs its float32 kernel). So the batched step takes that route only for product
+shapes for which a probe on random inputs matches a float64 reference to float32 accuracy (a
+bfloat16 product misses it by about 100x), and only while the step runs: the setting is
+restored after every step, so no other code in the process sees it.
+
+``runtime.onednn: false`` (or ``set_enabled(False)``) keeps every product on torch's default."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+
+import torch
+
+_getter = getattr(torch._C, "_get_fp32_precision_getter", None)
+_setter = getattr(torch._C, "_set_fp32_precision_setter", None)
+
+#: A product is exact float32 when its largest error against float64 is below this share of its
+#: largest value (float32 products of these sizes: ~1e-6; bfloat16 inputs: ~1e-3).
+TOLERANCE = 1e-4
+
+_enabled = True
+#: (shapes, strides and form of a product) -> whether the oneDNN route computes it in float32
+_verdicts: dict[tuple, bool] = {}
+
+
+def available() -> bool:
+    """Whether this torch has the switch (2.9 and later) and oneDNN."""
+    return _getter is not None and _setter is not None and torch.backends.mkldnn.is_available()
+
+
+def set_enabled(on: bool) -> None:
+    global _enabled
+    _enabled = bool(on)
+
+
+def enabled() -> bool:
+    return _enabled and available()
+
+
+@contextmanager
+def enabled_as(on: bool) -> Iterator[None]:
+    """``set_enabled(on)`` inside the block, the previous setting after it."""
+    global _enabled
+    before = _enabled
+    _enabled = bool(on)
+    try:
+        yield
+    finally:
+        _enabled = before
+
+
+def begin() -> str:
+    """Send float32 products to oneDNN (callers check ``exact`` first); returns what ``end`` restores."""
+    before = _getter("mkldnn", "matmul")  # type: ignore[misc]
+    _setter("mkldnn", "matmul", "bf16")  # type: ignore[misc]
+    return before
+
+
+def end(before: str) -> None:
+    _setter("mkldnn", "matmul", before)  # type: ignore[misc]
+
+
+@contextmanager
+def route() -> Iterator[None]:
+    """``begin`` ... ``end`` around the block."""
+    before = begin()
+    try:
+        yield
+    finally:
+        end(before)
+
+
+def exact(products: Sequence[tuple[str, torch.Tensor, torch.Tensor, torch.Tensor]]) -> bool:
+    """Whether oneDNN computes every product in float32: each is (form, a, b, out) with ``form``
+    "matmul" (``torch.matmul(a, b, out=out)``) or "baddbmm" (``out.baddbmm_(a, b)``), judged by
+    the shapes and strides of the tensors (never their values), probed once per process."""
+    if not enabled():
+        return False
+    for form, a, b, out in products:
+        if a.dtype != torch.float32 or b.dtype != torch.float32:
+            return False
+        key = (form, *(tuple(t.shape) + tuple(t.stride()) for t in (a, b, out)))
+        verdict = _verdicts.get(key)
+        if verdict is None:
+            verdict = _verdicts[key] = _probe(form, a, b, out)
+        if not verdict:
+            return False
+    return True
+
+
+def _like(t: torch.Tensor, gen: torch.Generator | None) -> torch.Tensor:
+    """A tensor with ``t``'s shape and strides (random normal values when ``gen`` is given)."""
+    size = sum((n - 1) * s for n, s in zip(t.shape, t.stride(), strict=True)) + 1 if t.numel() else 0
+    flat = torch.randn(size, generator=gen) if gen is not None else torch.zeros(size)
+    return flat.as_strided(t.shape, t.stride())
+
+
+def _routed(form: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> None:
+    with torch.no_grad(), route():
+        if form == "matmul":
+            torch.matmul(a, b, out=out)
+        else:
+            out.baddbmm_(a, b)
+
+
+def _probe(form: str, a: torch.Tensor, b: torch.Tensor, out: torch.Tensor, run: Callable = _routed) -> bool:
+    gen = torch.Generator().manual_seed(0)  # its own stream: the run's random numbers are untouched
+    pa, pb, po = _like(a, gen), _like(b, gen), _like(out, None)
+    run(form, pa, pb, po)
+    ref = torch.matmul(pa.double(), pb.double())
+    scale = float(ref.abs().max())
+    return scale == 0.0 or float((po.double() - ref).abs().max()) <= TOLERANCE * scale
+
+
+def verdicts() -> dict[tuple, bool]:
+    """The probes so far: (form, then shape + strides of a, b and out) -> exact float32."""
+    return dict(_verdicts)
+
+
+def clear() -> None:
+    """Forget the probes (tests)."""
+    _verdicts.clear()

@@ -1,0 +1,100 @@
+"""The oneDNN route for the batched step's products: taken only where a probe shows exact float32,
+never left switched on, and giving the same training as torch's default products."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from fedmtl.config import parse_config
+from fedmtl.experiment.run import build
+from fedmtl.training import onednn
+from tests.conftest import digits_config
+
+needs_route = pytest.mark.skipif(not onednn.available(), reason="torch without the fp32 precision switch")
+
+
+def _flag() -> str:
+    return torch._C._get_fp32_precision_getter("mkldnn", "matmul")
+
+
+def _bf16_inputs(form, a, b, out):  # noqa: ANN001
+    """A product that rounds its inputs to bfloat16 (what oneDNN may do on CPUs with AMX)."""
+    a16, b16 = a.bfloat16().float(), b.bfloat16().float()
+    if form == "matmul":
+        torch.matmul(a16, b16, out=out)
+    else:
+        out.baddbmm_(a16, b16)
+
+
+def _exact(form, a, b, out):  # noqa: ANN001
+    (torch.matmul(a, b, out=out) if form == "matmul" else out.baddbmm_(a, b))
+
+
+def test_probe_rejects_bfloat16_inputs_and_accepts_float32():
+    w, x = torch.empty(3, 20, 30), torch.empty(3, 30, 8)
+    out = torch.empty(3, 20, 8)
+    for form in ("matmul", "baddbmm"):
+        assert onednn._probe(form, w, x, out, run=_exact)
+        assert not onednn._probe(form, w, x, out, run=_bf16_inputs)
+    # strided views (a transposed activation) are probed with the same strides
+    xt = torch.empty(3, 8, 30).mT
+    assert onednn._probe("baddbmm", w, xt, out, run=_exact)
+    assert not onednn._probe("baddbmm", w, xt, out, run=_bf16_inputs)
+
+
+def test_verdicts_are_kept_per_shape_and_stride_and_off_means_never():
+    onednn.clear()
+    w, x, out = torch.empty(2, 5, 7), torch.empty(2, 7, 4), torch.empty(2, 5, 4)
+    with onednn.enabled_as(False):
+        assert not onednn.exact([("matmul", w, x, out)])
+        assert onednn.verdicts() == {}
+    if onednn.available():
+        onednn.exact([("matmul", w, x, out)])
+        onednn.exact([("matmul", w, x, out)])
+        onednn.exact([("matmul", w, x.mT.contiguous().mT, out)])
+        assert len(onednn.verdicts()) == 2
+    assert not onednn.exact([("matmul", w.double(), x.double(), out.double())])
+
+
+@needs_route
+def test_route_restores_the_flag_even_when_the_block_raises():
+    before = _flag()
+    with pytest.raises(RuntimeError), onednn.route():
+        assert _flag() == "bf16"
+        raise RuntimeError("boom")
+    assert _flag() == before
+
+
+def _run(onednn_on: bool) -> tuple[dict, dict]:
+    cfg = digits_config(
+        algorithm={"name": "fedavg"}, train__rounds=2, runtime__execution="batched",
+        runtime__onednn=onednn_on, runtime__work_fraction=[0.3, 1.0],
+    )  # fmt: skip
+    _, algo, sim = build(parse_config(cfg))
+    server, states = algo.init_server(), {}
+    before = _flag() if onednn.available() else None
+    for r in (1, 2):
+        res = sim.run_round(r, server, states)
+        server = res.server
+    if before is not None:
+        assert _flag() == before  # no code outside the step sees the switch
+    return server, res.replies
+
+
+@needs_route
+def test_rounds_on_the_onednn_route_train_like_torchs_default_products():
+    onednn.clear()
+    server_off, replies_off = _run(False)
+    assert onednn.verdicts() == {}  # off: nothing probed, nothing routed
+    server_on, replies_on = _run(True)
+    if not all(onednn.verdicts().values()):
+        pytest.skip("this CPU's oneDNN kernels are not exact float32 here: the route is not taken")
+    assert onednn.verdicts()  # the step's products were probed and routed
+    for cid, reply in replies_off.items():
+        for k, v in reply.arrays.items():
+            np.testing.assert_allclose(replies_on[cid].arrays[k], v, rtol=1e-5, atol=1e-6)
+    for k, v in server_off.items():
+        if isinstance(v, np.ndarray):
+            np.testing.assert_allclose(server_on[k], v, rtol=1e-5, atol=1e-6)

@@ -33,13 +33,14 @@ def _exact(form, a, b, out):  # noqa: ANN001
 
 
 def test_probe_rejects_bfloat16_inputs_and_accepts_float32():
-    w, x = torch.empty(3, 20, 30), torch.empty(3, 30, 8)
-    out = torch.empty(3, 20, 8)
+    meta = onednn._probe_meta
+    w, x, out = (meta(t) for t in (torch.empty(3, 20, 30), torch.empty(3, 30, 8), torch.empty(3, 20, 8)))
+    assert w == ((2, 20, 30), (600, 30, 1))  # two matrices of the stack, its strides
     for form in ("matmul", "baddbmm"):
         assert onednn._probe(form, w, x, out, run=_exact)
         assert not onednn._probe(form, w, x, out, run=_bf16_inputs)
     # strided views (a transposed activation) are probed with the same strides
-    xt = torch.empty(3, 8, 30).mT
+    xt = meta(torch.empty(3, 8, 30).mT)
     assert onednn._probe("baddbmm", w, xt, out, run=_exact)
     assert not onednn._probe("baddbmm", w, xt, out, run=_bf16_inputs)
 
@@ -54,6 +55,9 @@ def test_verdicts_are_kept_per_shape_and_stride_and_off_means_never():
         onednn.exact([("matmul", w, x, out)])
         onednn.exact([("matmul", w, x, out)])
         onednn.exact([("matmul", w, x.mT.contiguous().mT, out)])
+        assert len(onednn.verdicts()) == 2
+        # a stack of another size with the same matrices and strides: the same verdict
+        onednn.exact([("matmul", torch.empty(9, 5, 7), torch.empty(9, 7, 4), torch.empty(9, 5, 4))])
         assert len(onednn.verdicts()) == 2
     assert not onednn.exact([("matmul", w.double(), x.double(), out.double())])
 

@@ -119,3 +119,19 @@ def test_non_finite_updates_are_rejected_not_averaged(tmp_path):
     res = _run(tmp_path, "nan", train__rounds=2, train__lr=1e20)
     assert all(r["rejected_clients"] for r in res.rounds)
     assert np.isfinite(res.final["global_loss"])
+
+
+def test_broadcast_many_is_broadcast_per_client_with_one_message_per_task():
+    from fedmtl.config import parse_config
+    from fedmtl.experiment.run import build
+
+    for name in ("fedavg", "fedper"):
+        _, algo, _ = build(parse_config(digits_config(algorithm={"name": name})))
+        server = algo.init_server()
+        many = algo.broadcast_many(server, [0, 3, 5])
+        single = [algo.broadcast(server, c) for c in (0, 3, 5)]
+        for m, s in zip(many, single, strict=True):
+            assert m.arrays.keys() == s.arrays.keys()
+            assert all(np.array_equal(m.arrays[k], s.arrays[k]) for k in s.arrays)
+        # FedAvg hands one message to every client of a task; FedPer has its own broadcast
+        assert (many[0] is many[1]) == (name == "fedavg")

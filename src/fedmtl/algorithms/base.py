@@ -108,6 +108,13 @@ class Algorithm:
         """The message a sampled client receives this round."""
         return Message(arrays=server["params"])
 
+    def broadcast_many(self, server: dict[str, Any], cids: list[int]) -> list[Message]:
+        """``[self.broadcast(server, c) for c in cids]``: what the simulator calls once per round.
+        An algorithm whose message depends on the client only through its task may hand the same
+        (never modified) Message to every client of a task (FedAvg does)."""
+        broadcast = self.broadcast
+        return [broadcast(server, c) for c in cids]
+
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
         raise NotImplementedError
 

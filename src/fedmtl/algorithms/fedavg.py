@@ -35,6 +35,21 @@ class FedAvg(Algorithm):
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:
         return Message(arrays=for_task(server["params"], self.ctx.task_of(cid), self.ctx.multi_task))
 
+    def broadcast_many(self, server: dict[str, Any], cids: list[int]) -> list[Message]:
+        """One message per task, shared by its clients (a subclass with its own ``broadcast`` gets
+        one call per client)."""
+        if type(self).broadcast is not FedAvg.broadcast:
+            return super().broadcast_many(server, cids)
+        task_of, by_task = self.ctx.task_of, {}
+        out = []
+        for c in cids:
+            task = task_of(c)
+            msg = by_task.get(task)
+            if msg is None:
+                msg = by_task[task] = self.broadcast(server, c)
+            out.append(msg)
+        return out
+
     def global_params(self, server: dict[str, Any]) -> Arrays | None:
         return None if self.ctx.multi_task else server["params"]
 

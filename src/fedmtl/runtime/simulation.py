@@ -245,9 +245,9 @@ class Simulator:
         live = [cid for cid, (_, dropped) in zip(sampled, draws, strict=True) if not dropped]
         rngs = iter(derived_rngs(self.cfg.seed, TRAIN, round, live))
         last: Message | None = None  # consecutive clients usually get the very same arrays
-        broadcast, init_client = self.algo.broadcast, self.algo.init_client
-        for cid, (frac, dropped) in zip(sampled, draws, strict=True):
-            msg = broadcast(server, cid)
+        init_client = self.algo.init_client
+        msgs = self.algo.broadcast_many(server, list(sampled))
+        for cid, (frac, dropped), msg in zip(sampled, draws, msgs, strict=True):
             if last is None or msg.arrays is not last.arrays:
                 last, down = msg, msg.nbytes
             row: dict[str, Any] = {

@@ -43,7 +43,8 @@ class _Precomputed(ISeedSequence):
         self._words = words
 
     def generate_state(self, n_words: int, dtype: type = np.uint32) -> np.ndarray:
-        if n_words != 4 or np.dtype(dtype) != np.uint64:  # only PCG64's request was precomputed
+        # only PCG64's request was precomputed (it passes np.uint64 itself: no dtype to build)
+        if n_words != 4 or (dtype is not np.uint64 and np.dtype(dtype) != np.uint64):
             raise ValueError("precomputed seed sequence: only 4 uint64 words are available")
         return self._words
 

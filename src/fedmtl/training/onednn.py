@@ -11,7 +11,9 @@ shapes for which a probe on random inputs matches a float64 reference to float32
 bfloat16 product misses it by about 100x), and only while the step runs: the setting is
 restored after every step, so no other code in the process sees it.
 
-``runtime.onednn: false`` (or ``set_enabled(False)``) keeps every product on torch's default."""
+``runtime.onednn: false`` (or ``set_enabled(False)``) keeps every product on torch's default.
+The switch is process-wide: code running torch products in another thread during a batched step
+would see it too (the simulator trains in its own thread only)."""
 
 from __future__ import annotations
 

@@ -132,18 +132,12 @@ def accept_replies(
     from fedmtl.runtime.validation import split_valid
 
     expected_for = lambda c: algo.expected_reply(server, c)  # noqa: E731
-    cls = type(algo)
-    if cls.expected_reply is FedAvg.expected_reply and cls.broadcast is FedAvg.broadcast:
-        # What FedAvg broadcasts depends on the client's task only: build it once per task
+    if type(algo).expected_reply is FedAvg.expected_reply:
+        # FedAvg's expected reply is what it broadcast: ``broadcast_many`` builds that once per task
         # (a round of thousands of small clients spends a measurable share on the rebuilding).
-        by_task: dict[str, Arrays] = {}
-
-        def expected_for(c: int) -> Arrays:
-            task = algo.ctx.task_of(c)
-            if task not in by_task:
-                by_task[task] = algo.expected_reply(server, c)
-            return by_task[task]
-
+        cids = list(replies)
+        sent = dict(zip(cids, algo.broadcast_many(server, cids), strict=True))
+        expected_for = lambda c: sent[c].arrays  # noqa: E731
     ok, rejected = split_valid(replies, expected_for)
     server = {k: v for k, v in server.items() if k not in ("rejected", "agg_info")}
     if rejected:

@@ -11,7 +11,7 @@ shapes for which a probe on random inputs matches a float64 reference to float32
 bfloat16 product misses it by about 100x), and only while the step runs: the setting is
 restored after every step, so no other code in the process sees it.
 
-``runtime.onednn: false`` (or ``set_enabled(False)``) keeps every product on torch's default.
+``runtime.onednn: false`` (``enabled_as(False)``) keeps every product on torch's default.
 The switch is process-wide: code running torch products in another thread during a batched step
 would see it too (the simulator trains in its own thread only)."""
 
@@ -43,18 +43,13 @@ def available() -> bool:
     return _getter is not None and _setter is not None and torch.backends.mkldnn.is_available()
 
 
-def set_enabled(on: bool) -> None:
-    global _enabled
-    _enabled = bool(on)
-
-
 def enabled() -> bool:
     return _enabled and available()
 
 
 @contextmanager
 def enabled_as(on: bool) -> Iterator[None]:
-    """``set_enabled(on)`` inside the block, the previous setting after it."""
+    """Route products (where exact) inside the block, or not; the previous setting after it."""
     global _enabled
     before = _enabled
     _enabled = bool(on)

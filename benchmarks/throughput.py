@@ -5,10 +5,10 @@
 
 Workload (issue 3): FedAvg on MNIST, 100 IID clients, all sampled, 1 local epoch of SGD with batch
 32, MLP 784-200-10, 5 rounds. Every runner gets the same client arrays, the same initial weights
-and the same mini-batches (each client's batches come from ``rng.permutation`` with the rng
-seeded by (seed, 3, round, client), as in fedmtl), so they do the same arithmetic and must reach
-the same accuracy. Per-round times cover local training and aggregation; central evaluation on
-the 10,000 MNIST test images runs once, after the last round, and counts in the end-to-end time.
+and the same mini-batches (each client's batch order is fedmtl's hash of (seed, 3, round, client),
+``fedmtl.training.shuffle``), so they do the same arithmetic and must reach the same accuracy.
+Per-round times cover local training and aggregation; central evaluation on the 10,000 MNIST test
+images runs once, after the last round, and counts in the end-to-end time.
 
 The scaling curve times one round for 10 to 10,000 sampled clients holding 20-50 images each, in
 two regimes: 8x8 digits with an MLP 64-32-10, where per-client overhead dominates, and MNIST with

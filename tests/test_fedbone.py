@@ -28,9 +28,10 @@ from fedmtl.experiment.run import build
 from fedmtl.fedbone.metrics import miou, psnr
 from fedmtl.fedbone.model import part_of
 from fedmtl.fedbone.tasks import foreground, sobel_magnitude
-from fedmtl.runtime.simulation import TRAIN, LocalTransport, derived_rng, round_driver
+from fedmtl.runtime.simulation import TRAIN, LocalTransport, round_driver
 from fedmtl.training import batch_schedule, local_train, to_torch
 from fedmtl.training.local import task_loss
+from fedmtl.training.shuffle import Stream
 
 SMALL = {"width": 8, "depth": 1, "feature_channels": 8, "adapter_channels": 8}
 
@@ -83,7 +84,7 @@ def _jobs(algo, data, seed: int, round: int = 1, lr: float = 1.0):
             c.cid,
             algo.init_client(c.cid),
             None,
-            ClientWork(round, 1.0, derived_rng(seed, TRAIN, round, c.cid), lr),
+            ClientWork(round, 1.0, Stream(seed, TRAIN, round, c.cid), lr),
         )
         for c in data.clients
     ]
@@ -135,7 +136,7 @@ def test_split_forward_backward_equals_the_unsplit_gradient(shared_data):
         params = {
             k: torch.tensor(v, requires_grad=True) for k, v in algo.eval_arrays(server, {}, c.cid).items()
         }
-        idx = batch_schedule(c.n_train, 8, 1, derived_rng(cfg.seed, TRAIN, 1, c.cid))[0]
+        idx = batch_schedule(c.n_train, 8, 1, Stream(cfg.seed, TRAIN, 1, c.cid))[0]
         out = functional_call(model, params, (torch.as_tensor(c.x_train[idx]),))
         loss = task_loss(out, torch.as_tensor(c.y_train[idx]), c.task)
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
@@ -171,7 +172,7 @@ def test_split_training_over_several_steps_equals_local_training_of_the_whole_mo
     spec = algo.ctx.local.with_lr(0.1)
     params, loss, seen = local_train(
         algo.ctx.model_for(c.task.name), to_torch(start), c.x_train, c.y_train, c.task, spec, 4,
-        derived_rng(cfg.seed, TRAIN, 1, 0),
+        Stream(cfg.seed, TRAIN, 1, 0),
     )  # fmt: skip
     assert summary[0].scalars["train_loss"] == pytest.approx(loss, rel=1e-5) and seen == 32
     split = algo.eval_arrays(new, transport.states[0], 0)

@@ -1,9 +1,10 @@
 """Model, data and local training for the throughput workload, in plain PyTorch.
 
 The usual research-code shape: an ``nn.Module``, ``torch.optim.SGD``, a loop over mini-batches.
-Mini-batches are drawn per epoch from ``rng.permutation(n)`` with ``rng`` seeded by
-(seed, 3, round, client), the scheme fedmtl uses, so every framework in the benchmark performs the
-same computation and their accuracies can be compared directly."""
+Mini-batches follow a fresh order per epoch, taken from fedmtl's batch-order hash of
+(seed, 3, round, client) (``fedmtl.training.shuffle.permutation``; a plain-PyTorch project would
+call ``rng.permutation(n)`` here), so every framework in the benchmark performs the same
+computation and their accuracies can be compared directly."""
 
 from __future__ import annotations
 
@@ -15,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
+
+from fedmtl.training.shuffle import Stream, permutation
 
 #: fedmtl's purpose tag for training randomness (``fedmtl.runtime.simulation.TRAIN``).
 TRAIN_PURPOSE = 3
@@ -32,16 +35,16 @@ class Net(nn.Module):
         return self.head(self.body(x))
 
 
-def client_rng(seed: int, round: int, client: int) -> np.random.Generator:
-    return np.random.default_rng([seed, TRAIN_PURPOSE, round, client])
+def client_rng(seed: int, round: int, client: int) -> Stream:
+    return Stream(seed, TRAIN_PURPOSE, round, client)
 
 
-def batches(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+def batches(n: int, batch_size: int, steps: int, rng: Stream) -> list[np.ndarray]:
     """Index sets for ``steps`` mini-batches: a fresh permutation per epoch, short last batch."""
     out: list[np.ndarray] = []
     bs = min(batch_size, n)
     while len(out) < steps:
-        perm = rng.permutation(n)
+        perm = permutation(n, rng, epoch=len(out) // -(-n // bs))
         out.extend(perm[i : i + bs] for i in range(0, n, bs))
     return out[:steps]
 
@@ -53,7 +56,7 @@ def train(
     epochs: float,
     batch_size: int,
     lr: float,
-    rng: np.random.Generator,
+    rng: Stream,
 ) -> float:
     """Local SGD on one client's data; returns the mean training loss."""
     steps = max(1, math.ceil(epochs * math.ceil(len(y) / batch_size)))
@@ -68,7 +71,7 @@ def train_with_loader(
     epochs: float,
     batch_size: int,
     lr: float,
-    rng: np.random.Generator,
+    rng: Stream,
 ) -> float:
     """``train`` written the way most federated research code writes it (PFLlib's and FL-bench's
     clients): mini-batches come from a ``DataLoader`` over a ``TensorDataset``. Its batch sampler

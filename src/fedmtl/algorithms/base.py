@@ -17,6 +17,7 @@ from fedmtl.data.federated import ClientData, TaskSpec
 from fedmtl.training import LocalSpec, Params, num_local_steps
 from fedmtl.training.batched import DEFAULT_MEMORY_BYTES, batched_local_train
 from fedmtl.training.rows import linked_stack
+from fedmtl.training.shuffle import Stream
 from fedmtl.training.tensors import Arrays
 
 Scalar = float | int | str | bool
@@ -39,11 +40,15 @@ class Message:
 
 @dataclass
 class ClientWork:
-    """What the runtime grants a client this round (systems heterogeneity lives in the runtime)."""
+    """What the runtime grants a client this round (systems heterogeneity lives in the runtime).
+
+    ``rng``: the runtimes hand a ``Stream`` keyed by (seed, TRAIN, round, client): pass it to
+    ``local_train``/``batch_schedule`` for the mini-batch order, call it like a numpy Generator
+    for any other draw. A plain Generator works too (batches are then drawn from it)."""
 
     round: int
     fraction: float
-    rng: np.random.Generator
+    rng: np.random.Generator | Stream
     lr: float
 
 

@@ -3,8 +3,8 @@
 Every message carries the resolved fedmtl config, so a node needs no copy of the YAML; which
 partition it holds comes from its ``node_config``. Client state (personal layers, dual variables,
 optimizer state) lives in ``context.state`` between messages, because Flower starts a fresh ClientApp
-process for every message. Randomness comes from the simulator's ``derived_rng``, so a node draws
-exactly the batches the in-process simulator draws for the same client and round.
+process for every message. Randomness is the simulator's ``Stream(seed, TRAIN, round, client)``,
+so a node draws exactly the batches the in-process simulator draws for the same client and round.
 
 Loading this module imports neither torch nor the data stack: the handshake only reads the
 ``node_config``, so it costs a process start, not a model build."""
@@ -125,13 +125,14 @@ def _side(msg: FlowerMessage, context: Context) -> NodeSide:
 
 def _work(msg: FlowerMessage, side: NodeSide) -> tuple[int, ClientWork]:
     from fedmtl.algorithms.base import ClientWork
-    from fedmtl.runtime.simulation import TRAIN, derived_rng
+    from fedmtl.runtime.simulation import TRAIN
+    from fedmtl.training.shuffle import Stream
 
     w = msg.content.config_records[protocol.WORK]
     cid, rnd = int(w["cid"]), int(w["round"])  # type: ignore[arg-type]
     if cid != side.client.cid:
         raise ProtocolError(f"message for client {cid} reached the node holding client {side.client.cid}")
-    rng = derived_rng(side.cfg.seed, TRAIN, rnd, cid)
+    rng = Stream(side.cfg.seed, TRAIN, rnd, cid)
     return cid, ClientWork(round=rnd, fraction=float(w["fraction"]), rng=rng, lr=float(w["lr"]))  # type: ignore[arg-type]
 
 

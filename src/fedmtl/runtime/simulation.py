@@ -30,6 +30,7 @@ from fedmtl.runtime.threads import torch_owns_the_cores
 from fedmtl.runtime.validation import reply_problems
 from fedmtl.training import onednn
 from fedmtl.training.batched import batch_support
+from fedmtl.training.shuffle import Stream, streams
 
 # Purposes for derived random streams (stable small ints; never reorder).
 SAMPLE, SYSTEMS, TRAIN = 1, 2, 3
@@ -108,7 +109,7 @@ class LocalTransport:
             if cid not in self.states:
                 raise ProtocolError(f"client {cid} does not take part in this round")
             w = self.works[cid]
-            work = ClientWork(w.round, w.fraction, derived_rng(self.seed, TRAIN, w.round, cid), w.lr)
+            work = ClientWork(w.round, w.fraction, Stream(self.seed, TRAIN, w.round, cid), w.lr)
             t0 = time.perf_counter()
             self.states[cid], out[cid] = method(self.states[cid], self.data.clients[cid], msg, work)
             self.wall[cid] += time.perf_counter() - t0
@@ -243,7 +244,7 @@ class Simulator:
         sampled = self.sample(round)
         draws = self.systems_many(round, sampled)
         live = [cid for cid, (_, dropped) in zip(sampled, draws, strict=True) if not dropped]
-        rngs = iter(derived_rngs(self.cfg.seed, TRAIN, round, live))
+        rngs = iter(streams(self.cfg.seed, TRAIN, round, live))
         last: Message | None = None  # consecutive clients usually get the very same arrays
         init_client = self.algo.init_client
         msgs = self.algo.broadcast_many(server, list(sampled))

@@ -14,6 +14,7 @@ from torch.func import functional_call
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
 from fedmtl.training.optim import OptimizerSpec
+from fedmtl.training.shuffle import Stream, orders, permutation
 from fedmtl.training.tensors import Params
 
 
@@ -34,47 +35,81 @@ def num_local_steps(n: int, spec: LocalSpec, work: float = 1.0) -> int:
     return full if work >= 1.0 else max(1, math.floor(full * work))
 
 
-def batch_schedule(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> list[np.ndarray]:
+Randomness = np.random.Generator | Stream
+
+
+def batch_schedule(n: int, batch_size: int, steps: int, rng: Randomness) -> list[np.ndarray]:
     """Mini-batch indices: fresh permutation each epoch, the last batch of an epoch may be short.
 
     Derived only from (n, batch size, steps, rng) so sequential and batched execution see the same
-    batches."""
-    batches: list[np.ndarray] = []
+    batches. A ``Stream`` (what the runtime hands clients) gives its hashed orders
+    (``fedmtl.training.shuffle``); a numpy Generator gives ``rng.permutation(n)`` per epoch."""
+    order = batch_order(n, batch_size, steps, rng)
     bs = min(batch_size, n)
-    while len(batches) < steps:
-        perm = rng.permutation(n)
-        for start in range(0, n, bs):
-            batches.append(perm[start : start + bs])
-            if len(batches) == steps:
-                break
-    return batches
+    per_epoch = -(-n // bs) if n else 1
+    starts, lengths = [], []
+    at = 0
+    for t in range(steps):  # an epoch's last batch is short; the next epoch starts after it
+        size = n - bs * (per_epoch - 1) if t % per_epoch == per_epoch - 1 else bs
+        starts.append(at)
+        lengths.append(size)
+        at += size
+    return [order[a : a + k] for a, k in zip(starts, lengths, strict=True)]
 
 
-def batch_order(n: int, batch_size: int, steps: int, rng: np.random.Generator) -> np.ndarray:
+def batch_order(n: int, batch_size: int, steps: int, rng: Randomness) -> np.ndarray:
     """``np.concatenate(batch_schedule(n, batch_size, steps, rng))`` from the same draws (one
     permutation per epoch started), without building the per-batch list; the batch lengths
     follow from (n, batch size, steps) alone (``batch_lengths``)."""
     bs = min(batch_size, n)
-    per_epoch = -(-n // bs)
+    per_epoch = -(-n // bs) if n else 1
     if steps <= per_epoch:  # the common case: at most one epoch
-        return rng.permutation(n)[: min(steps * bs, n)]
+        first = permutation(n, rng) if isinstance(rng, Stream) else rng.permutation(n)
+        return first[: min(steps * bs, n)]
     epochs = -(-steps // per_epoch)
-    order = rng.permutation(n) if epochs == 1 else np.concatenate([rng.permutation(n) for _ in range(epochs)])
+    if isinstance(rng, Stream):
+        order = orders([n], [epochs], [rng.key])
+    else:
+        order = np.concatenate([rng.permutation(n) for _ in range(epochs)])
     rest = steps - (epochs - 1) * per_epoch  # batches taken from the last epoch
     return order[: (epochs - 1) * n + min(rest * bs, n)]
 
 
+def _stream_orders(
+    n: np.ndarray, batch_size: int, t: np.ndarray, keys: list[int]
+) -> tuple[np.ndarray, np.ndarray]:
+    """``batch_orders`` for clients that all hold Streams: every permutation from one sort."""
+    bs = np.maximum(np.minimum(batch_size, n), 1)
+    per_epoch = np.maximum(-(-n // bs), 1)
+    epochs = np.maximum(-(-t // per_epoch), 1)
+    rest = t - (epochs - 1) * per_epoch  # batches taken from the last epoch
+    lengths = (epochs - 1) * n + np.minimum(rest * bs, n)
+    order = orders(n, epochs, keys)
+    blocks = n * epochs
+    if bool((blocks == lengths).all()):  # every client uses all it drew (one epoch, all batches)
+        return order, lengths
+    pos = np.arange(len(order)) - np.repeat(np.cumsum(blocks) - blocks, blocks)
+    return order[pos < np.repeat(lengths, blocks)], lengths
+
+
 def batch_orders(
-    sizes: Sequence[int], batch_size: int, steps: Sequence[int], rngs: Sequence[np.random.Generator]
+    sizes: Sequence[int], batch_size: int, steps: Sequence[int], rngs: Sequence[Randomness]
 ) -> tuple[np.ndarray, np.ndarray]:
     """``batch_order`` of every client, concatenated, and each one's length.
 
-    A client that trains at most one epoch draws ``permutation(n)``, which is ``arange(n)``
+    Clients that all hold Streams get theirs from one sort (``fedmtl.training.shuffle``). With
+    numpy Generators, a client that trains at most one epoch draws ``permutation(n)``, which is ``arange(n)``
     shuffled in place: here every such client shuffles its own slice of one shared array of
     aranges, the same draws without a new array (and its Python call) per client. Clients of a
     small federation cost a few microseconds each, so this is a measurable share of a round."""
     n = np.asarray(sizes, dtype=np.int64)
     t = np.asarray(steps, dtype=np.int64)
+    if all(type(r) is Stream for r in rngs):
+        return _stream_orders(n, batch_size, t, [r.key for r in rngs])  # type: ignore[union-attr]
+    if any(isinstance(r, Stream) for r in rngs):  # a mix: each client on its own
+        parts = [batch_order(int(m), batch_size, int(k), r) for m, k, r in zip(n, t, rngs, strict=True)]
+        lens = np.array([len(p) for p in parts], dtype=np.int64)
+        return (np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)), lens
     bs = np.minimum(batch_size, n)
     single = t <= -(-n // np.maximum(bs, 1))  # at most one epoch: one permutation of n
     starts = np.cumsum(n) - n
@@ -126,7 +161,7 @@ def local_train(
     task: TaskSpec,
     spec: LocalSpec,
     steps: int,
-    rng: np.random.Generator,
+    rng: Randomness,
     trainable: Iterable[str] | None = None,
     prox_center: Params | None = None,
     prox_mu: float = 0.0,

@@ -238,9 +238,7 @@ class Simulator:
         self, round: int, server: dict[str, Any], states: dict[int, dict[str, Any]]
     ) -> RoundResult:
         lr = round_lr(self.cfg, round)
-        rows: list[dict[str, Any]] = []
         jobs: list[tuple[int, dict[str, Any], Message, ClientWork]] = []
-        trained: list[dict[str, Any]] = []
         sampled = self.sample(round)
         draws = self.systems_many(round, sampled)
         live = [cid for cid, (_, dropped) in zip(sampled, draws, strict=True) if not dropped]
@@ -248,27 +246,17 @@ class Simulator:
         last: Message | None = None  # consecutive clients usually get the very same arrays
         init_client = self.algo.init_client
         msgs = self.algo.broadcast_many(server, list(sampled))
+        down_of: list[int] = []  # bytes each sampled client received, in sampled order
         for cid, (frac, dropped), msg in zip(sampled, draws, msgs, strict=True):
             if last is None or msg.arrays is not last.arrays:
                 last, down = msg, msg.nbytes
-            row: dict[str, Any] = {
-                "round": round,
-                "kind": "train",
-                "client": cid,
-                "work": frac,
-                "dropped": dropped,
-                "bytes_down": down,
-                "bytes_up": 0,
-            }
-            rows.append(row)
+            down_of.append(down)
             if dropped:
-                row["sim_time"] = self.comm_seconds(0, row["bytes_down"])
                 continue
             state = states.get(cid)
             if state is None:
                 state = init_client(cid)
             jobs.append((cid, state, msg, ClientWork(round, frac, next(rngs), lr)))
-            trained.append(row)
         replies: dict[int, Message] = {}
         losses, weights = [], []
         drive = round_driver(self.algo)
@@ -284,28 +272,52 @@ class Simulator:
         rejected: dict[int, str] = {}
         problems = reply_problems([reply for _, reply, _ in outcomes])
         # The loop below runs once per client: its constants are read once (``comm_seconds``'s
-        # arithmetic, written out in the same order, so the same numbers).
+        # arithmetic, written out in the same order, so the same numbers); each row is built whole.
         flop_rate = self.cfg.runtime.client_gflops * 1e9
         per_flop = self.flops
         up_bps, down_bps = self.cfg.runtime.uplink_mbps * 1e6, self.cfg.runtime.downlink_mbps * 1e6
         nan = float("nan")
-        for (cid, _, _, _), row, (new_state, reply, wall), problem in zip(
-            jobs, trained, outcomes, problems, strict=True
-        ):
+        rows: list[dict[str, Any]] = []
+        results = iter(zip(jobs, outcomes, problems, strict=True))
+        for cid, (frac, dropped), down in zip(sampled, draws, down_of, strict=True):
+            if dropped:
+                rows.append(
+                    {
+                        "round": round,
+                        "kind": "train",
+                        "client": cid,
+                        "work": frac,
+                        "dropped": True,
+                        "bytes_down": down,
+                        "bytes_up": 0,
+                        "sim_time": self.comm_seconds(0, down),
+                    }
+                )
+                continue
+            _, (new_state, reply, wall), problem = next(results)
             scalars = reply.scalars
             samples = float(scalars.get("samples", 0))
             up = reply.nbytes
             flops = samples * per_flop
             if transport is not None:  # driven: bytes of every exchange; the client's own FLOPs
                 up = transport.bytes_up[cid]
-                row["bytes_down"] += transport.bytes_down[cid]
+                down += transport.bytes_down[cid]
                 flops = float(scalars.get("client_flops", flops))
             loss = float(scalars.get("train_loss", nan))
-            row["compute_wall"] = wall
-            row["bytes_up"] = up
-            row["steps"] = int(scalars.get("steps", 0))
-            row["train_loss"] = loss
-            row["sim_time"] = flops / flop_rate + (up * 8 / up_bps + row["bytes_down"] * 8 / down_bps)
+            row = {
+                "round": round,
+                "kind": "train",
+                "client": cid,
+                "work": frac,
+                "dropped": False,
+                "bytes_down": down,
+                "bytes_up": up,
+                "compute_wall": wall,
+                "steps": int(scalars.get("steps", 0)),
+                "train_loss": loss,
+                "sim_time": flops / flop_rate + (up * 8 / up_bps + down * 8 / down_bps),
+            }
+            rows.append(row)
             if problem is not None:  # update and new state discarded, as for a malformed message
                 rejected[cid] = problem
                 row["rejected"] = problem

@@ -104,8 +104,12 @@ def batch_orders(
     small federation cost a few microseconds each, so this is a measurable share of a round."""
     n = np.asarray(sizes, dtype=np.int64)
     t = np.asarray(steps, dtype=np.int64)
-    if all(type(r) is Stream for r in rngs):
-        return _stream_orders(n, batch_size, t, [r.key for r in rngs])  # type: ignore[union-attr]
+    try:
+        keys = [r.key for r in rngs]  # type: ignore[union-attr]
+    except AttributeError:  # numpy Generators among them
+        pass
+    else:
+        return _stream_orders(n, batch_size, t, keys)
     if any(isinstance(r, Stream) for r in rngs):  # a mix: each client on its own
         parts = [batch_order(int(m), batch_size, int(k), r) for m, k, r in zip(n, t, rngs, strict=True)]
         lens = np.array([len(p) for p in parts], dtype=np.int64)

@@ -669,8 +669,10 @@ def write_report(
             "## Scaling: seconds per round vs sampled clients (20-50 images each)",
             "",
             "FedAvg, every client sampled, 1 local epoch, batch 32. Each point is the fastest of 5 "
-            "rounds after one untimed round (the least disturbed measurement on a shared machine); "
-            "batched and sequential rounds alternate, so a drift in the machine's speed falls on both. "
+            "timed rounds (the least disturbed measurement on a shared machine). Batched and "
+            "sequential take turns, two consecutive rounds each, so a drift in the machine's speed "
+            "falls on both; only the second of each pair is timed, so neither is timed on caches "
+            "the other just displaced. "
             "Digits 8x8 with an MLP 64-32-10 is the regime where per-client overhead dominates; MNIST "
             "with the 784-200-10 MLP is arithmetic-bound (about "
             f"{35 * executed_flops_per_sample([784, HIDDEN, 10]) / 1e6:.0f} MFLOP per client per round "

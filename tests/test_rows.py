@@ -132,3 +132,18 @@ def test_pool_reuses_only_memory_nobody_holds():
     del view
     assert pool.empty((512, 256)).data_ptr() == ptr
     assert pool.nbytes <= pool.max_bytes
+
+
+def test_the_pool_hands_a_round_back_the_memory_of_the_last_one():
+    pool = BufferPool(max_bytes=8 * 2**20)
+    first_round = [pool.empty((256, 64)) for _ in range(5)]
+    ptrs = {t.data_ptr() for t in first_round}
+    assert len(ptrs) == 5  # distinct while held
+    del first_round
+    second_round = [pool.empty((256, 64)) for _ in range(5)]
+    assert {t.data_ptr() for t in second_round} == ptrs  # the same five, none allocated anew
+    held = second_round[2]
+    del second_round
+    third = [pool.empty((256, 64)) for _ in range(5)]
+    assert held.data_ptr() not in {t.data_ptr() for t in third}  # a held one is skipped
+    assert len({t.data_ptr() for t in third}) == 5 and pool.nbytes == 6 * 256 * 64 * 4

@@ -123,7 +123,13 @@ def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch
     return sq.reshape(len(y), -1).mean(1) if sq.dim() > 1 else sq
 
 
+class _Repeated(list):
+    """A list that is one object repeated (``_column_reader``'s answer for a shared dict)."""
+
+
 def _is_shared(values: Sequence[ArrayLike]) -> bool:
+    if type(values) is _Repeated:
+        return True
     first = values[0]
     return all(v is first for v in values[1:])
 
@@ -134,7 +140,7 @@ def _column_reader(dicts: Sequence[ParamsLike], members: list[int]) -> Callable[
     first = dicts[members[0]]
     if all(dicts[i] is first for i in members):
         m = len(members)
-        return lambda key: [first[key]] * m
+        return lambda key: _Repeated([first[key]] * m)
     return lambda key: [dicts[i][key] for i in members]
 
 

@@ -12,6 +12,7 @@ a reference to it), so a buffer that only the pool refers to cannot be seen by a
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Sequence
 
@@ -25,12 +26,14 @@ POOL_BYTES = 1024 * 2**20
 MIN_BYTES = 32 * 2**10
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64}
+_ITEMSIZE = {dtype: dtype.itemsize for dtype in _DTYPES}
 
 
 class BufferPool:
     def __init__(self, max_bytes: int = POOL_BYTES) -> None:
         self.max_bytes = max_bytes
         self._bufs: dict[tuple, list[np.ndarray]] = {}  # (shape, dtype) -> buffers of that shape
+        self._next: dict[tuple, int] = {}  # where to start looking: after the last one handed out
         self._bytes = 0
 
     @staticmethod
@@ -43,12 +46,22 @@ class BufferPool:
         there is such memory of exactly this shape."""
         np_dtype = _DTYPES.get(dtype)
         shape = tuple(int(s) for s in shape)
-        nbytes = int(np.prod(shape, dtype=np.int64)) * torch.empty((), dtype=dtype).element_size()
-        if np_dtype is None or nbytes < MIN_BYTES or nbytes > self.max_bytes:
+        if np_dtype is None:
             return torch.empty(shape, dtype=dtype)
-        bufs = self._bufs.setdefault((shape, np_dtype), [])
-        for i in range(len(bufs)):
+        nbytes = math.prod(shape) * _ITEMSIZE[dtype]  # np.prod and a probe tensor: 4 us, 30 in a round
+        if nbytes < MIN_BYTES or nbytes > self.max_bytes:
+            return torch.empty(shape, dtype=dtype)
+        key = (shape, np_dtype)
+        bufs = self._bufs.setdefault(key, [])
+        # A round takes buffers one after another and lets them all go at its end: looking from
+        # just after the last one handed out finds a free one at once instead of after every
+        # buffer this round already holds (a 10,000-client round holds 37 per shape).
+        start = self._next.get(key, 0)
+        n = len(bufs)
+        for j in range(n):
+            i = (start + j) % n
             if self._free(bufs, i):
+                self._next[key] = i + 1
                 return torch.from_numpy(bufs[i])
         if self._bytes + nbytes > self.max_bytes:
             self._evict(self._bytes + nbytes - self.max_bytes)
@@ -58,6 +71,7 @@ class BufferPool:
         buf = torch.empty(shape, dtype=dtype).numpy()
         if self._bytes + nbytes <= self.max_bytes:
             bufs.append(buf)
+            self._next[key] = len(bufs)
             self._bytes += nbytes
         return torch.from_numpy(buf)
 

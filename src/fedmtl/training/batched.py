@@ -354,13 +354,22 @@ def batched_local_train(
     seen = np.zeros(n, dtype=np.int64)
     where: list[tuple[int, int]] = [(0, 0)] * n
     groups: list[_Group] = []
+    # Every client's batch order, in training order, from one call: a group's are then a slice.
+    steps_at, sizes_at = np.asarray(steps, dtype=np.int64)[order], sizes[order]
+    all_rows, all_totals = batch_orders(sizes_at, spec.batch_size, steps_at, [rngs[i] for i in order])
+    row_end = np.cumsum(all_totals).tolist()
+    done = 0
     for members in _groups(order, cost, (memory_bytes, step_bytes, TENSOR_BYTES)):
         grp = _Group(clients=members)
         for row, i in enumerate(members):
             where[i] = (len(groups), row)
         groups.append(grp)
+        lo, hi = done, done + len(members)
+        rows_lo = row_end[lo - 1] if lo else 0
+        batches = (all_rows[rows_lo : row_end[hi - 1]], all_totals[lo:hi], steps_at[lo:hi], sizes_at[lo:hi])
+        done = hi
         _train_group(
-            model, grp, starts, xs, ys, task, spec, steps, rngs, train_keys, frozen_keys,
+            model, grp, starts, xs, ys, task, spec, batches, train_keys, frozen_keys,
             prox_centers if use_prox else None, center_keys, prox_mu, loss, seen, kernel,
         )  # fmt: skip
     return BatchedResult(keys=keys, loss=loss, seen=seen, groups=groups, where=where)
@@ -374,8 +383,7 @@ def _train_group(
     ys: Sequence[np.ndarray],
     task: TaskSpec,
     spec: LocalSpec,
-    steps: Sequence[int],
-    rngs: Sequence[np.random.Generator],
+    batches: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
     train_keys: list[str],
     frozen_keys: list[str],
     prox_centers: Sequence[ParamsLike] | None,
@@ -413,13 +421,11 @@ def _train_group(
         center_dims[k] = None if shared else 0
 
     # Each step gathers its padded batches from the group's samples held as rows of one tensor.
-    sizes = np.array([len(ys[i]) for i in members])
     x_all, x_first = _rows_of([xs[i] for i in members])
     y_all, y_first = _rows_of([ys[i] for i in members])
     sample_shape = tuple(x_all.shape[1:])
     x_flat = x_all.view(len(x_all), -1)
-    n_steps = np.fromiter((int(steps[i]) for i in members), dtype=np.int64, count=m)
-    order_rows, totals = batch_orders(sizes, spec.batch_size, n_steps, [rngs[i] for i in members])
+    order_rows, totals, n_steps, sizes = batches  # the members' batch orders, lengths, steps, sizes
     plan = _step_plan(order_rows, totals, sizes, spec.batch_size, n_steps)
     x_rows = torch.from_numpy(x_first[plan.entry_client] + plan.local)
     y_rows = torch.from_numpy(y_first[plan.entry_client] + plan.local)

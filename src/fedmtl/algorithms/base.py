@@ -9,7 +9,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import numpy as np
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
@@ -17,7 +16,7 @@ from fedmtl.data.federated import ClientData, TaskSpec
 from fedmtl.training import LocalSpec, Params, num_local_steps
 from fedmtl.training.batched import DEFAULT_MEMORY_BYTES, batched_local_train
 from fedmtl.training.rows import linked_stack
-from fedmtl.training.shuffle import Stream
+from fedmtl.training.shuffle import Randomness
 from fedmtl.training.tensors import Arrays
 
 Scalar = float | int | str | bool
@@ -48,7 +47,7 @@ class ClientWork:
 
     round: int
     fraction: float
-    rng: np.random.Generator | Stream
+    rng: Randomness
     lr: float
 
 

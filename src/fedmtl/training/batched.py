@@ -357,7 +357,7 @@ def batched_local_train(
     # Every client's batch order, in training order, from one call: a group's are then a slice.
     steps_at, sizes_at = np.asarray(steps, dtype=np.int64)[order], sizes[order]
     all_rows, all_totals = batch_orders(sizes_at, spec.batch_size, steps_at, [rngs[i] for i in order])
-    row_end = np.cumsum(all_totals).tolist()
+    row_start = [0, *np.cumsum(all_totals).tolist()]  # client j's rows: row_start[j]:row_start[j + 1]
     done = 0
     for members in _groups(order, cost, (memory_bytes, step_bytes, TENSOR_BYTES)):
         grp = _Group(clients=members)
@@ -365,8 +365,12 @@ def batched_local_train(
             where[i] = (len(groups), row)
         groups.append(grp)
         lo, hi = done, done + len(members)
-        rows_lo = row_end[lo - 1] if lo else 0
-        batches = (all_rows[rows_lo : row_end[hi - 1]], all_totals[lo:hi], steps_at[lo:hi], sizes_at[lo:hi])
+        batches = (
+            all_rows[row_start[lo] : row_start[hi]],
+            all_totals[lo:hi],
+            steps_at[lo:hi],
+            sizes_at[lo:hi],
+        )
         done = hi
         _train_group(
             model, grp, starts, xs, ys, task, spec, batches, train_keys, frozen_keys,

@@ -14,7 +14,7 @@ from torch.func import functional_call
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
 from fedmtl.training.optim import OptimizerSpec
-from fedmtl.training.shuffle import Stream, orders, permutation
+from fedmtl.training.shuffle import Randomness, Stream, orders, permutation
 from fedmtl.training.tensors import Params
 
 
@@ -35,9 +35,6 @@ def num_local_steps(n: int, spec: LocalSpec, work: float = 1.0) -> int:
     return full if work >= 1.0 else max(1, math.floor(full * work))
 
 
-Randomness = np.random.Generator | Stream
-
-
 def batch_schedule(n: int, batch_size: int, steps: int, rng: Randomness) -> list[np.ndarray]:
     """Mini-batch indices: fresh permutation each epoch, the last batch of an epoch may be short.
 
@@ -45,16 +42,8 @@ def batch_schedule(n: int, batch_size: int, steps: int, rng: Randomness) -> list
     batches. A ``Stream`` (what the runtime hands clients) gives its hashed orders
     (``fedmtl.training.shuffle``); a numpy Generator gives ``rng.permutation(n)`` per epoch."""
     order = batch_order(n, batch_size, steps, rng)
-    bs = min(batch_size, n)
-    per_epoch = -(-n // bs) if n else 1
-    starts, lengths = [], []
-    at = 0
-    for t in range(steps):  # an epoch's last batch is short; the next epoch starts after it
-        size = n - bs * (per_epoch - 1) if t % per_epoch == per_epoch - 1 else bs
-        starts.append(at)
-        lengths.append(size)
-        at += size
-    return [order[a : a + k] for a, k in zip(starts, lengths, strict=True)]
+    ends = np.cumsum(batch_lengths(np.array([n]), batch_size, np.array([steps]))[0]).tolist()
+    return [order[a:b] for a, b in zip([0, *ends], ends, strict=False)]  # one batch per end
 
 
 def batch_order(n: int, batch_size: int, steps: int, rng: Randomness) -> np.ndarray:

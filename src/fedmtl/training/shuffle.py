@@ -37,9 +37,13 @@ def _fmix(z: int) -> int:
 
 
 def _fmix_array(z: np.ndarray) -> np.ndarray:
-    z = (z ^ (z >> _U(30))) * _U(_MUL_A)
-    z = (z ^ (z >> _U(27))) * _U(_MUL_B)
-    return z ^ (z >> _U(31))
+    """``_fmix`` of every element of a uint64 array, in place (the callers' arrays are fresh)."""
+    z ^= z >> _U(30)
+    z *= _U(_MUL_A)
+    z ^= z >> _U(27)
+    z *= _U(_MUL_B)
+    z ^= z >> _U(31)
+    return z
 
 
 def _absorb(h: int, word: int) -> int:
@@ -87,6 +91,10 @@ class Stream:
 
     def __repr__(self) -> str:
         return f"Stream{self.words}"
+
+
+#: What local training takes for its batch order: a Stream, or a numpy Generator drawn from.
+Randomness = np.random.Generator | Stream
 
 
 def streams(seed: int, purpose: int, round: int, clients: Sequence[int]) -> list[Stream]:
@@ -152,11 +160,7 @@ def _segment_orders(seg_n: np.ndarray, seeds: np.ndarray) -> np.ndarray:
 def _sorted_by_rank(z: np.ndarray, local: np.ndarray, index_bits: int, seg: np.ndarray | None) -> np.ndarray:
     """``local`` sorted by segment, then rank key (the top bits of SplitMix64's output function
     applied to ``z``, in place), then itself."""
-    z ^= z >> _U(30)
-    z *= _U(_MUL_A)
-    z ^= z >> _U(27)
-    z *= _U(_MUL_B)
-    z ^= z >> _U(31)
+    _fmix_array(z)
     z >>= _U(64 - RANK_BITS)
     seg_bits = 0 if seg is None else int(seg[-1]).bit_length()
     if index_bits + seg_bits > _PACK_BITS:  # does not pack into one word: sort three keys

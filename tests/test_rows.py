@@ -103,6 +103,20 @@ def test_stack_wide_checks_give_the_per_reply_verdicts(summed_by, monkeypatch):
     assert reply_problems(replies, mixed)[1] is None and reply_problems(replies, mixed)[2] is not None
 
 
+@pytest.mark.parametrize("dtype", [np.float32, np.float64, np.float16])
+def test_row_sums_carry_every_nonfinite_value(dtype):
+    from fedmtl.training.rows import _row_sums
+
+    flat = np.ones((5, 7), dtype=dtype)
+    flat[1, 3] = np.nan
+    flat[2, 0] = np.inf
+    flat[3, 5], flat[3, 6] = np.inf, -np.inf
+    with np.errstate(invalid="ignore"):
+        finite = np.isfinite(_row_sums(flat)).tolist()
+    assert finite == [True, False, False, False, True]
+    assert _row_sums(np.ones((3, 0), dtype=dtype)).tolist() == [0, 0, 0]
+
+
 def test_batched_round_rejects_one_diverged_client_by_name():
     """A NaN in one client's row of a batched stack rejects that client only, with its reason."""
     _, algo, sim = build(parse_config({**digits_config(), "runtime": {"execution": "batched"}}))

@@ -17,8 +17,28 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 import torch
 
-#: Stacks of at least this many elements get their finite-value row sums from torch.
-_TORCH_SUM_ELEMS = 2**15
+#: Stacks of at least this many elements (4 MiB of float32) get their finite-value row sums from
+#: torch on every core; smaller ones from one BLAS matrix-vector product on the calling thread.
+_TORCH_SUM_ELEMS = 2**20
+_ONES: dict[tuple[int, np.dtype], np.ndarray] = {}
+
+
+def _row_sums(flat: np.ndarray) -> np.ndarray:
+    """Row sums of a 2-D array (NaN and inf reach them; overflow makes them inf).
+
+    A product with a vector of ones is 3-4x numpy's summing reduction, and runs on the calling
+    thread: waking torch's second thread for one small reduction between Python steps cost more
+    than the sum (measured in a 1,000-client round: 200 us median and 800 us mean per stack,
+    against 30 us for the same sum in a loop)."""
+    if flat.dtype not in (np.float32, np.float64) or flat.shape[1] == 0:
+        return flat.sum(axis=1)
+    key = (flat.shape[1], flat.dtype)
+    ones = _ONES.get(key)
+    if ones is None:
+        if len(_ONES) >= 64:
+            _ONES.clear()
+        ones = _ONES[key] = np.ones(flat.shape[1], dtype=flat.dtype)
+    return flat @ ones
 
 
 class StackedRows:
@@ -78,14 +98,13 @@ class StackedRows:
             if a.dtype.kind != "f":
                 continue
             part = a if every_row else a[rows]
-            # An overflowing sum only means "check exactly". Stacks from ~30,000 elements up are
-            # summed by torch, which uses every core (measured: 2.4x numpy's speed for 100 rows of
-            # 784-200-10, 4x for 250 rows of 32x64); numpy has less per-call overhead below.
+            # An overflowing sum only means "check exactly". Large stacks are summed by torch on
+            # every core (1.4x one thread for 100 rows of 784-200-10).
             if part.size >= _TORCH_SUM_ELEMS:
                 flag |= ~torch.isfinite(torch.from_numpy(part).reshape(len(rows), -1).sum(1)).numpy()
             else:
                 with np.errstate(over="ignore", invalid="ignore"):
-                    flag |= ~np.isfinite(part.reshape(len(rows), -1).sum(axis=1))
+                    flag |= ~np.isfinite(_row_sums(part.reshape(len(rows), -1)))
         return flag
 
 

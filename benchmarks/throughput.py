@@ -24,6 +24,7 @@ import math
 import os
 import platform
 import resource
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -384,7 +385,15 @@ def small_federation(pool: FederatedData, num_clients: int, seed: int = SEED) ->
 def time_rounds(
     data: FederatedData, executions: list[str], hidden: list[int], repeats: int
 ) -> dict[str, float]:
-    """Fastest of ``repeats`` FedAvg rounds on ``data`` (every client sampled) for each execution.
+    """Fastest of ``repeats`` FedAvg rounds on ``data`` (every client sampled) for each execution
+    (``timed_turns``)."""
+    return {e: min(v) for e, v in timed_turns(data, executions, hidden, repeats).items()}
+
+
+def timed_turns(
+    data: FederatedData, executions: list[str], hidden: list[int], repeats: int
+) -> dict[str, list[float]]:
+    """``repeats`` timed FedAvg rounds on ``data`` (every client sampled) for each execution.
 
     The executions take turns (a pair of rounds of each, then the next pair of each), so a change
     in the shared machine's speed during the measurement falls on all of them rather than on
@@ -408,7 +417,7 @@ def time_rounds(
                 run[1] = sim.run_round(r, server, states).server
                 if r % 2 == 0:
                     times[execution].append(time.perf_counter() - t)
-    return {e: min(v) for e, v in times.items()}
+    return times
 
 
 @dataclass
@@ -425,6 +434,15 @@ class ScalingWorkload:
         return executed_flops_per_sample([int(np.prod(self.pool.input_shape)), *self.hidden, 10])
 
 
+#: Timed turns per scaling point: more where a turn is cheap (a 10,000-client sequential round
+#: takes seconds), so the fastest round of each execution is less likely to fall in a busy phase.
+SCALING_REPEATS = {1000: 9, 10**9: 5}
+
+
+def scaling_repeats(clients: int) -> int:
+    return next(r for limit, r in sorted(SCALING_REPEATS.items()) if clients <= limit)
+
+
 def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[dict[str, Any]]:
     rows = []
     for w in workloads:
@@ -434,11 +452,16 @@ def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[di
             if n > w.max_clients:
                 continue
             data = small_federation(w.pool, n)
-            repeats = 5
             row = {"model": w.label, "clients": n, "samples": int(sum(c.n_train for c in data.clients))}
             row["gflop"] = row["samples"] * w.flops_per_sample / 1e9
-            row.update(time_rounds(data, ["batched", "sequential"], w.hidden, repeats))
+            turns = timed_turns(data, ["batched", "sequential"], w.hidden, scaling_repeats(n))
+            row.update({e: min(v) for e, v in turns.items()})
             row["speedup"] = row["sequential"] / row["batched"]
+            # Each turn's sequential round over the batched round just before it: the spread
+            # shows how far the shared machine's speed moved the ratio during the measurement.
+            row["turn_speedups"] = sorted(
+                s / b for b, s in zip(turns["batched"], turns["sequential"], strict=True)
+            )
             rows.append(row)
             print(f"  scaling {w.label}, {n:>6} clients: {row['batched']:.3f} s batched, "
                   f"{row['sequential']:.3f} s sequential ({row['speedup']:.1f}x)", flush=True)  # fmt: skip
@@ -681,11 +704,13 @@ def write_report(
             "",
             "## Scaling: seconds per round vs sampled clients (20-50 images each)",
             "",
-            "FedAvg, every client sampled, 1 local epoch, batch 32. Each point is the fastest of 5 "
-            "timed rounds (the least disturbed measurement on a shared machine). Batched and "
-            "sequential take turns, two consecutive rounds each, so a drift in the machine's speed "
-            "falls on both; only the second of each pair is timed, so neither is timed on caches "
-            "the other just displaced. "
+            "FedAvg, every client sampled, 1 local epoch, batch 32. Each point is the fastest of "
+            "9 timed rounds up to 1,000 clients and of 5 above (the least disturbed measurement on "
+            "a shared machine). Batched and sequential take turns, two consecutive rounds each, so "
+            "a drift in the machine's speed falls on both; only the second of each pair is timed, "
+            "so neither is timed on caches the other just displaced. The last column divides each "
+            "turn's sequential round by the batched round just before it: its spread is how far "
+            "the machine's speed moved the ratio while the point was measured. "
             "Digits 8x8 with an MLP 64-32-10 is the regime where per-client overhead dominates; MNIST "
             "with the 784-200-10 MLP is arithmetic-bound (about "
             f"{35 * executed_flops_per_sample([784, HIDDEN, 10]) / 1e6:.0f} MFLOP per client per round "
@@ -693,13 +718,16 @@ def write_report(
             "",
             "![scaling](throughput_scaling.png)",
             "",
-            "| model | clients | images/round | batched (s) | sequential (s) | batched speed-up |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| model | clients | images/round | batched (s) | sequential (s) | batched speed-up "
+            "| per turn: median (range) |",
+            "|---|---:|---:|---:|---:|---:|---:|",
         ]
         for r in scaling:
+            turns = r["turn_speedups"]
             lines.append(
                 f"| {r['model']} | {r['clients']:,} | {r['samples']:,} | {r['batched']:.3f} | "
-                f"{r['sequential']:.3f} | {r['speedup']:.1f}x |"
+                f"{r['sequential']:.3f} | {r['speedup']:.1f}x | {statistics.median(turns):.1f}x "
+                f"({turns[0]:.1f}-{turns[-1]:.1f}x) |"
             )
     if memory:
         lines += [

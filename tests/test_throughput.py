@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from types import SimpleNamespace
 
@@ -43,6 +44,12 @@ def test_quick_benchmark_writes_table_and_scaling_plot(tmp_path, shared_data):
     assert "Accuracies agree to 0.00" in text  # same computation in every runner
     assert (tmp_path / "throughput_scaling.png").stat().st_size > 0
     assert "| digits 8x8, MLP 64-32-10 | 8 |" in text and "| MNIST, MLP 784-200-10 | 4 |" in text
+    # every scaling row ends with the per-turn ratios: median and range
+    assert re.search(r"\| digits 8x8, MLP 64-32-10 \| 8 \|.*\| [0-9.]+x \([0-9.]+-[0-9.]+x\) \|$", text, re.M)
+
+
+def test_scaling_repeats_are_more_where_a_turn_is_cheap():
+    assert [throughput.scaling_repeats(n) for n in (10, 1000, 1001, 10000)] == [9, 9, 5, 5]
 
 
 def test_flower_row_is_skipped_with_a_note_when_flwr_is_missing(monkeypatch, tmp_path):

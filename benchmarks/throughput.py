@@ -434,13 +434,10 @@ class ScalingWorkload:
         return executed_flops_per_sample([int(np.prod(self.pool.input_shape)), *self.hidden, 10])
 
 
-#: Timed turns per scaling point: more where a turn is cheap (a 10,000-client sequential round
-#: takes seconds), so the fastest round of each execution is less likely to fall in a busy phase.
-SCALING_REPEATS = {1000: 9, 10**9: 5}
-
-
 def scaling_repeats(clients: int) -> int:
-    return next(r for limit, r in sorted(SCALING_REPEATS.items()) if clients <= limit)
+    """Timed turns for a scaling point: more where a turn is cheap (a 10,000-client sequential
+    round takes seconds), so each execution's fastest round is less likely to fall in a busy phase."""
+    return 9 if clients <= 1000 else 5
 
 
 def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[dict[str, Any]]:

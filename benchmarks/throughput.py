@@ -382,14 +382,6 @@ def small_federation(pool: FederatedData, num_clients: int, seed: int = SEED) ->
     )
 
 
-def time_rounds(
-    data: FederatedData, executions: list[str], hidden: list[int], repeats: int
-) -> dict[str, float]:
-    """Fastest of ``repeats`` FedAvg rounds on ``data`` (every client sampled) for each execution
-    (``timed_turns``)."""
-    return {e: min(v) for e, v in timed_turns(data, executions, hidden, repeats).items()}
-
-
 def timed_turns(
     data: FederatedData, executions: list[str], hidden: list[int], repeats: int
 ) -> dict[str, list[float]]:
@@ -444,7 +436,7 @@ def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[di
     rows = []
     for w in workloads:
         warm = small_federation(w.pool, 4)
-        time_rounds(warm, ["batched", "sequential"], w.hidden, 1)  # warm-up: lazy imports, first calls
+        timed_turns(warm, ["batched", "sequential"], w.hidden, 1)  # warm-up: lazy imports, first calls
         for n in sizes:
             if n > w.max_clients:
                 continue

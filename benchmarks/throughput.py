@@ -599,10 +599,11 @@ def write_report(
         f"{'' if peaks['onednn_exact'] else ' (not exact float32 here: not used)'}).",
         "- Products: torch's default route for float32 on x86 is MKL, which on this CPU runs its AVX2 "
         "code; oneDNN (inside torch) has AVX-512 float32 kernels. fedmtl's batched step sends its "
-        "products there only for shapes where a probe matches a float64 reference to float32 "
-        f"accuracy (`fedmtl.training.onednn`; this run: {exact_routed} of {probed} product shapes "
-        "exact and routed). The plain loop is shown on both routes; 'tuned loop' below is the "
-        "faster of the two.",
+        f"products of at least {onednn.MIN_ROUTED_MACS / 1e6:g} million multiply-adds there (smaller "
+        "ones are faster on MKL), and only for shapes where a probe matches a float64 reference to "
+        f"float32 accuracy (`fedmtl.training.onednn`; this run: {exact_routed} of {probed} probed "
+        "product shapes exact and routed). The plain loop is shown on both routes; 'tuned loop' "
+        "below is the faster of the two.",
         "",
         "## One round, side by side",
         "",

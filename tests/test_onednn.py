@@ -87,8 +87,17 @@ def _run(onednn_on: bool) -> tuple[dict, dict]:
     return server, res.replies
 
 
+def _every_other(products):  # noqa: ANN001, ANN202
+    """Routes of a step that mixes both kinds: every other product on oneDNN (where exact)."""
+    return [i % 2 == 0 and onednn.exact([p]) for i, p in enumerate(products)]
+
+
 @needs_route
-def test_rounds_on_the_onednn_route_train_like_torchs_default_products():
+@pytest.mark.parametrize("routing", ["all", "mixed"])
+def test_rounds_on_the_onednn_route_train_like_torchs_default_products(monkeypatch, routing):
+    monkeypatch.setattr(onednn, "MIN_ROUTED_MACS", 0)  # the test federation's products are small
+    if routing == "mixed":
+        monkeypatch.setattr(onednn, "routes", _every_other)
     onednn.clear()
     server_off, replies_off = _run(False)
     assert onednn.verdicts() == {}  # off: nothing probed, nothing routed
@@ -102,3 +111,16 @@ def test_rounds_on_the_onednn_route_train_like_torchs_default_products():
     for k, v in server_off.items():
         if isinstance(v, np.ndarray):
             np.testing.assert_allclose(server_on[k], v, rtol=1e-5, atol=1e-6)
+
+
+def test_small_products_stay_on_torchs_default_unprobed(monkeypatch):
+    """Below ``MIN_ROUTED_MACS`` a product is not worth oneDNN's call overhead: not routed and
+    not even probed; at or above it, the route is the probe's verdict."""
+    onednn.clear()
+    w, x, out = torch.empty(4, 10, 32), torch.empty(4, 32, 8), torch.empty(4, 10, 8)
+    monkeypatch.setattr(onednn, "MIN_ROUTED_MACS", 4 * 10 * 32 * 8 + 1)
+    assert onednn.routes([("matmul", w, x, out)]) == [False]
+    assert onednn.verdicts() == {}
+    monkeypatch.setattr(onednn, "MIN_ROUTED_MACS", 4 * 10 * 32 * 8)
+    assert onednn.routes([("matmul", w, x, out)]) == [onednn.exact([("matmul", w, x, out)])]
+    assert len(onednn.verdicts()) == (1 if onednn.available() else 0)

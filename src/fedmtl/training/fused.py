@@ -12,7 +12,7 @@ written once per step. The numbers equal autograd's to float rounding (tested ag
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -101,8 +101,13 @@ class _Bound:
     inputs: dict[int, torch.Tensor]
     label: torch.Tensor
     minus_one: torch.Tensor
-    #: every product of the step is exact float32 on oneDNN's kernels (``fedmtl.training.onednn``)
-    onednn: bool = False
+    #: which products go to oneDNN's float32 kernels (``fedmtl.training.onednn.routes``): the
+    #: forward product of each layer, the layer-below gradient of layer i, the weight update of
+    #: layer i
+    routed_forward: tuple[bool, ...] = ()
+    routed_below: dict[int, bool] = field(default_factory=dict)
+    routed_update: dict[int, bool] = field(default_factory=dict)
+    any_routed: bool = False
 
 
 class FusedChainStep:
@@ -148,11 +153,11 @@ class FusedChainStep:
         """Trains one step in place; returns each live client's batch loss, shape [k]."""
         k, width = scale.shape
         bound = self._bound(live, frozen, x, y, k, width)
-        if not bound.onednn:
-            return self._step(bound, live, center, scale, state)
+        if not bound.any_routed:
+            return self._step(bound, live, center, scale, state, None)
         before = onednn.begin()
         try:
-            return self._step(bound, live, center, scale, state)
+            return self._step(bound, live, center, scale, state, before)
         finally:
             onednn.end(before)
 
@@ -163,10 +168,15 @@ class FusedChainStep:
         center: dict[str, torch.Tensor],
         scale: torch.Tensor,
         state: dict,
+        before: str | None,
     ) -> torch.Tensor:
+        """``before``: the product setting to restore (``onednn.begin``'s answer) when some of the
+        step's products go to oneDNN, else None (no product does)."""
         acts = bound.acts
         for i, (w, b, bias_first) in enumerate(bound.forward):
             out = acts[i + 1]
+            if before is not None:
+                onednn.select(bound.routed_forward[i], before)
             if bias_first:  # stacked weight and bias: the bias is the product's initial value
                 torch.baddbmm(b, w, acts[i], out=out)
             else:
@@ -184,7 +194,11 @@ class FusedChainStep:
             below = None
             if i > self.lowest:  # the gradient for the layer below, before this layer's weight changes
                 below, w_t = bound.below[i]
+                if before is not None:
+                    onednn.select(bound.routed_below[i], before)
                 torch.matmul(w_t, delta, out=below)
+            if before is not None and i in bound.routed_update:
+                onednn.select(bound.routed_update[i], before)
             for key, inputs in ((layer.weight, bound.inputs[i]), (layer.bias, None)):
                 if key is not None and key in self.trainable:
                     g = self._update(key, live, center, state, delta, inputs)
@@ -246,13 +260,21 @@ class FusedChainStep:
         inputs = {i: acts[i].mT for i in range(self.lowest, len(self.chain))}
         label = y.unsqueeze(-2) if self.task.is_classification else y
         bound = _Bound(acts, forward, below, inputs, label, self._minus_one(k, width, x.dtype))
-        bound.onednn = onednn.exact(self._products(bound, params))
+        routed = iter(onednn.routes(self._products(bound, params)))
+        bound.routed_forward = tuple(next(routed) for _ in forward)
+        bound.routed_below = {i: next(routed) for i in below}
+        updated = [i for i in range(self.lowest, len(self.chain)) if self.chain[i].weight in self.trainable]
+        bound.routed_update = {i: next(routed) for i in updated}
+        bound.any_routed = any(
+            (*bound.routed_forward, *bound.routed_below.values(), *bound.routed_update.values())
+        )
         if keep:
             self._bindings[key] = bound
         return bound
 
     def _products(self, bound: _Bound, params: dict[str, torch.Tensor]) -> list[tuple]:
-        """The step's matrix products as ``onednn.exact`` takes them (form, a, b, out)."""
+        """The step's matrix products as ``onednn.routes`` takes them (form, a, b, out): forward
+        products, layer-below gradients, weight updates, in the order ``_bound`` reads its routes."""
         acts = bound.acts
         out: list[tuple] = []
         for i, (w, _, bias_first) in enumerate(bound.forward):

@@ -6,10 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from torch.overrides import TorchFunctionMode
 
 from fedmtl.config import parse_config
+from fedmtl.data.federated import TaskSpec
 from fedmtl.experiment.run import build
 from fedmtl.training import onednn
+from fedmtl.training.fused import FusedChainStep, Layer
+from fedmtl.training.optim import OptimizerSpec, init_state
 from tests.conftest import digits_config
 
 needs_route = pytest.mark.skipif(not onednn.available(), reason="torch without the fp32 precision switch")
@@ -124,3 +128,87 @@ def test_small_products_stay_on_torchs_default_unprobed(monkeypatch):
     monkeypatch.setattr(onednn, "MIN_ROUTED_MACS", 4 * 10 * 32 * 8)
     assert onednn.routes([("matmul", w, x, out)]) == [onednn.exact([("matmul", w, x, out)])]
     assert len(onednn.verdicts()) == (1 if onednn.available() else 0)
+
+
+_PRODUCTS = {torch.matmul, torch.baddbmm, torch.bmm, torch.Tensor.baddbmm_}
+
+
+class _ProductLog(TorchFunctionMode):
+    """Every matrix product the step runs: its output shape and the route switch at the time."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[tuple[tuple[int, ...], str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):  # noqa: ANN001, ANN204
+        kwargs = kwargs or {}
+        if func in _PRODUCTS:
+            out = args[0] if func is torch.Tensor.baddbmm_ else kwargs["out"]
+            self.calls.append((tuple(out.shape), _flag()))
+        return func(*args, **kwargs)
+
+
+def _chain_step(opt: str, frozen_lowest: bool) -> tuple[FusedChainStep, dict, dict, dict, tuple]:
+    """A 3-layer chain (6-9-7-4) of 3 clients, batches of 5: every product has its own shape."""
+    dims, k, width = [6, 9, 7, 4], 3, 5
+    chain = [Layer(f"l{i}.weight", f"l{i}.bias", relu=i < 2) for i in range(3)]
+    gen = torch.Generator().manual_seed(0)
+    params = {}
+    for i, layer in enumerate(chain):
+        params[layer.weight] = 0.3 * torch.randn(k, dims[i + 1], dims[i], generator=gen)
+        params[layer.bias] = 0.1 * torch.randn(k, dims[i + 1], generator=gen)
+    trainable = set(params) - ({"l0.weight", "l0.bias"} if frozen_lowest else set())
+    spec = OptimizerSpec(
+        name="adam" if opt == "adam" else "sgd", lr=0.1, momentum=0.9 if opt == "momentum" else 0.0
+    )
+    step = FusedChainStep(chain, TaskSpec("classification", 4), spec, trainable, 0.0)
+    live = {n: v for n, v in params.items() if n in trainable}
+    frozen = {n: v for n, v in params.items() if n not in trainable}
+    x = torch.randn(k, width, dims[0], generator=gen)
+    y = torch.randint(0, 4, (k, width), generator=gen)
+    batch = (x, y, torch.full((k, width), 1.0 / width))
+    return step, live, frozen, init_state(spec, live), batch
+
+
+@needs_route
+@pytest.mark.parametrize("opt", ["sgd", "momentum", "adam"])
+@pytest.mark.parametrize("frozen_lowest", [False, True])
+def test_each_product_runs_on_the_route_chosen_for_it(monkeypatch, opt, frozen_lowest):
+    """With one product routed at a time, exactly that product runs with the switch on, every
+    product runs once, and the switch is back as it was after the step."""
+    step, live, frozen, state, (x, y, scale) = _chain_step(opt, frozen_lowest)
+    chosen: dict[str, object] = {}
+
+    def one_hot(products):  # noqa: ANN001, ANN202
+        chosen["outs"] = [tuple(out.shape) for _, _, _, out in products]
+        return [i == chosen["j"] for i in range(len(products))]
+
+    monkeypatch.setattr(onednn, "routes", one_hot)
+    chosen["j"] = -1
+    step(live, frozen, {}, x, y, scale, state)
+    n = len(chosen["outs"])  # type: ignore[arg-type]
+    assert n == (3 + 2 + 3 if not frozen_lowest else 3 + 1 + 2)  # forward, below, updates
+    for j in range(n):
+        step.forget()
+        chosen["j"] = j
+        before = _flag()
+        with _ProductLog() as log:
+            step(live, frozen, {}, x, y, scale, state)
+        assert sorted(shape for shape, _ in log.calls) == sorted(chosen["outs"])  # type: ignore[arg-type]
+        assert [shape for shape, flag in log.calls if flag == "bf16"] == [chosen["outs"][j]]  # type: ignore[index]
+        assert _flag() == before
+
+
+@needs_route
+def test_the_switch_is_restored_when_a_routed_step_raises(monkeypatch):
+    step, live, frozen, state, (x, y, scale) = _chain_step("sgd", False)
+    monkeypatch.setattr(onednn, "routes", lambda products: [True] * len(products))
+
+    def boom(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(step, "_loss_and_delta", boom)
+    before = _flag()
+    with pytest.raises(RuntimeError, match="boom"):
+        step(live, frozen, {}, x, y, scale, state)
+    assert _flag() == before

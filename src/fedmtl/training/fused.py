@@ -260,32 +260,34 @@ class FusedChainStep:
         inputs = {i: acts[i].mT for i in range(self.lowest, len(self.chain))}
         label = y.unsqueeze(-2) if self.task.is_classification else y
         bound = _Bound(acts, forward, below, inputs, label, self._minus_one(k, width, x.dtype))
-        routed = iter(onednn.routes(self._products(bound, params)))
-        bound.routed_forward = tuple(next(routed) for _ in forward)
-        bound.routed_below = {i: next(routed) for i in below}
-        updated = [i for i in range(self.lowest, len(self.chain)) if self.chain[i].weight in self.trainable]
-        bound.routed_update = {i: next(routed) for i in updated}
-        bound.any_routed = any(
-            (*bound.routed_forward, *bound.routed_below.values(), *bound.routed_update.values())
-        )
+        tagged = self._products(bound, params)
+        verdicts = onednn.routes([product for _, product in tagged])
+        routes = dict(zip([tag for tag, _ in tagged], verdicts, strict=True))
+        bound.routed_forward = tuple(routes[("forward", i)] for i in range(len(forward)))
+        bound.routed_below = {i: routes[("below", i)] for i in below}
+        bound.routed_update = {i: on for (role, i), on in routes.items() if role == "update"}
+        bound.any_routed = any(verdicts)
         if keep:
             self._bindings[key] = bound
         return bound
 
-    def _products(self, bound: _Bound, params: dict[str, torch.Tensor]) -> list[tuple]:
-        """The step's matrix products as ``onednn.routes`` takes them (form, a, b, out): forward
-        products, layer-below gradients, weight updates, in the order ``_bound`` reads its routes."""
+    def _products(
+        self, bound: _Bound, params: dict[str, torch.Tensor]
+    ) -> list[tuple[tuple[str, int], tuple]]:
+        """The step's matrix products, each tagged with its role and layer: ``("forward", i)``,
+        ``("below", i)`` (the gradient for the layer under i) or ``("update", i)`` (layer i's
+        weight), and given as ``onednn.routes`` takes them (form, a, b, out)."""
         acts = bound.acts
-        out: list[tuple] = []
+        out: list[tuple[tuple[str, int], tuple]] = []
         for i, (w, _, bias_first) in enumerate(bound.forward):
-            out.append(("baddbmm" if bias_first else "matmul", w, acts[i], acts[i + 1]))
-        for i, (buf, w_t) in bound.below.items():
-            out.append(("matmul", w_t, acts[i + 1], buf))  # the layer's delta is shaped as its output
+            out.append((("forward", i), ("baddbmm" if bias_first else "matmul", w, acts[i], acts[i + 1])))
+        for i, (buf, w_t) in bound.below.items():  # the layer's delta is shaped as its output
+            out.append((("below", i), ("matmul", w_t, acts[i + 1], buf)))
         form = "matmul" if self.opt.name == "adam" else "baddbmm"
         for i in range(self.lowest, len(self.chain)):
             key = self.chain[i].weight
             if key in self.trainable:
-                out.append((form, acts[i + 1], bound.inputs[i], params[key]))
+                out.append((("update", i), (form, acts[i + 1], bound.inputs[i], params[key])))
         return out
 
     def _loss_and_delta(

@@ -133,8 +133,9 @@ def routes(products: Sequence[tuple[str, torch.Tensor, torch.Tensor, torch.Tenso
 
 
 def select(on: bool, before: str) -> None:
-    """Inside ``begin`` ... ``end(before)``: the next products go to oneDNN if ``on``, else to
-    torch's default."""
+    """Inside ``begin`` ... ``end(before)``: the next products go to oneDNN if ``on``, else run
+    under the caller's setting ``before`` (torch's default products unless the caller chose
+    otherwise)."""
     _setter("mkldnn", "matmul", "bf16" if on else before)  # type: ignore[misc]
 
 

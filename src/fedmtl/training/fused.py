@@ -101,13 +101,9 @@ class _Bound:
     inputs: dict[int, torch.Tensor]
     label: torch.Tensor
     minus_one: torch.Tensor
-    #: which products go to oneDNN's float32 kernels (``fedmtl.training.onednn.routes``): the
-    #: forward product of each layer, the layer-below gradient of layer i, the weight update of
-    #: layer i
-    routed_forward: tuple[bool, ...] = ()
-    routed_below: dict[int, bool] = field(default_factory=dict)
-    routed_update: dict[int, bool] = field(default_factory=dict)
-    any_routed: bool = False
+    #: each product's route, by ``_products``' tag: True sends it to oneDNN's float32 kernels
+    #: (``fedmtl.training.onednn.routes``); empty when no product of the step goes there
+    routes: dict[tuple[str, int], bool] = field(default_factory=dict)
 
 
 class FusedChainStep:
@@ -153,7 +149,7 @@ class FusedChainStep:
         """Trains one step in place; returns each live client's batch loss, shape [k]."""
         k, width = scale.shape
         bound = self._bound(live, frozen, x, y, k, width)
-        if not bound.any_routed:
+        if not bound.routes:
             return self._step(bound, live, center, scale, state, None)
         before = onednn.begin()
         try:
@@ -176,7 +172,7 @@ class FusedChainStep:
         for i, (w, b, bias_first) in enumerate(bound.forward):
             out = acts[i + 1]
             if before is not None:
-                onednn.select(bound.routed_forward[i], before)
+                onednn.select(bound.routes[("forward", i)], before)
             if bias_first:  # stacked weight and bias: the bias is the product's initial value
                 torch.baddbmm(b, w, acts[i], out=out)
             else:
@@ -195,10 +191,10 @@ class FusedChainStep:
             if i > self.lowest:  # the gradient for the layer below, before this layer's weight changes
                 below, w_t = bound.below[i]
                 if before is not None:
-                    onednn.select(bound.routed_below[i], before)
+                    onednn.select(bound.routes[("below", i)], before)
                 torch.matmul(w_t, delta, out=below)
-            if before is not None and i in bound.routed_update:
-                onednn.select(bound.routed_update[i], before)
+            if before is not None and ("update", i) in bound.routes:
+                onednn.select(bound.routes[("update", i)], before)
             for key, inputs in ((layer.weight, bound.inputs[i]), (layer.bias, None)):
                 if key is not None and key in self.trainable:
                     g = self._update(key, live, center, state, delta, inputs)
@@ -262,11 +258,8 @@ class FusedChainStep:
         bound = _Bound(acts, forward, below, inputs, label, self._minus_one(k, width, x.dtype))
         tagged = self._products(bound, params)
         verdicts = onednn.routes([product for _, product in tagged])
-        routes = dict(zip([tag for tag, _ in tagged], verdicts, strict=True))
-        bound.routed_forward = tuple(routes[("forward", i)] for i in range(len(forward)))
-        bound.routed_below = {i: routes[("below", i)] for i in below}
-        bound.routed_update = {i: on for (role, i), on in routes.items() if role == "update"}
-        bound.any_routed = any(verdicts)
+        if any(verdicts):
+            bound.routes = dict(zip([tag for tag, _ in tagged], verdicts, strict=True))
         if keep:
             self._bindings[key] = bound
         return bound

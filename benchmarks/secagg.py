@@ -42,6 +42,7 @@ from fedmtl.runtime.simulation import TRAIN, derived_rng
 from fedmtl.secagg import RingCodec, secure_sum
 from fedmtl.secagg.channel import LocalClients, Traffic
 from fedmtl.secagg.protocol import ADVERTISE, MASK, SHARE, STAGES, UNMASK, SecAggServer, client_masked_input
+from fedmtl.training.executors import run_local
 
 RESULTS = Path(__file__).resolve().parent / "results"
 MNIST = {
@@ -64,7 +65,7 @@ def real_updates(k: int) -> tuple[list[np.ndarray], list[int], list[dict[str, np
         data = fed.clients[cid]
         work = ClientWork(round=1, fraction=1.0, rng=derived_rng(0, TRAIN, 1, cid), lr=0.05)
         t0 = time.perf_counter()
-        _, reply = algo.client_step({}, data, msg, work)
+        _, reply = run_local(algo.client_step({}, data, msg, work))
         secs.append(time.perf_counter() - t0)
         deltas.append(
             np.concatenate([(reply.arrays[n] - msg.arrays[n]).ravel() for n in msg.arrays]).astype(float)

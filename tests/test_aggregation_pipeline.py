@@ -18,6 +18,7 @@ from fedmtl.algorithms.wrapper import AlgorithmWrapper
 from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
+from fedmtl.training.work import local_work
 from tests.conftest import digits_config
 
 REF = {"body.w": np.zeros((20, 30), np.float32), "head.b": np.zeros(5, np.float32)}
@@ -158,7 +159,7 @@ class BadReplies(AlgorithmWrapper):
     """Client 0 sends a wrong shape, client 1 an extra key, client 2 a NaN, client 3 drops a key."""
 
     def client_step(self, state, data, msg, work):
-        state, reply = self.inner.client_step(state, data, msg, work)
+        state, reply = yield from local_work(self.inner.client_step(state, data, msg, work))
         arrays = dict(reply.arrays)
         key = next(iter(arrays))
         if data.cid == 0:

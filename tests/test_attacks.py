@@ -12,6 +12,7 @@ from fedmtl.attacks import MaliciousClients, choose_malicious
 from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
+from fedmtl.training.executors import run_local
 from tests.conftest import digits_config
 from tests.test_flower import LoopbackGrid, _cfg, _flower_run, _nodes, _task_identity, assert_same_metrics  # noqa: F401
 
@@ -30,9 +31,9 @@ def _step(algo, data, cid: int = 0):
     server = algo.init_server()
     msg = algo.broadcast(server, cid)
     work = ClientWork(round=1, fraction=1.0, rng=np.random.default_rng(0), lr=0.1)
-    _, reply = algo.client_step({}, data.clients[cid], msg, work)
+    _, reply = run_local(algo.client_step({}, data.clients[cid], msg, work))
     work = ClientWork(round=1, fraction=1.0, rng=np.random.default_rng(0), lr=0.1)
-    _, honest = algo.inner.client_step({}, data.clients[cid], msg, work)
+    _, honest = run_local(algo.inner.client_step({}, data.clients[cid], msg, work))
     return msg, reply, honest
 
 

@@ -242,16 +242,40 @@ def _config(algorithm: dict[str, Any], execution: str, **kw: Any) -> dict[str, A
     return cfg
 
 
-@pytest.mark.parametrize(
-    "algorithm",
-    [{"name": "fedavg"}, {"name": "fedprox", "mu": 0.1}, {"name": "local"}],
-    ids=lambda a: a["name"],
-)
-def test_batched_round_gives_the_same_client_updates(algorithm):
+TASKS = {"data__tasks": ["digit", "parity", "ge5", "ink"]}
+#: Every classic algorithm (and the multi-task federations of the personalised ones): written once,
+#: run by both executors.
+CLASSIC = [
+    ({"name": "fedavg"}, {}),
+    ({"name": "fedprox", "mu": 0.1}, {}),
+    ({"name": "local"}, {}),
+    ({"name": "fedavg_ft", "finetune_steps": 3}, {}),
+    ({"name": "fedper"}, {}),
+    ({"name": "fedrep", "head_epochs": 2.0}, {}),
+    ({"name": "ditto", "lam": 0.5, "personal_epochs": 2.0}, {}),
+    ({"name": "hierarchical"}, {}),
+    ({"name": "fedper"}, TASKS),
+    ({"name": "ditto", "lam": 0.5}, TASKS),
+    ({"name": "hierarchical"}, TASKS),
+]
+CLASSIC_IDS = [a["name"] + ("-tasks" if kw else "") for a, kw in CLASSIC]
+
+
+def _array_dicts(state: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
+    """The parts of a client state that are parameter dicts (own model, head, personal model)."""
+    return {
+        k: v
+        for k, v in state.items()
+        if isinstance(v, dict) and all(isinstance(a, np.ndarray) for a in v.values())
+    }
+
+
+@pytest.mark.parametrize("algorithm, extra", CLASSIC, ids=CLASSIC_IDS)
+def test_batched_round_gives_the_same_client_updates(algorithm, extra):
     """Ragged Dirichlet clients, stragglers doing 20-100% of their steps, and dropouts."""
     runs = {}
     for execution in ("sequential", "batched"):
-        _, algo, sim = build(parse_config(_config(algorithm, execution)))
+        _, algo, sim = build(parse_config(_config(algorithm, execution, **extra)))
         assert sim.execution == execution
         runs[execution] = (sim, algo.init_server(), {})
     assert len({c.n_train for c in runs["batched"][0].data.clients}) > 3  # genuinely ragged
@@ -277,15 +301,18 @@ def test_batched_round_gives_the_same_client_updates(algorithm):
         for cid, st in seq_states.items():
             for k, v in st.get("params", {}).items():
                 np.testing.assert_allclose(bat_states[cid]["params"][k], v, rtol=RTOL, atol=1e-6)
+            parts = _array_dicts(st)
+            assert parts.keys() == _array_dicts(bat_states[cid]).keys()
+            for part, arrays in parts.items():
+                for k, v in arrays.items():
+                    np.testing.assert_allclose(bat_states[cid][part][k], v, rtol=RTOL, atol=1e-6)
     assert dropped > 0 and len(steps_seen) > 2
 
 
-@pytest.mark.parametrize(
-    "algorithm", [{"name": "fedavg"}, {"name": "fedprox", "mu": 0.1}], ids=["fedavg", "fedprox"]
-)
-def test_batched_run_gives_the_same_metrics(tmp_path, algorithm):
-    seq = fedmtl.run(_config(algorithm, "sequential"), out=tmp_path / "s")
-    bat = fedmtl.run(_config(algorithm, "batched"), out=tmp_path / "b")
+@pytest.mark.parametrize("algorithm, extra", CLASSIC, ids=CLASSIC_IDS)
+def test_batched_run_gives_the_same_metrics(tmp_path, algorithm, extra):
+    seq = fedmtl.run(_config(algorithm, "sequential", **extra), out=tmp_path / "s")
+    bat = fedmtl.run(_config(algorithm, "batched", **extra), out=tmp_path / "b")
     skip = {"wall_time", "execution"}
     for a, b in zip(seq.rounds, bat.rounds, strict=True):
         assert a["execution"] == "sequential" and b["execution"] == "batched"
@@ -325,23 +352,21 @@ def test_batch_support_names_the_reason():
     assert reason is not None and reason.startswith("model _Branchy cannot be batched")
 
 
-def _unbatchable_fedavg(tmp_cfg: dict[str, Any]) -> tuple[Any, Any]:
-    """A FedAvg subclass that changes client_step but not batched_client_step."""
+def _own_solver(raw: dict[str, Any]) -> tuple[Any, Any]:
+    """A FedAvg whose client step is its own solver (no declared local work to stack)."""
     from fedmtl.algorithms.fedavg import FedAvg
 
-    class Tweaked(FedAvg):
-        name = "tweaked"
+    class Solver(FedAvg):
+        name = "solver"
+        batchable = False
 
-        def client_step(self, state, data, msg, work):  # noqa: ANN001, ANN202
-            return super().client_step(state, data, msg, work)
-
-    data, algo, _ = build(parse_config(tmp_cfg))
-    return data, Tweaked(algo.p, algo.ctx)
+    data, algo, _ = build(parse_config(raw))
+    return data, Solver(algo.p, algo.ctx)
 
 
 def test_auto_falls_back_to_sequential_with_one_notice(capsys):
     cfg = parse_config(_config({"name": "fedavg"}, "auto"))
-    data, algo = _unbatchable_fedavg(cfg.to_dict())
+    data, algo = _own_solver(cfg.to_dict())
     sim = Simulator(algo, data, cfg, 1.0)
     assert sim.execution == "sequential"
     server, states = algo.init_server(), {}
@@ -349,7 +374,9 @@ def test_auto_falls_back_to_sequential_with_one_notice(capsys):
         server = sim.run_round(r, server, states).server
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1
-    assert "runtime.execution = 'auto'" in err[0] and "overrides client_step" in err[0]
+    assert (
+        "runtime.execution = 'auto'" in err[0] and "algorithm 'solver' trains with its own solver" in err[0]
+    )
 
     # An unbatchable model falls back too; a batchable setup picks batched silently.
     _, plain, _ = build(cfg)
@@ -363,8 +390,10 @@ def test_auto_falls_back_to_sequential_with_one_notice(capsys):
 
 def test_batched_on_unsupported_algorithm_is_a_config_error(tmp_path):
     cfg = parse_config(_config({"name": "fedavg"}, "batched"))
-    data, algo = _unbatchable_fedavg(cfg.to_dict())
-    with pytest.raises(ConfigError, match=r"runtime.execution = 'batched': algorithm 'tweaked' overrides"):
+    data, algo = _own_solver(cfg.to_dict())
+    with pytest.raises(
+        ConfigError, match=r"runtime.execution = 'batched': algorithm 'solver' trains with its own"
+    ):
         Simulator(algo, data, cfg, 1.0)
 
 

@@ -30,7 +30,7 @@ from fedmtl.fedbone.model import part_of
 from fedmtl.fedbone.tasks import foreground, sobel_magnitude
 from fedmtl.runtime.simulation import TRAIN, LocalTransport, round_driver
 from fedmtl.training import batch_schedule, local_train, to_torch
-from fedmtl.training.local import task_loss
+from fedmtl.training.objectives import task_loss
 from fedmtl.training.shuffle import Stream
 
 SMALL = {"width": 8, "depth": 1, "feature_channels": 8, "adapter_channels": 8}

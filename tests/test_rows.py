@@ -120,14 +120,14 @@ def test_row_sums_carry_every_nonfinite_value(dtype):
 def test_batched_round_rejects_one_diverged_client_by_name():
     """A NaN in one client's row of a batched stack rejects that client only, with its reason."""
     _, algo, sim = build(parse_config({**digits_config(), "runtime": {"execution": "batched"}}))
-    inner = algo.batched_client_step
+    inner = sim.executor.run
 
     def poisoned(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        states, replies = inner(*args, **kwargs)
-        replies[1].arrays["head.bias"][0] = np.nan  # in place: still a row of its stack
-        return states, replies
+        outcomes = inner(*args, **kwargs)
+        outcomes[1][1].arrays["head.bias"][0] = np.nan  # in place: still a row of its stack
+        return outcomes
 
-    algo.batched_client_step = poisoned
+    sim.executor.run = poisoned
     res = sim.run_round(1, algo.init_server(), {})
     bad = [r for r in res.train_rows if "rejected" in r]
     assert [r["rejected"] for r in bad] == ["non-finite values in 'head.bias'"]

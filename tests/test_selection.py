@@ -21,6 +21,7 @@ from fedmtl.selection.scores import forward_parts, near_duplicates
 from fedmtl.selection.wrapper import DET, SCORES, TAU, SampleSelection
 from fedmtl.training import local_train
 from fedmtl.training.batched import batched_local_train
+from fedmtl.training.executors import run_local
 from fedmtl.training.local import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.tensors import to_torch
@@ -119,7 +120,7 @@ def _client_step(raw: dict, round: int, msg_extra: Message | None = None, cid: i
     if msg_extra is not None:
         msg = Message({**msg.arrays, **msg_extra.arrays}, {**msg.scalars, **msg_extra.scalars})
     work = ClientWork(round=round, fraction=1.0, rng=np.random.default_rng(0), lr=0.1)
-    state, reply = algo.client_step(algo.init_client(cid), data.clients[cid], msg, work)
+    state, reply = run_local(algo.client_step(algo.init_client(cid), data.clients[cid], msg, work))
     return data, algo, state, reply
 
 

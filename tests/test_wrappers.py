@@ -14,6 +14,7 @@ from fedmtl.algorithms.stack import FACTORIES
 from fedmtl.algorithms.wrapper import AlgorithmWrapper
 from fedmtl.config import parse_config
 from fedmtl.experiment.run import build, resume
+from fedmtl.training.work import local_work
 from tests.conftest import digits_config
 
 
@@ -28,7 +29,7 @@ class HalveUpdates(AlgorithmWrapper):
     """Sends half of each parameter: changes client_step, so batched execution must not skip it."""
 
     def client_step(self, state, data, msg, work):
-        state, reply = self.inner.client_step(state, data, msg, work)
+        state, reply = yield from local_work(self.inner.client_step(state, data, msg, work))
         reply.arrays = {k: v * 0.5 for k, v in reply.arrays.items()}
         return state, reply
 
@@ -62,17 +63,22 @@ def test_a_stop_reason_ends_the_run_cleanly_and_resume_keeps_it(tmp_path, monkey
     assert again.summary == res.summary
 
 
-def test_a_wrapper_changes_what_clients_send_and_forces_sequential_training(tmp_path, monkeypatch):
+def test_a_wrapper_changes_what_clients_send_under_both_executors(tmp_path, monkeypatch):
+    """A wrapper writes its client step once (``yield from`` around the inner one): batched
+    execution runs it as it is, with the numbers sequential execution gives."""
     plain = fedmtl.run(digits_config(train__rounds=2), out=tmp_path / "plain")
     _use(monkeypatch, HalveUpdates)
     cfg = parse_config(digits_config(train__rounds=2, runtime__execution="auto"))
     _, algo, sim = build(cfg)
     assert isinstance(algo, HalveUpdates) and algo.name == "fedavg"
-    assert algo.batched_unsupported() == "HalveUpdates has no batched client step"
-    assert sim.execution == "sequential"
+    assert sim.execution == "batched"
     halved = fedmtl.run(digits_config(train__rounds=2), out=tmp_path / "halved")
+    batched = fedmtl.run(digits_config(train__rounds=2, runtime__execution="batched"), out=tmp_path / "b")
     a, b = plain.summary["final"]["accuracy_mean"], halved.summary["final"]["accuracy_mean"]
     assert not np.isclose(a, b)
+    assert batched.summary["final"]["global_loss"] == pytest.approx(
+        halved.summary["final"]["global_loss"], rel=1e-5
+    )
 
 
 def test_a_wrapper_reaches_the_inner_algorithms_own_attributes():

@@ -6,18 +6,20 @@ they are. Client state stays with the client (in the simulator, in a dict the ru
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
 from fedmtl.data.federated import ClientData, TaskSpec
-from fedmtl.training import LocalSpec, Params, num_local_steps
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES, batched_local_train
+from fedmtl.training import LocalSpec, num_local_steps
+from fedmtl.training.objectives import TASK_LOSS, Objective, Prox
 from fedmtl.training.rows import linked_stack
 from fedmtl.training.shuffle import Randomness
 from fedmtl.training.tensors import Arrays
+from fedmtl.training.work import StepResult, Train
 
 Scalar = float | int | str | bool
 
@@ -71,6 +73,10 @@ class AlgoContext:
     task_specs: dict[str, TaskSpec] = field(default_factory=dict)
     #: the ``aggregation:`` chain (``fedmtl.aggregation.pipeline.Pipeline``); None = weighted mean
     aggregator: Any = None
+    #: (lr, epochs) -> optimizer spec, and (samples, work fraction, lr, epochs) -> steps: a round of
+    #: thousands of clients asks for a handful of distinct ones
+    _specs: dict[tuple[float, float | None], LocalSpec] = field(default_factory=dict, repr=False)
+    _steps: dict[tuple[int, float, float, float | None], int] = field(default_factory=dict, repr=False)
 
     @property
     def multi_task(self) -> bool:
@@ -84,6 +90,41 @@ class AlgoContext:
 
     def init_for(self, task: str) -> Arrays:
         return self.task_init.get(task, self.init_arrays)
+
+    def train(
+        self,
+        data: ClientData,
+        work: ClientWork,
+        start: Mapping[str, Any],
+        *,
+        trainable: Iterable[str] | None = None,
+        epochs: float | None = None,
+        steps: int | None = None,
+        prox: Prox | None = None,
+        objective: Objective = TASK_LOSS,
+        bounds: Iterable[tuple[str, float, float]] = (),
+    ) -> Train:
+        """A ``Train`` request for this client: the run's optimizer at the round's learning rate,
+        ``train.local_epochs`` (or ``epochs``, or exactly ``steps``) scaled by the client's work
+        fraction, its task's model, its mini-batch stream."""
+        key = (work.lr, epochs)
+        spec = self._specs.get(key)
+        if spec is None:
+            spec = self.local.with_lr(work.lr)
+            if epochs is not None:
+                spec = replace(spec, epochs=epochs, steps=None)
+            self._specs[key] = spec
+        if steps is None:
+            skey = (data.n_train, work.fraction, work.lr, epochs)
+            steps = self._steps.get(skey)
+            if steps is None:
+                if len(self._steps) > 4096:  # stragglers draw fractions: do not pile up
+                    self._steps.clear()
+                steps = self._steps[skey] = num_local_steps(data.n_train, spec, work.fraction)
+        return Train(
+            self.model_for(data.task.name), start, data, spec, steps, work.rng,
+            None if trainable is None else tuple(trainable), prox, objective, tuple(bounds),
+        )  # fmt: skip
 
 
 class AlgoParams(BaseModel):
@@ -99,6 +140,9 @@ class Algorithm:
     has_global_model: ClassVar[bool] = True
     #: True when ``eval_arrays`` needs the client's own data (e.g. fine-tuning before evaluation).
     needs_eval_data: ClassVar[bool] = False
+    #: True when ``client_step`` declares its training as ``Train`` requests, which the batched
+    #: executor stacks across clients; False for methods with their own solver (MOCHA's SDCA).
+    batchable: ClassVar[bool] = True
 
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         self.p = params
@@ -131,7 +175,9 @@ class Algorithm:
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
+    ) -> StepResult:
+        """The client's round: ``(new state, reply)``, or a generator that yields ``Train``
+        requests (``self.ctx.train(...)``) and returns that pair (``fedmtl.training.work``)."""
         raise NotImplementedError
 
     def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
@@ -156,105 +202,3 @@ class Algorithm:
         """Why the run must stop before ``round`` (e.g. a privacy budget it would exceed), or None.
         The round loop ends the run cleanly, with the reason in the summary."""
         return None
-
-    # --- batched execution (optional) ---------------------------------------------------------
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        """``client_step`` for all of a round's clients as one computation: same states and replies,
-        to float tolerance. Optional; the runtime calls it only when ``batched_unsupported`` is None.
-        ``memory_bytes`` bounds what is stacked at once (clients beyond it go in further groups)."""
-        raise NotImplementedError(f"algorithm {self.name!r} has no batched client step")
-
-    def batched_unsupported(self) -> str | None:
-        """Why ``batched_client_step`` cannot stand in for ``client_step`` (None when it can).
-
-        A subclass that overrides ``client_step`` but inherits ``batched_client_step`` would run
-        its parent's update when batched, so it counts as unsupported until it overrides both."""
-        batched = _defined_in(type(self), "batched_client_step")
-        if batched is Algorithm:
-            return f"algorithm {self.name!r} has no batched client step"
-        if not issubclass(batched, _defined_in(type(self), "client_step")):
-            return f"algorithm {self.name!r} overrides client_step but not batched_client_step"
-        return None
-
-    def batched_local_train(
-        self,
-        starts: list[Arrays],
-        datas: list[ClientData],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-        trainable: list[str] | None = None,
-        prox_centers: list[Arrays] | None = None,
-        prox_mu: float = 0.0,
-    ) -> list[LocalResult]:
-        """``local_train`` for every client at once (the batched counterpart of the call each
-        ``client_step`` makes), grouped by learning rate and task (each task has its own model
-        and loss), results in input order."""
-        out: list[LocalResult | None] = [None] * len(starts)
-        groups: dict[tuple[float, str, bool], list[int]] = {}
-        if len(datas) != len(works):
-            raise ValueError("batched_local_train: datas and works need one entry per client")
-        task0, lr0 = (datas[0].task, works[0].lr) if datas else (None, None)
-        if datas and all(d.task is task0 for d in datas) and all(w.lr == lr0 for w in works):
-            # The usual round: one task, one learning rate (thousands of small clients make a
-            # per-client dictionary update measurable).
-            groups[(lr0, task0.name, task0.is_classification)] = list(range(len(datas)))  # type: ignore[union-attr]
-        else:
-            for i, (data, work) in enumerate(zip(datas, works, strict=True)):
-                groups.setdefault((work.lr, data.task.name, data.task.is_classification), []).append(i)
-        for (lr, task, _), idx in groups.items():
-            spec = self.ctx.local.with_lr(lr)
-            known: dict[tuple[int, float], int] = {}  # (size, work fraction) -> steps: few distinct
-            steps = []
-            for i in idx:
-                key = (len(datas[i].y_train), works[i].fraction)
-                n_steps = known.get(key)
-                if n_steps is None:
-                    n_steps = known[key] = num_local_steps(key[0], spec, key[1])
-                steps.append(n_steps)
-            res = batched_local_train(
-                self.ctx.model_for(task),
-                [starts[i] for i in idx],
-                [datas[i].x_train for i in idx],
-                [datas[i].y_train for i in idx],
-                datas[idx[0]].task,
-                spec,
-                steps,
-                [works[i].rng for i in idx],
-                trainable=trainable,
-                prox_centers=None if prox_centers is None else [prox_centers[i] for i in idx],
-                prox_mu=prox_mu,
-                memory_bytes=memory_bytes,
-            )
-            losses, seen = res.loss.tolist(), res.seen.tolist()
-            for j, (i, arrays) in enumerate(zip(idx, res.all_arrays(), strict=True)):
-                out[i] = LocalResult(arrays, losses[j], seen[j], steps[j])
-        return [r for r in out if r is not None]
-
-
-@dataclass
-class LocalResult:
-    """One client's outcome of batched local training; ``params`` are views into shared stacks
-    (copy them before keeping them beyond the round)."""
-
-    params: Arrays
-    loss: float
-    seen: int
-    steps: int
-
-
-def _defined_in(cls: type, name: str) -> type:
-    """The class in ``cls``'s MRO whose body defines ``name``."""
-    return next(c for c in cls.__mro__ if name in vars(c))
-
-
-def torch_params(arrays: Arrays) -> Params:
-    from fedmtl.training import to_torch
-
-    return to_torch(arrays)

@@ -3,15 +3,17 @@ F_k(v) + (lambda/2)||v - w||^2. v never leaves the client and is what the client
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from pydantic import Field
 
 from fedmtl.algorithms.base import ClientWork, Message
-from fedmtl.algorithms.common import train_arrays
 from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
 from fedmtl.data.federated import ClientData
+from fedmtl.training.objectives import Prox
 from fedmtl.training.tensors import Arrays
+from fedmtl.training.work import Train, Trained, local_work
 
 
 class DittoParams(FedAvgParams):
@@ -25,24 +27,23 @@ class Ditto(FedAvg):
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
-        state, reply = super().client_step(state, data, msg, work)
-        personal = state.get("personal") or {k: v.copy() for k, v in msg.arrays.items()}
-        personal, ploss, steps, seen = train_arrays(
-            self.ctx,
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
+        state, reply = yield from local_work(super().client_step(state, data, msg, work))
+        personal = state.get("personal") or msg.arrays
+        lam = self.p.lam
+        mine = yield self.ctx.train(
             data,
-            personal,
             work,
+            personal,
             epochs=self.p.personal_epochs,
-            prox_center=msg.arrays,
-            prox_mu=self.p.lam,
+            prox=Prox(msg.arrays, lam) if lam > 0 else None,
         )
         reply.scalars.update(
-            steps=int(reply.scalars["steps"]) + steps,
-            samples=int(reply.scalars["samples"]) + seen,
-            personal_loss=ploss,
+            steps=int(reply.scalars["steps"]) + mine.steps,
+            samples=int(reply.scalars["samples"]) + mine.seen,
+            personal_loss=mine.loss,
         )
-        return {**state, "personal": personal}, reply
+        return {**state, "personal": mine.kept()}, reply
 
     def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
         return state.get("personal") or self.broadcast(server, cid).arrays

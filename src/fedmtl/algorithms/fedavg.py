@@ -2,17 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from pydantic import Field
 
 from fedmtl.aggregation import ServerOptParams, server_opt_init, server_opt_step, weighted_mean
-from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message, torch_params
+from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
 from fedmtl.algorithms.heads import for_task, initial_global, keywise_mean, qualify
 from fedmtl.data.federated import ClientData
-from fedmtl.training import local_train, num_local_steps, to_numpy
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
+from fedmtl.training.objectives import Prox
 from fedmtl.training.tensors import Arrays
+from fedmtl.training.work import Train, Trained
 
 
 class FedAvgParams(AlgoParams):
@@ -55,57 +56,11 @@ class FedAvg(Algorithm):
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
-        start = torch_params(msg.arrays)
-        spec = self.ctx.local.with_lr(work.lr)
-        steps = num_local_steps(data.n_train, spec, work.fraction)
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
+        """Train the received model; FedProx adds the proximal term toward it."""
         mu = self.prox_mu()
-        params, loss, seen = local_train(
-            self.ctx.model_for(data.task.name),
-            start,
-            data.x_train,
-            data.y_train,
-            data.task,
-            spec,
-            steps,
-            work.rng,
-            prox_center=start if mu > 0 else None,
-            prox_mu=mu,
-        )
-        reply = Message(
-            arrays=to_numpy(params),
-            scalars={"num_examples": data.n_train, "train_loss": loss, "steps": steps, "samples": seen},
-        )
-        return state, reply
-
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        """``client_step`` for all clients at once; FedProx's centre is each client's start (the
-        same broadcast arrays, so it is shared rather than stacked)."""
-        mu = self.prox_mu()
-        starts = [m.arrays for m in msgs]
-        results = self.batched_local_train(
-            starts, datas, works, memory_bytes, prox_centers=starts if mu > 0 else None, prox_mu=mu
-        )
-        replies = [
-            Message(
-                arrays=r.params,
-                scalars={
-                    "num_examples": d.n_train,
-                    "train_loss": r.loss,
-                    "steps": r.steps,
-                    "samples": r.seen,
-                },
-            )
-            for r, d in zip(results, datas, strict=True)
-        ]
-        return list(states), replies
+        trained = yield self.ctx.train(data, work, msg.arrays, prox=Prox(msg.arrays, mu) if mu > 0 else None)
+        return state, Message(arrays=trained.params, scalars=trained.scalars(data))
 
     def expected_reply(self, server: dict[str, Any], cid: int) -> Arrays:
         """What a valid reply from ``cid`` looks like (same keys and shapes); replies that differ

@@ -9,10 +9,10 @@ import numpy as np
 from pydantic import Field
 
 from fedmtl.algorithms.base import ClientWork
-from fedmtl.algorithms.common import train_arrays
 from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
 from fedmtl.algorithms.heads import head_of
 from fedmtl.data.federated import ClientData
+from fedmtl.training.executors import train_one
 from fedmtl.training.tensors import Arrays
 
 FINETUNE = 7  # rng purpose, distinct from the runtime's
@@ -42,11 +42,10 @@ class FedAvgFT(FedAvg):
             rng=np.random.default_rng([self.ctx.seed, FINETUNE, cid]),
             lr=self.ctx.local.optimizer.lr,
         )
-        trainable = list(head_of(start)) if self.p.finetune == "head" else None
-        tuned, _, _, _ = train_arrays(
-            self.ctx, data, start, work, trainable=trainable, steps=self.p.finetune_steps
-        )
-        return tuned
+        trainable = head_of(start) if self.p.finetune == "head" else None
+        return train_one(
+            self.ctx.train(data, work, start, trainable=trainable, steps=self.p.finetune_steps)
+        ).params
 
     def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
         return self.broadcast(server, cid).arrays

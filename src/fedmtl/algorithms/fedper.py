@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
+
+import numpy as np
 
 from fedmtl.aggregation import server_opt_init
 from fedmtl.algorithms.base import ClientWork, Message
-from fedmtl.algorithms.common import train_arrays
 from fedmtl.algorithms.fedavg import FedAvg
 from fedmtl.algorithms.heads import body_of, head_of, initial_global
 from fedmtl.data.federated import ClientData
 from fedmtl.training.tensors import Arrays
+from fedmtl.training.work import Train, Trained
+
+LocalUpdate = Generator[Train, Trained, Trained]
 
 
 class FedPer(FedAvg):
@@ -29,19 +34,17 @@ class FedPer(FedAvg):
     def init_client(self, cid: int) -> dict[str, Any]:
         return {"head": {k: v.copy() for k, v in head_of(self.ctx.init_for(self.ctx.task_of(cid))).items()}}
 
-    def local_update(self, state: dict[str, Any], data: ClientData, full: Arrays, work: ClientWork) -> tuple:
-        return train_arrays(self.ctx, data, full, work)
+    def local_update(self, data: ClientData, full: Arrays, work: ClientWork) -> LocalUpdate:
+        """The whole model (received body, own head) trained together."""
+        return (yield self.ctx.train(data, work, full))
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
-        full = {**msg.arrays, **state["head"]}
-        arrays, loss, steps, seen = self.local_update(state, data, full, work)
-        reply = Message(
-            arrays=body_of(arrays),
-            scalars={"num_examples": data.n_train, "train_loss": loss, "steps": steps, "samples": seen},
-        )
-        return {**state, "head": head_of(arrays)}, reply
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
+        trained = yield from self.local_update(data, {**msg.arrays, **state["head"]}, work)
+        head = {k: np.array(v, copy=True) for k, v in head_of(trained.params).items()}
+        reply = Message(arrays=body_of(trained.params), scalars=trained.scalars(data))
+        return {**state, "head": head}, reply
 
     def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
         head = state.get("head") or head_of(self.ctx.init_for(self.ctx.task_of(cid)))

@@ -3,17 +3,15 @@ frozen head; only the body is averaged. The head learns on a fixed representatio
 
 from __future__ import annotations
 
-from typing import Any
-
 from pydantic import Field
 
 from fedmtl.algorithms.base import ClientWork
-from fedmtl.algorithms.common import train_arrays
 from fedmtl.algorithms.fedavg import FedAvgParams
-from fedmtl.algorithms.fedper import FedPer
+from fedmtl.algorithms.fedper import FedPer, LocalUpdate
 from fedmtl.algorithms.heads import body_of, head_of
 from fedmtl.data.federated import ClientData
 from fedmtl.training.tensors import Arrays
+from fedmtl.training.work import Trained
 
 
 class FedRepParams(FedAvgParams):
@@ -25,12 +23,10 @@ class FedRep(FedPer):
     name = "fedrep"
     Params = FedRepParams
 
-    def local_update(self, state: dict[str, Any], data: ClientData, full: Arrays, work: ClientWork) -> tuple:
-        heads = list(head_of(full))
-        arrays, _, s1, n1 = train_arrays(
-            self.ctx, data, full, work, epochs=self.p.head_epochs, trainable=heads
+    def local_update(self, data: ClientData, full: Arrays, work: ClientWork) -> LocalUpdate:
+        head = yield self.ctx.train(data, work, full, epochs=self.p.head_epochs, trainable=head_of(full))
+        body = yield self.ctx.train(
+            data, work, head.params, epochs=self.p.body_epochs, trainable=body_of(full)
         )
-        arrays, loss, s2, n2 = train_arrays(
-            self.ctx, data, arrays, work, epochs=self.p.body_epochs, trainable=list(body_of(full))
-        )
-        return arrays, loss, s1 + s2, n1 + n2
+        seen, steps = head.seen + body.seen, head.steps + body.steps
+        return Trained(body.params, body.loss, seen=seen, steps=steps, owned=body.owned)

@@ -46,6 +46,7 @@ class Mocha(Algorithm):
     name = "mocha"
     Params = MochaParams
     has_global_model = False
+    batchable = False
 
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         super().__init__(params, ctx)

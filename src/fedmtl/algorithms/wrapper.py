@@ -4,16 +4,19 @@ A wrapper is an ``Algorithm`` around another one: sample selection, malicious cl
 privacy and secure aggregation change what a client trains on, what it sends, or how the server
 combines replies, without any algorithm knowing. Because every runtime builds its algorithm through
 ``experiment.run.build``, a wrapper works in the simulator and on Flower alike; anything it needs
-to tell the other side travels inside the messages."""
+to tell the other side travels inside the messages. A wrapper that changes the client step does
+so once, with ``yield from`` around the inner step (``fedmtl.training.work``), so it runs under
+every executor."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from typing import Any
 
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
 from fedmtl.data.federated import ClientData
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
 from fedmtl.training.tensors import Arrays
+from fedmtl.training.work import StepResult, Train, Trained, local_work
 
 
 class AlgorithmWrapper(Algorithm):
@@ -27,6 +30,7 @@ class AlgorithmWrapper(Algorithm):
         self.Params = inner.Params  # type: ignore[misc]
         self.has_global_model = inner.has_global_model  # type: ignore[misc]
         self.needs_eval_data = inner.needs_eval_data  # type: ignore[misc]
+        self.batchable = inner.batchable  # type: ignore[misc]
 
     def __getattr__(self, attr: str) -> Any:
         # Only reached for attributes this object lacks: algorithm-specific extras such as MOCHA's
@@ -66,7 +70,7 @@ class AlgorithmWrapper(Algorithm):
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
+    ) -> StepResult:
         return self.inner.client_step(state, data, msg, work)
 
     def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
@@ -78,31 +82,10 @@ class AlgorithmWrapper(Algorithm):
     def new_client_arrays(self, server: dict[str, Any], cid: int) -> Arrays:
         return self.inner.new_client_arrays(server, cid)
 
-    # --- batched execution --------------------------------------------------------------------
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        return self.inner.batched_client_step(states, datas, msgs, works, memory_bytes)
-
-    def batched_unsupported(self) -> str | None:
-        """A wrapper that changes ``client_step`` but not ``batched_client_step`` would be skipped
-        by batched execution, so it makes the stack sequential-only."""
-        cls = type(self)
-        if cls.client_step is not AlgorithmWrapper.client_step and (
-            cls.batched_client_step is AlgorithmWrapper.batched_client_step
-        ):
-            return f"{cls.__name__} has no batched client step"
-        return self.inner.batched_unsupported()
-
 
 class ReplyWrapper(AlgorithmWrapper):
     """A wrapper that only transforms each client's reply after the inner client step (clip and
-    noise it, encrypt or mask it), the same way in sequential and batched execution."""
+    noise it, encrypt or mask it), whichever executor carries the step out."""
 
     def after_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork, reply: Message
@@ -111,18 +94,6 @@ class ReplyWrapper(AlgorithmWrapper):
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
-        state, reply = self.inner.client_step(state, data, msg, work)
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
+        state, reply = yield from local_work(self.inner.client_step(state, data, msg, work))
         return self.after_step(state, data, msg, work, reply)
-
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        new_states, replies = self.inner.batched_client_step(states, datas, msgs, works, memory_bytes)
-        out = [self.after_step(*args) for args in zip(new_states, datas, msgs, works, replies, strict=True)]
-        return [s for s, _ in out], [r for _, r in out]

@@ -14,6 +14,7 @@ classified as the target) goes into every round row as ``backdoor_asr``."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +27,7 @@ from fedmtl.data.corrupt import apply_trigger, attack_success_rate, flip_labels,
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.errors import ConfigError
 from fedmtl.sections.robustness import AttackConfig
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
+from fedmtl.training.work import Train, Trained, local_work
 
 ATTACK_RNG = 12  # rng purpose: (seed, ATTACK_RNG, 0) picks attackers; (seed, ATTACK_RNG, round, cid) draws
 _MODEL = ("sign_flip", "scale", "gaussian", "backdoor")
@@ -121,35 +122,14 @@ class MaliciousClients(AlgorithmWrapper):
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
-        if not self.is_active(data.cid, work.round):
-            return self.inner.client_step(state, data, msg, work)
-        if self.cfg.kind in ("label_flip", "backdoor"):
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
+        active = self.is_active(data.cid, work.round)
+        if active and self.cfg.kind in ("label_flip", "backdoor"):
             data = self.poisoned(data)
-        state, reply = self.inner.client_step(state, data, msg, work)
-        if self.cfg.kind in _MODEL and not (self.cfg.kind == "backdoor" and self.scale == 1.0):
+        state, reply = yield from local_work(self.inner.client_step(state, data, msg, work))
+        if active and self.cfg.kind in _MODEL and not (self.cfg.kind == "backdoor" and self.scale == 1.0):
             reply = self.tamper(reply, msg, work.round, data.cid)
         return state, reply
-
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        """The same attacks around the inner algorithm's batched step (attackers train in the batch)."""
-        active = [self.is_active(d.cid, w.round) for d, w in zip(datas, works, strict=True)]
-        if self.cfg.kind in ("label_flip", "backdoor"):
-            datas = [self.poisoned(d) if a else d for d, a in zip(datas, active, strict=True)]
-        states, replies = self.inner.batched_client_step(states, datas, msgs, works, memory_bytes)
-        if self.cfg.kind in _MODEL and not (self.cfg.kind == "backdoor" and self.scale == 1.0):
-            replies = [
-                self.tamper(r, m, w.round, d.cid) if a else r
-                for r, m, w, d, a in zip(replies, msgs, works, datas, active, strict=True)
-            ]
-        return states, replies
 
     # --- measurement --------------------------------------------------------------------------
     def backdoor_asr(self, server: dict[str, Any]) -> float | None:

@@ -13,10 +13,10 @@ import numpy as np
 import torch
 
 from fedmtl.algorithms.base import Algorithm, ClientWork
-from fedmtl.algorithms.common import train_arrays
 from fedmtl.algorithms.heads import head_of
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.metrics import primary_metric, summarize_clients, task_metrics
+from fedmtl.training.executors import train_one
 from fedmtl.training.local import predict
 from fedmtl.training.tensors import Arrays, to_torch
 
@@ -94,7 +94,7 @@ def evaluate_new_clients(
             rng=np.random.default_rng([algo.ctx.seed, NEW_CLIENT, cid]),
             lr=lr if lr is not None else algo.ctx.local.optimizer.lr,
         )
-        tuned, _, _, _ = train_arrays(algo.ctx, c, start, work, trainable=list(head_of(start)), steps=steps)
+        tuned = train_one(algo.ctx.train(c, work, start, trainable=head_of(start), steps=steps)).params
         before = _metrics_by_client(algo, [(c, start)])[cid]
         after = _metrics_by_client(algo, [(c, tuned)])[cid]
         rows.append(

@@ -82,6 +82,7 @@ def extract_features(net: FDRMFLNet, arrays: Arrays, x: np.ndarray, chunk: int =
 class FDRMFL(Algorithm):
     name = "fdrmfl"
     Params = FDRMFLParams
+    batchable = False
 
     def __init__(self, params: FDRMFLParams, ctx: AlgoContext) -> None:  # type: ignore[override]
         super().__init__(params, ctx)

@@ -40,7 +40,7 @@ from fedmtl.fedbone.flops import TRAIN_FACTOR, hook_flops, part_flops
 from fedmtl.fedbone.model import CLIENT_PARTS, SERVER_PART, FedBoneNet, part_of, register_model
 from fedmtl.training import batch_schedule, num_local_steps
 from fedmtl.training import optim as fopt
-from fedmtl.training.local import task_loss
+from fedmtl.training.objectives import task_loss
 from fedmtl.training.tensors import Arrays
 
 register_model()
@@ -103,6 +103,7 @@ class FedBone(Algorithm):
     name = "fedbone"
     Params = FedBoneParams
     has_global_model = False
+    batchable = False
     client_actions: ClassVar[dict[str, str]] = {
         "embed": "client_embed",
         "head": "client_head",

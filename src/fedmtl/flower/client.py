@@ -168,8 +168,10 @@ def _step(msg: FlowerMessage, context: Context, step: Callable[[NodeSide], StepF
         incoming = codec.get_message(msg.content, protocol.MSG)
         if state is None:
             state = side.algo.init_client(cid)
+        from fedmtl.training.executors import run_local
+
         t0 = time.perf_counter()
-        new_state, reply = step(side)(state, side.client, incoming, work)
+        new_state, reply = run_local(step(side)(state, side.client, incoming, work))
         wall = time.perf_counter() - t0
         codec.put_tree(context.state, protocol.STATE, new_state)
         codec.put_message(out, protocol.REPLY, reply)

@@ -8,6 +8,8 @@ run before a round in which some client could exceed it."""
 
 from __future__ import annotations
 
+from collections.abc import Generator
+from dataclasses import replace
 from typing import Any
 
 import numpy as np
@@ -17,8 +19,8 @@ from fedmtl.algorithms.wrapper import AlgorithmWrapper
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.privacy.accountant import epsilon
 from fedmtl.sections.privacy import PrivacyConfig
-from fedmtl.training import num_local_steps, to_numpy, to_torch
-from fedmtl.training.dp_sgd import dp_local_train
+from fedmtl.training import num_local_steps
+from fedmtl.training.work import DPSGD, Train, Trained, map_requests
 
 DP_SGD_RNG = 14
 
@@ -74,30 +76,9 @@ class SampleDP(AlgorithmWrapper):
     # --- client side --------------------------------------------------------------------------
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
-        """FedAvg's client step with DP-SGD in place of SGD."""
-        algo = self.unwrapped()
-        start = to_torch(msg.arrays)
-        spec = self.ctx.local.with_lr(work.lr)
-        steps = num_local_steps(data.n_train, spec, work.fraction)
-        mu = float(algo.prox_mu()) if hasattr(algo, "prox_mu") else 0.0
-        params, loss, seen = dp_local_train(
-            self.ctx.model_for(data.task.name),
-            start,
-            data.x_train,
-            data.y_train,
-            data.task,
-            spec,
-            steps,
-            work.rng,
-            clip=self.cfg.clip_norm,
-            noise_multiplier=self.cfg.noise_multiplier,
-            noise_rng=np.random.default_rng([self.ctx.seed, DP_SGD_RNG, work.round, data.cid]),
-            prox_center=start if mu > 0 else None,
-            prox_mu=mu,
-        )
-        reply = Message(
-            arrays=to_numpy(params),
-            scalars={"num_examples": data.n_train, "train_loss": loss, "steps": steps, "samples": seen},
-        )
-        return state, reply
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
+        """The inner client step with every training request done by DP-SGD."""
+        noise = np.random.default_rng([self.ctx.seed, DP_SGD_RNG, work.round, data.cid])
+        dp = DPSGD(clip=self.cfg.clip_norm, noise_multiplier=self.cfg.noise_multiplier, noise_rng=noise)
+        change = lambda request: replace(request, dp=dp)  # noqa: E731
+        return (yield from map_requests(self.inner.client_step(state, data, msg, work), change))

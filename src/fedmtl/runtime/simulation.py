@@ -1,9 +1,9 @@
 """The in-process simulator: client sampling, stragglers, dropouts, byte and time accounting.
 
-Clients of a round train one after another (``runtime.execution: sequential``) or all at once
-through the algorithm's ``batched_client_step`` (``batched``; ``auto`` picks batched when the
-algorithm and model allow it). Sampling, systems draws and per-client rngs are the same in both,
-so they give the same updates to float tolerance.
+Clients of a round train one after another (``runtime.execution: sequential``) or all at once,
+their declared local work stacked on a client axis (``batched``; ``auto`` picks batched when the
+algorithm and model allow it): ``fedmtl.training.executors``. Sampling, systems draws and
+per-client rngs are the same in both, so they give the same updates to float tolerance.
 
 All randomness is derived from (seed, round, client, purpose), never from a shared stream, so a
 resumed run draws exactly what an uninterrupted one would."""
@@ -30,6 +30,7 @@ from fedmtl.runtime.threads import torch_owns_the_cores
 from fedmtl.runtime.validation import reply_problems
 from fedmtl.training import onednn
 from fedmtl.training.batched import batch_support
+from fedmtl.training.executors import BatchedExecutor, SequentialExecutor
 from fedmtl.training.shuffle import Stream, streams
 
 # Purposes for derived random streams (stable small ints; never reorder).
@@ -141,7 +142,9 @@ class Simulator:
             self.execution = self._resolve_execution()
         #: Budget for what batched execution stacks at once (``runtime.batch_memory_gib``).
         gib = cfg.runtime.batch_memory_gib
-        self.memory_bytes = int(gib * 2**30)
+        self.executor = (
+            BatchedExecutor(int(gib * 2**30)) if self.execution == "batched" else SequentialExecutor()
+        )
 
     def num_sampled(self) -> int:
         n = len(self.data.train_clients)
@@ -182,9 +185,8 @@ class Simulator:
     # --- execution backend ------------------------------------------------------------------
     def batched_unsupported(self) -> str | None:
         """Why this run's algorithm or model cannot train its clients batched (None if it can)."""
-        reason = self.algo.batched_unsupported()
-        if reason is not None:
-            return reason
+        if not self.algo.batchable:
+            return f"algorithm {self.algo.name!r} trains with its own solver, not declared local work"
         client = next((c for c in self.data.clients if c.n_train > 0), None)
         if client is None:
             return "no client has training data"
@@ -204,29 +206,6 @@ class Simulator:
             f"fedmtl: runtime.execution = 'auto': training clients sequentially ({reason})", file=sys.stderr
         )
         return "sequential"
-
-    def _train_clients(
-        self, jobs: list[tuple[int, dict[str, Any], Message, ClientWork]]
-    ) -> list[tuple[dict[str, Any], Message, float]]:
-        """(new state, reply, compute wall seconds) per job; batched wall time is shared equally."""
-        datas = [self.data.clients[cid] for cid, _, _, _ in jobs]
-        if self.execution == "batched":
-            t0 = time.perf_counter()
-            new_states, replies = self.algo.batched_client_step(
-                [state for _, state, _, _ in jobs],
-                datas,
-                [msg for _, _, msg, _ in jobs],
-                [work for _, _, _, work in jobs],
-                memory_bytes=self.memory_bytes,
-            )
-            wall = (time.perf_counter() - t0) / len(jobs)
-            return [(st, rep, wall) for st, rep in zip(new_states, replies, strict=True)]
-        out = []
-        for (_, state, msg, work), data in zip(jobs, datas, strict=True):
-            t0 = time.perf_counter()
-            new_state, reply = self.algo.client_step(state, data, msg, work)
-            out.append((new_state, reply, time.perf_counter() - t0))
-        return out
 
     # --- one round ----------------------------------------------------------------------------
     def run_round(self, round: int, server: dict[str, Any], states: dict[int, dict[str, Any]]) -> RoundResult:
@@ -268,7 +247,9 @@ class Simulator:
                 (transport.states[c], driven.get(c, Message()), transport.wall[c]) for c, _, _, _ in jobs
             ]
         else:
-            outcomes = self._train_clients(jobs) if jobs else []
+            clients = self.data.clients
+            work = [(state, clients[cid], msg, w) for cid, state, msg, w in jobs]
+            outcomes = self.executor.run(self.algo.client_step, work) if jobs else []
         rejected: dict[int, str] = {}
         problems = reply_problems([reply for _, reply, _ in outcomes])
         # The loop below runs once per client: its constants are read once (``comm_seconds``'s

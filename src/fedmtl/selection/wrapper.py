@@ -24,6 +24,7 @@ gives detection precision and recall per round."""
 from __future__ import annotations
 
 import math
+from collections.abc import Generator
 from dataclasses import replace
 from typing import Any
 
@@ -37,8 +38,8 @@ from fedmtl.errors import ProtocolError
 from fedmtl.sections.selection import SelectionConfig
 from fedmtl.selection import detectors
 from fedmtl.selection.scores import forward_parts, near_duplicates, score_vectors
-from fedmtl.training.batched import DEFAULT_MEMORY_BYTES
 from fedmtl.training.tensors import Arrays
+from fedmtl.training.work import Train, Trained, local_work
 
 KEY = "_selection"  # this wrapper's part of the server state and of each client's state
 PREFIX = "sel."
@@ -315,22 +316,7 @@ class SampleSelection(AlgorithmWrapper):
 
     def client_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
-    ) -> tuple[dict[str, Any], Message]:
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
         inner_state, sub, inner_msg, extra, own = self._prepare(state, data, msg, work)
-        new_state, reply = self.inner.client_step(inner_state, sub, inner_msg, work)
+        new_state, reply = yield from local_work(self.inner.client_step(inner_state, sub, inner_msg, work))
         return self._finish(new_state, reply, extra, own)
-
-    def batched_client_step(
-        self,
-        states: list[dict[str, Any]],
-        datas: list[ClientData],
-        msgs: list[Message],
-        works: list[ClientWork],
-        memory_bytes: int = DEFAULT_MEMORY_BYTES,
-    ) -> tuple[list[dict[str, Any]], list[Message]]:
-        prepared = [self._prepare(s, d, m, w) for s, d, m, w in zip(states, datas, msgs, works, strict=True)]
-        new_states, replies = self.inner.batched_client_step(
-            [p[0] for p in prepared], [p[1] for p in prepared], [p[2] for p in prepared], works, memory_bytes
-        )
-        out = [self._finish(s, r, p[3], p[4]) for s, r, p in zip(new_states, replies, prepared, strict=True)]
-        return [o[0] for o in out], [o[1] for o in out]

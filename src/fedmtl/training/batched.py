@@ -27,7 +27,7 @@ from functools import lru_cache
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from torch.overrides import TorchFunctionMode
 
 from fedmtl.data.federated import TaskSpec
@@ -35,6 +35,7 @@ from fedmtl.training import optim
 from fedmtl.training.buffers import POOL
 from fedmtl.training.fused import FusedChainStep, linear_chain
 from fedmtl.training.local import LocalSpec, batch_lengths, batch_orders
+from fedmtl.training.objectives import TASK_LOSS, Objective, add_prox_grad
 from fedmtl.training.rows import StackedRows
 
 ArrayLike = np.ndarray | torch.Tensor
@@ -109,18 +110,6 @@ class BatchedResult:
                 for k in self.keys
             }
         return rows.row(r)
-
-
-def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
-    """The summands of ``task_loss``: its mean over a batch is ``task_loss``.
-
-    Cross-entropy is written as log-softmax + gather, which is what ``cross_entropy`` computes;
-    under vmap the fused op goes through a Python decomposition whose first call imports sympy."""
-    if task.is_classification:
-        return -torch.log_softmax(out, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
-    diff = out.reshape(y.shape) - y
-    sq = diff * diff
-    return sq.reshape(len(y), -1).mean(1) if sq.dim() > 1 else sq
 
 
 class _Repeated(list):
@@ -306,6 +295,8 @@ def batched_local_train(
     memory_bytes: int = DEFAULT_MEMORY_BYTES,
     step_bytes: int | None = None,
     fused: bool = True,
+    objective: Objective = TASK_LOSS,
+    bounds: Sequence[tuple[str, float, float]] = (),
 ) -> BatchedResult:
     """Train client i from ``starts[i]`` on ``(xs[i], ys[i])`` for ``steps[i]`` steps, all at once.
 
@@ -316,7 +307,7 @@ def batched_local_train(
     enough that a step's parameters and gradients are still in cache when the update reads them).
     ``fused``: train Flatten-Linear-ReLU chains with the hand-written step of
     ``fedmtl.training.fused`` (same numbers, fewer passes over memory); False forces the generic
-    vmapped autograd step."""
+    vmapped autograd step, which also serves custom ``objective``s and ``bounds``."""
     step_bytes = STEP_BYTES if step_bytes is None else step_bytes
     n = len(starts)
     if not (len(xs) == len(ys) == len(steps) == len(rngs) == n) or n == 0:
@@ -345,7 +336,8 @@ def batched_local_train(
     entries = np.asarray(steps, dtype=np.int64) * np.minimum(spec.batch_size, sizes)
     cost[:, 0] = mem + per_row * sizes + PLAN_BYTES * entries
     cost[:, 1], cost[:, 2] = work, widest
-    chain = linear_chain(model) if fused and not task.dense else None
+    plain = objective.is_task_loss and not bounds
+    chain = linear_chain(model) if fused and plain and not task.dense else None
     kernel = None if chain is None else FusedChainStep(chain, task, spec.optimizer, set(train_keys), prox_mu)
 
     # Longest-training clients first: at every step the clients still training form a prefix.
@@ -374,7 +366,7 @@ def batched_local_train(
         done = hi
         _train_group(
             model, grp, starts, xs, ys, task, spec, batches, train_keys, frozen_keys,
-            prox_centers if use_prox else None, center_keys, prox_mu, loss, seen, kernel,
+            prox_centers if use_prox else None, center_keys, prox_mu, loss, seen, kernel, objective, bounds,
         )  # fmt: skip
     return BatchedResult(keys=keys, loss=loss, seen=seen, groups=groups, where=where)
 
@@ -396,6 +388,8 @@ def _train_group(
     loss_out: np.ndarray,
     seen_out: np.ndarray,
     kernel: FusedChainStep | None = None,
+    objective: Objective = TASK_LOSS,
+    bounds: Sequence[tuple[str, float, float]] = (),
 ) -> None:
     members = grp.clients
     m = len(members)
@@ -443,7 +437,7 @@ def _train_group(
     step_fn = (
         None
         if kernel is not None
-        else _step_fn(model, task, prox_mu if center else 0.0, frozen_dims, center_dims)
+        else _step_fn(model, task, prox_mu if center else 0.0, frozen_dims, center_dims, objective)
     )
     state = optim.init_state(spec.optimizer, {k: grp.stacked[k] for k in train_keys}, zeros=_pooled_zeros)
     pair_loss = torch.empty(plan.pair[-1], dtype=torch.float32)
@@ -469,6 +463,8 @@ def _train_group(
         else:
             grads, batch_loss = step_fn(live, fz, ct, xb, yb, mask_t[lo:hi].view(k, width))
             optim.step_(spec.optimizer, live, grads, opt_state)
+            for key, low, high in bounds:
+                live[key].clamp_(low, high)
         pair_loss[plan.pair[t] : plan.pair[t + 1]] = batch_loss.detach()
     if kernel is not None:
         kernel.forget()
@@ -584,6 +580,7 @@ def _step_fn(
     mu: float,
     frozen_dims: dict[str, int | None],
     center_dims: dict[str, int | None],
+    objective: Objective = TASK_LOSS,
 ) -> StepFn:
     """Per-client gradients for one step of all live clients: (grads [k, ...], losses [k]).
 
@@ -598,9 +595,11 @@ def _step_fn(
         x: torch.Tensor,
         y: torch.Tensor,
         mask: torch.Tensor,
-    ) -> torch.Tensor:
-        out = functional_call(model, {**(frozen or {}), **params}, (x,))
-        return (per_sample_loss(out, y, task) * mask).sum() / mask.sum()
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        value, loss = objective.per_sample(model, {**(frozen or {}), **params}, x, y, task)
+        count = mask.sum()
+        mean = (value * mask).sum() / count
+        return mean, mean if loss is value else (loss * mask).sum() / count
 
     losses_fn = vmap(client_loss, in_dims=(0, frozen_dims or None, 0, 0, 0))
 
@@ -614,13 +613,11 @@ def _step_fn(
     ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
         leaves = {k: v.detach().requires_grad_(True) for k, v in live.items()}
         with _WeightMajorLinear():
-            losses = losses_fn(leaves, frozen or None, x, y, mask)
-        objective = losses.sum()
-        if mu > 0 and center:
-            # A shared centre broadcasts over the client axis; a stacked one matches it.
-            objective = objective + 0.5 * mu * sum(((leaves[k] - c) ** 2).sum() for k, c in center.items())
-        grads = torch.autograd.grad(objective, list(leaves.values()))
-        return dict(zip(leaves, grads, strict=True)), losses.detach()
+            values, losses = losses_fn(leaves, frozen or None, x, y, mask)
+        grads = torch.autograd.grad(values.sum(), list(leaves.values()))
+        # A shared centre broadcasts over the client axis; a stacked one matches it.
+        grads = add_prox_grad(dict(zip(leaves, grads, strict=True)), leaves, center, mu)
+        return grads, losses.detach()
 
     return step
 

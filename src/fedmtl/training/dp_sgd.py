@@ -5,25 +5,35 @@ clip`` added, divided by the batch size. Same batches, optimizer and return valu
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
+
 import numpy as np
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
-from fedmtl.training.local import LocalSpec, batch_schedule, task_loss
+from fedmtl.training.local import LocalSpec, batch_schedule
+from fedmtl.training.objectives import TASK_LOSS, Objective, add_prox_grad
 from fedmtl.training.tensors import Params
 
 
 def per_sample_grads(
-    model: nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, task: TaskSpec
+    model: nn.Module,
+    params: Params,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    task: TaskSpec,
+    frozen: Params | None = None,
+    objective: Objective = TASK_LOSS,
 ) -> Params:
-    """Gradient of the loss of every sample separately: each value has a leading batch axis."""
+    """Gradient of the objective of every sample separately, w.r.t. ``params`` (``frozen`` keys
+    enter the model but get no gradient): each value has a leading batch axis."""
+    fixed = frozen or {}
 
     def one(p: Params, xi: torch.Tensor, yi: torch.Tensor) -> torch.Tensor:
-        out = functional_call(model, p, (xi.unsqueeze(0),))
-        return task_loss(out, yi.unsqueeze(0), task)
+        return objective.batch(model, {**fixed, **p}, xi.unsqueeze(0), yi.unsqueeze(0), task)[0]
 
     return vmap(grad(one), in_dims=(None, 0, 0))(params, x, y)
 
@@ -56,29 +66,41 @@ def dp_local_train(
     clip: float,
     noise_multiplier: float,
     noise_rng: np.random.Generator,
+    trainable: Iterable[str] | None = None,
     prox_center: Params | None = None,
     prox_mu: float = 0.0,
+    objective: Objective = TASK_LOSS,
+    bounds: Sequence[tuple[str, float, float]] = (),
 ) -> tuple[Params, float, int]:
     """``local_train`` with DP-SGD steps; returns (params, mean training loss, samples processed).
 
     The noise is divided by the nominal batch size (``min(batch_size, n)``), the quantity the
-    accountant's sampling rate refers to. FedProx's term is data-independent, so it is added to the
-    privatised gradient without cost to privacy."""
-    current = {k: v.detach().clone() for k, v in params.items()}
+    accountant's sampling rate refers to. The proximal term is data-independent, so it is added to
+    the privatised gradient without cost to privacy."""
+    keys = list(params) if trainable is None else [k for k in params if k in set(trainable)]
+    frozen = {k: v for k, v in params.items() if k not in keys}
+    current = {k: params[k].detach().clone() for k in keys}
     state = optim.init_state(spec.optimizer, current)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     gen = torch.Generator().manual_seed(int(noise_rng.integers(2**62)))
     nominal = min(spec.batch_size, len(y))
+    center = {k: c for k, c in (prox_center or {}).items() if k in current}
     total, seen = 0.0, 0
     for idx in batch_schedule(len(y), spec.batch_size, steps, rng):
         xb, yb = xt[idx], yt[idx]
         with torch.no_grad():
-            total += float(task_loss(functional_call(model, current, (xb,)), yb, task)) * len(idx)
+            total += float(objective.batch(model, {**frozen, **current}, xb, yb, task)[1]) * len(idx)
         g, _ = clip_and_noise(
-            per_sample_grads(model, current, xb, yb, task), clip, noise_multiplier, nominal, gen
+            per_sample_grads(model, current, xb, yb, task, frozen, objective),
+            clip,
+            noise_multiplier,
+            nominal,
+            gen,
         )
-        if prox_mu > 0 and prox_center is not None:
-            g = {k: v + prox_mu * (current[k] - prox_center[k]) for k, v in g.items()}
+        add_prox_grad(g, current, center, prox_mu)
         current = optim.step(spec.optimizer, current, g, state)
+        for key, low, high in bounds:
+            current[key] = current[key].clamp(low, high)
         seen += len(idx)
-    return current, total / max(seen, 1), seen
+    result = {**frozen, **current}
+    return {k: result[k] for k in params}, total / max(seen, 1), seen

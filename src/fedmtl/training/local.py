@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
+from fedmtl.training.objectives import TASK_LOSS, Objective, add_prox_grad
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.shuffle import Randomness, Stream, orders, permutation
 from fedmtl.training.tensors import Params
@@ -140,12 +141,6 @@ def batch_lengths(n: np.ndarray, batch_size: int, steps: np.ndarray) -> np.ndarr
     return np.where(t < steps[:, None], lens, 0)
 
 
-def task_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
-    if task.is_classification:
-        return nn.functional.cross_entropy(out, y)
-    return nn.functional.mse_loss(out.reshape(y.shape), y)
-
-
 def local_train(
     model: nn.Module,
     params: Params,
@@ -158,29 +153,30 @@ def local_train(
     trainable: Iterable[str] | None = None,
     prox_center: Params | None = None,
     prox_mu: float = 0.0,
+    objective: Objective = TASK_LOSS,
+    bounds: Sequence[tuple[str, float, float]] = (),
 ) -> tuple[Params, float, int]:
     """Run ``steps`` optimizer steps; returns (params, mean training loss, samples processed).
 
-    ``trainable`` freezes every other key (FedRep's phases); ``prox_center``/``prox_mu`` add
-    FedProx's (mu/2)||w - w_center||^2 and Ditto's regulariser."""
+    ``trainable`` freezes every other key (FedRep's phases); ``prox_center``/``prox_mu`` add the
+    proximal term (FedProx, Ditto); ``objective`` replaces the task loss (APFL); ``bounds``
+    projects keys onto ``[low, high]`` after every step (APFL's mixing weight)."""
     keys = list(params) if trainable is None else [k for k in params if k in set(trainable)]
     frozen = {k: v for k, v in params.items() if k not in keys}
     current = {k: params[k].clone() for k in keys}
     state = optim.init_state(spec.optimizer, current)
     xt = torch.as_tensor(x)
     yt = torch.as_tensor(y)
+    center = {k: c for k, c in (prox_center or {}).items() if k in current} if prox_mu > 0 else {}
     total, seen = 0.0, 0
     for idx in batch_schedule(len(y), spec.batch_size, steps, rng):
         leaves = {k: v.requires_grad_(True) for k, v in current.items()}
-        out = functional_call(model, {**frozen, **leaves}, (xt[idx],))
-        loss = task_loss(out, yt[idx], task)
-        objective = loss
-        if prox_mu > 0 and prox_center is not None:
-            objective = objective + 0.5 * prox_mu * sum(
-                ((leaves[k] - prox_center[k]) ** 2).sum() for k in keys if k in prox_center
-            )
-        grads = torch.autograd.grad(objective, list(leaves.values()))
-        current = optim.step(spec.optimizer, leaves, dict(zip(leaves, grads, strict=True)), state)
+        value, loss = objective.batch(model, {**frozen, **leaves}, xt[idx], yt[idx], task)
+        grads = dict(zip(leaves, torch.autograd.grad(value, list(leaves.values())), strict=True))
+        add_prox_grad(grads, leaves, center, prox_mu)
+        current = optim.step(spec.optimizer, leaves, grads, state)
+        for key, low, high in bounds:
+            current[key] = current[key].clamp(low, high)
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
     result = {**frozen, **{k: v.detach() for k, v in current.items()}}

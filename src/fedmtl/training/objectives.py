@@ -1,0 +1,110 @@
+"""What local training minimises: the task loss, the proximal term, and custom objectives.
+
+Each term is written here once and used by every executor: the sequential trainer
+(``fedmtl.training.local``), the batched one (``fedmtl.training.batched``, whose hand-written
+chain step folds the proximal term into its update) and DP-SGD (``fedmtl.training.dp_sgd``).
+
+- The **task loss**: cross-entropy for classification, mean squared error for regression.
+- The **proximal term** (mu/2)||w - c||^2 toward a centre ``c``: FedProx's pull toward the global
+  model and Ditto's regulariser of the personal model. It is data-independent, so it enters as its
+  gradient mu (w - c), added to the data gradient (also after DP-SGD's clipping and noise).
+- An **objective** replaces the task loss by another per-sample loss of the parameters (APFL's two
+  models and their mixture). The executors back-propagate its mean over each batch's real samples
+  and report the mean of its ``loss`` part.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from fedmtl.data.federated import TaskSpec
+
+ArrayLike = np.ndarray | torch.Tensor
+
+
+def task_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    """The batch mean of the task's loss."""
+    if task.is_classification:
+        return nn.functional.cross_entropy(out, y)
+    return nn.functional.mse_loss(out.reshape(y.shape), y)
+
+
+def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    """The summands of ``task_loss``: its mean over a batch is ``task_loss``.
+
+    Cross-entropy is written as log-softmax + gather, which is what ``cross_entropy`` computes;
+    under vmap the fused op goes through a Python decomposition whose first call imports sympy."""
+    if task.is_classification:
+        return -torch.log_softmax(out, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    diff = out.reshape(y.shape) - y
+    sq = diff * diff
+    return sq.reshape(len(y), -1).mean(1) if sq.dim() > 1 else sq
+
+
+@dataclass(frozen=True, slots=True)
+class Prox:
+    """The proximal term (mu/2)||w - center||^2 over the keys ``center`` holds (and that train)."""
+
+    center: Mapping[str, ArrayLike]
+    mu: float
+
+
+def add_prox_grad(
+    grads: dict[str, torch.Tensor],
+    params: Mapping[str, torch.Tensor],
+    center: Mapping[str, torch.Tensor],
+    mu: float,
+) -> dict[str, torch.Tensor]:
+    """``grads`` plus the proximal term's gradient mu (w - c) on every key with a centre (in
+    place; a centre shared by stacked clients broadcasts over the client axis)."""
+    if mu > 0:
+        for k, c in center.items():
+            if k in grads:
+                grads[k] = grads[k].add_(params[k].detach() - c, alpha=mu)
+    return grads
+
+
+class Objective:
+    """The loss minimised on each batch. The default is the task loss of the model under the
+    trained parameters; subclasses override ``per_sample`` (and are then trained by the generic
+    autograd steps only: the fused chain step computes the task loss alone)."""
+
+    #: True only for the plain task loss (what the fused chain step computes by hand).
+    is_task_loss = True
+
+    def per_sample(
+        self,
+        model: nn.Module,
+        params: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        task: TaskSpec,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective, reported loss) of every sample, each of shape [B]."""
+        out = per_sample_loss(functional_call(model, dict(params), (x,)), y, task)
+        return out, out
+
+    def batch(
+        self,
+        model: nn.Module,
+        params: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        task: TaskSpec,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(objective, reported loss) as batch means (what the sequential trainer minimises)."""
+        if self.is_task_loss:
+            loss = task_loss(functional_call(model, dict(params), (x,)), y, task)
+            return loss, loss
+        objective, loss = self.per_sample(model, params, x, y, task)
+        return objective.mean(), loss.mean()
+
+
+#: The task loss: what every method but a few minimises.
+TASK_LOSS = Objective()

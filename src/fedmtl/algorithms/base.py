@@ -107,23 +107,24 @@ class AlgoContext:
         """A ``Train`` request for this client: the run's optimizer at the round's learning rate,
         ``train.local_epochs`` (or ``epochs``, or exactly ``steps``) scaled by the client's work
         fraction, its task's model, its mini-batch stream."""
-        key = (work.lr, epochs)
-        spec = self._specs.get(key)
+        lr = work.lr
+        spec = self._specs.get((lr, epochs))
         if spec is None:
-            spec = self.local.with_lr(work.lr)
+            spec = self.local.with_lr(lr)
             if epochs is not None:
                 spec = replace(spec, epochs=epochs, steps=None)
-            self._specs[key] = spec
+            self._specs[(lr, epochs)] = spec
         if steps is None:
-            skey = (data.n_train, work.fraction, work.lr, epochs)
-            steps = self._steps.get(skey)
+            n, fraction = len(data.y_train), work.fraction
+            steps = self._steps.get((n, fraction, lr, epochs))
             if steps is None:
                 if len(self._steps) > 4096:  # stragglers draw fractions: do not pile up
                     self._steps.clear()
-                steps = self._steps[skey] = num_local_steps(data.n_train, spec, work.fraction)
+                steps = self._steps[(n, fraction, lr, epochs)] = num_local_steps(n, spec, fraction)
         return Train(
-            self.model_for(data.task.name), start, data, spec, steps, work.rng,
-            None if trainable is None else tuple(trainable), prox, objective, tuple(bounds),
+            self.models.get(data.task.name, self.model), start, data, spec, steps, work.rng,
+            None if trainable is None else tuple(trainable), prox, objective,
+            bounds if type(bounds) is tuple else tuple(bounds),
         )  # fmt: skip
 
 

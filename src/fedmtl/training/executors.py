@@ -90,7 +90,7 @@ class BatchedExecutor:
         pending: dict[int, Train] = {}
         for i, job in enumerate(jobs):
             result = step(*job)
-            if not isinstance(result, Generator):
+            if isinstance(result, tuple):
                 done[i] = result
                 continue
             try:
@@ -114,9 +114,10 @@ class BatchedExecutor:
         groups: dict[tuple, list[int]] = {}
         for i, r in requests.items():
             prox = r.prox
+            # by identity: a frozen dataclass hashes every field on each lookup
             key = (
-                id(r.model), id(r.data.task), id(r.spec), r.trainable, None if prox is None else prox.mu,
-                id(r.objective), r.bounds, r.dp is not None,
+                r.model, id(r.data.task), id(r.spec), r.trainable, prox and prox.mu, r.objective, r.bounds,
+                r.dp is None,
             )  # fmt: skip
             group = groups.get(key)
             if group is None:

@@ -43,14 +43,16 @@ class DPSGD:
     noise_rng: np.random.Generator
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Train:
     """One piece of local training: ``steps`` optimizer steps of ``spec`` from ``start`` on
     ``data``'s training split, mini-batches drawn from ``rng``.
 
     ``trainable``: the keys that train (None: all; the others stay as given). ``prox``: the
     proximal term toward a centre. ``objective``: what each batch minimises (default: the task
-    loss). ``bounds``: ``(key, low, high)`` projections after every step. ``dp``: DP-SGD steps."""
+    loss). ``bounds``: ``(key, low, high)`` projections after every step. ``dp``: DP-SGD steps.
+    Treat it as immutable (``dataclasses.replace`` makes a changed copy); it is not frozen only
+    because a frozen dataclass costs microseconds per field to build, thousands of times a round."""
 
     model: nn.Module
     start: ArrayMap

@@ -243,8 +243,8 @@ def _config(algorithm: dict[str, Any], execution: str, **kw: Any) -> dict[str, A
 
 
 TASKS = {"data__tasks": ["digit", "parity", "ge5", "ink"]}
-#: Every classic algorithm (and the multi-task federations of the personalised ones): written once,
-#: run by both executors.
+#: Every classic algorithm, the multi-task federations of the personalised ones, and the three
+#: written on the client contract (APFL, LG-FedAvg, FedBABU): written once, run by both executors.
 CLASSIC = [
     ({"name": "fedavg"}, {}),
     ({"name": "fedprox", "mu": 0.1}, {}),
@@ -257,6 +257,11 @@ CLASSIC = [
     ({"name": "fedper"}, TASKS),
     ({"name": "ditto", "lam": 0.5}, TASKS),
     ({"name": "hierarchical"}, TASKS),
+    ({"name": "apfl"}, {}),
+    ({"name": "apfl", "adaptive": False}, TASKS),
+    ({"name": "lg_fedavg"}, {}),
+    ({"name": "lg_fedavg"}, TASKS),
+    ({"name": "fedbabu", "finetune_steps": 3}, {}),
 ]
 CLASSIC_IDS = [a["name"] + ("-tasks" if kw else "") for a, kw in CLASSIC]
 

@@ -235,6 +235,15 @@ def test_codec_names_the_path_of_a_value_it_cannot_send():
             "train__rounds": 2,
             "algorithm": {"name": "fedavg_ft", "finetune_steps": 3},
         },
+        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedrep"}},
+        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "apfl"}},
+        {
+            "data__partition__num_clients": 2,
+            "data__tasks": ["digit", "parity"],
+            "train__rounds": 2,
+            "algorithm": {"name": "lg_fedavg"},
+        },
+        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedbabu"}},
     ],
     ids=[
         "fedavg",
@@ -244,6 +253,10 @@ def test_codec_names_the_path_of_a_value_it_cannot_send():
         "fedper-multitask",
         "ditto",
         "fedavg-ft",
+        "fedrep",
+        "apfl",
+        "lg-fedavg-multitask",
+        "fedbabu",
     ],
 )
 def test_flower_run_equals_in_process_run(tmp_path, over):

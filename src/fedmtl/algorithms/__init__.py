@@ -2,19 +2,36 @@
 
 from __future__ import annotations
 
+from fedmtl.algorithms.apfl import APFL
 from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
 from fedmtl.algorithms.ditto import Ditto
 from fedmtl.algorithms.fedavg import FedAvg, FedProx
 from fedmtl.algorithms.fedavg_ft import FedAvgFT
+from fedmtl.algorithms.fedbabu import FedBABU
 from fedmtl.algorithms.fedper import FedPer
 from fedmtl.algorithms.fedrep import FedRep
 from fedmtl.algorithms.hierarchical import Hierarchical
+from fedmtl.algorithms.lg_fedavg import LGFedAvg
 from fedmtl.algorithms.local import Local
 from fedmtl.algorithms.mocha import Mocha
 from fedmtl.errors import ConfigError
 
 _REGISTRY: dict[str, type[Algorithm]] = {
-    cls.name: cls for cls in (FedAvg, FedProx, Local, Mocha, FedPer, FedRep, Ditto, FedAvgFT, Hierarchical)
+    cls.name: cls
+    for cls in (
+        FedAvg,
+        FedProx,
+        Local,
+        Mocha,
+        FedPer,
+        FedRep,
+        Ditto,
+        FedAvgFT,
+        Hierarchical,
+        APFL,
+        LGFedAvg,
+        FedBABU,
+    )
 }
 
 

@@ -8,7 +8,7 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from fedmtl.algorithms.base import ClientWork
+from fedmtl.algorithms.base import AlgoContext, ClientWork
 from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
 from fedmtl.algorithms.heads import head_of
 from fedmtl.data.federated import ClientData
@@ -36,16 +36,21 @@ class FedAvgFT(FedAvg):
         start = self.broadcast(server, cid).arrays
         if data is None:
             return start
-        work = ClientWork(
-            round=0,
-            fraction=1.0,
-            rng=np.random.default_rng([self.ctx.seed, FINETUNE, cid]),
-            lr=self.ctx.local.optimizer.lr,
-        )
-        trainable = head_of(start) if self.p.finetune == "head" else None
-        return train_one(
-            self.ctx.train(data, work, start, trainable=trainable, steps=self.p.finetune_steps)
-        ).params
+        return finetuned(self.ctx, data, start, self.p.finetune_steps, self.p.finetune)
 
     def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
         return self.broadcast(server, cid).arrays
+
+
+def finetuned(ctx: AlgoContext, data: ClientData, start: Arrays, steps: int, which: str) -> Arrays:
+    """``start`` after ``steps`` local steps on the client's training split (``which``: "all" or
+    "head"), at the run's learning rate, with mini-batches from (seed, FINETUNE, client): the same
+    tuned model whenever and wherever it is evaluated."""
+    work = ClientWork(
+        round=0,
+        fraction=1.0,
+        rng=np.random.default_rng([ctx.seed, FINETUNE, data.cid]),
+        lr=ctx.local.optimizer.lr,
+    )
+    trainable = head_of(start) if which == "head" else None
+    return train_one(ctx.train(data, work, start, trainable=trainable, steps=steps)).params

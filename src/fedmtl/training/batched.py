@@ -336,6 +336,7 @@ def batched_local_train(
     entries = np.asarray(steps, dtype=np.int64) * np.minimum(spec.batch_size, sizes)
     cost[:, 0] = mem + per_row * sizes + PLAN_BYTES * entries
     cost[:, 1], cost[:, 2] = work, widest
+    bounds = [b for b in bounds if b[0] in train_keys]  # a frozen key keeps its value anyway
     plain = objective.is_task_loss and not bounds
     chain = linear_chain(model) if fused and plain and not task.dense else None
     kernel = None if chain is None else FusedChainStep(chain, task, spec.optimizer, set(train_keys), prox_mu)

@@ -85,6 +85,7 @@ def dp_local_train(
     gen = torch.Generator().manual_seed(int(noise_rng.integers(2**62)))
     nominal = min(spec.batch_size, len(y))
     center = {k: c for k, c in (prox_center or {}).items() if k in current}
+    bounds = [b for b in bounds if b[0] in current]
     total, seen = 0.0, 0
     for idx in batch_schedule(len(y), spec.batch_size, steps, rng):
         xb, yb = xt[idx], yt[idx]

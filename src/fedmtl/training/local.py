@@ -168,6 +168,7 @@ def local_train(
     xt = torch.as_tensor(x)
     yt = torch.as_tensor(y)
     center = {k: c for k, c in (prox_center or {}).items() if k in current} if prox_mu > 0 else {}
+    bounds = [b for b in bounds if b[0] in current]  # a frozen key keeps its value anyway
     total, seen = 0.0, 0
     for idx in batch_schedule(len(y), spec.batch_size, steps, rng):
         leaves = {k: v.requires_grad_(True) for k, v in current.items()}

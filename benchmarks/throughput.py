@@ -383,9 +383,14 @@ def small_federation(pool: FederatedData, num_clients: int, seed: int = SEED) ->
 
 
 def timed_turns(
-    data: FederatedData, executions: list[str], hidden: list[int], repeats: int
+    data: FederatedData,
+    executions: list[str],
+    hidden: list[int],
+    repeats: int,
+    algorithm: dict[str, Any] | None = None,
 ) -> dict[str, list[float]]:
-    """``repeats`` timed FedAvg rounds on ``data`` (every client sampled) for each execution.
+    """``repeats`` timed rounds of ``algorithm`` (default FedAvg) on ``data`` (every client
+    sampled) for each execution.
 
     The executions take turns (a pair of rounds of each, then the next pair of each), so a change
     in the shared machine's speed during the measurement falls on all of them rather than on
@@ -397,6 +402,8 @@ def timed_turns(
     for execution in executions:
         raw = fedmtl_config(execution, hidden, 2 * repeats)
         raw["data"]["dataset"] = data.name.split("-")[0]
+        if algorithm is not None:
+            raw["algorithm"] = algorithm
         with given_data(data):
             _, algo, sim = fedmtl_run.build(parse_config(raw))
         runs.append([sim, algo.init_server(), {}])
@@ -454,6 +461,27 @@ def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[di
             rows.append(row)
             print(f"  scaling {w.label}, {n:>6} clients: {row['batched']:.3f} s batched, "
                   f"{row['sequential']:.3f} s sequential ({row['speedup']:.1f}x)", flush=True)  # fmt: skip
+    return rows
+
+
+#: The personalised algorithms timed batched vs sequential on the side-by-side workload, with their
+#: default hyper-parameters (FedRep: 5 head epochs and 1 body epoch per round), FedAvg as reference.
+PERSONALISED = ["fedavg", "ditto", "fedper", "fedrep", "apfl", "lg_fedavg", "fedbabu"]
+
+
+def personalised_turns(data: FederatedData, repeats: int) -> list[dict[str, Any]]:
+    """Seconds per round, batched and sequential (fastest of ``repeats`` turns), per algorithm."""
+    rows = []
+    for name in PERSONALISED:
+        turns = timed_turns(data, ["batched", "sequential"], [HIDDEN], repeats, {"name": name})
+        row: dict[str, Any] = {"algorithm": name, **{e: min(v) for e, v in turns.items()}}
+        row["speedup"] = row["sequential"] / row["batched"]
+        row["turn_speedups"] = sorted(
+            s / b for b, s in zip(turns["batched"], turns["sequential"], strict=True)
+        )
+        rows.append(row)
+        print(f"  personalised {name}: {row['batched']:.3f} s batched, {row['sequential']:.3f} s sequential "
+              f"({row['speedup']:.1f}x)", flush=True)  # fmt: skip
     return rows
 
 
@@ -565,6 +593,7 @@ def write_report(
     scaling: list[dict[str, Any]],
     memory: list[dict[str, Any]],
     env: dict[str, Any],
+    personalised: list[dict[str, Any]] | None = None,
 ) -> None:
     batched, seq, plain, loader, flower = (
         results[k] for k in ("batched", "sequential", "plain", "loader", "flower")
@@ -663,6 +692,20 @@ def write_report(
             (f"scaling, {r['model']}, {r['clients']:,} clients: batched >= 20x faster than sequential",
              r["speedup"], r["sequential"] / (r["gflop"] / peak), 20.0, r["gflop"] / r["batched"] / peak)
         )  # fmt: skip
+    by_name = {r["algorithm"]: r for r in personalised or []}
+    for name, r in by_name.items():
+        if name != "fedavg":
+            targets.append(
+                (f"personalised, {name}: batched >= 3x faster per round than sequential", r["speedup"],
+                 float("nan"), 3.0, float("nan"))
+            )  # fmt: skip
+    if "ditto" in by_name and "fedavg" in by_name:
+        ratio = by_name["ditto"]["batched"] / by_name["fedavg"]["batched"]
+        # a "within 2.5x" target: measured as FedAvg's share of Ditto's time, so higher is better
+        targets.append(
+            ("personalised: Ditto's batched round within 2.5x of FedAvg's batched round (shown: "
+             "2.5 / (Ditto / FedAvg), >= 1 when met)", 2.5 / ratio, float("nan"), 1.0, float("nan"))
+        )  # fmt: skip
     lines += [
         "",
         "## Targets",
@@ -687,7 +730,8 @@ def write_report(
             needs = f"{goal:.0f}%"
         else:
             needs = f"{100 * goal / ceiling:.0f}%" if ceiling == ceiling and ceiling > 0 else "—"
-        lines.append(f"| {label} | {shown} | {top} | {needs} | {100 * rate:.0f}% | {met} |")
+        ran = f"{100 * rate:.0f}%" if rate == rate else "—"
+        lines.append(f"| {label} | {shown} | {top} | {needs} | {ran} | {met} |")
 
     if scaling:
         lines += [
@@ -718,6 +762,31 @@ def write_report(
                 f"| {r['model']} | {r['clients']:,} | {r['samples']:,} | {r['batched']:.3f} | "
                 f"{r['sequential']:.3f} | {r['speedup']:.1f}x | {statistics.median(turns):.1f}x "
                 f"({turns[0]:.1f}-{turns[-1]:.1f}x) |"
+            )
+    if personalised:
+        fedavg_batched = by_name.get("fedavg", {}).get("batched", float("nan"))
+        lines += [
+            "",
+            "## Personalised algorithms: batched vs sequential, same workload",
+            "",
+            f"MNIST, {work.data.num_clients} IID clients, all sampled, MLP 784-{HIDDEN}-10, each algorithm "
+            "with its default hyper-parameters (FedRep: 5 head epochs then 1 body epoch per round; "
+            "Ditto: 1 epoch of the global and 1 of the personal model; APFL: the global model, the "
+            "personal model and alpha from one objective per step). Fastest of the timed turns, "
+            "batched and sequential taking turns as in the scaling curve. Plain-loss requests (every "
+            "algorithm here but APFL) train on the hand-written chain step; APFL's mixture objective "
+            "on the generic vmapped autograd step.",
+            "",
+            "| algorithm | batched (s/round) | sequential (s/round) | batched speed-up | per turn: median "
+            "(range) | batched / FedAvg batched |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in personalised:
+            turns = r["turn_speedups"]
+            lines.append(
+                f"| {r['algorithm']} | {r['batched']:.3f} | {r['sequential']:.3f} | {r['speedup']:.1f}x | "
+                f"{statistics.median(turns):.1f}x ({turns[0]:.1f}-{turns[-1]:.1f}x) | "
+                f"{r['batched'] / fedavg_batched:.2f} |"
             )
     if memory:
         lines += [
@@ -959,6 +1028,9 @@ def _run(args: argparse.Namespace) -> Path:
     if scaling:
         plot_scaling(scaling, out / "throughput_scaling.png")
 
+    print("personalised algorithms ...", flush=True)
+    personalised = personalised_turns(data, 1 if quick else 3)
+
     memory: list[dict[str, Any]] = []
     if not quick:
         print("memory probes ...", flush=True)
@@ -967,7 +1039,7 @@ def _run(args: argparse.Namespace) -> Path:
         memory = [default, run_memory_probe(1000, 16.0)]
     env["load_end"] = os.getloadavg()[0]
     path = out / "throughput.md"
-    write_report(path, args, work, peak, results, scaling, memory, env)
+    write_report(path, args, work, peak, results, scaling, memory, env, personalised)
     return path
 
 

@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from fedmtl.algorithms import AlgoContext, ClientWork
+from fedmtl.algorithms.fdrmfl import FDRMFL, FDRMFLParams
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.fdrmfl import data as mm
-from fedmtl.fdrmfl.algorithm import FDRMFL, FDRMFLParams, extract_features
+from fedmtl.fdrmfl.model import extract_features
 from fedmtl.training import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
 

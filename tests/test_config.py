@@ -93,3 +93,28 @@ def test_yaml_file_errors(tmp_path):
     bad.write_text("train: [1,\n")
     with pytest.raises(ConfigError, match=r"invalid YAML at line \d"):
         load_config(bad)
+
+
+@pytest.mark.parametrize(
+    "algorithm, why",
+    [
+        ({"name": "local"}, "clients never send an update"),
+        ({"name": "mocha"}, "Sigma Delta B / lambda"),
+        ({"name": "fdrmfl"}, "algorithm.retention"),
+    ],
+)
+def test_an_aggregation_chain_an_algorithm_cannot_use_is_a_config_error(algorithm, why):
+    """A silently ignored ``aggregation:`` list would report results of a defence that never ran."""
+    from fedmtl.errors import ConfigError
+    from fedmtl.experiment.run import build
+
+    raw = {"algorithm": algorithm, "aggregation": ["median"], "data": {"dataset": "digits"}}
+    if algorithm["name"] == "mocha":
+        raw.update(model={"name": "linear"}, data={"dataset": "digits", "tasks": ["parity"]})
+    if algorithm["name"] == "fdrmfl":
+        raw.update(data={"dataset": "diabetes"})
+    name = algorithm["name"]
+    with pytest.raises(
+        ConfigError, match=rf"aggregation: algorithm '{name}' cannot use an aggregation chain \(.*{why}"
+    ):
+        build(parse_config(raw))

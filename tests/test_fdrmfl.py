@@ -16,9 +16,8 @@ from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError, DataError
 from fedmtl.experiment.run import build
 from fedmtl.fdrmfl import data as mm
-from fedmtl.fdrmfl.algorithm import extract_features
 from fedmtl.fdrmfl.losses import contrastive_loss, kl_alignment, mi_loss, phase_weights
-from fedmtl.fdrmfl.model import NetParams, build_net
+from fedmtl.fdrmfl.model import NetParams, build_net, extract_features
 
 
 def _cfg(**algo: object) -> dict:

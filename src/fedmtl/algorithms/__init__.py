@@ -5,9 +5,11 @@ from __future__ import annotations
 from fedmtl.algorithms.apfl import APFL
 from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
 from fedmtl.algorithms.ditto import Ditto
+from fedmtl.algorithms.fdrmfl import FDRMFL
 from fedmtl.algorithms.fedavg import FedAvg, FedProx
 from fedmtl.algorithms.fedavg_ft import FedAvgFT
 from fedmtl.algorithms.fedbabu import FedBABU
+from fedmtl.algorithms.fedbone import FedBone
 from fedmtl.algorithms.fedper import FedPer
 from fedmtl.algorithms.fedrep import FedRep
 from fedmtl.algorithms.hierarchical import Hierarchical
@@ -22,16 +24,18 @@ _REGISTRY: dict[str, type[Algorithm]] = {
         FedAvg,
         FedProx,
         Local,
-        Mocha,
+        FedAvgFT,
         FedPer,
         FedRep,
         Ditto,
-        FedAvgFT,
         Hierarchical,
         APFL,
         LGFedAvg,
         FedBABU,
-    )
+        Mocha,
+        FedBone,
+        FDRMFL,
+    )  # fmt: skip
 }
 
 
@@ -67,6 +71,3 @@ __all__ = [
     "get_algorithm",
     "register",
 ]
-
-import fedmtl.fdrmfl.algorithm  # noqa: E402,F401  (registers 'fdrmfl')
-import fedmtl.fedbone.algorithm  # noqa: E402,F401  (registers "fedbone" and model "fedbone_net")

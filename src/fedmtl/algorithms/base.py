@@ -144,6 +144,9 @@ class Algorithm:
     #: True when ``client_step`` declares its training as ``Train`` requests, which the batched
     #: executor stacks across clients; False for methods with their own solver (MOCHA's SDCA).
     batchable: ClassVar[bool] = True
+    #: Why the method cannot run an ``aggregation:`` chain (None: its server step runs the chain
+    #: over the client updates, as every FedAvg-family method does).
+    no_aggregation_chain: ClassVar[str | None] = None
 
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         self.p = params

@@ -14,6 +14,7 @@ from fedmtl.training.work import Train, Trained
 class Local(Algorithm):
     name = "local"
     has_global_model = False
+    no_aggregation_chain = "clients never send an update, so there is nothing to aggregate"
 
     def init_server(self) -> dict[str, Any]:
         return {}

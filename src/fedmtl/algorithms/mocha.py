@@ -22,14 +22,17 @@ from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWor
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.mocha.losses import Loss, get_loss
-from fedmtl.mocha.omega import initial_structure, omega_step, quad
+from fedmtl.mocha.omega import initial_structure, quad
+from fedmtl.mocha.server import DEFAULT_LAMBDA, apply_update, relearn_omega
 from fedmtl.training.tensors import Arrays
 
 log = logging.getLogger(__name__)
 
 
 class MochaParams(AlgoParams):
-    lam: float = Field(1e-3, gt=0, description="regularisation lambda of (lambda/2) tr(W Omega W^T)")
+    lam: float = Field(
+        DEFAULT_LAMBDA, gt=0, description="regularisation lambda of (lambda/2) tr(W Omega W^T)"
+    )
     loss: Literal["auto", "hinge", "smooth_hinge", "squared"] = "auto"
     gamma: float = Field(1.0, gt=0, description="smoothing width of smooth_hinge")
     omega: Literal["learned", "identity", "independent", "mean", "clusters"] = "learned"
@@ -47,6 +50,9 @@ class Mocha(Algorithm):
     Params = MochaParams
     has_global_model = False
     batchable = False
+    no_aggregation_chain = (
+        "the server moves W by Sigma Delta B / lambda from the clients' dual steps; it never averages models"
+    )
 
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         super().__init__(params, ctx)
@@ -124,17 +130,14 @@ class Mocha(Algorithm):
         s["objective_exact"] = len(replies) == self.m
         for cid, msg in replies.items():
             dual_terms[cid] = float(msg.scalars["dual_term"])
-        s["B"] = s["B"] + dB
-        s["W"] = s["W"] + s["sigma"] @ dB / p.lam
+        s["W"], s["B"] = apply_update(s["W"], s["B"], s["sigma"], dB, p.lam)
         s.update(loss_terms=loss_terms, dual_terms=dual_terms, last_seen=last_seen)
         s["stale"] = self._stale(last_seen, round)
         if self._omega_due(s, round):
-            new = omega_step(s["W"])
+            new, s["W"] = relearn_omega(s["W"], s["B"], p.lam, keep_w=p.reference_compat)
             s.update(
                 sigma=new.sigma, omega=new.omega, sigma_p=new.sigma_p, omega_updates=s["omega_updates"] + 1
             )
-            if not p.reference_compat:
-                s["W"] = new.sigma @ s["B"] / p.lam
         return s
 
     def _omega_due(self, s: dict[str, Any], round: int) -> bool:

@@ -20,7 +20,7 @@ from fedmtl.algorithms.stack import wrap_algorithm
 from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
-from fedmtl.errors import RunDirError
+from fedmtl.errors import ConfigError, RunDirError
 from fedmtl.experiment.evaluate import (
     evaluate_clients,
     evaluate_global,
@@ -104,6 +104,11 @@ def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
         aggregator=build_pipeline(cfg.aggregation),
     )
     algo_cls = get_algorithm(cfg.algorithm.name)
+    if cfg.aggregation and algo_cls.no_aggregation_chain is not None:
+        raise ConfigError(
+            f"config: aggregation: algorithm {algo_cls.name!r} cannot use an aggregation chain "
+            f"({algo_cls.no_aggregation_chain}); remove the aggregation list"
+        )
     raw = cfg.algorithm.model_dump()
     raw.pop("name")
     algo = wrap_algorithm(algo_cls(algo_cls.Params.model_validate(raw), ctx), cfg, data)

@@ -14,12 +14,16 @@ values at all, NaN included.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
+from torch.func import functional_call
 
 from fedmtl.fdrmfl.data import Layout, Modality
+from fedmtl.training.tensors import Arrays, Params, to_torch
 
 
 class NetParams(BaseModel):
@@ -190,3 +194,25 @@ def build_net(layout: Layout, p: NetParams, seed: int) -> FDRMFLNet:
         net = FDRMFLNet(layout, p)
     net.eval()
     return net
+
+
+def _sub(params: Params, prefix: str) -> Params:
+    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
+
+
+def encode(net: FDRMFLNet, params: Params, x: torch.Tensor) -> Any:
+    """``body.encode`` under ``params`` (functional: no module state is touched)."""
+    return functional_call(net.body, _sub(params, "body."), (x,), {"full": True})
+
+
+def head(net: FDRMFLNet, params: Params, z: torch.Tensor) -> torch.Tensor:
+    return functional_call(net.head, _sub(params, "head."), (z,))
+
+
+@torch.no_grad()
+def extract_features(net: FDRMFLNet, arrays: Arrays, x: np.ndarray, chunk: int = 1024) -> np.ndarray:
+    """Z for every row of ``x`` under ``arrays``: the features a downstream regressor uses."""
+    params = to_torch(arrays)
+    xt = torch.as_tensor(x)
+    out = [encode(net, params, xt[i : i + chunk]).z for i in range(0, len(xt), chunk)]
+    return torch.cat(out).numpy() if out else np.zeros((0, net.head[0].in_features), np.float32)

@@ -22,7 +22,8 @@ import numpy as np
 from fedmtl.errors import ConfigError
 from fedmtl.mocha.data import Tasks
 from fedmtl.mocha.objectives import primal_dual
-from fedmtl.mocha.omega import Structure, initial_structure, omega_step
+from fedmtl.mocha.omega import Structure, initial_structure
+from fedmtl.mocha.server import DEFAULT_LAMBDA, apply_update, relearn_omega
 from fedmtl.mocha.solver import Loss, get_loss, local_sdca
 
 STREAM = 61  # purpose key of the per-round random streams
@@ -98,7 +99,7 @@ class Quirks:
 class MochaOptions:
     """One run of the alternating method; defaults are the reference error-table protocol."""
 
-    lam: float = 1e-4
+    lam: float = DEFAULT_LAMBDA
     loss: str = "hinge"
     gamma: float = 1.0
     omega: str = "learned"
@@ -136,9 +137,8 @@ class State:
     lam: float
 
     def apply(self, dB: np.ndarray) -> None:
-        """Server step: B += Delta B, W += Sigma Delta B / lambda (w_t += sum_t' Sigma_tt' db_t' / lambda)."""
-        self.B += dB
-        self.W += self.struct.sigma @ dB / self.lam
+        """Server step (``fedmtl.mocha.server.apply_update``)."""
+        self.W, self.B = apply_update(self.W, self.B, self.struct.sigma, dB, self.lam)
 
 
 @dataclass
@@ -281,10 +281,9 @@ def _alternate(
             hist.frac.append(frac)
             hist.dropped.append(dropped)
         if learned and (h < opts.outer - 1 or q.eval_before_last_phase):
-            state.struct = omega_step(state.W)
+            keep_w = not has_dual or q.keep_w_after_omega
+            state.struct, state.W = relearn_omega(state.W, state.B, opts.lam, keep_w)
             hist.omega_rounds.append(r)
-            if has_dual and not q.keep_w_after_omega:
-                state.W = state.struct.sigma @ state.B / opts.lam
     if evaluate is not None:
         evals.append((r, evaluate(state.W)))
     if opts.record != "none":

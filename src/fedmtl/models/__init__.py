@@ -12,4 +12,9 @@ _registry._MODELS["autoencoder"] = (
     lambda p, shape, out: Autoencoder(tuple(shape), out, p),  # type: ignore[arg-type]
 )
 
+# FedBone's split network (docs/fedbone.md); its module imports nothing but torch and pydantic.
+from fedmtl.fedbone.model import register_model as _register_fedbone  # noqa: E402
+
+_register_fedbone()
+
 __all__ = ["build_model", "model_names", "model_params"]

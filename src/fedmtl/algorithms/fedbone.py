@@ -32,18 +32,15 @@ from pydantic import Field
 from torch.func import functional_call
 
 from fedmtl.aggregation.gradient_projection import GPOptions, gp_aggregate
-from fedmtl.algorithms import register
 from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.fedbone.flops import TRAIN_FACTOR, hook_flops, part_flops
-from fedmtl.fedbone.model import CLIENT_PARTS, SERVER_PART, FedBoneNet, part_of, register_model
+from fedmtl.fedbone.model import CLIENT_PARTS, SERVER_PART, FedBoneNet, part_of
 from fedmtl.training import batch_schedule, num_local_steps
 from fedmtl.training import optim as fopt
 from fedmtl.training.objectives import task_loss
 from fedmtl.training.tensors import Arrays
-
-register_model()
 
 GP_RNG = 51  # rng purpose for the projection order
 
@@ -104,6 +101,7 @@ class FedBone(Algorithm):
     Params = FedBoneParams
     has_global_model = False
     batchable = False
+    no_aggregation_chain = "it aggregates general-model gradients itself (algorithm.aggregation: gp or mean)"
     client_actions: ClassVar[dict[str, str]] = {
         "embed": "client_embed",
         "head": "client_head",
@@ -481,6 +479,3 @@ class FedBone(Algorithm):
 
     def new_client_arrays(self, server: dict[str, Any], cid: int) -> Arrays:
         return {**self.init_client(cid)["params"], **server["params"]}
-
-
-register(FedBone)

@@ -19,20 +19,17 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from pydantic import Field
-from torch.func import functional_call
 
 from fedmtl.aggregation import weighted_mean
 from fedmtl.aggregation.retention import retain
-from fedmtl.algorithms import register
 from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError
 from fedmtl.fdrmfl.data import Layout, layout_for
 from fedmtl.fdrmfl.losses import contrastive_loss, kl_alignment, mi_loss, phase_weights
-from fedmtl.fdrmfl.model import FDRMFLNet, MIProbe, NetParams, build_net
+from fedmtl.fdrmfl.model import MIProbe, NetParams, build_net, encode, head
 from fedmtl.training import batch_schedule, num_local_steps, optim, to_numpy, to_torch
 from fedmtl.training.tensors import Arrays, Params, model_arrays
 
@@ -56,33 +53,11 @@ class FDRMFLParams(AlgoParams):
     layout: str | None = Field(None, description="dataset whose modality layout to use (default: the data's)")
 
 
-def _sub(params: Params, prefix: str) -> Params:
-    return {k[len(prefix) :]: v for k, v in params.items() if k.startswith(prefix)}
-
-
-def encode(net: FDRMFLNet, params: Params, x: torch.Tensor) -> Any:
-    """``body.encode`` under ``params`` (functional: no module state is touched)."""
-    return functional_call(net.body, _sub(params, "body."), (x,), {"full": True})
-
-
-def head(net: FDRMFLNet, params: Params, z: torch.Tensor) -> torch.Tensor:
-    return functional_call(net.head, _sub(params, "head."), (z,))
-
-
-@torch.no_grad()
-def extract_features(net: FDRMFLNet, arrays: Arrays, x: np.ndarray, chunk: int = 1024) -> np.ndarray:
-    """Z for every row of ``x`` under ``arrays``: the features a downstream regressor uses."""
-    params = to_torch(arrays)
-    xt = torch.as_tensor(x)
-    out = [encode(net, params, xt[i : i + chunk]).z for i in range(0, len(xt), chunk)]
-    return torch.cat(out).numpy() if out else np.zeros((0, net.head[0].in_features), np.float32)
-
-
-@register
 class FDRMFL(Algorithm):
     name = "fdrmfl"
     Params = FDRMFLParams
     batchable = False
+    no_aggregation_chain = "its server blends the weighted mean with the previous model (algorithm.retention)"
 
     def __init__(self, params: FDRMFLParams, ctx: AlgoContext) -> None:  # type: ignore[override]
         super().__init__(params, ctx)

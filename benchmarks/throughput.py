@@ -532,10 +532,10 @@ def memory_probe(num_clients: int, budget_gib: float | None) -> dict[str, Any]:
             },
         }
     )
-    data, algo, sim = fedmtl_run.build(cfg)
     if budget_gib is not None:  # one stack: lift the memory budget and the per-step caps
-        sim.memory_bytes = int(budget_gib * 2**30)
-        batched_mod.STEP_BYTES = batched_mod.TENSOR_BYTES = sim.memory_bytes
+        cfg.runtime.batch_memory_gib = budget_gib
+        batched_mod.STEP_BYTES = batched_mod.TENSOR_BYTES = int(budget_gib * 2**30)
+    data, algo, sim = fedmtl_run.build(cfg)
     groups: list[int] = []
     real_groups = batched_mod._groups
 
@@ -554,7 +554,7 @@ def memory_probe(num_clients: int, budget_gib: float | None) -> dict[str, Any]:
     return {
         "clients": num_clients,
         "groups": sum(groups),
-        "budget_gib": sim.memory_bytes / 2**30,
+        "budget_gib": sim.executor.memory_bytes / 2**30,
         "rss_before_mib": before,
         "peak_before_mib": peak_before,
         "peak_mib": peak_rss_mib(),

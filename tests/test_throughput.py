@@ -94,3 +94,13 @@ def test_dataloader_loop_trains_exactly_like_the_indexing_loop():
     assert a == b
     for p, q in zip(nets[0].parameters(), nets[1].parameters(), strict=True):
         assert torch.equal(p, q)
+
+
+def test_memory_probe_lifts_the_budget_into_one_stack(shared_data, monkeypatch):
+    """The 'all clients in one stack' probe must really run with the lifted budget and caps."""
+    import fedmtl.training.batched as batched_mod
+
+    monkeypatch.setattr(batched_mod, "STEP_BYTES", batched_mod.STEP_BYTES)
+    monkeypatch.setattr(batched_mod, "TENSOR_BYTES", batched_mod.TENSOR_BYTES)
+    lifted = throughput.memory_probe(4, 16.0)
+    assert lifted["budget_gib"] == 16.0 and lifted["groups"] == 1

@@ -28,7 +28,7 @@ from fedmtl.experiment.run import build
 from fedmtl.fedbone.metrics import miou, psnr
 from fedmtl.fedbone.model import part_of
 from fedmtl.fedbone.tasks import foreground, sobel_magnitude
-from fedmtl.runtime.simulation import TRAIN, LocalTransport, round_driver
+from fedmtl.runtime.simulation import TRAIN
 from fedmtl.training import batch_schedule, local_train, to_torch
 from fedmtl.training.objectives import task_loss
 from fedmtl.training.shuffle import Stream
@@ -76,18 +76,12 @@ def _cfg(**over: Any) -> dict[str, Any]:
     return cfg
 
 
-def _jobs(algo, data, seed: int, round: int = 1, lr: float = 1.0):
-    from fedmtl.algorithms.base import ClientWork
-
-    return [
-        (
-            c.cid,
-            algo.init_client(c.cid),
-            None,
-            ClientWork(round, 1.0, Stream(seed, TRAIN, round, c.cid), lr),
-        )
-        for c in data.clients
-    ]
+def _one_round(cfg: Any) -> tuple[Any, Any, dict[str, Any], Any, dict[int, Any]]:
+    """(data, algorithm, server before, round result, client states after) of round 1, every
+    client taking part, run by the simulator's round."""
+    data, algo, sim = build(cfg)
+    server, states = algo.init_server(), {}
+    return data, algo, server, sim.run_round(1, server, states), states
 
 
 # ------------------------------------------------------------------------------------ tasks, metrics
@@ -122,14 +116,13 @@ def test_split_forward_backward_equals_the_unsplit_gradient(shared_data):
     cfg = parse_config(
         _cfg(
             train__optimizer="sgd",
+            train__lr=1.0,
             train__local_steps=1,
             algorithm={"name": "fedbone", "aggregation": "mean", "server_optimizer": "sgd", "server_lr": 1.0},
         )
     )
-    data, algo, _ = build(cfg)
-    transport = LocalTransport(algo, data, cfg.seed, _jobs(algo, data, cfg.seed))
-    server = algo.init_server()
-    new, _ = algo.drive_round(server, transport, 1)
+    data, algo, server, res, states = _one_round(cfg)
+    new = res.server
     general = []
     for c in data.clients:
         model = algo.ctx.model_for(c.task.name)
@@ -141,7 +134,7 @@ def test_split_forward_backward_equals_the_unsplit_gradient(shared_data):
         loss = task_loss(out, torch.as_tensor(c.y_train[idx]), c.task)
         grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
         start = algo.init_client(c.cid)["params"]
-        moved = transport.states[c.cid]["params"]
+        moved = states[c.cid]["params"]
         for k in start:
             np.testing.assert_allclose(start[k] - moved[k], grads[k].numpy(), rtol=1e-4, atol=1e-6, err_msg=k)
         general.append({k: v.numpy() for k, v in grads.items() if part_of(k) == "general"})
@@ -163,11 +156,9 @@ def test_split_training_over_several_steps_equals_local_training_of_the_whole_mo
             algorithm={"name": "fedbone", "server_optimizer": "sgd", "server_lr": 0.1},
         )
     )
-    data, algo, _ = build(cfg)
+    data, algo, server, res, states = _one_round(cfg)
     c = data.clients[0]
-    transport = LocalTransport(algo, data, cfg.seed, _jobs(algo, data, cfg.seed, lr=0.1))
-    server = algo.init_server()
-    new, summary = algo.drive_round(server, transport, 1)
+    new, summary = res.server, res.replies
     start = algo.eval_arrays(server, {}, 0)
     spec = algo.ctx.local.with_lr(0.1)
     params, loss, seen = local_train(
@@ -175,7 +166,7 @@ def test_split_training_over_several_steps_equals_local_training_of_the_whole_mo
         Stream(cfg.seed, TRAIN, 1, 0),
     )  # fmt: skip
     assert summary[0].scalars["train_loss"] == pytest.approx(loss, rel=1e-5) and seen == 32
-    split = algo.eval_arrays(new, transport.states[0], 0)
+    split = algo.eval_arrays(new, states[0], 0)
     for k, v in params.items():
         np.testing.assert_allclose(split[k], v.numpy(), rtol=1e-4, atol=1e-6, err_msg=k)
 
@@ -221,25 +212,22 @@ def test_rescaling_and_projection_off_is_the_plain_mean_and_attention_favours_th
 
 
 # ------------------------------------------------------------------------------------ privacy
-class _Recording(LocalTransport):
-    def __init__(self, *args: Any) -> None:
-        super().__init__(*args)
-        self.up: list[tuple[int, str, Any]] = []
-
-    def exchange(self, action, msgs):
-        replies = super().exchange(action, msgs)
-        self.up += [(c, action, r) for c, r in replies.items()]
-        return replies
-
-
 def test_no_label_or_raw_input_is_ever_in_a_message_to_the_server(shared_data):
     cfg = parse_config(_cfg(train__local_steps=3))
-    data, algo, _ = build(cfg)
-    transport = _Recording(algo, data, cfg.seed, _jobs(algo, data, cfg.seed, lr=0.003))
-    algo.drive_round(algo.init_server(), transport, 1)
-    assert {a for _, a, _ in transport.up} == {"embed", "head", "backward"}
+    data, algo, sim = build(cfg)
+    up: list[tuple[int, str, Any]] = []
+    deliver = sim.transport.exchange
+
+    def recording(action, messages, plan):  # noqa: ANN001, ANN202
+        got = deliver(action, messages, plan)
+        up.extend((c, action, r) for c, r in got.replies.items())
+        return got
+
+    sim.transport.exchange = recording
+    sim.run_round(1, algo.init_server(), {})
+    assert {a for _, a, _ in up} == {"embed", "head", "backward"}
     allowed = {"steps", "num_examples", "flops_per_sample", "loss", "n", "done"}
-    for cid, action, reply in transport.up:
+    for cid, action, reply in up:
         c = data.clients[cid]
         assert set(reply.arrays) <= {"z", "df"}, (action, set(reply.arrays))
         assert set(reply.scalars) <= allowed, (action, set(reply.scalars))
@@ -321,8 +309,10 @@ def test_fedbone_needs_the_split_model_and_wrappers_are_refused(shared_data):
     class Noisy(AlgorithmWrapper):
         pass
 
-    with pytest.raises(ConfigError, match="drives a multi-step protocol, which Noisy cannot wrap yet"):
-        round_driver(Noisy(algo))
+    with pytest.raises(
+        ConfigError, match="its rounds are a multi-step protocol whose exchanges Noisy cannot see"
+    ):
+        Noisy(algo)
 
 
 def test_client_sharing_averages_client_parts_within_each_task_only(shared_data):
@@ -331,10 +321,8 @@ def test_client_sharing_averages_client_parts_within_each_task_only(shared_data)
             data__max_clients=8, algorithm={"name": "fedbone", "client_sharing": "task"}, train__local_steps=1
         )
     )
-    data, algo, _ = build(cfg)
-    transport = LocalTransport(algo, data, cfg.seed, _jobs(algo, data, cfg.seed, lr=0.003))
-    algo.drive_round(algo.init_server(), transport, 1)
-    params = {c: transport.states[c]["params"] for c in range(8)}
+    _, _, _, _, states = _one_round(cfg)
+    params = {c: states[c]["params"] for c in range(8)}
     for c in range(4):  # clients c and c + 4 learn the same task
         assert all(np.array_equal(params[c][k], params[c + 4][k]) for k in params[c])
     assert not np.array_equal(params[0]["adapter.reduce.weight"], params[1]["adapter.reduce.weight"])

@@ -114,7 +114,9 @@ class APFL(FedAvg):
             info["alpha_mean"] = server["alpha_mean"]
         return info
 
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
         """The personalised model v_bar = alpha v + (1 - alpha) w with the current global w."""
         w = self.broadcast(server, cid).arrays
         if not state:

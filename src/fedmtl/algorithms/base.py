@@ -2,11 +2,21 @@
 
 An algorithm never learns whether it runs in-process, batched, or on a Flower SuperNode. Server
 and client state are dicts of numpy arrays and scalars, so they checkpoint and cross the wire as
-they are. Client state stays with the client (in the simulator, in a dict the runtime keeps)."""
+they are. Client state stays with the client (in the simulator, in a dict the runtime keeps).
+
+Every hook a runtime calls is declared here, with its default:
+
+- server side: ``init_server``, ``broadcast``/``broadcast_many``, ``server_round`` (the round's
+  exchanges: by default one ``train`` exchange and ``server_step``; multi-step protocols yield
+  more), ``server_step``, ``expected_reply``, ``global_params``, ``round_info``, ``stop_reason``;
+- client side: ``init_client``, ``client_step`` (declares its local work, ``fedmtl.training.work``),
+  ``client_actions`` (the further steps of a multi-step protocol);
+- evaluation: ``eval_arrays``, ``shared_eval_arrays``, ``new_client_arrays``, ``eval_view`` (what an
+  evaluating client receives), ``release_eval`` (what an evaluation round may publish)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Generator, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar
 
@@ -23,6 +33,9 @@ from fedmtl.training.work import StepResult, Train
 
 Scalar = float | int | str | bool
 
+#: The action of a round's main exchange: every addressed client runs ``client_step``.
+TRAIN = "train"
+
 
 @dataclass
 class Message:
@@ -37,6 +50,22 @@ class Message:
         if stack is not None:
             return stack.row_nbytes
         return int(sum(a.nbytes for a in self.arrays.values()))
+
+
+@dataclass(slots=True)
+class Exchange:
+    """One step of a round: ``messages[cid]`` goes to each addressed client, which answers by
+    running ``action`` (``TRAIN``: its client step; otherwise one of its ``client_actions``)."""
+
+    action: str
+    messages: dict[int, Message]
+
+
+#: What ``server_round`` is: it yields ``Exchange``s, receives each exchange's replies (the clients
+#: that answered, and for ``TRAIN`` only replies that passed the runtime's checks) and returns
+#: (new server state, the replies that stand for each client in the round's records).
+ServerRound = Generator[Exchange, dict[int, Message], tuple[dict[str, Any], dict[int, Message]]]
+ClientAction = Callable[..., tuple[dict[str, Any], Message]]
 
 
 @dataclass
@@ -144,6 +173,9 @@ class Algorithm:
     #: True when ``client_step`` declares its training as ``Train`` requests, which the batched
     #: executor stacks across clients; False for methods with their own solver (MOCHA's SDCA).
     batchable: ClassVar[bool] = True
+    #: True when ``server_round`` runs exchanges of its own beyond the train exchange (FedBone's split
+    #: steps): a feature wrapper's client and server steps would never see them, so none wraps it.
+    multi_step: ClassVar[bool] = False
     #: Why the method cannot run an ``aggregation:`` chain (None: its server step runs the chain
     #: over the client updates, as every FedAvg-family method does).
     no_aggregation_chain: ClassVar[str | None] = None
@@ -167,8 +199,20 @@ class Algorithm:
         broadcast = self.broadcast
         return [broadcast(server, c) for c in cids]
 
+    def server_round(self, server: dict[str, Any], round: int, clients: list[int]) -> ServerRound:
+        """The round from the server's side, over the clients that take part (sampled, not
+        dropped). One ``TRAIN`` exchange of the broadcasts, then ``server_step`` on the replies;
+        a multi-step protocol (split learning, secure aggregation) yields further exchanges."""
+        replies = yield Exchange(TRAIN, dict(zip(clients, self.broadcast_many(server, clients), strict=True)))
+        return self.server_step(server, replies, round), replies
+
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
         raise NotImplementedError
+
+    def expected_reply(self, server: dict[str, Any], cid: int) -> Arrays | None:
+        """What a valid reply from ``cid`` looks like (keys and shapes), or None when the server
+        step checks replies itself."""
+        return None
 
     def global_params(self, server: dict[str, Any]) -> Arrays | None:
         return server.get("params") if self.has_global_model else None
@@ -184,7 +228,19 @@ class Algorithm:
         requests (``self.ctx.train(...)``) and returns that pair (``fedmtl.training.work``)."""
         raise NotImplementedError
 
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
+    def client_actions(self) -> dict[str, ClientAction]:
+        """The client's further protocol steps by action name, each with ``client_step``'s
+        signature and returning (new state, reply) (FedBone's split steps, secure aggregation's
+        stages). A runtime delivers an exchange of that action to them."""
+        return {}
+
+    def unwrapped(self) -> Algorithm:
+        """The algorithm itself, under any feature wrappers."""
+        return self
+
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
         """The parameters this client would use for prediction (personal where the method has one)."""
         return self.broadcast(server, cid).arrays
 
@@ -197,6 +253,16 @@ class Algorithm:
         for whatever the message lacks (FedPer/FedRep send only the body)."""
         init = self.ctx.init_for(self.ctx.task_of(cid))
         return {**init, **self.broadcast(server, cid).arrays}
+
+    def eval_view(self, server: dict[str, Any], cid: int) -> dict[str, Any]:
+        """The server state a client evaluating on its own node needs (its own parameters come from
+        its client state)."""
+        return server
+
+    def release_eval(self, client_rows: list[dict[str, Any]], round: int) -> dict[str, Any] | None:
+        """What an evaluation round publishes instead of the per-client rows, or None to publish
+        them (DP-aggregated evaluation releases noisy means only)."""
+        return None
 
     def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
         """Extra per-round facts for the round row of metrics.jsonl (e.g. discovered groups)."""

@@ -45,7 +45,9 @@ class Ditto(FedAvg):
         )
         return {**state, "personal": mine.kept()}, reply
 
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
         return state.get("personal") or self.broadcast(server, cid).arrays
 
     def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:

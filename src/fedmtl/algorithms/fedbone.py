@@ -1,9 +1,10 @@
 """FedBone (Chen et al. 2023): split learning with a server-side general model and GPAggregation.
 
 Each client keeps a light embedding, a task-adaptation module and its task head; the server keeps
-the large general model every client's features pass through. A round is a multi-step protocol,
-driven by the server through the runtime's transport (``drive_round``; the simulator runs client
-actions in-process, the Flower runtime sends ``train.<action>`` messages):
+the large general model every client's features pass through. A round is a multi-step protocol:
+the server's ``server_round`` yields one exchange per protocol step, which the runtime delivers
+(the simulator runs the client actions in-process, the Flower runtime sends ``train.<action>``
+messages):
 
 ==========  ==============================  ===============================================
 action      server -> client                client -> server
@@ -23,8 +24,8 @@ Open choices the paper leaves unverified are config values: ``aggregation`` (gp/
 
 from __future__ import annotations
 
-from collections.abc import Mapping
-from typing import Any, ClassVar, Literal, Protocol
+from collections.abc import Generator, Mapping
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,7 +33,16 @@ from pydantic import Field
 from torch.func import functional_call
 
 from fedmtl.aggregation.gradient_projection import GPOptions, gp_aggregate
-from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
+from fedmtl.algorithms.base import (
+    AlgoContext,
+    AlgoParams,
+    Algorithm,
+    ClientAction,
+    ClientWork,
+    Exchange,
+    Message,
+    ServerRound,
+)
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.fedbone.flops import TRAIN_FACTOR, hook_flops, part_flops
@@ -43,16 +53,6 @@ from fedmtl.training.objectives import task_loss
 from fedmtl.training.tensors import Arrays
 
 GP_RNG = 51  # rng purpose for the projection order
-
-
-class Transport(Protocol):
-    """What a runtime gives ``drive_round``: the round's clients and one exchange per protocol step."""
-
-    clients: list[int]
-
-    def exchange(self, action: str, msgs: Mapping[int, Message]) -> dict[int, Message]:
-        """Send ``msgs[cid]`` as ``train.<action>``; replies of the clients that answered."""
-        ...
 
 
 class FedBoneParams(AlgoParams):
@@ -101,14 +101,8 @@ class FedBone(Algorithm):
     Params = FedBoneParams
     has_global_model = False
     batchable = False
+    multi_step = True
     no_aggregation_chain = "it aggregates general-model gradients itself (algorithm.aggregation: gp or mean)"
-    client_actions: ClassVar[dict[str, str]] = {
-        "embed": "client_embed",
-        "head": "client_head",
-        "backward": "client_backward",
-        "upload": "client_upload",
-        "download": "client_download",
-    }
 
     def __init__(self, params: FedBoneParams, ctx: AlgoContext) -> None:
         super().__init__(params, ctx)
@@ -180,10 +174,10 @@ class FedBone(Algorithm):
         return {"params": params, "opt": _numpy(opt), "history": {}, "info": {}}
 
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:
-        return Message()  # the round's messages all travel through drive_round's exchanges
+        return Message()  # the round's messages all travel in server_round's exchanges
 
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        raise ProtocolError("fedbone runs through drive_round (a multi-step protocol), not server_step")
+        raise ProtocolError("fedbone runs its own multi-step server_round, not server_step")
 
     def _aggregate(
         self,
@@ -205,11 +199,21 @@ class FedBone(Algorithm):
             stats["attention_min"] = min(res.attention)
         return res.aggregate, stats
 
-    def drive_round(
-        self, server: dict[str, Any], transport: Transport, round: int
-    ) -> tuple[dict[str, Any], dict[int, Message]]:
-        """One round of split training over ``transport``; returns the new state and, per client
-        that took part, a summary reply (loss, steps, samples) for the round's records."""
+    def client_actions(self) -> dict[str, ClientAction]:
+        return {
+            "embed": self.client_embed,
+            "head": self.client_head,
+            "backward": self.client_backward,
+            "upload": self.client_upload,
+            "download": self.client_download,
+        }
+
+    def server_round(self, server: dict[str, Any], round: int, clients: list[int]) -> ServerRound:
+        """One round of split training: an ``embed`` exchange, then ``head``/``backward`` exchanges
+        per batch (and ``upload``/``download`` with ``client_sharing: task``); returns the new state
+        and, per client that took part, a summary reply (loss, steps, samples) for the records."""
+        if not clients:
+            return server, {}
         theta = {k: torch.tensor(v) for k, v in server["params"].items()}
         sopt = self._server_opt()
         opt_state = _torch(server["opt"])
@@ -234,7 +238,7 @@ class FedBone(Algorithm):
             totals["aggregations"] += 1
             att.extend([stats.get("attention_min", 1.0), stats.get("attention_max", 1.0)])
 
-        replies = transport.exchange("embed", {c: Message(scalars={"step": 0}) for c in transport.clients})
+        replies = yield Exchange("embed", {c: Message(scalars={"step": 0}) for c in clients})
         z = {}
         flops: dict[int, tuple[float, float]] = {}
         for c, r in sorted(replies.items()):
@@ -250,7 +254,7 @@ class FedBone(Algorithm):
             for c in active:
                 zc = torch.as_tensor(z[c]).requires_grad_(True)
                 outs[c] = (zc, functional_call(self.general, params, (zc,)))
-            heads = transport.exchange(
+            heads = yield Exchange(
                 "head",
                 {c: Message(arrays={"f": outs[c][1].detach().numpy()}, scalars={"step": t}) for c in active},
             )
@@ -277,7 +281,7 @@ class FedBone(Algorithm):
                     accum[c] = g if c not in accum else {k: accum[c][k] + g[k] for k in g}
             elif grads:
                 update(grads, t)
-            back = transport.exchange(
+            back = yield Exchange(
                 "backward", {c: Message(arrays={"dz": dz[c]}, scalars={"step": t}) for c in dz}
             )
             z = {c: self._activations(c, r) for c, r in back.items() if "z" in r.arrays}
@@ -285,7 +289,7 @@ class FedBone(Algorithm):
         if per_round and accum:
             update(accum, 0)
         if self.p.client_sharing == "task":
-            self._share_within_tasks(transport, [c for c in sorted(losses) if c not in rejected])
+            yield from self._share_within_tasks([c for c in sorted(losses) if c not in rejected])
         info = self._round_facts(totals, att, losses, flops)
         if rejected:
             info["rejected_gradients"] = sorted(set(rejected))
@@ -311,12 +315,12 @@ class FedBone(Algorithm):
             )
         return new, summary
 
-    def _share_within_tasks(self, transport: Transport, cids: list[int]) -> None:
+    def _share_within_tasks(self, cids: list[int]) -> Generator[Exchange, dict[int, Message], None]:
         """FedAvg of the client parts among this round's clients of each task (an open option of the
         spec: whether same-task clients share their adapter and head); weighted by data size."""
         if not cids:
             return
-        ups = transport.exchange("upload", {c: Message() for c in cids})
+        ups = yield Exchange("upload", {c: Message() for c in cids})
         groups: dict[str, list[int]] = {}
         for c in sorted(ups):
             groups.setdefault(self.ctx.task_of(c), []).append(c)
@@ -335,7 +339,7 @@ class FedBone(Algorithm):
                 for k in keys
             }
             down.update({c: Message(arrays=mean) for c in members})
-        transport.exchange("download", down)
+        yield Exchange("download", down)
 
     def _activations(self, cid: int, reply: Message) -> np.ndarray:
         z = reply.arrays.get("z")
@@ -473,7 +477,9 @@ class FedBone(Algorithm):
         return {**state, "params": {k: v.copy() for k, v in msg.arrays.items()}}, Message()
 
     # --- evaluation -------------------------------------------------------------------------------
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
         mine = (state or {}).get("params") or self.init_client(cid)["params"]
         return {**mine, **server["params"]}
 

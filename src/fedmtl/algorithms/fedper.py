@@ -46,6 +46,8 @@ class FedPer(FedAvg):
         reply = Message(arrays=body_of(trained.params), scalars=trained.scalars(data))
         return {**state, "head": head}, reply
 
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
         head = state.get("head") or head_of(self.ctx.init_for(self.ctx.task_of(cid)))
         return {**server["params"], **head}

@@ -46,6 +46,8 @@ class LGFedAvg(FedAvg):
             arrays={k: out[k] for k in msg.arrays}, scalars=trained.scalars(data)
         )
 
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
         body = state.get("body") or body_of(self.ctx.init_for(self.ctx.task_of(cid)))
         return {**body, **self.broadcast(server, cid).arrays}

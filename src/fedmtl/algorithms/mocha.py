@@ -222,7 +222,9 @@ class Mocha(Algorithm):
         )
         return {"alpha": alpha}, reply
 
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
         """w_t as the linear head: for 2 classes row 0 is zero, so argmax = class 1 iff w_t.x > 0."""
         init = self.ctx.init_arrays
         weight = np.zeros_like(init["head.weight"])

@@ -13,14 +13,18 @@ from __future__ import annotations
 from collections.abc import Generator
 from typing import Any
 
-from fedmtl.algorithms.base import Algorithm, ClientWork, Message
+from fedmtl.algorithms.base import Algorithm, ClientAction, ClientWork, Message
 from fedmtl.data.federated import ClientData
+from fedmtl.errors import ConfigError
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import StepResult, Train, Trained, local_work
 
 
 class AlgorithmWrapper(Algorithm):
-    """Delegates every step to ``inner``; subclasses override the steps they change."""
+    """Delegates every step to ``inner``; subclasses override the steps they change.
+
+    Its round is the default ``server_round`` (one train exchange, then ``server_step``) run with
+    the wrapper's own ``broadcast`` and ``server_step``, so each wrapper in a stack takes part."""
 
     def __init__(self, inner: Algorithm) -> None:
         self.inner = inner
@@ -31,6 +35,11 @@ class AlgorithmWrapper(Algorithm):
         self.has_global_model = inner.has_global_model  # type: ignore[misc]
         self.needs_eval_data = inner.needs_eval_data  # type: ignore[misc]
         self.batchable = inner.batchable  # type: ignore[misc]
+        if inner.multi_step:
+            raise ConfigError(
+                f"config: algorithm.name = {inner.name!r}: its rounds are a multi-step protocol whose "
+                f"exchanges {type(self).__name__} cannot see; disable that feature for this algorithm"
+            )
 
     def __getattr__(self, attr: str) -> Any:
         # Only reached for attributes this object lacks: algorithm-specific extras such as MOCHA's
@@ -40,10 +49,7 @@ class AlgorithmWrapper(Algorithm):
         return getattr(self.inner, attr)
 
     def unwrapped(self) -> Algorithm:
-        algo: Algorithm = self.inner
-        while isinstance(algo, AlgorithmWrapper):
-            algo = algo.inner
-        return algo
+        return self.inner.unwrapped()
 
     # --- server side -------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
@@ -54,6 +60,9 @@ class AlgorithmWrapper(Algorithm):
 
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
         return self.inner.server_step(server, replies, round)
+
+    def expected_reply(self, server: dict[str, Any], cid: int) -> Arrays | None:
+        return self.inner.expected_reply(server, cid)
 
     def global_params(self, server: dict[str, Any]) -> Arrays | None:
         return self.inner.global_params(server)
@@ -73,8 +82,19 @@ class AlgorithmWrapper(Algorithm):
     ) -> StepResult:
         return self.inner.client_step(state, data, msg, work)
 
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays:
-        return self.inner.eval_arrays(server, state, cid)
+    def client_actions(self) -> dict[str, ClientAction]:
+        return self.inner.client_actions()
+
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
+        return self.inner.eval_arrays(server, state, cid, data)
+
+    def eval_view(self, server: dict[str, Any], cid: int) -> dict[str, Any]:
+        return self.inner.eval_view(server, cid)
+
+    def release_eval(self, client_rows: list[dict[str, Any]], round: int) -> dict[str, Any] | None:
+        return self.inner.release_eval(client_rows, round)
 
     def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
         return self.inner.shared_eval_arrays(server, state, cid)

@@ -52,10 +52,7 @@ def evaluate_clients(
     shared = []
     for c in clients:
         state = states.get(c.cid, {})
-        if algo.needs_eval_data:
-            personal.append((c, algo.eval_arrays(server, state, c.cid, data=c)))
-        else:
-            personal.append((c, algo.eval_arrays(server, state, c.cid)))
+        personal.append((c, algo.eval_arrays(server, state, c.cid, c if algo.needs_eval_data else None)))
         other = algo.shared_eval_arrays(server, state, c.cid)
         if other is not None:
             shared.append((c, other))
@@ -127,8 +124,7 @@ def release_client_eval(
 
     Exact by default; with DP-aggregated evaluation (``privacy.eval_noise_multiplier``) only the
     noisy metric means leave the clients, so no client row is recorded."""
-    private = getattr(algo, "private_eval", None)
-    released = private(client_rows, rnd) if private is not None else None
+    released = algo.release_eval(client_rows, rnd)
     if released is None:
         return client_rows, summarize_clients(client_rows)
     return [], released

@@ -6,7 +6,6 @@ same computation, so a killed and resumed run ends with the metrics of an uninte
 from __future__ import annotations
 
 import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,18 +19,12 @@ from fedmtl.algorithms.stack import wrap_algorithm
 from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
-from fedmtl.errors import ConfigError, RunDirError
-from fedmtl.experiment.evaluate import (
-    evaluate_clients,
-    evaluate_global,
-    evaluate_new_clients,
-    release_client_eval,
-)
+from fedmtl.errors import ConfigError
 from fedmtl.experiment.records import RunDir
-from fedmtl.metrics import primary_metric, summarize_clients
+from fedmtl.metrics import primary_metric
 from fedmtl.models import build_model
 from fedmtl.runtime import Simulator
-from fedmtl.runtime.validation import merge_rejections
+from fedmtl.runtime.loop import Progress, RunLoop
 from fedmtl.training import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.tensors import model_arrays
@@ -167,19 +160,22 @@ def _loop(
     sim: Simulator,
     checkpoint: dict[str, Any] | None,
 ) -> RunResult:
-    metric, higher = primary_metric(data.task)
-    key = f"{metric}_mean"
     if checkpoint is None:
-        server, states, start, elapsed, best = algo.init_server(), {}, 1, 0.0, None
+        progress, states = Progress(server=algo.init_server()), {}
     else:
-        server, states = checkpoint["server"], checkpoint["clients"]
-        start, elapsed, best = checkpoint["round"] + 1, checkpoint["elapsed"], checkpoint["best"]
-    total = cfg.train.rounds
-    t0 = time.perf_counter() - elapsed
-    last_row: dict[str, Any] | None = checkpoint.get("last") if checkpoint else None
+        states = checkpoint["clients"]
+        progress = Progress(
+            server=checkpoint["server"],
+            start=checkpoint["round"] + 1,
+            elapsed=checkpoint["elapsed"],
+            best=checkpoint["best"],
+            last=checkpoint.get("last"),
+        )
+    sim.transport.states = states
+    metric, _ = primary_metric(data.task)
     bar = tqdm(
-        total=total,
-        initial=start - 1,
+        total=cfg.train.rounds,
+        initial=progress.start - 1,
         desc=cfg.name,
         unit="round",
         file=sys.stderr,
@@ -187,80 +183,20 @@ def _loop(
         dynamic_ncols=True,
         leave=False,
     )
-    stopped: str | None = None
+
+    def on_row(row: dict[str, Any]) -> None:
+        bar.update(1)
+        if f"{metric}_mean" in row:
+            bar.set_postfix({metric: f"{row[f'{metric}_mean']:.4f}"})
+
+    def log(text: str) -> None:
+        print(f"fedmtl: {cfg.name}: {text}", file=sys.stderr)
+
+    loop = RunLoop(
+        cfg, algo, data, lambda r, server: sim.run_round(r, server, states), sim.transport, rd, log, on_row
+    )
     try:
-        for r in range(start, total + 1):
-            if stopped is None:
-                stopped = algo.stop_reason(server, r)
-            if stopped is not None:
-                # Deterministic in the server state, so a resumed run stops at the same round.
-                print(f"fedmtl: {cfg.name}: stopped before round {r}: {stopped}", file=sys.stderr)
-                break
-            res = sim.run_round(r, server, states)
-            server = res.server
-            # A run that stops behind this round evaluates and checkpoints it like a last round.
-            last = r == total or (stopped := algo.stop_reason(server, r + 1)) is not None
-            row: dict[str, Any] = merge_rejections(
-                {"round": r, "kind": "round", **res.info, **algo.round_info(server)}
-            )
-            rows: list[dict[str, Any]] = list(res.train_rows)
-            if r % cfg.eval.every == 0 or last:
-                client_rows, summary = release_client_eval(
-                    algo, evaluate_clients(algo, server, states, data, r), r
-                )
-                rows += client_rows
-                row.update(summary)
-                if data.holdout:
-                    new_rows = evaluate_new_clients(
-                        algo, server, data, r, cfg.eval.new_client_steps, cfg.eval.new_client_lr
-                    )
-                    rows += new_rows
-                    row.update({f"new_{k}": v for k, v in summarize_clients(new_rows).items()})
-                if cfg.eval.global_test:
-                    row.update(evaluate_global(algo, server, data))
-            row["wall_time"] = time.perf_counter() - t0
-            rows.append(row)
-            rd.append(rows)
-            if key in row and (best is None or (row[key] > best[key] if higher else row[key] < best[key])):
-                best = row
-            last_row = row
-            if r % cfg.output.checkpoint_every == 0 or last:
-                rd.save_checkpoint(
-                    {
-                        "round": r,
-                        "server": server,
-                        "clients": states,
-                        "best": best,
-                        "elapsed": row["wall_time"],
-                        "last": last_row,
-                    }
-                )
-            bar.update(1)
-            if key in row:
-                bar.set_postfix({metric: f"{row[key]:.4f}"})
+        summary = loop.run(progress)
     finally:
         bar.close()
-    if last_row is None:
-        raise RunDirError(f"{rd.path}: nothing to run (train.rounds = {total})")
-    summary = {
-        "name": cfg.name,
-        "algorithm": cfg.algorithm.name,
-        "dataset": cfg.data.dataset,
-        "seed": cfg.seed,
-        "primary_metric": metric,
-        "higher_is_better": higher,
-        "rounds_completed": last_row["round"],
-        "complete": True,
-        "stopped": stopped,
-        "final": last_row,
-        "best": best if best is not None else last_row,
-        "wall_time": last_row["wall_time"],
-        "bytes_total": sum(
-            r.get("bytes_up", 0) + r.get("bytes_down", 0)
-            for r in rd.read_metrics()
-            if r.get("kind") == "round"
-        ),
-        "data": data.summary(),
-    }
-    rd.write_summary(summary)
     return _result(rd, summary)

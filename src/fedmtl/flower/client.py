@@ -125,14 +125,14 @@ def _side(msg: FlowerMessage, context: Context) -> NodeSide:
 
 def _work(msg: FlowerMessage, side: NodeSide) -> tuple[int, ClientWork]:
     from fedmtl.algorithms.base import ClientWork
-    from fedmtl.runtime.simulation import TRAIN
+    from fedmtl.runtime.round import TRAIN_STREAM
     from fedmtl.training.shuffle import Stream
 
     w = msg.content.config_records[protocol.WORK]
     cid, rnd = int(w["cid"]), int(w["round"])  # type: ignore[arg-type]
     if cid != side.client.cid:
         raise ProtocolError(f"message for client {cid} reached the node holding client {side.client.cid}")
-    rng = Stream(side.cfg.seed, TRAIN, rnd, cid)
+    rng = Stream(side.cfg.seed, TRAIN_STREAM, rnd, cid)
     return cid, ClientWork(round=rnd, fraction=float(w["fraction"]), rng=rng, lr=float(w["lr"]))  # type: ignore[arg-type]
 
 
@@ -195,13 +195,13 @@ def handle_evaluate(msg: FlowerMessage, context: Context) -> FlowerMessage:
 
 
 def _action_handler(action: str) -> Callable[[FlowerMessage, Context], FlowerMessage]:
-    """``train.<action>``: a step of a multi-step protocol, named in ``Algorithm.client_actions``."""
+    """``train.<action>``: a step of a multi-step protocol, one of ``Algorithm.client_actions()``."""
 
     def pick(side: NodeSide) -> StepFn:
-        methods: dict[str, str] = getattr(side.algo, "client_actions", {})
-        if action not in methods:
+        method = side.algo.client_actions().get(action)
+        if method is None:
             raise ProtocolError(f"algorithm {side.algo.name!r} has no client action {action!r}")
-        return getattr(side.algo, methods[action])
+        return method
 
     def handle(msg: FlowerMessage, context: Context) -> FlowerMessage:
         return _step(msg, context, pick)

@@ -1,13 +1,15 @@
-"""The ServerApp side: drive any fedmtl algorithm's server step over Flower's ``Grid``.
+"""The ServerApp side: fedmtl's round and run loop over Flower's ``Grid``.
 
-The round is the simulator's round, moved onto the wire: the same client sampling, work fractions,
-simulated drops and learning-rate schedule (imported from ``fedmtl.runtime.simulation``), the same
-``broadcast``/``server_step`` calls, the same evaluation code (run by each node on its own test
-split) and the same run directory (config.yaml, metrics.jsonl, summary.json). So a seed gives the
-metrics the in-process simulator gives, and ``fedmtl report``/``compare`` read Flower runs as they are.
+This module only moves messages. The round (sampling, systems draws, learning rate, exchanges,
+reply checks, rows: ``fedmtl.runtime.round``) and the run (stop reasons, evaluation schedule,
+records, best row, summary: ``fedmtl.runtime.loop``) are the simulator's own code; here a
+``FlowerTransport`` delivers each exchange as Flower messages, and each node runs its client with
+the same code and evaluates on its own test split. So a seed gives the metrics the in-process
+simulator gives, in the same run directory (config.yaml, metrics.jsonl, summary.json), and
+``fedmtl report``/``compare`` read Flower runs as they are.
 
 Flower's costs shape two choices. Every message starts a fresh ClientApp process on the node, so the
-evaluation of round r travels with round r+1's train messages (one exchange per round, not two).
+evaluation of round r travels with round r+1's first messages (one exchange per round, not two).
 Real nodes fail, so every exchange has a deadline: a node that misses it is recorded as missing for
 that round, and until it answers again it only gets a short grace period instead of the full
 deadline, so one dead node does not stall every later round."""
@@ -17,26 +19,24 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
-import numpy as np
 from flwr.app import ConfigRecord, Context, RecordDict
 from flwr.app import Message as FlowerMessage
 from flwr.common.constant import ErrorCode
 from flwr.serverapp import Grid, ServerApp
 
-from fedmtl.algorithms.base import Message
+from fedmtl.algorithms.base import TRAIN, Message
 from fedmtl.config import Config, load_config
 from fedmtl.errors import ConfigError, FedmtlError
-from fedmtl.experiment.evaluate import evaluate_global, release_client_eval
 from fedmtl.experiment.records import RunDir, dumps
 from fedmtl.experiment.run import RunResult, build
 from fedmtl.flower import codec, protocol
-from fedmtl.metrics import primary_metric, summarize_clients
-from fedmtl.runtime.simulation import round_driver, round_lr
-from fedmtl.runtime.validation import merge_rejections, reply_problem
+from fedmtl.metrics import primary_metric
+from fedmtl.runtime.loop import Progress, RunLoop
+from fedmtl.runtime.round import Delivered, RoundPlan, round_lr
 
 K = TypeVar("K")
 EVENTS = "flower.jsonl"
@@ -87,20 +87,143 @@ class Settings:
         return load_config(path, self.override_list())
 
 
-@dataclass
-class _Pending:
-    """A finished round whose evaluation rides on the next exchange."""
+class FlowerEvaluation:
+    """One round's evaluation by the nodes: sent with the next exchange, or on its own if asked
+    for first (``rows``)."""
 
-    round: int
-    view: Callable[[int], RecordDict]  # eval records for a client id
-    train_rows: list[dict[str, Any]]
-    row: dict[str, Any]
-    server_rows: list[dict[str, Any]] = field(default_factory=list)  # evaluated here (new clients)
-    server_metrics: dict[str, float] = field(default_factory=dict)  # new-client summary, global test
+    def __init__(self, transport: FlowerTransport, round: int, records: Callable[[int], RecordDict]) -> None:
+        self.transport = transport
+        self.round = round
+        self.records = records
+        self.result: tuple[list[dict[str, Any]], dict[int, str]] | None = None
+
+    def ready(self) -> bool:
+        return self.result is not None
+
+    def rows(self) -> tuple[list[dict[str, Any]], dict[int, str]]:
+        if self.result is None:
+            self.transport.evaluate_now(self)
+        assert self.result is not None
+        return self.result
+
+    def resolve(self, replies: dict[int, RecordDict], missing: dict[int, str]) -> None:
+        rows: list[dict[str, Any]] = []
+        for cid in self.transport.eval_clients:
+            reply = replies.get(cid)
+            if reply is not None and codec.has_tree(reply, protocol.EVAL_ROW):
+                rows += codec.get_tree(reply, protocol.EVAL_ROW)
+        self.result = (rows, missing)
+
+
+class FlowerTransport:
+    """Delivers a round's exchanges to the SuperNodes that hold the clients; client state lives in
+    each node's ``context.state``."""
+
+    execution = "flower"
+    reports_missing = True
+
+    def __init__(self, server: FlowerServer) -> None:
+        self.srv = server
+        self.algo = server.algo
+        self.eval_clients = list(server.data.train_clients)
+        self.pending: FlowerEvaluation | None = None
+        self.exchange_time = 0.0
+
+    def _content(self, cid: int, plan_round: int, fraction: float, lr: float) -> RecordDict:
+        work = {"cid": cid, "round": plan_round, "fraction": float(fraction), "lr": float(lr)}
+        return RecordDict({protocol.RUN: self.srv.run_record(), protocol.WORK: ConfigRecord(work)})  # type: ignore[arg-type]
+
+    def exchange(self, action: str, messages: dict[int, Message], plan: RoundPlan) -> Delivered:
+        node_of = self.srv.node_of
+        items: dict[int, tuple[int, str, RecordDict]] = {}
+        missing: dict[int, str] = {}
+        kind = protocol.TRAIN if action == TRAIN else f"{protocol.TRAIN}.{action}"
+        for cid, msg in messages.items():
+            if cid not in node_of:
+                missing[cid] = "no node holds this client"
+                continue
+            w = plan.work[cid]
+            content = self._content(cid, plan.round, w.fraction, w.lr)
+            codec.put_message(content, protocol.MSG, msg)
+            items[cid] = (node_of[cid], kind, content)
+        pending, self.pending = self.pending, None
+        if pending is not None:  # the last evaluation rides on this exchange's messages
+            self._attach_eval(items, pending, plan.round, plan.lr)
+        group = str(plan.round) if action == TRAIN else f"{plan.round}.{action}"
+        t = time.perf_counter()
+        replies, lost = self.srv.roundtrip(items, group)
+        self.exchange_time += time.perf_counter() - t
+        if pending is not None:
+            pending.resolve(replies, {c: lost.get(c, "no node holds this client") for c in self.eval_clients})
+        got: dict[int, Message] = {}
+        wall: dict[int, float] = {}
+        for cid in messages:
+            content = replies.get(cid)
+            if content is None or not codec.has_message(content, protocol.REPLY):
+                if cid not in missing:
+                    missing[cid] = lost.get(cid, "no reply")
+                continue
+            got[cid] = codec.get_message(content, protocol.REPLY)
+            wall[cid] = float(content.metric_records[protocol.META]["compute_wall"])  # type: ignore[arg-type]
+        if action != TRAIN:
+            missing = {c: f"{action}: {why}" for c, why in missing.items()}
+        return Delivered(got, missing, wall)
+
+    def _attach_eval(
+        self, items: dict[int, tuple[int, str, RecordDict]], ev: FlowerEvaluation, rnd: int, lr: float
+    ) -> None:
+        """Every client with a node evaluates round ``ev.round``: on its message, or alone."""
+        node_of = self.srv.node_of
+        for cid in self.eval_clients:
+            if cid not in node_of:
+                continue
+            if cid not in items:
+                items[cid] = (node_of[cid], protocol.EVALUATE, self._content(cid, rnd, 1.0, lr))
+            for key, record in ev.records(cid).items():
+                items[cid][2][key] = record
+
+    def evaluate_now(self, ev: FlowerEvaluation) -> None:
+        """The evaluation on its own exchange (after the last round, or when nothing came after)."""
+        if self.pending is ev:
+            self.pending = None
+        items: dict[int, tuple[int, str, RecordDict]] = {}
+        self._attach_eval(items, ev, ev.round, round_lr(self.srv.cfg, ev.round))
+        replies, lost = self.srv.roundtrip(items, f"{ev.round}.eval")
+        ev.resolve(replies, {c: lost.get(c, "no node holds this client") for c in self.eval_clients})
+
+    def evaluate(self, server: dict[str, Any], round: int) -> FlowerEvaluation:
+        """Eval records per client: the algorithm's ``eval_view`` of the server state, encoded now
+        (the state may change in place in later steps), once per distinct view."""
+        encoded: dict[int, RecordDict] = {}
+
+        def records(cid: int) -> RecordDict:
+            view = self.algo.eval_view(server, cid)
+            out = encoded.get(id(view))
+            if out is None:
+                out = RecordDict({protocol.EVAL: ConfigRecord({"round": round})})
+                codec.put_tree(out, protocol.EVAL_VIEW, view)
+                encoded[id(view)] = out
+            return out
+
+        for cid in self.eval_clients:
+            records(cid)
+        if self.pending is not None:  # never two outstanding: the older goes on its own
+            self.evaluate_now(self.pending)
+        self.pending = FlowerEvaluation(self, round, records)
+        return self.pending
+
+    def finish(self, plan: RoundPlan, rejected: set[int]) -> dict[str, Any]:
+        """Nothing to keep here (each node holds its client's state); the round's exchange time."""
+        facts = {"exchange_time": self.exchange_time, "nodes": len(self.srv.node_of)}
+        self.exchange_time = 0.0
+        return facts
+
+    def client_states(self) -> None:
+        return None
 
 
 class FlowerServer:
-    """Runs one fedmtl config over a Grid: handshake, rounds, evaluation, records."""
+    """Runs one fedmtl config over a Grid: handshake, then the run loop over a ``FlowerTransport``."""
 
     def __init__(self, grid: Grid, cfg: Config, settings: Settings, log: Callable[[str], None] | None = None):
         self.grid = grid
@@ -108,16 +231,14 @@ class FlowerServer:
         self.s = settings
         self.log = log or (lambda text: print(f"[fedmtl] {text}", flush=True))
         self.data, self.algo, self.sim = build(cfg)
-        if hasattr(self.algo, "attach_exchange"):  # multi-stage protocols (secure aggregation)
-            self.algo.attach_exchange(self.exchange)
+        self.planner = self.sim.planner
+        self.runner = self.sim.runner
+        self.transport = FlowerTransport(self)
         self.config_json = json.dumps(cfg.to_dict())
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.seen: set[int] = set()  # node ids already asked which client they hold
         self.suspects: set[int] = set()  # node ids that missed their last deadline
         self.rd: RunDir | None = None
-        self.t0 = time.perf_counter()
-        self.best: dict[str, Any] | None = None
-        self.last: dict[str, Any] | None = None
 
     # --- transport ---------------------------------------------------------------------------
     def _event(self, event: str, **fields: Any) -> None:
@@ -125,7 +246,7 @@ class FlowerServer:
             with open(self.rd.path / EVENTS, "a") as fh:
                 fh.write(dumps({"t": time.time(), "event": event, **fields}) + "\n")
 
-    def _roundtrip(
+    def roundtrip(
         self, items: Mapping[K, tuple[int, str, RecordDict]], group: str
     ) -> tuple[dict[K, RecordDict], dict[K, str]]:
         """Send ``key -> (node, message type, content)``; return replies and reasons for the missing."""
@@ -180,13 +301,13 @@ class FlowerServer:
             self.suspects.add(node_of_key[key])
         return replies, missing
 
-    def _run_record(self) -> ConfigRecord:
+    def run_record(self) -> ConfigRecord:
         return ConfigRecord({"config": self.config_json})
 
     def _handshake(self, nodes: set[int]) -> None:
         """Ask new nodes which client they hold (their node_config); an impossible claim stops the run."""
-        items = {n: (n, protocol.QUERY, RecordDict({protocol.RUN: self._run_record()})) for n in nodes}
-        replies, missing = self._roundtrip(items, "handshake")
+        items = {n: (n, protocol.QUERY, RecordDict({protocol.RUN: self.run_record()})) for n in nodes}
+        replies, missing = self.roundtrip(items, "handshake")
         self.seen |= nodes
         n = self.data.num_clients
         for node, content in replies.items():
@@ -226,337 +347,51 @@ class FlowerServer:
             + (f"; no node for {absent}" if absent else "")
         )
 
-    def _refresh(self) -> None:
+    def _refresh(self, round: int) -> None:
         new = set(self.grid.get_node_ids()) - self.seen
         if new:
             self._handshake(new)
 
-    # --- messages ----------------------------------------------------------------------------
-    def _content(self, cid: int, rnd: int, fraction: float = 1.0) -> RecordDict:
-        work = {"cid": cid, "round": rnd, "fraction": float(fraction), "lr": float(round_lr(self.cfg, rnd))}
-        return RecordDict({protocol.RUN: self._run_record(), protocol.WORK: ConfigRecord(work)})  # type: ignore[arg-type]
-
-    def _eval_view(self, server: dict[str, Any], rnd: int) -> Callable[[int], RecordDict]:
-        """Eval records per client: the server state (or the algorithm's ``eval_view(server, cid)``)."""
-        view_fn = getattr(self.algo, "eval_view", None)
-        shared: RecordDict | None = None
-
-        def records(cid: int) -> RecordDict:
-            nonlocal shared
-            if view_fn is None and shared is not None:
-                return shared
-            out = RecordDict({protocol.EVAL: ConfigRecord({"round": rnd})})
-            codec.put_tree(out, protocol.EVAL_VIEW, server if view_fn is None else view_fn(server, cid))
-            if view_fn is None:
-                shared = out
-            return out
-
-        records(0)  # encode now: the server state may change in place in later steps
-        return records
-
     def exchange(
         self, action: str, msgs: Mapping[int, Message], rnd: int
     ) -> tuple[dict[int, Message], dict[int, str]]:
-        """One step of a multi-step protocol: ``train.<action>`` to each client, replies back.
+        """One exchange outside a run (``train.<action>`` to each client): (replies, missing)."""
+        got = self.transport.exchange(action, dict(msgs), self.planner.plan(rnd))
+        return got.replies, got.missing
 
-        For algorithms that declare ``client_actions`` (e.g. split learning); the client runs the
-        named method with the client step's signature and its state from ``context.state``."""
-        items = {}
-        missing: dict[int, str] = {}
-        for cid, msg in msgs.items():
-            if cid not in self.node_of:
-                missing[cid] = "no node holds this client"
-                continue
-            content = self._content(cid, rnd, self.sim.systems(rnd, cid)[0])
-            codec.put_message(content, protocol.MSG, msg)
-            items[cid] = (self.node_of[cid], f"{protocol.TRAIN}.{action}", content)
-        replies, lost = self._roundtrip(items, f"{rnd}.{action}")
-        return {c: codec.get_message(r, protocol.REPLY) for c, r in replies.items()}, {**missing, **lost}
-
-    # --- rounds ------------------------------------------------------------------------------
-    def _attach_eval(self, items: dict[int, tuple[int, str, RecordDict]], p: _Pending, rnd: int) -> None:
-        """Every client with a node evaluates round ``p.round``: on its train message, or alone."""
-        for cid in self._eval_clients():
-            if cid not in self.node_of:
-                continue
-            if cid not in items:
-                items[cid] = (self.node_of[cid], protocol.EVALUATE, self._content(cid, rnd))
-            for key, record in p.view(cid).items():
-                items[cid][2][key] = record
-
-    def _eval_due(self, rnd: int, server: dict[str, Any]) -> bool:
-        """Evaluate on schedule, after the last round, and after a round the run stops behind."""
-        every, last = self.cfg.eval.every, self.cfg.train.rounds
-        return rnd % every == 0 or rnd == last or self.algo.stop_reason(server, rnd + 1) is not None
-
-    def _eval_clients(self) -> list[int]:
-        """The clients evaluated on their own test split (held-out clients are not)."""
-        return list(getattr(self.data, "train_clients", range(self.data.num_clients)))
-
-    def _server_side_eval(
-        self, server: dict[str, Any], rnd: int
-    ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
-        """What the in-process loop evaluates on the server's data: new clients and the global test."""
-        rows: list[dict[str, Any]] = []
-        metrics: dict[str, Any] = {}
-        if getattr(self.data, "holdout", None):
-            from fedmtl.experiment.evaluate import evaluate_new_clients
-
-            ev = self.cfg.eval
-            rows = evaluate_new_clients(
-                self.algo, server, self.data, rnd, ev.new_client_steps, ev.new_client_lr
-            )
-            metrics.update({f"new_{k}": v for k, v in summarize_clients(rows).items()})
-        if self.cfg.eval.global_test:
-            metrics.update(evaluate_global(self.algo, server, self.data))
-        return rows, metrics
-
-    def _finish_eval(self, p: _Pending, replies: dict[int, RecordDict], missing: dict[int, str]) -> None:
-        client_rows: list[dict[str, Any]] = []
-        for cid in self._eval_clients():
-            reply = replies.get(cid)
-            if reply is not None and codec.has_tree(reply, protocol.EVAL_ROW):
-                client_rows += codec.get_tree(reply, protocol.EVAL_ROW)
-        row = p.row
-        evaluated = {c["client"] for c in client_rows}
-        client_rows, summary = release_client_eval(self.algo, client_rows, p.round)
-        row.update(summary)
-        row.update(p.server_metrics)
-        lost = sorted(set(self._eval_clients()) - evaluated)
-        if lost:
-            row["eval_missing_clients"] = lost
-            row["eval_missing_reasons"] = {str(c): missing.get(c, "no node holds this client") for c in lost}
-        self._write(p.train_rows + client_rows + p.server_rows + [row])
-
-    def _write(self, rows: list[dict[str, Any]]) -> None:
-        row = rows[-1]
-        row["wall_time"] = time.perf_counter() - self.t0
-        assert self.rd is not None
-        self.rd.append(rows)
-        metric, higher = primary_metric(self.data.task)
+    # --- the run -----------------------------------------------------------------------------
+    def _row_logged(self, row: dict[str, Any]) -> None:
+        metric, _ = primary_metric(self.data.task)
         key = f"{metric}_mean"
-        best = self.best
-        if key in row and (best is None or (row[key] > best[key] if higher else row[key] < best[key])):
-            self.best = row
-        self.last = row
         self.log(
             f"round {row['round']}: "
             + ", ".join(f"{k} {row[k]:.4f}" for k in (key, f"global_{metric}") if k in row)
         )
-
-    def _round(
-        self, rnd: int, server: dict[str, Any], pending: _Pending | None
-    ) -> tuple[dict[str, Any], _Pending | None]:
-        if round_driver(self.algo) is not None:
-            return self._driven_round(rnd, server, pending)
-        algo, sim = self.algo, self.sim
-        lr = round_lr(self.cfg, rnd)
-        rows: dict[int, dict[str, Any]] = {}
-        sent: dict[int, Message] = {}
-        items: dict[int, tuple[int, str, RecordDict]] = {}
-        for cid in sim.sample(rnd):
-            frac, dropped = sim.systems(rnd, cid)
-            msg = algo.broadcast(server, cid)
-            row: dict[str, Any] = {
-                "round": rnd, "kind": "train", "client": cid, "work": frac, "dropped": dropped,
-                "bytes_down": msg.nbytes, "bytes_up": 0,
-            }  # fmt: skip
-            rows[cid] = row
-            if dropped:
-                row["sim_time"] = sim.comm_seconds(0, msg.nbytes)
-                continue
-            sent[cid] = msg
-            if cid not in self.node_of:
-                continue
-            content = self._content(cid, rnd, frac)
-            codec.put_message(content, protocol.MSG, msg)
-            items[cid] = (self.node_of[cid], protocol.TRAIN, content)
-        if pending is not None:
-            self._attach_eval(items, pending, rnd)
-        t = time.perf_counter()
-        replies, missing = self._roundtrip(items, str(rnd))
-        exchange_time = time.perf_counter() - t
-        if pending is not None:
-            self._finish_eval(pending, replies, missing)
-
-        got: dict[int, Message] = {}
-        rejected: list[int] = []
-        losses, weights = [], []
-        for cid, msg in sent.items():
-            row = rows[cid]
-            content = replies.get(cid)
-            if content is None or not codec.has_message(content, protocol.REPLY):
-                row.update(missing=True, reason=missing.get(cid, "no node holds this client"))
-                row["sim_time"] = sim.comm_seconds(0, msg.nbytes)
-                continue
-            reply = codec.get_message(content, protocol.REPLY)
-            samples = float(reply.scalars.get("samples", 0))
-            row.update(
-                compute_wall=float(content.metric_records[protocol.META]["compute_wall"]),  # type: ignore[arg-type]
-                bytes_up=reply.nbytes,
-                steps=int(reply.scalars.get("steps", 0)),
-                train_loss=float(reply.scalars.get("train_loss", float("nan"))),
-                sim_time=samples * sim.flops / (self.cfg.runtime.client_gflops * 1e9)
-                + sim.comm_seconds(reply.nbytes, msg.nbytes),
-            )
-            problem = reply_problem(reply)
-            if problem is not None:  # not aggregated; the node keeps its own state (it lives there)
-                rejected.append(cid)
-                row["rejected"] = problem
-                continue
-            got[cid] = reply
-            if "train_loss" in reply.scalars:
-                losses.append(row["train_loss"])
-                weights.append(samples)
-        server = algo.server_step(server, got, rnd)
-        train_rows = list(rows.values())
-        info: dict[str, Any] = {
-            "sampled": len(train_rows),
-            "dropped": sum(r["dropped"] for r in train_rows),
-            "dropped_clients": [r["client"] for r in train_rows if r["dropped"]],
-            "bytes_up": int(sum(r["bytes_up"] for r in train_rows)),
-            "bytes_down": int(sum(r["bytes_down"] for r in train_rows)),
-            "sim_time": max((r["sim_time"] for r in train_rows), default=0.0),
-            "lr": lr,
-            "execution": "flower",
-            "rejected_clients": rejected,
-        }
-        if losses and sum(weights) > 0:
-            info["train_loss"] = float(np.average(losses, weights=weights))
-        lost = sorted(c for c in sent if c not in got and c not in rejected)
-        info.update(missing_clients=lost, exchange_time=exchange_time, nodes=len(self.node_of))
-        if lost:
-            info["missing_reasons"] = {str(c): rows[c]["reason"] for c in lost}
-            self.log(f"round {rnd}: no reply from clients {lost}; aggregated {sorted(got)}")
-        round_info = getattr(algo, "round_info", None)
-        extra = round_info(server) if round_info else {}
-        row = merge_rejections({"round": rnd, "kind": "round", **info, **extra})
-        if self._eval_due(rnd, server):
-            server_rows, server_metrics = self._server_side_eval(server, rnd)
-            return server, _Pending(
-                rnd, self._eval_view(server, rnd), train_rows, row, server_rows, server_metrics
-            )
-        self._write(train_rows + [row])
-        return server, None
-
-    def _driven_round(
-        self, rnd: int, server: dict[str, Any], pending: _Pending | None
-    ) -> tuple[dict[str, Any], _Pending | None]:
-        """A round of a multi-step protocol (``drive_round``): the algorithm drives its exchanges
-        through ``exchange``. The previous round's evaluation goes first, on its own, so every node
-        evaluates the state it ended that round with."""
-        sim = self.sim
-        if pending is not None:
-            items: dict[int, tuple[int, str, RecordDict]] = {}
-            self._attach_eval(items, pending, rnd)
-            replies, missing = self._roundtrip(items, f"{pending.round}.eval")
-            self._finish_eval(pending, replies, missing)
-        rows: dict[int, dict[str, Any]] = {}
-        for cid in sim.sample(rnd):
-            frac, dropped = sim.systems(rnd, cid)
-            rows[cid] = {
-                "round": rnd, "kind": "train", "client": cid, "work": frac, "dropped": dropped,
-                "bytes_down": 0, "bytes_up": 0,
-            }  # fmt: skip
-        transport = _FlowerTransport(self, [c for c, r in rows.items() if not r["dropped"]], rnd)
-        t = time.perf_counter()
-        server, driven = self.algo.drive_round(server, transport, rnd) if transport.clients else (server, {})  # type: ignore[attr-defined]
-        exchange_time = time.perf_counter() - t
-        losses, weights = [], []
-        for cid, row in rows.items():
-            row["bytes_up"], row["bytes_down"] = transport.up.get(cid, 0), transport.down.get(cid, 0)
-            row["sim_time"] = sim.comm_seconds(row["bytes_up"], row["bytes_down"])
-            reply = driven.get(cid)
-            if reply is None:
-                if not row["dropped"]:
-                    row.update(missing=True, reason=transport.missing.get(cid, "no reply"))
-                continue
-            samples = float(reply.scalars.get("samples", 0))
-            row.update(
-                steps=int(reply.scalars.get("steps", 0)),
-                train_loss=float(reply.scalars.get("train_loss", float("nan"))),
-            )
-            flops = float(reply.scalars.get("client_flops", samples * sim.flops))
-            row["sim_time"] = flops / (self.cfg.runtime.client_gflops * 1e9) + row["sim_time"]
-            losses.append(row["train_loss"])
-            weights.append(samples)
-        train_rows = list(rows.values())
-        lost = sorted(c for c in transport.clients if c not in driven)
-        info: dict[str, Any] = {
-            "sampled": len(train_rows),
-            "dropped": sum(r["dropped"] for r in train_rows),
-            "dropped_clients": [r["client"] for r in train_rows if r["dropped"]],
-            "bytes_up": int(sum(r["bytes_up"] for r in train_rows)),
-            "bytes_down": int(sum(r["bytes_down"] for r in train_rows)),
-            "sim_time": max((r["sim_time"] for r in train_rows), default=0.0),
-            "lr": round_lr(self.cfg, rnd),
-            "execution": "flower",
-            "rejected_clients": [],
-            "missing_clients": lost,
-            "exchange_time": exchange_time,
-            "nodes": len(self.node_of),
-        }
-        if losses and sum(weights) > 0:
-            info["train_loss"] = float(np.average(losses, weights=weights))
-        if lost:
-            info["missing_reasons"] = {str(c): transport.missing.get(c, "no reply") for c in lost}
-        row = merge_rejections({"round": rnd, "kind": "round", **info, **self.algo.round_info(server)})
-        if self._eval_due(rnd, server):
-            server_rows, server_metrics = self._server_side_eval(server, rnd)
-            return server, _Pending(
-                rnd, self._eval_view(server, rnd), train_rows, row, server_rows, server_metrics
-            )
-        self._write(train_rows + [row])
-        return server, None
 
     def run(self, out: str | Path | None = None) -> RunResult:
         cfg = self.cfg
         self.rd = RunDir.create(cfg.output.dir, cfg.name, cfg.seed, out or self.s.out or None)
         self.rd.write_config(cfg.to_dict())
         self.log(f"run directory {self.rd.path}")
-        self.t0 = time.perf_counter()
+        t0 = time.perf_counter()
         self.connect()
-        server = self.algo.init_server()
-        pending: _Pending | None = None
-        for rnd in range(1, cfg.train.rounds + 1):
-            self.stopped = self.algo.stop_reason(server, rnd)  # e.g. a privacy budget it would exceed
-            if self.stopped is not None:
-                self.log(f"stopped before round {rnd}: {self.stopped}")
-                break
-            self._refresh()
-            server, pending = self._round(rnd, server, pending)
-        if pending is not None:
-            items: dict[int, tuple[int, str, RecordDict]] = {}
-            self._attach_eval(items, pending, pending.round)
-            replies, missing = self._roundtrip(items, f"{pending.round}.eval")
-            self._finish_eval(pending, replies, missing)
-        return self._summarize()
-
-    def _summarize(self) -> RunResult:
-        assert self.rd is not None and self.last is not None
-        metric, higher = primary_metric(self.data.task)
-        rows = self.rd.read_metrics()
-        summary = {
-            "name": self.cfg.name,
-            "algorithm": self.cfg.algorithm.name,
-            "dataset": self.cfg.data.dataset,
-            "seed": self.cfg.seed,
-            "primary_metric": metric,
-            "higher_is_better": higher,
-            "rounds_completed": self.last["round"],
-            "complete": True,
-            "stopped": getattr(self, "stopped", None),
-            "final": self.last,
-            "best": self.best if self.best is not None else self.last,
-            "wall_time": self.last["wall_time"],
-            "bytes_total": sum(
-                r.get("bytes_up", 0) + r.get("bytes_down", 0) for r in rows if r.get("kind") == "round"
-            ),
-            "data": self.data.summary(),
+        loop = RunLoop(
+            cfg,
+            self.algo,
+            self.data,
+            lambda r, server: self.runner.run(r, server, self.transport),
+            self.transport,
+            self.rd,
+            self.log,
+            on_row=self._row_logged,
+            before_round=self._refresh,
+        )
+        loop.extra_summary = {
             "engine": "flower",
             "nodes": {str(c): n for c, n in sorted(self.node_of.items())},
         }
-        self.rd.write_summary(summary)
+        summary = loop.run(Progress(server=self.algo.init_server(), elapsed=time.perf_counter() - t0))
+        rows = self.rd.read_metrics()
         last = summary["final"]["round"]
         return RunResult(
             run_dir=self.rd.path,
@@ -564,30 +399,6 @@ class FlowerServer:
             rounds=[r for r in rows if r.get("kind") == "round"],
             clients=[r for r in rows if r.get("kind") == "client" and r.get("round") == last],
         )
-
-
-class _FlowerTransport:
-    """``drive_round``'s transport on Flower: each exchange is one ``FlowerServer.exchange``; bytes
-    counted per client each way; a client that misses an exchange is out for the rest of the round."""
-
-    def __init__(self, srv: FlowerServer, clients: list[int], rnd: int) -> None:
-        self.srv = srv
-        self.clients = list(clients)
-        self.rnd = rnd
-        self.up: dict[int, int] = {}
-        self.down: dict[int, int] = {}
-        self.missing: dict[int, str] = {}
-
-    def exchange(self, action: str, msgs: Mapping[int, Message]) -> dict[int, Message]:
-        msgs = {c: m for c, m in msgs.items() if c not in self.missing}
-        for c, m in msgs.items():
-            self.down[c] = self.down.get(c, 0) + m.nbytes
-        replies, missing = self.srv.exchange(action, msgs, self.rnd)
-        for c, m in replies.items():
-            self.up[c] = self.up.get(c, 0) + m.nbytes
-        for c, why in missing.items():
-            self.missing.setdefault(c, f"{action}: {why}")
-        return replies
 
 
 def _who(key: Any, node: int) -> str:

@@ -150,7 +150,7 @@ class ClientDP(ReplyWrapper):
             n += 1
         return n
 
-    def private_eval(self, client_rows: list[dict[str, Any]], rnd: int) -> dict[str, Any] | None:
+    def release_eval(self, client_rows: list[dict[str, Any]], rnd: int) -> dict[str, Any] | None:
         """What an evaluation round releases under DP: per metric, the noisy mean of the clients'
         clipped values; None when evaluation is exact. The count of clients is public (the
         configured federation), the rows themselves are never written."""

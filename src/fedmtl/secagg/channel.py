@@ -1,21 +1,23 @@
-"""Moving protocol messages: the server's round driver, an in-process exchange with dropouts, and
-byte/time accounting per client and stage.
+"""The protocol's stages as exchanges, and a standalone in-process run of them for tests and
+benchmarks.
 
-An *exchange* has the signature of ``FlowerServer.exchange``: ``(action, {cid: Message}, round) ->
-({cid: reply}, {cid: why missing})``. The server side (``server_round``) only ever calls it, so the
-same driver runs over the in-process ``InProcessExchange`` in the simulator and over Flower's
-custom message types on a real federation."""
+``protocol_stages`` is the server side of stages 1-3: a generator that yields one ``Exchange`` per
+stage (``secagg_share``, ``secagg_mask``, ``secagg_unmask``) and gets the clients' replies back. In
+a run, the secure-aggregation wrapper yields those exchanges from its ``server_round``, so the
+round's transport delivers them like any other (in-process in the simulator, as Flower messages on
+a federation). ``secure_sum`` runs them on ``LocalClients`` (sessions in a dict, optional dropouts)
+with byte and time accounting (``Traffic``), without a federation around them."""
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from fedmtl.algorithms.base import Message
+from fedmtl.algorithms.base import Exchange, Message
 from fedmtl.errors import ProtocolError
 from fedmtl.secagg.protocol import (
     ADVERTISE,
@@ -32,7 +34,8 @@ from fedmtl.secagg.protocol import (
 )
 from fedmtl.secagg.quantize import RingCodec
 
-Exchange = Callable[[str, dict[int, Message], int], tuple[dict[int, Message], dict[int, str]]]
+#: ``(action, {cid: Message}, round) -> ({cid: reply}, {cid: why missing})``: a standalone delivery.
+Deliver = Callable[[str, dict[int, Message], int], tuple[dict[int, Message], dict[int, str]]]
 #: Flower message sub-types of the three server-initiated stages (``train.<action>``).
 ACTIONS = {SHARE: "secagg_share", MASK: "secagg_mask", UNMASK: "secagg_unmask"}
 
@@ -50,12 +53,16 @@ class Traffic:
     down: dict[str, dict[int, int]] = field(default_factory=lambda: {s: {} for s in STAGES})
     seconds: dict[str, dict[int, float]] = field(default_factory=lambda: {s: {} for s in STAGES})
 
-    def add(self, stage: str, cid: int, down: Message | None, up: Message | None, seconds: float) -> None:
+    def add(
+        self, stage: str, cid: int, down: Message | None, up: Message | None, seconds: float | None = None
+    ) -> None:
+        """``seconds``: the client's compute time, where it is measured here (standalone runs)."""
         if down is not None:
             self.down[stage][cid] = self.down[stage].get(cid, 0) + message_bytes(down)
         if up is not None:
             self.up[stage][cid] = self.up[stage].get(cid, 0) + message_bytes(up)
-        self.seconds[stage][cid] = self.seconds[stage].get(cid, 0.0) + seconds
+        if seconds is not None:
+            self.seconds[stage][cid] = self.seconds[stage].get(cid, 0.0) + seconds
 
     def summary(self) -> dict[str, Any]:
         """Per stage: total bytes up/down, mean bytes per participating client, client seconds."""
@@ -69,9 +76,10 @@ class Traffic:
                 "bytes_down": int(sum(down.values())),
                 "bytes_up_per_client": float(np.mean(list(up.values()))) if up else 0.0,
                 "bytes_down_per_client": float(np.mean(list(down.values()))) if down else 0.0,
-                "client_seconds_mean": float(np.mean(list(sec.values()))) if sec else 0.0,
-                "client_seconds_max": float(max(sec.values())) if sec else 0.0,
             }
+            if sec:
+                out[s]["client_seconds_mean"] = float(np.mean(list(sec.values())))
+                out[s]["client_seconds_max"] = float(max(sec.values()))
         return out
 
     def totals(self) -> tuple[int, int]:
@@ -81,18 +89,32 @@ class Traffic:
         )
 
 
-def server_round(
-    server: SecAggServer, advertised: dict[int, Message], exchange: Exchange, sampled: int | None = None
-) -> np.ndarray:
-    """Stages 1-3 driven from the server: returns the ring sum of the surviving inputs or raises a
-    one-line ``ProtocolError`` (threshold not met, inconsistent shares)."""
+def protocol_stages(
+    server: SecAggServer, advertised: dict[int, Message], sampled: int | None = None
+) -> Generator[Exchange, dict[int, Message], np.ndarray]:
+    """Stages 1-3 driven from the server: yields each stage's exchange, returns the ring sum of the
+    surviving inputs, or raises a one-line ``ProtocolError`` (threshold not met, inconsistent shares)."""
     msgs = server.collect_keys(advertised, sampled)
-    replies, _ = exchange(ACTIONS[SHARE], msgs, server.round)
+    replies = yield Exchange(ACTIONS[SHARE], msgs)
     msgs = server.route_shares(replies)
-    replies, _ = exchange(ACTIONS[MASK], msgs, server.round)
+    replies = yield Exchange(ACTIONS[MASK], msgs)
     msgs = server.collect_masked(replies)
-    replies, _ = exchange(ACTIONS[UNMASK], msgs, server.round)
+    replies = yield Exchange(ACTIONS[UNMASK], msgs)
     return server.unmask(replies)
+
+
+def run_stages(
+    server: SecAggServer, advertised: dict[int, Message], deliver: Deliver, sampled: int | None = None
+) -> np.ndarray:
+    """``protocol_stages`` with every exchange handed to ``deliver`` (a standalone run)."""
+    stages = protocol_stages(server, advertised, sampled)
+    try:
+        exchange = next(stages)
+        while True:
+            replies, _ = deliver(exchange.action, exchange.messages, server.round)
+            exchange = stages.send(replies)
+    except StopIteration as stop:
+        return stop.value
 
 
 Handler = Callable[[int, str, Message, int], Message]
@@ -180,5 +202,5 @@ def secure_sum(
     clients = LocalClients(codec, drop_before)
     length = len(next(iter(inputs.values())))
     server = SecAggServer(codec, length, threshold, rnd, neighbors, graph_seed=rnd)
-    total = server_round(server, clients.advertise(inputs, rnd), clients.exchange, sampled=len(inputs))
+    total = run_stages(server, clients.advertise(inputs, rnd), clients.exchange, sampled=len(inputs))
     return total, server, clients.traffic

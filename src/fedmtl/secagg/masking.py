@@ -1,32 +1,34 @@
 """``SecAggWrapper``: FedAvg-family training where the server only learns the weighted sum.
 
-Client side (``client_step`` and the three ``client_*`` actions): the inner algorithm trains as
+Client side (``client_step`` and the three ``client_actions``): the inner algorithm trains as
 usual, then its update (client model - broadcast) is clipped, optionally noised, quantised,
 weighted and kept in the client's own state; what leaves the client is its public keys, then
-ciphertexts, then the masked vector, then shares. Server side (``server_step``): the replies it gets
-from the runtime are the advertised keys; it drives the other stages through an *exchange*
-(in-process in the simulator, ``FlowerServer.exchange`` on Flower), decodes the sum into the mean
-update and hands the inner algorithm one aggregated reply, so its own server step (server
-optimizer included) runs unchanged. An aborted round (fewer than t clients left at some stage)
-leaves the global model as it was and is recorded in the round row."""
+ciphertexts, then the masked vector, then shares. Server side (``server_round``): the train
+exchange's replies are the advertised keys; stages 1-3 are further exchanges of the same round,
+which the runtime delivers like any other (in-process in the simulator, ``train.secagg_*`` messages
+on Flower); the server decodes the sum into the mean update and hands the inner algorithm one
+aggregated reply, so its own server step (server optimizer included) runs unchanged. An aborted
+round (fewer than t clients left at some stage) leaves the global model as it was and is recorded
+in the round row."""
 
 from __future__ import annotations
 
 import math
 import sys
 import time
-from typing import Any, ClassVar
+from collections.abc import Generator
+from typing import Any
 
 import numpy as np
 
-from fedmtl.algorithms.base import Algorithm, ClientWork, Message
+from fedmtl.algorithms.base import TRAIN, Algorithm, ClientAction, ClientWork, Exchange, Message, ServerRound
 from fedmtl.algorithms.wrapper import ReplyWrapper
 from fedmtl.config import Config
 from fedmtl.data.federated import ClientData, FederatedData
-from fedmtl.errors import ConfigError, ProtocolError
-from fedmtl.runtime.simulation import derived_rng
+from fedmtl.errors import ProtocolError
+from fedmtl.runtime.seeds import derived_rng
 from fedmtl.runtime.validation import reply_problem
-from fedmtl.secagg.channel import ACTIONS, Exchange, InProcessExchange, Traffic, server_round
+from fedmtl.secagg.channel import ACTIONS, Traffic, protocol_stages
 from fedmtl.secagg.layout import Layout
 from fedmtl.secagg.protocol import (
     ADVERTISE,
@@ -42,6 +44,7 @@ from fedmtl.secagg.protocol import (
     refusal,
 )
 from fedmtl.secagg.quantize import RingCodec
+from fedmtl.training.work import Train, Trained
 
 #: Purposes of derived random streams (the simulator uses 1-3).
 ROUNDING, STAGE_DROP, GRAPH = 101, 103, 104
@@ -117,31 +120,26 @@ class SecureUpdates(ReplyWrapper):
 class SecAggWrapper(SecureUpdates):
     """Pairwise-masking secure aggregation around a FedAvg-family algorithm (see module doc)."""
 
-    _ACTIONS: ClassVar[dict[str, str]] = {
-        ACTIONS[SHARE]: "client_share_keys",
-        ACTIONS[MASK]: "client_masked_input",
-        ACTIONS[UNMASK]: "client_unmask",
-    }
-
     def __init__(self, inner: Algorithm, cfg: Config, data: FederatedData) -> None:
         super().__init__(inner, cfg, data)
-        #: Where server_step sends stage messages; None = the in-process clients of the simulator.
-        self.exchange: Exchange | None = None
-        #: Simulator only: each client's state object as the runtime stores it (the "device memory"
-        #: the in-process exchange delivers stage messages to). Never read by the server side.
-        self._devices: dict[int, dict[str, Any]] = {}
         #: Tests: clients forced to drop just before a stage, e.g. {"masked_input": {3}}.
         self.force_drop: dict[str, set[int]] = {}
 
-    @property
-    def client_actions(self) -> dict[str, str]:
-        return {**getattr(self.inner, "client_actions", {}), **self._ACTIONS}
-
-    def attach_exchange(self, exchange: Exchange) -> None:
-        """Run stages 1-3 over another transport, e.g. ``FlowerServer.exchange`` on Flower."""
-        self.exchange = exchange
+    def client_actions(self) -> dict[str, ClientAction]:
+        return {
+            **self.inner.client_actions(),
+            ACTIONS[SHARE]: self.client_share_keys,
+            ACTIONS[MASK]: self.client_masked_input,
+            ACTIONS[UNMASK]: self.client_unmask,
+        }
 
     # --- client side ---------------------------------------------------------------------------
+    def client_step(
+        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
+        # a session left by a round this client dropped out of never serves another round
+        return (yield from super().client_step(_ended(state), data, msg, work))
+
     def after_step(
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork, reply: Message
     ) -> tuple[dict[str, Any], Message]:
@@ -155,9 +153,7 @@ class SecAggWrapper(SecureUpdates):
         adv.scalars.update(self.clear_scalars(reply))
         if self.sa.send_metrics:  # how many coordinates hit the clip range: tuning feedback
             adv.scalars["secagg_clipped"] = clipped
-        new_state = {**state, "secagg": session}
-        self._devices[cid] = new_state
-        return new_state, adv
+        return {**state, "secagg": session}, adv
 
     def _session(self, state: dict[str, Any], cid: int) -> dict[str, Any]:
         if "secagg" not in state:
@@ -191,40 +187,38 @@ class SecAggWrapper(SecureUpdates):
             reply = refusal(exc)
         return _ended(state), reply
 
-    # --- the simulator's in-process transport ----------------------------------------------------
-    def _local_exchange(self, rnd: int) -> InProcessExchange:
-        def drop(stage: str, cid: int) -> bool:
-            if cid in self.force_drop.get(stage, set()):
-                return True
-            p = self.sa.stage_drop_prob
-            return p > 0 and derived_rng(self.seed, STAGE_DROP, rnd, cid, STAGES.index(stage)).random() < p
-
-        def handle(cid: int, action: str, msg: Message, r: int) -> Message:
-            state = self._devices.get(cid)
-            if state is None:
-                raise ProtocolError(
-                    f"secagg: client {cid} is not in this process; "
-                    "on Flower, call attach_exchange(server.exchange)"
-                )
-            work = ClientWork(round=r, fraction=1.0, rng=derived_rng(self.seed, STAGE_DROP, r, cid), lr=0.0)
-            new_state, reply = getattr(self, self._ACTIONS[action])(state, self.data.clients[cid], msg, work)
-            state.clear()  # the runtime holds this same dict as the client's state
-            state.update(new_state)
-            return reply
-
-        return InProcessExchange(handle, drop)
-
     # --- server side ---------------------------------------------------------------------------
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+    def _drops(self, stage: str, cid: int, rnd: int) -> bool:
+        """Whether ``cid`` drops out just before ``stage`` (``stage_drop_prob``, a simulated fault)."""
+        if cid in self.force_drop.get(stage, set()):
+            return True
+        p = self.sa.stage_drop_prob
+        return p > 0 and derived_rng(self.seed, STAGE_DROP, rnd, cid, STAGES.index(stage)).random() < p
+
+    def _stages(
+        self, srv: SecAggServer, advertised: dict[int, Message], traffic: Traffic
+    ) -> Generator[Exchange, dict[int, Message], np.ndarray]:
+        """``protocol_stages`` with the simulated stage dropouts and per-stage byte counts."""
+        stages = protocol_stages(srv, advertised, self.sampled)
+        stage_of = {a: s for s, a in ACTIONS.items()}
+        try:
+            exchange = next(stages)
+            while True:
+                stage = stage_of[exchange.action]
+                msgs = {c: m for c, m in exchange.messages.items() if not self._drops(stage, c, srv.round)}
+                replies = yield Exchange(exchange.action, msgs)
+                for cid, m in msgs.items():
+                    traffic.add(stage, cid, m, replies.get(cid))
+                exchange = stages.send(replies)
+        except StopIteration as stop:
+            return stop.value
+
+    def server_round(self, server: dict[str, Any], round: int, clients: list[int]) -> ServerRound:
+        """The train exchange (each reply: a client's public keys, its update masked in its state),
+        stages 1-3 as further exchanges, then the inner server step on the one aggregated reply."""
+        messages = dict(zip(clients, self.broadcast_many(server, clients), strict=True))
+        replies = yield Exchange(TRAIN, messages)
         t0 = time.perf_counter()
-        if self.exchange is None and replies and not any(c in self._devices for c in replies):
-            raise ConfigError(
-                "config: secagg.enabled = True: the clients are not in this process and no exchange is "
-                "attached for the protocol's later stages; on Flower call "
-                "algo.attach_exchange(server.exchange) (see docs/secagg.md)"
-            )
-        local = self._local_exchange(round) if self.exchange is None else None
-        exchange: Exchange = self.exchange or local  # type: ignore[assignment]
         base = self.inner.broadcast(server, next(iter(self.data.train_clients)))
         length = self.layout(base).size + 1
         graph_seed = int(derived_rng(self.seed, GRAPH, round).integers(2**31))
@@ -234,9 +228,10 @@ class SecAggWrapper(SecureUpdates):
             "secagg_threshold": self.threshold,
             "secagg_ring_bytes": self.codec.ring_bytes,
         }
+        traffic = Traffic()
         new = server
         try:
-            total = server_round(srv, replies, exchange, self.sampled)
+            total = yield from self._stages(srv, replies, traffic)
             mean, weight = self.codec.decode_sum(total)
             agg = self.aggregated(server, mean, weight)
             new = self.inner.server_step(server, {AGGREGATE: agg}, round)
@@ -244,11 +239,10 @@ class SecAggWrapper(SecureUpdates):
         except ProtocolError as exc:
             info.update(secagg_status="aborted", secagg_error=str(exc))
             print(f"fedmtl: {exc}", file=sys.stderr)
-        finally:
-            for state in self._devices.values():  # a session never outlives its round
-                state.pop("secagg", None)
-            self._devices.clear()
         summary = srv.summary()
+        up, down = traffic.totals()  # beyond the train exchange, which the round counts
+        for cid, r in replies.items():
+            traffic.add(ADVERTISE, cid, None, r)
         info.update(
             secagg_survivors=summary["survivors"],
             secagg_recovered=summary["recovered"],
@@ -256,27 +250,16 @@ class SecAggWrapper(SecureUpdates):
             secagg_clipped_fraction=clipped / max(1, len(replies) * (length - 1)),
             secagg_server_seconds=sum(summary["server_seconds"].values()),
             secagg_round_seconds=time.perf_counter() - t0,
+            secagg_bytes_up=up,
+            secagg_bytes_down=down,
+            secagg_stages=traffic.summary(),
         )
-        if local is not None:
-            traffic = local.traffic
-            up, down = traffic.totals()  # beyond the train exchange, which the runtime counts
-            for cid, r in replies.items():
-                traffic.add(ADVERTISE, cid, None, r, 0.0)
-            info.update(secagg_bytes_up=up, secagg_bytes_down=down, secagg_stages=_stages(traffic))
-        return {**new, "secagg": info}
+        return {**new, "secagg": info}, replies
 
 
 def _ended(state: dict[str, Any]) -> dict[str, Any]:
     """The client state once its protocol session is over (its secrets die with the round)."""
     return {k: v for k, v in state.items() if k != "secagg"}
-
-
-def _stages(traffic: Traffic) -> dict[str, Any]:
-    out = traffic.summary()
-    if ADVERTISE in out:  # the advertise stage's compute is inside the train row's compute_wall
-        for k in ("client_seconds_mean", "client_seconds_max"):
-            out[ADVERTISE].pop(k, None)
-    return out
 
 
 __all__ = ["SecAggWrapper", "SecureUpdates"]

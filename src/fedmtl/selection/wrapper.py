@@ -200,8 +200,10 @@ class SampleSelection(AlgorithmWrapper):
     def stop_reason(self, server: dict[str, Any], round: int) -> str | None:
         return self.inner.stop_reason(_strip(server), round)
 
-    def eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int, **kw: Any) -> Arrays:
-        return self.inner.eval_arrays(_strip(server), _strip(state), cid, **kw)
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
+        return self.inner.eval_arrays(_strip(server), _strip(state), cid, data)
 
     def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
         return self.inner.shared_eval_arrays(_strip(server), _strip(state), cid)

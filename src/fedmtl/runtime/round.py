@@ -1,0 +1,328 @@
+"""One round, owned here: the plan, the exchanges with the clients, and the finish.
+
+- **Plan** (``Planner``): which clients are sampled (seeded per round), each one's work fraction and
+  whether it drops (seeded per round and client), the round's learning rate, and each client's
+  random stream. Every runtime plans with this code, so a seed gives the same round everywhere.
+- **Exchanges**: the algorithm's ``server_round`` yields ``Exchange``s (one ``train`` exchange for
+  most methods; more for split learning and secure aggregation); a ``Transport`` delivers each one
+  (in-process through an executor, or over Flower's Grid) and the round counts every message's
+  bytes and every client's compute time, whatever the exchange.
+- **Finish**: replies to the ``train`` exchange are checked before the algorithm sees them (a
+  diverged client's NaN never reaches an average; its new state is dropped), then one row per
+  sampled client and the round's facts (``RoundResult``).
+
+All randomness is derived from (seed, purpose, round, client), never from a shared stream, so a
+resumed run draws exactly what an uninterrupted one would, on any runtime."""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import numpy as np
+
+from fedmtl.algorithms.base import TRAIN, Algorithm, ClientWork, Message
+from fedmtl.config import Config
+from fedmtl.runtime.seeds import derived_rng, derived_rngs
+from fedmtl.runtime.validation import reply_problems
+from fedmtl.training.shuffle import streams
+
+# Purposes for derived random streams (stable small ints; never reorder).
+SAMPLE, SYSTEMS, TRAIN_STREAM = 1, 2, 3
+
+
+def round_lr(cfg: Config, round: int) -> float:
+    t = cfg.train
+    if t.lr_schedule == "exponential":
+        return t.lr * t.lr_decay ** (round - 1)
+    if t.lr_schedule == "cosine":
+        return t.lr * 0.5 * (1 + math.cos(math.pi * (round - 1) / t.rounds))
+    return t.lr
+
+
+@dataclass
+class RoundPlan:
+    """Who takes part in a round and what each client is granted."""
+
+    round: int
+    lr: float
+    sampled: list[int]
+    fractions: list[float]
+    dropped: list[bool]
+    #: ClientWork of every sampled client that does not drop, in sampled order
+    work: dict[int, ClientWork] = field(default_factory=dict)
+
+    @property
+    def live(self) -> list[int]:
+        return list(self.work)
+
+
+class Planner:
+    """Client sampling, systems draws (stragglers, drops) and learning rate, from the config."""
+
+    def __init__(self, cfg: Config, train_clients: list[int]) -> None:
+        self.cfg = cfg
+        self.pool = list(train_clients)
+
+    def num_sampled(self) -> int:
+        n = len(self.pool)
+        c = self.cfg.clients
+        k = c.per_round if c.per_round is not None else max(1, round(c.fraction * n))
+        return min(k, n)
+
+    def sample(self, round: int) -> list[int]:
+        """Seeded per round, from the clients that train (held-out clients never do)."""
+        pool = self.pool
+        k = self.num_sampled()
+        if k == len(pool):
+            return list(pool)
+        rng = derived_rng(self.cfg.seed, SAMPLE, round)
+        return sorted(pool[int(i)] for i in rng.choice(len(pool), size=k, replace=False))
+
+    def systems(self, round: int, cids: list[int]) -> list[tuple[float, bool]]:
+        """(work fraction, dropped) for each client, each from its own (seed, round, client) stream."""
+        rt = self.cfg.runtime
+        lo, hi = rt.work_fraction
+        always = set(rt.always_drop)
+        if hi <= lo and rt.drop_prob == 0:  # nothing to draw: skip building the rngs (same result)
+            return [(float(hi), cid in always) for cid in cids]
+        out = []
+        for cid, rng in zip(cids, derived_rngs(self.cfg.seed, SYSTEMS, round, cids), strict=True):
+            frac = float(rng.uniform(lo, hi)) if hi > lo else float(hi)
+            out.append((frac, bool(rng.random() < rt.drop_prob) or cid in always))
+        return out
+
+    def plan(self, round: int) -> RoundPlan:
+        lr = round_lr(self.cfg, round)
+        sampled = self.sample(round)
+        draws = self.systems(round, sampled)
+        live = [cid for cid, (_, dropped) in zip(sampled, draws, strict=True) if not dropped]
+        rngs = streams(self.cfg.seed, TRAIN_STREAM, round, live)
+        frac_of = dict(zip(sampled, (f for f, _ in draws), strict=True))
+        work = {cid: ClientWork(round, frac_of[cid], rng, lr) for cid, rng in zip(live, rngs, strict=True)}
+        return RoundPlan(round, lr, sampled, [f for f, _ in draws], [d for _, d in draws], work)
+
+
+@dataclass
+class Delivered:
+    """What came back from one exchange: replies, why the others did not answer, and each
+    answering client's compute seconds."""
+
+    replies: dict[int, Message]
+    missing: dict[int, str] = field(default_factory=dict)
+    wall: dict[int, float] = field(default_factory=dict)
+
+
+class Transport(Protocol):
+    """Moves a round's messages to the clients and back; it holds no round logic."""
+
+    #: what the round row records as ``execution`` ("sequential", "batched", "flower")
+    execution: str
+    #: whether clients can fail to answer (then every round row lists ``missing_clients``)
+    reports_missing: bool
+
+    def exchange(self, action: str, messages: dict[int, Message], plan: RoundPlan) -> Delivered:
+        """Deliver ``messages`` for ``action`` (``TRAIN``: the client step) and collect replies."""
+        ...
+
+    def finish(self, plan: RoundPlan, rejected: set[int]) -> dict[str, Any]:
+        """The round is over: keep the new client states (but those of ``rejected`` clients,
+        whose replies were refused); returns transport facts for the round row."""
+        ...
+
+
+@dataclass
+class RoundResult:
+    server: dict[str, Any]
+    replies: dict[int, Message]
+    train_rows: list[dict[str, Any]] = field(default_factory=list)
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+class RoundRunner:
+    """Runs rounds of one algorithm over one transport."""
+
+    def __init__(self, algo: Algorithm, cfg: Config, planner: Planner, flops_per_sample: float) -> None:
+        self.algo = algo
+        self.cfg = cfg
+        self.planner = planner
+        self.flops = flops_per_sample
+
+    def comm_seconds(self, up: int, down: int) -> float:
+        rt = self.cfg.runtime
+        return up * 8 / (rt.uplink_mbps * 1e6) + down * 8 / (rt.downlink_mbps * 1e6)
+
+    def run(self, round: int, server: dict[str, Any], transport: Transport) -> RoundResult:
+        plan = self.planner.plan(round)
+        live = plan.live
+        dropped = [c for c, d in zip(plan.sampled, plan.dropped, strict=True) if d]
+        down = dict.fromkeys(plan.sampled, 0)
+        up = dict.fromkeys(live, 0)
+        wall = dict.fromkeys(live, 0.0)
+        gone: dict[int, str] = {}  # live clients that missed an exchange: out for the round
+        trained: dict[int, Message] = {}  # the train exchange's replies, refused ones included
+        rejected: dict[int, str] = {}
+        if dropped:  # a dropped client received the broadcast, then vanished
+            for cid, msg in zip(dropped, self.algo.broadcast_many(server, dropped), strict=True):
+                down[cid] = msg.nbytes
+        steps = self.algo.server_round(server, round, live)
+        records: dict[int, Message] = {}
+        try:
+            exchange = next(steps)
+            while True:
+                messages = exchange.messages
+                if gone:
+                    messages = {c: m for c, m in messages.items() if c not in gone}
+                last = None  # consecutive clients usually get the very same message
+                for cid, msg in messages.items():
+                    if msg is not last:
+                        last, size = msg, msg.nbytes
+                    down[cid] += size
+                got = transport.exchange(exchange.action, messages, plan)
+                for cid, reply in got.replies.items():
+                    up[cid] += reply.nbytes
+                    wall[cid] += got.wall.get(cid, 0.0)
+                for cid, why in got.missing.items():
+                    gone.setdefault(cid, why)
+                replies = got.replies
+                if exchange.action == TRAIN:
+                    replies = self._checked(replies, trained, rejected)
+                exchange = steps.send(replies)
+        except StopIteration as stop:
+            server, records = stop.value
+        extra = transport.finish(plan, set(rejected))
+        return self._finish(plan, server, records, trained, rejected, gone, down, up, wall, transport, extra)
+
+    @staticmethod
+    def _checked(
+        replies: dict[int, Message], trained: dict[int, Message], rejected: dict[int, str]
+    ) -> dict[int, Message]:
+        """The replies fit to aggregate (finite values); the others are recorded as rejected."""
+        cids = list(replies)
+        trained.update(replies)
+        ok = {}
+        for cid, problem in zip(cids, reply_problems([replies[c] for c in cids]), strict=True):
+            if problem is None:
+                ok[cid] = replies[cid]
+            else:
+                rejected[cid] = problem
+        return ok
+
+    def _finish(
+        self,
+        plan: RoundPlan,
+        server: dict[str, Any],
+        records: dict[int, Message],
+        trained: dict[int, Message],
+        rejected: dict[int, str],
+        gone: dict[int, str],
+        down: dict[int, int],
+        up: dict[int, int],
+        wall: dict[int, float],
+        transport: Transport,
+        extra: dict[str, Any],
+    ) -> RoundResult:
+        # The loop below runs once per client: its constants are read once (``comm_seconds``'s
+        # arithmetic, written out in the same order, so the same numbers); each row is built whole.
+        rt = self.cfg.runtime
+        flop_rate = rt.client_gflops * 1e9
+        per_flop = self.flops
+        up_bps, down_bps = rt.uplink_mbps * 1e6, rt.downlink_mbps * 1e6
+        nan = float("nan")
+        empty = Message()
+        rows: list[dict[str, Any]] = []
+        losses, weights = [], []
+        rnd = plan.round
+        for cid, frac, is_dropped in zip(plan.sampled, plan.fractions, plan.dropped, strict=True):
+            d = down[cid]
+            if is_dropped:
+                rows.append(
+                    {
+                        "round": rnd,
+                        "kind": "train",
+                        "client": cid,
+                        "work": frac,
+                        "dropped": True,
+                        "bytes_down": d,
+                        "bytes_up": 0,
+                        "sim_time": self.comm_seconds(0, d),
+                    }
+                )
+                continue
+            u = up[cid]
+            reply = records.get(cid) or trained.get(cid)
+            if reply is None and cid in gone:
+                rows.append(
+                    {
+                        "round": rnd,
+                        "kind": "train",
+                        "client": cid,
+                        "work": frac,
+                        "dropped": False,
+                        "bytes_down": d,
+                        "bytes_up": u,
+                        "missing": True,
+                        "reason": gone[cid],
+                        "sim_time": self.comm_seconds(u, d),
+                    }
+                )
+                continue
+            scalars = (reply or empty).scalars
+            samples = float(scalars.get("samples", 0))
+            loss = float(scalars.get("train_loss", nan))
+            flops = float(scalars.get("client_flops", samples * per_flop))
+            row = {
+                "round": rnd,
+                "kind": "train",
+                "client": cid,
+                "work": frac,
+                "dropped": False,
+                "bytes_down": d,
+                "bytes_up": u,
+                "compute_wall": wall[cid],
+                "steps": int(scalars.get("steps", 0)),
+                "train_loss": loss,
+                "sim_time": flops / flop_rate + (u * 8 / up_bps + d * 8 / down_bps),
+            }
+            rows.append(row)
+            if cid in rejected:  # update and new state discarded, as for a malformed message
+                row["rejected"] = rejected[cid]
+                continue
+            if "train_loss" in scalars:
+                losses.append(loss)
+                weights.append(samples)
+        dropped_clients = [r["client"] for r in rows if r["dropped"]]
+        info: dict[str, Any] = {
+            "sampled": len(rows),
+            "dropped": len(dropped_clients),
+            "dropped_clients": dropped_clients,
+            "bytes_up": int(sum([r["bytes_up"] for r in rows])),
+            "bytes_down": int(sum([r["bytes_down"] for r in rows])),
+            "sim_time": max([r["sim_time"] for r in rows], default=0.0),
+            "lr": plan.lr,
+            "execution": transport.execution,
+            "rejected_clients": sorted(rejected),
+        }
+        if losses and sum(weights) > 0:
+            info["train_loss"] = float(np.average(losses, weights=weights))
+        if transport.reports_missing:
+            lost = sorted(gone)
+            info["missing_clients"] = lost
+            if lost:
+                info["missing_reasons"] = {str(c): gone[c] for c in lost}
+        info.update(extra)
+        replies = {c: r for c, r in records.items() if c not in rejected}
+        return RoundResult(server=server, replies=replies, train_rows=rows, info=info)
+
+
+@contextmanager
+def timed(out: dict[str, float], key: str) -> Iterator[None]:
+    t0 = time.perf_counter()
+    try:
+        yield
+    finally:
+        out[key] = out.get(key, 0.0) + time.perf_counter() - t0

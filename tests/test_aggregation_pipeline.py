@@ -13,11 +13,11 @@ import fedmtl
 from fedmtl.aggregation.pipeline import build_pipeline
 from fedmtl.algorithms import Algorithm
 from fedmtl.algorithms.base import Message
-from fedmtl.algorithms.stack import FACTORIES
 from fedmtl.algorithms.wrapper import AlgorithmWrapper
 from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
+from fedmtl.features import FEATURES, Feature
 from fedmtl.training.work import local_work
 from tests.conftest import digits_config
 
@@ -178,10 +178,7 @@ def BadReplies_wrap(algo: Algorithm, cfg: Any, data: Any) -> Algorithm:  # noqa:
 
 
 def test_wrong_shape_key_or_nan_replies_are_rejected_with_a_logged_reason(tmp_path, monkeypatch):
-    monkeypatch.setattr(
-        "fedmtl.algorithms.stack.FACTORIES",
-        [*FACTORIES, (None, "tests.test_aggregation_pipeline:BadReplies_wrap")],
-    )
+    monkeypatch.setattr("fedmtl.features.FEATURES", [*FEATURES, Feature(None, BadReplies_wrap)])
     cfg = digits_config(train__rounds=2, clients__per_round=8, runtime__execution="sequential")
     res = fedmtl.run(cfg, out=tmp_path / "r")
     row = res.rounds[0]

@@ -8,10 +8,10 @@ import pytest
 
 import fedmtl
 from fedmtl.algorithms.base import ClientWork, Message
-from fedmtl.attacks import MaliciousClients, choose_malicious
 from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
+from fedmtl.features.attack import MaliciousClients, choose_malicious
 from fedmtl.training.executors import run_local
 from tests.conftest import digits_config
 from tests.test_flower import LoopbackGrid, _cfg, _flower_run, _nodes, _task_identity, assert_same_metrics  # noqa: F401

@@ -7,6 +7,7 @@ import pytest
 
 from fedmtl.config import parse_config
 from fedmtl.data import load_federated
+from fedmtl.data.config import BackdoorConfig
 from fedmtl.data.corrupt import (
     BACKDOOR,
     CLEAN,
@@ -20,7 +21,6 @@ from fedmtl.data.corrupt import (
     open_set_images,
 )
 from fedmtl.errors import ConfigError
-from fedmtl.sections.corruption import BackdoorConfig
 
 CORRUPT = {
     "enabled": True,

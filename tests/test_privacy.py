@@ -15,8 +15,8 @@ import fedmtl
 from fedmtl.aggregation.pipeline import build_pipeline
 from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError
-from fedmtl.privacy import epsilon, privatize_update
-from fedmtl.privacy.accountant import adaptive_update_noise
+from fedmtl.features.privacy import privatize_update
+from fedmtl.privacy.accountant import adaptive_update_noise, epsilon
 from fedmtl.training.dp_sgd import clip_and_noise
 from tests.conftest import digits_config
 from tests.test_flower import LoopbackGrid, _cfg, _flower_run, _nodes, _task_identity, assert_same_metrics  # noqa: F401
@@ -181,8 +181,8 @@ def test_dp_runs_on_a_personalised_multi_task_federation(tmp_path):
         ),
         (
             {"algorithm": {"name": "local"}},
-            "config: privacy.enabled = True: needs a FedAvg-family algorithm (fedavg, fedprox, fedavg_ft, "
-            "fedper, fedrep, ditto, hierarchical), not 'local'",
+            "config: privacy.level = 'client': clips and noises the model updates the server aggregates, "
+            "but algorithm 'local' cannot (clients never send an update, so there is nothing to aggregate)",
         ),
         (
             {"privacy": {**DP, "accountant": "pld", "sampling": "without_replacement"}},

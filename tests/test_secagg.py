@@ -16,9 +16,9 @@ from fedmtl.algorithms.base import Message
 from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.experiment.run import build
+from fedmtl.features.secagg import SecAggWrapper
 from fedmtl.secagg import RingCodec, Shamir, secure_sum
 from fedmtl.secagg.channel import LocalClients, run_stages
-from fedmtl.secagg.masking import SecAggWrapper
 from fedmtl.secagg.protocol import ADVERTISE, MASK, SHARE, UNMASK, SecAggServer
 from tests.conftest import digits_config
 

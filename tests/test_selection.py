@@ -15,10 +15,10 @@ from fedmtl.algorithms import ClientWork, Message
 from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
+from fedmtl.features.selection import DET, SCORES, TAU, SampleSelection
 from fedmtl.selection import decision, fit_iforest, fit_ocsvm
 from fedmtl.selection.detectors import _standardise
 from fedmtl.selection.scores import forward_parts, near_duplicates
-from fedmtl.selection.wrapper import DET, SCORES, TAU, SampleSelection
 from fedmtl.training import local_train
 from fedmtl.training.batched import batched_local_train
 from fedmtl.training.executors import run_local

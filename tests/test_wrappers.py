@@ -10,10 +10,10 @@ import pytest
 import fedmtl
 from fedmtl.algorithms import Algorithm
 from fedmtl.algorithms.fedavg import FedAvg
-from fedmtl.algorithms.stack import FACTORIES
 from fedmtl.algorithms.wrapper import AlgorithmWrapper
 from fedmtl.config import parse_config
 from fedmtl.experiment.run import build, resume
+from fedmtl.features import FEATURES, Feature
 from fedmtl.training.work import local_work
 from tests.conftest import digits_config
 
@@ -35,9 +35,8 @@ class HalveUpdates(AlgorithmWrapper):
 
 
 def _use(monkeypatch: pytest.MonkeyPatch, cls: type[AlgorithmWrapper]) -> None:
-    monkeypatch.setattr(
-        "fedmtl.algorithms.stack.FACTORIES", [*FACTORIES, (None, f"tests.test_wrappers:{cls.__name__}_wrap")]
-    )
+    wrap = {"StopAtRound": StopAtRound_wrap, "HalveUpdates": HalveUpdates_wrap}[cls.__name__]
+    monkeypatch.setattr("fedmtl.features.FEATURES", [*FEATURES, Feature(None, wrap)])
 
 
 def StopAtRound_wrap(algo: Algorithm, cfg: Any, data: Any) -> Algorithm:  # noqa: N802

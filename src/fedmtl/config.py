@@ -14,41 +14,15 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fedmtl.aggregation.config import AggregationSteps
 from fedmtl.config_base import Strict
+from fedmtl.data.config import DataConfig
+from fedmtl.data.config import PartitionConfig as PartitionConfig  # re-exported: the schema in one place
 from fedmtl.errors import ConfigError
-from fedmtl.sections.corruption import CorruptConfig
-from fedmtl.sections.privacy import PrivacyConfig
-from fedmtl.sections.robustness import AggregationSteps, AttackConfig
-from fedmtl.sections.secagg import SecAggConfig
-from fedmtl.sections.selection import SelectionConfig
-
-
-class PartitionConfig(Strict):
-    kind: Literal["iid", "dirichlet", "shards", "quantity", "target", "covariate", "natural"] = "dirichlet"
-    num_clients: int = Field(10, ge=1)
-    alpha: float = Field(0.5, gt=0)
-    min_samples: int = Field(10, ge=1)
-    classes_per_client: int = Field(2, ge=1)
-    sigma: float = Field(1.0, ge=0)
-    #: target / covariate: clients get contiguous ranges of the target or of the inputs' first
-    #: principal component, sorted after adding seeded noise of this many standard deviations
-    jitter: float = Field(0.25, ge=0)
-
-
-class DataConfig(Strict):
-    dataset: str = "digits"
-    dir: str | None = None
-    file: str | None = None
-    partition: PartitionConfig = PartitionConfig()
-    test_fraction: float = Field(0.25, gt=0, lt=1)
-    global_test_fraction: float = Field(0.2, gt=0, lt=1)
-    normalize: bool = True
-    max_clients: int | None = Field(None, ge=1)
-    tasks: list[str] | None = None
-    holdout_clients: int = Field(0, ge=0)
-    corrupt: CorruptConfig = CorruptConfig()
-    #: multi-modal datasets: client id -> modalities that client does not hold (zero-filled, masked)
-    missing_modalities: dict[int, list[str]] = Field(default_factory=dict)
+from fedmtl.features.attack import AttackConfig
+from fedmtl.features.privacy import PrivacyConfig
+from fedmtl.features.secagg import SecAggConfig
+from fedmtl.features.selection import SelectionConfig
 
 
 class ModelConfig(Strict):

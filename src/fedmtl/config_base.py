@@ -1,5 +1,6 @@
 """The base class of every config section, apart from ``fedmtl.config`` so that section schemas
-kept next to their features (``fedmtl.sections``) can use it without an import cycle."""
+kept next to their code (``fedmtl.features``, ``fedmtl.data.config``, ``fedmtl.aggregation.config``)
+can use it without an import cycle."""
 
 from __future__ import annotations
 

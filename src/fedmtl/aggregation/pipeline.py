@@ -70,7 +70,7 @@ class Batch:
 
 
 class Step:
-    """A transform in the chain; ``cfg`` is its validated config (``fedmtl.sections.robustness``)."""
+    """A transform in the chain; ``cfg`` is its validated config (``fedmtl.aggregation.config``)."""
 
     stage: ClassVar[str] = "update"
 
@@ -182,7 +182,7 @@ def build_pipeline(steps_cfg: Sequence[Any]) -> Pipeline | None:
     if not steps_cfg:
         return None
     from fedmtl.aggregation import robust, steps  # noqa: F401  (registers the built-in steps)
-    from fedmtl.sections.robustness import MeanStep
+    from fedmtl.aggregation.config import MeanStep
 
     cfgs = list(steps_cfg)
     if not any(c.stage == "reduce" for c in cfgs):

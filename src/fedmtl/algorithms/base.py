@@ -17,7 +17,7 @@ Every hook a runtime calls is declared here, with its default:
 from __future__ import annotations
 
 from collections.abc import Callable, Generator, Iterable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
@@ -139,10 +139,7 @@ class AlgoContext:
         lr = work.lr
         spec = self._specs.get((lr, epochs))
         if spec is None:
-            spec = self.local.with_lr(lr)
-            if epochs is not None:
-                spec = replace(spec, epochs=epochs, steps=None)
-            self._specs[(lr, epochs)] = spec
+            spec = self._specs[(lr, epochs)] = self.local.with_lr(lr).with_epochs(epochs)
         if steps is None:
             n, fraction = len(data.y_train), work.fraction
             steps = self._steps.get((n, fraction, lr, epochs))
@@ -173,6 +170,12 @@ class Algorithm:
     #: True when ``client_step`` declares its training as ``Train`` requests, which the batched
     #: executor stacks across clients; False for methods with their own solver (MOCHA's SDCA).
     batchable: ClassVar[bool] = True
+    #: True when a reply's arrays are the client's new values of arrays it received, so its update
+    #: is reply minus message: what model poisoning tampers with and client-level DP clips.
+    sends_update: ClassVar[bool] = False
+    #: True when the server step needs only the sample-weighted mean of those updates, not each one
+    #: (what secure aggregation reveals to it).
+    mean_of_updates: ClassVar[bool] = False
     #: True when ``server_round`` runs exchanges of its own beyond the train exchange (FedBone's split
     #: steps): a feature wrapper's client and server steps would never see them, so none wraps it.
     multi_step: ClassVar[bool] = False
@@ -227,6 +230,11 @@ class Algorithm:
         """The client's round: ``(new state, reply)``, or a generator that yields ``Train``
         requests (``self.ctx.train(...)``) and returns that pair (``fedmtl.training.work``)."""
         raise NotImplementedError
+
+    def steps_per_round(self, data: ClientData) -> int:
+        """Optimizer steps the client takes on its data in a round with full work, all its training
+        requests together (what sample-level DP budgets ahead of a round)."""
+        return num_local_steps(data.n_train, self.ctx.local)
 
     def client_actions(self) -> dict[str, ClientAction]:
         """The client's further protocol steps by action name, each with ``client_step``'s

@@ -11,6 +11,7 @@ from pydantic import Field
 from fedmtl.algorithms.base import ClientWork, Message
 from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
 from fedmtl.data.federated import ClientData
+from fedmtl.training import num_local_steps
 from fedmtl.training.objectives import Prox
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import Train, Trained, local_work
@@ -52,3 +53,7 @@ class Ditto(FedAvg):
 
     def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
         return self.broadcast(server, cid).arrays
+
+    def steps_per_round(self, data: ClientData) -> int:
+        personal = num_local_steps(data.n_train, self.ctx.local.with_epochs(self.p.personal_epochs))
+        return super().steps_per_round(data) + personal

@@ -57,6 +57,8 @@ class FDRMFL(Algorithm):
     name = "fdrmfl"
     Params = FDRMFLParams
     batchable = False
+    sends_update = True
+    mean_of_updates = True  # the weighted mean, blended with the previous model
     no_aggregation_chain = "its server blends the weighted mean with the previous model (algorithm.retention)"
 
     def __init__(self, params: FDRMFLParams, ctx: AlgoContext) -> None:  # type: ignore[override]

@@ -25,6 +25,8 @@ class FedAvg(Algorithm):
 
     name = "fedavg"
     Params = FedAvgParams
+    sends_update = True
+    mean_of_updates = True
 
     def prox_mu(self) -> float:
         return 0.0

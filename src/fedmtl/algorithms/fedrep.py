@@ -10,6 +10,7 @@ from fedmtl.algorithms.fedavg import FedAvgParams
 from fedmtl.algorithms.fedper import FedPer, LocalUpdate
 from fedmtl.algorithms.heads import body_of, head_of
 from fedmtl.data.federated import ClientData
+from fedmtl.training import num_local_steps
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import Trained
 
@@ -30,3 +31,7 @@ class FedRep(FedPer):
         )
         seen, steps = head.seen + body.seen, head.steps + body.steps
         return Trained(body.params, body.loss, seen=seen, steps=steps, owned=body.owned)
+
+    def steps_per_round(self, data: ClientData) -> int:
+        phases = (self.p.head_epochs, self.p.body_epochs)
+        return sum(num_local_steps(data.n_train, self.ctx.local.with_epochs(e)) for e in phases)

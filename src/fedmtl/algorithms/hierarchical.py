@@ -44,6 +44,7 @@ def _shape_key(task: TaskSpec) -> str:
 class Hierarchical(FedAvg):
     name = "hierarchical"
     Params = HierarchicalParams
+    mean_of_updates = False  # group heads, discovered groups: it needs each update
 
     def __init__(self, params: HierarchicalParams, ctx: Any) -> None:
         super().__init__(params, ctx)

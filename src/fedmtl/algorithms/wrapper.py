@@ -35,6 +35,10 @@ class AlgorithmWrapper(Algorithm):
         self.has_global_model = inner.has_global_model  # type: ignore[misc]
         self.needs_eval_data = inner.needs_eval_data  # type: ignore[misc]
         self.batchable = inner.batchable  # type: ignore[misc]
+        self.multi_step = inner.multi_step  # type: ignore[misc]
+        self.sends_update = inner.sends_update  # type: ignore[misc]
+        self.mean_of_updates = inner.mean_of_updates  # type: ignore[misc]
+        self.no_aggregation_chain = inner.no_aggregation_chain  # type: ignore[misc]
         if inner.multi_step:
             raise ConfigError(
                 f"config: algorithm.name = {inner.name!r}: its rounds are a multi-step protocol whose "
@@ -84,6 +88,9 @@ class AlgorithmWrapper(Algorithm):
 
     def client_actions(self) -> dict[str, ClientAction]:
         return self.inner.client_actions()
+
+    def steps_per_round(self, data: ClientData) -> int:
+        return self.inner.steps_per_round(data)
 
     def eval_arrays(
         self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None

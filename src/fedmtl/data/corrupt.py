@@ -20,8 +20,8 @@ import numpy as np
 from fedmtl.errors import ConfigError
 
 if TYPE_CHECKING:
+    from fedmtl.data.config import BackdoorConfig, CorruptConfig
     from fedmtl.data.federated import ClientData
-    from fedmtl.sections.corruption import BackdoorConfig, CorruptConfig
 
 RNG_CORRUPT = 5  # purpose id next to datasets.RNG_* (1-4)
 _FLIP, _OPEN, _DUP, _BACKDOOR, _PICK = 1, 2, 3, 4, 5

@@ -15,8 +15,8 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedmtl.config import DataConfig, PartitionConfig
 from fedmtl.data import partition
+from fedmtl.data.config import DataConfig, PartitionConfig
 from fedmtl.data.corrupt import corrupt_clients
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
 from fedmtl.data.formats import file_error, read_idx_gz, read_leaf_json, read_mat_tasks

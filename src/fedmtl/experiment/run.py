@@ -13,18 +13,19 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fedmtl.aggregation.pipeline import build_pipeline
+from fedmtl.aggregation.pipeline import Pipeline, build_pipeline
 from fedmtl.algorithms import AlgoContext, Algorithm, get_algorithm
-from fedmtl.algorithms.stack import wrap_algorithm
 from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.records import RunDir
+from fedmtl.features import aggregation_steps, apply_features
 from fedmtl.metrics import primary_metric
 from fedmtl.models import build_model
 from fedmtl.runtime import Simulator
 from fedmtl.runtime.loop import Progress, RunLoop
+from fedmtl.runtime.round import sample_size
 from fedmtl.training import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.tensors import model_arrays
@@ -94,7 +95,6 @@ def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
         task_init={name: model_arrays(m) for name, m in models.items()},
         client_tasks={c.cid: c.task.name for c in data.clients},
         task_specs=data.tasks,
-        aggregator=build_pipeline(cfg.aggregation),
     )
     algo_cls = get_algorithm(cfg.algorithm.name)
     if cfg.aggregation and algo_cls.no_aggregation_chain is not None:
@@ -102,9 +102,13 @@ def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
             f"config: aggregation: algorithm {algo_cls.name!r} cannot use an aggregation chain "
             f"({algo_cls.no_aggregation_chain}); remove the aggregation list"
         )
+    # The server's chain: the configured one, or the one a feature needs (client-level DP's clip,
+    # mean and noise), in the context before the algorithm is built; no feature changes it later.
+    steps = aggregation_steps(cfg, sample_size(cfg, len(data.train_clients)))
+    ctx.aggregator = Pipeline(steps) if steps is not None else build_pipeline(cfg.aggregation)
     raw = cfg.algorithm.model_dump()
     raw.pop("name")
-    algo = wrap_algorithm(algo_cls(algo_cls.Params.model_validate(raw), ctx), cfg, data)
+    algo = apply_features(algo_cls(algo_cls.Params.model_validate(raw), ctx), cfg, data)
     sim = Simulator(algo, data, cfg, train_flops_per_sample(model, data.input_shape))
     return data, algo, sim
 

@@ -15,10 +15,9 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from fedmtl.algorithms.base import Algorithm
-from fedmtl.config import Config
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import RunDirError
 from fedmtl.experiment.evaluate import evaluate_global, evaluate_new_clients, release_client_eval
@@ -26,6 +25,9 @@ from fedmtl.experiment.records import RunDir
 from fedmtl.metrics import primary_metric, summarize_clients
 from fedmtl.runtime.round import RoundResult, Transport
 from fedmtl.runtime.validation import merge_rejections
+
+if TYPE_CHECKING:
+    from fedmtl.config import Config
 
 
 class Evaluation(Protocol):

@@ -21,15 +21,17 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
 from fedmtl.algorithms.base import TRAIN, Algorithm, ClientWork, Message
-from fedmtl.config import Config
 from fedmtl.runtime.seeds import derived_rng, derived_rngs
 from fedmtl.runtime.validation import reply_problems
 from fedmtl.training.shuffle import streams
+
+if TYPE_CHECKING:
+    from fedmtl.config import Config
 
 # Purposes for derived random streams (stable small ints; never reorder).
 SAMPLE, SYSTEMS, TRAIN_STREAM = 1, 2, 3
@@ -61,6 +63,14 @@ class RoundPlan:
         return list(self.work)
 
 
+def sample_size(cfg: Config, population: int) -> int:
+    """Clients sampled per round from ``population`` training clients (``clients.per_round``, or
+    ``clients.fraction`` of them, at least one)."""
+    c = cfg.clients
+    k = c.per_round if c.per_round is not None else max(1, round(c.fraction * population))
+    return min(k, population)
+
+
 class Planner:
     """Client sampling, systems draws (stragglers, drops) and learning rate, from the config."""
 
@@ -69,10 +79,7 @@ class Planner:
         self.pool = list(train_clients)
 
     def num_sampled(self) -> int:
-        n = len(self.pool)
-        c = self.cfg.clients
-        k = c.per_round if c.per_round is not None else max(1, round(c.fraction * n))
-        return min(k, n)
+        return sample_size(self.cfg, len(self.pool))
 
     def sample(self, round: int) -> list[int]:
         """Seeded per round, from the clients that train (held-out clients never do)."""

@@ -12,10 +12,9 @@ import gc
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fedmtl.algorithms.base import Algorithm
-from fedmtl.config import Config
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError
 from fedmtl.runtime.inprocess import InProcessTransport
@@ -25,6 +24,9 @@ from fedmtl.runtime.threads import torch_owns_the_cores
 from fedmtl.training import onednn
 from fedmtl.training.batched import batch_support
 from fedmtl.training.executors import BatchedExecutor, SequentialExecutor
+
+if TYPE_CHECKING:
+    from fedmtl.config import Config
 
 #: The purpose of each client's training stream (seed, TRAIN, round, client), as runtimes and
 #: nodes build it.

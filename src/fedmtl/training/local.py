@@ -29,6 +29,10 @@ class LocalSpec:
     def with_lr(self, lr: float) -> LocalSpec:
         return replace(self, optimizer=replace(self.optimizer, lr=lr))
 
+    def with_epochs(self, epochs: float | None) -> LocalSpec:
+        """``epochs`` local epochs instead of the run's epochs or steps (None: unchanged)."""
+        return self if epochs is None else replace(self, epochs=epochs, steps=None)
+
 
 def num_local_steps(n: int, spec: LocalSpec, work: float = 1.0) -> int:
     """Steps a client does this round; a straggler with work fraction < 1 does proportionally fewer."""

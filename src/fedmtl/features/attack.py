@@ -1,5 +1,7 @@
-"""Malicious clients as an algorithm wrapper: whatever the algorithm, a seeded set of clients
-tampers with what it trains on or with what it sends.
+"""Feature ``attack:``: malicious clients, for measuring defences (config, checks, behaviour).
+
+Whatever the algorithm, a seeded set of clients tampers with what it trains on or with what it
+sends (an algorithm wrapper).
 
 Model poisoning changes the reply: with ``u`` the honest update (returned arrays minus the arrays
 received), ``sign_flip`` sends ``-s*u``, ``scale`` sends ``s*u`` (model replacement: with ``s`` =
@@ -16,18 +18,49 @@ from __future__ import annotations
 
 from collections.abc import Generator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import Field
 
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
 from fedmtl.algorithms.wrapper import AlgorithmWrapper
-from fedmtl.config import Config
+from fedmtl.config_base import Strict
 from fedmtl.data.corrupt import apply_trigger, attack_success_rate, flip_labels, pick
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.errors import ConfigError
-from fedmtl.sections.robustness import AttackConfig
+from fedmtl.runtime.round import sample_size
 from fedmtl.training.work import Train, Trained, local_work
+
+if TYPE_CHECKING:
+    from fedmtl.config import Config
+
+
+class AttackConfig(Strict):
+    """Malicious clients: a seeded ``fraction`` of the training clients attack every round they are
+    sampled in (from ``start_round``). Model-poisoning kinds change the update they send; data-poisoning
+    kinds change what they train on."""
+
+    enabled: bool = False
+    kind: Literal["sign_flip", "scale", "gaussian", "label_flip", "backdoor"] = "sign_flip"
+    fraction: float = Field(0.1, ge=0, le=1)
+    #: explicit malicious client ids (replaces ``fraction``)
+    clients: list[int] | None = None
+    start_round: int = Field(1, ge=1)
+    #: factor on the malicious update: sign_flip sends -scale*update (default 1); scale and backdoor
+    #: send scale*update (default: clients per round for scale, i.e. model replacement; 1 for backdoor)
+    scale: float | None = Field(None, gt=0)
+    #: label_flip: 'reverse' maps class c to (classes - 1 - c) on every sample (a consistent attack);
+    #: 'random' gives every sample a uniformly drawn different class (``fedmtl.data.corrupt``)
+    flip: Literal["reverse", "random"] = "reverse"
+    #: gaussian: std of the random update sent instead of the trained one
+    noise_std: float = Field(1.0, gt=0)
+    #: backdoor: class the trigger maps to, poisoned share of the client's samples, trigger square
+    target: int = Field(0, ge=0)
+    poison_rate: float = Field(0.5, gt=0, le=1)
+    trigger_size: int = Field(3, ge=1)
+    trigger_value: float = 1.0
+
 
 ATTACK_RNG = 12  # rng purpose: (seed, ATTACK_RNG, 0) picks attackers; (seed, ATTACK_RNG, round, cid) draws
 _MODEL = ("sign_flip", "scale", "gaussian", "backdoor")
@@ -47,12 +80,6 @@ def choose_malicious(cfg: AttackConfig, train_clients: list[int], seed: int) -> 
         return []
     rng = np.random.default_rng([seed, ATTACK_RNG, 0])
     return sorted(int(c) for c in rng.choice(train_clients, size=k, replace=False))
-
-
-def clients_per_round(cfg: Config, data: FederatedData) -> int:
-    n = len(data.train_clients)
-    c = cfg.clients
-    return min(n, c.per_round if c.per_round is not None else max(1, round(c.fraction * n)))
 
 
 class MaliciousClients(AlgorithmWrapper):
@@ -78,6 +105,11 @@ class MaliciousClients(AlgorithmWrapper):
             keep = data.y_global_test != cfg.target
             self._asr_x = apply_trigger(data.x_global_test[keep], cfg.trigger_size, cfg.trigger_value)
             self._asr_y = data.y_global_test[keep]
+
+    @property
+    def tampers(self) -> bool:
+        """Whether attackers change what they send (model poisoning; a backdoor only when scaled)."""
+        return self.cfg.kind in _MODEL and not (self.cfg.kind == "backdoor" and self.scale == 1.0)
 
     def is_active(self, cid: int, round: int) -> bool:
         return cid in self.malicious and round >= self.cfg.start_round
@@ -127,7 +159,7 @@ class MaliciousClients(AlgorithmWrapper):
         if active and self.cfg.kind in ("label_flip", "backdoor"):
             data = self.poisoned(data)
         state, reply = yield from local_work(self.inner.client_step(state, data, msg, work))
-        if active and self.cfg.kind in _MODEL and not (self.cfg.kind == "backdoor" and self.scale == 1.0):
+        if active and self.tampers:
             reply = self.tamper(reply, msg, work.round, data.cid)
         return state, reply
 
@@ -151,3 +183,15 @@ class MaliciousClients(AlgorithmWrapper):
         if asr is not None:
             info["backdoor_asr"] = asr
         return info
+
+
+def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
+    """Malicious clients around ``algo``; a kind the algorithm cannot be attacked with is refused."""
+    bad = choose_malicious(cfg.attack, data.train_clients, cfg.seed)
+    attacked = MaliciousClients(algo, cfg.attack, bad, data, sample_size(cfg, len(data.train_clients)))
+    if attacked.tampers and not algo.sends_update:
+        raise ConfigError(
+            f"config: attack.kind = {cfg.attack.kind!r}: poisons the model update a client sends, and "
+            f"algorithm {algo.name!r} sends none (its replies are not new values of what it received)"
+        )
+    return attacked

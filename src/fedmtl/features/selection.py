@@ -1,4 +1,5 @@
-"""Sample selection as an algorithm wrapper: each client trains only on the samples it keeps.
+"""Feature ``selection:``: client-side sample selection (config, checks, behaviour; the detectors
+and score vectors are in ``fedmtl.selection``). Each client trains only on the samples it keeps.
 
 Per round, from ``selection.start_round`` on, a sampled client scores its own training samples
 with the model it received (``scores.py``), decides which to keep, and hands the kept subset to
@@ -26,20 +27,80 @@ from __future__ import annotations
 import math
 from collections.abc import Generator
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
+from pydantic import Field, field_validator
 
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
 from fedmtl.algorithms.wrapper import AlgorithmWrapper
+from fedmtl.config_base import Strict
 from fedmtl.data.corrupt import KIND_NAMES, Corruption
-from fedmtl.data.federated import ClientData
-from fedmtl.errors import ProtocolError
-from fedmtl.sections.selection import SelectionConfig
+from fedmtl.data.federated import ClientData, FederatedData
+from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.selection import detectors
-from fedmtl.selection.scores import forward_parts, near_duplicates, score_vectors
+from fedmtl.selection.scores import forward_parts, has_decoder, near_duplicates, score_vectors
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import Train, Trained, local_work
+
+if TYPE_CHECKING:
+    from fedmtl.config import Config
+
+Feature = Literal["ce", "recon", "centre"]
+
+
+class SelectionConfig(Strict):
+    enabled: bool = False
+    #: ocsvm / iforest: anomaly detector on per-sample score vectors; threshold: the adaptive
+    #: loss-threshold controller (FedBalancer-style); none: only the duplicate filter (``dedup``)
+    method: Literal["ocsvm", "iforest", "threshold", "none"] = "ocsvm"
+    #: global: clients send their score vectors in refit rounds, the server fits one detector and
+    #: ships it back; local: each client fits its own (nothing but the model update leaves it)
+    mode: Literal["global", "local"] = "global"
+    #: score vector: w_ce * cross-entropy, reconstruction MSE (autoencoder), distance of the code
+    #: to its class centre (the client's own per-class mean code)
+    features: list[Feature] = Field(default_factory=lambda: ["ce", "recon"])
+    #: first round in which clients score their samples; selection applies from then on (global
+    #: detectors and the threshold controller from the round after, once fitted)
+    start_round: int = Field(5, ge=1)
+    #: detectors are refitted every k rounds after ``start_round``
+    refit_every: int = Field(5, ge=1)
+    #: OneClassSVM's nu (upper bound on the fraction of training vectors flagged)
+    nu: float = Field(0.4, gt=0, lt=1)
+    #: IsolationForest's contamination (fraction flagged on the fitting vectors)
+    contamination: float = Field(0.4, gt=0, le=0.5)
+    #: IsolationForest trees; default ceil(sqrt(vectors fitted on)), as in the authors' code
+    n_estimators: int | None = Field(None, ge=1)
+    #: the server (or client) fits on at most this many vectors (seeded subsample; OCSVM is O(n^2))
+    max_fit_samples: int = Field(4000, ge=10)
+    #: ocsvm/iforest: drop a flagged sample only if its loss (the sum of its ce and recon scores)
+    #: is above the median loss of the vectors the detector was fitted on, so unusually *easy*
+    #: samples are never dropped. false = the paper's rule (drop whatever the detector flags)
+    one_sided: bool = False
+    #: threshold method: probability of keeping a sample whose loss is above the threshold
+    keep_prob: float = Field(0.75, ge=0, le=1)
+    #: threshold method: rounds per window and step of the threshold ratio r
+    window: int = Field(5, ge=1)
+    step: float = Field(0.1, gt=0, le=1)
+    #: drop near-duplicates: samples whose code lies within dedup_eps * (median nearest-neighbour
+    #: distance) of an earlier sample of the same client
+    dedup: bool = False
+    dedup_eps: float = Field(0.01, gt=0, le=1)
+    #: floor: a client always keeps at least this fraction of its samples (and at least one); the
+    #: most inlying ones are restored when a detector drops more
+    min_keep: float = Field(0.1, gt=0, le=1)
+    #: weight of the cross-entropy in the score vector; default: the autoencoder's w_ce (else 1)
+    w_ce: float | None = Field(None, gt=0)
+
+    @field_validator("features")
+    @classmethod
+    def _features(cls, v: list[str]) -> list[str]:
+        if not v:
+            raise ValueError("needs at least one of 'ce', 'recon', 'centre'")
+        if len(set(v)) != len(v):
+            raise ValueError("lists a feature twice")
+        return v
+
 
 KEY = "_selection"  # this wrapper's part of the server state and of each client's state
 PREFIX = "sel."
@@ -322,3 +383,28 @@ class SampleSelection(AlgorithmWrapper):
         inner_state, sub, inner_msg, extra, own = self._prepare(state, data, msg, work)
         new_state, reply = yield from local_work(self.inner.client_step(inner_state, sub, inner_msg, work))
         return self._finish(new_state, reply, extra, own)
+
+
+def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
+    sc = cfg.selection
+    if not all(t.is_classification for t in data.tasks.values()):
+        raise ConfigError("config: selection.enabled = True: sample selection needs classification tasks")
+    model = algo.ctx.model
+    if "recon" in sc.features and not has_decoder(model):
+        raise ConfigError(
+            f"config: selection.features = {list(sc.features)}: 'recon' needs model.name = 'autoencoder' "
+            f"(model {cfg.model.name!r} has no decoder); use features [ce] or [ce, centre]"
+        )
+    if cfg.privacy.enabled and cfg.privacy.level == "sample":
+        raise ConfigError(
+            "config: selection.enabled = True: sample-level DP accounts each step as sampling batch/n "
+            "of a client's n records, but selection picks the records it trains on from the data itself; "
+            "disable one of them"
+        )
+    if sc.mode == "global" and sc.method in ("ocsvm", "iforest") and cfg.secagg.enabled:
+        raise ConfigError(
+            "config: selection.mode = 'global': per-client score vectors cannot pass secure aggregation; "
+            "use selection.mode = 'local'"
+        )
+    w_ce = sc.w_ce if sc.w_ce is not None else float(getattr(model, "w_ce", 1.0))
+    return SampleSelection(algo, sc, cfg.seed, w_ce)

@@ -1,7 +1,10 @@
-"""``data.corrupt:``: the seeded corruption harness applied to clients' training splits.
+"""The ``data:`` section: which dataset, how it is split into clients, and the corruption harness.
 
-Rates are fractions of each affected client's training samples (taken before duplicates are
-appended); test splits and the global test set are never touched, so accuracy stays honest."""
+Kept apart from ``fedmtl.config`` (which imports every feature) so the data layer, and
+``fedmtl datasets``, load without the training stack. ``data.corrupt`` is the seeded corruption
+harness applied to clients' training splits: rates are fractions of each affected client's training
+samples (taken before duplicates are appended); test splits and the global test set are never
+touched, so accuracy stays honest."""
 
 from __future__ import annotations
 
@@ -50,3 +53,31 @@ class CorruptConfig(Strict):
                 "(they corrupt disjoint samples)"
             )
         return self
+
+
+class PartitionConfig(Strict):
+    kind: Literal["iid", "dirichlet", "shards", "quantity", "target", "covariate", "natural"] = "dirichlet"
+    num_clients: int = Field(10, ge=1)
+    alpha: float = Field(0.5, gt=0)
+    min_samples: int = Field(10, ge=1)
+    classes_per_client: int = Field(2, ge=1)
+    sigma: float = Field(1.0, ge=0)
+    #: target / covariate: clients get contiguous ranges of the target or of the inputs' first
+    #: principal component, sorted after adding seeded noise of this many standard deviations
+    jitter: float = Field(0.25, ge=0)
+
+
+class DataConfig(Strict):
+    dataset: str = "digits"
+    dir: str | None = None
+    file: str | None = None
+    partition: PartitionConfig = PartitionConfig()
+    test_fraction: float = Field(0.25, gt=0, lt=1)
+    global_test_fraction: float = Field(0.2, gt=0, lt=1)
+    normalize: bool = True
+    max_clients: int | None = Field(None, ge=1)
+    tasks: list[str] | None = None
+    holdout_clients: int = Field(0, ge=0)
+    corrupt: CorruptConfig = CorruptConfig()
+    #: multi-modal datasets: client id -> modalities that client does not hold (zero-filled, masked)
+    missing_modalities: dict[int, list[str]] = Field(default_factory=dict)

@@ -1,5 +1,5 @@
-"""``aggregation:`` (the server's chain of transforms over client updates) and ``attack:``
-(malicious clients, for measuring defences).
+"""``aggregation:``: the server's chain of transforms over client updates (schemas only, so the
+config loads without the aggregation code).
 
 An aggregation chain is a YAML list of steps, each ``{name: <step>, <key>: <value>, ...}``. Steps
 run in three stages: *update* steps change each client's update (``clip``), one *reduce* step
@@ -178,29 +178,3 @@ def _check_order(steps: list[StepConfig]) -> list[StepConfig]:
 AggregationSteps = Annotated[
     list[Annotated[SerializeAsAny[StepConfig], BeforeValidator(_parse_step)]], AfterValidator(_check_order)
 ]
-
-
-class AttackConfig(Strict):
-    """Malicious clients: a seeded ``fraction`` of the training clients attack every round they are
-    sampled in (from ``start_round``). Model-poisoning kinds change the update they send; data-poisoning
-    kinds change what they train on."""
-
-    enabled: bool = False
-    kind: Literal["sign_flip", "scale", "gaussian", "label_flip", "backdoor"] = "sign_flip"
-    fraction: float = Field(0.1, ge=0, le=1)
-    #: explicit malicious client ids (replaces ``fraction``)
-    clients: list[int] | None = None
-    start_round: int = Field(1, ge=1)
-    #: factor on the malicious update: sign_flip sends -scale*update (default 1); scale and backdoor
-    #: send scale*update (default: clients per round for scale, i.e. model replacement; 1 for backdoor)
-    scale: float | None = Field(None, gt=0)
-    #: label_flip: 'reverse' maps class c to (classes - 1 - c) on every sample (a consistent attack);
-    #: 'random' gives every sample a uniformly drawn different class (``fedmtl.data.corrupt``)
-    flip: Literal["reverse", "random"] = "reverse"
-    #: gaussian: std of the random update sent instead of the trained one
-    noise_std: float = Field(1.0, gt=0)
-    #: backdoor: class the trigger maps to, poisoned share of the client's samples, trigger square
-    target: int = Field(0, ge=0)
-    poison_rate: float = Field(0.5, gt=0, le=1)
-    trigger_size: int = Field(3, ge=1)
-    trigger_value: float = 1.0

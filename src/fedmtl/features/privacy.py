@@ -1,0 +1,435 @@
+"""Feature ``privacy:``: differential privacy (config, checks, client and server behaviour;
+the accountant is ``fedmtl.privacy.accountant``, DP-SGD ``fedmtl.training.dp_sgd``). See
+docs/privacy.md.
+
+**Client level** (DP-FedAvg, McMahan et al. 2018): every client clips its update (returned arrays
+minus the arrays received) to the bound the server sent (``dp_clip``, fixed or adapted toward a
+quantile of update norms, Andrew et al. 2021) and reports whether it was within it (``clip_bit``);
+with ``noise_at: client`` it also adds its share N(0, sigma^2 / m) of the noise, so the m shares
+sum to N(0, sigma^2) and nothing un-noised leaves it (``privatize_update``, which secure
+aggregation composes with). The feature contributes the server's aggregation chain: clip, uniform
+mean, Gaussian noise of std ``z * C / m`` on the mean (``noise_at: server``), or only the uniform
+mean and the adaptive bound (``noise_at: client``); adaptive clipping raises the update noise as
+Andrew et al. prescribe so that both together cost ``noise_multiplier``. The accountant composes
+one subsampled Gaussian per round; epsilon goes into every round row, and ``max_epsilon`` stops the
+run before a round that would exceed it. DP-aggregated evaluation releases noisy metric means only.
+
+**Sample level** (DP-SGD, Abadi et al. 2016): every training step a client's step declares becomes
+a DP-SGD step (per-sample gradients clipped, Gaussian noise on their sum). Each client's records are
+protected against everyone who sees its updates, the server included. The accountant composes, per
+client, one Poisson-subsampled Gaussian per step (sampling rate batch_size / n_k: the usual
+approximation for shuffled batches); the round row reports the largest epsilon over clients, and
+``max_epsilon`` stops the run before a round in which some client could exceed it.
+
+Everything crosses as message arrays and scalars, so the feature runs on Flower unchanged."""
+
+from __future__ import annotations
+
+from collections.abc import Generator
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from pydantic import Field, model_validator
+
+from fedmtl.aggregation.config import ClipStep, GaussianNoiseStep, MeanStep
+from fedmtl.aggregation.pipeline import Batch, Pipeline, Step
+from fedmtl.aggregation.steps import CLIP_BIT, Clip, GaussianNoise, Mean, adapt_bound
+from fedmtl.algorithms.base import Algorithm, ClientWork, Message
+from fedmtl.algorithms.wrapper import AlgorithmWrapper, ReplyWrapper
+from fedmtl.config_base import Strict
+from fedmtl.data.federated import ClientData, FederatedData
+from fedmtl.errors import ConfigError
+from fedmtl.runtime.round import sample_size
+from fedmtl.training.tensors import Arrays
+from fedmtl.training.work import DPSGD, Train, Trained, map_requests
+
+if TYPE_CHECKING:
+    from fedmtl.config import Config
+
+
+def epsilon(*args: Any, **kwargs: Any) -> float:
+    """``fedmtl.privacy.accountant.epsilon``, imported on first use (dp-accounting takes half a
+    second to import, which a run without DP should not pay)."""
+    from fedmtl.privacy.accountant import epsilon as accountant_epsilon
+
+    return accountant_epsilon(*args, **kwargs)
+
+
+class PrivacyConfig(Strict):
+    enabled: bool = False
+    level: Literal["client", "sample"] = "client"
+    #: std of the noise on the sum of clipped updates (client) or gradients (sample), over clip_norm
+    noise_multiplier: float = Field(1.0, ge=0)
+    #: L2 bound of one client's update (client) or one sample's gradient (sample); initial bound
+    #: when ``clipping: adaptive``
+    clip_norm: float = Field(1.0, gt=0)
+    clipping: Literal["fixed", "adaptive"] = "fixed"
+    #: adaptive clipping: quantile of update norms the bound tracks, and its geometric step size
+    target_quantile: float = Field(0.5, gt=0, lt=1)
+    clip_lr: float = Field(0.2, gt=0)
+    #: adaptive clipping: std of the noise on the count of unclipped updates (default: the larger of
+    #: clients per round / 20, as Andrew et al., and noise_multiplier, which raises the update noise
+    #: by 15%); part of the privacy budget
+    count_noise_std: float | None = Field(None, gt=0)
+    #: where the Gaussian noise of client-level DP is added
+    noise_at: Literal["server", "client"] = "server"
+    delta: float = Field(1e-5, gt=0, lt=1)
+    accountant: Literal["rdp", "pld"] = "rdp"
+    #: how the accountant models client (or batch) sampling: 'poisson' (the usual approximation for
+    #: fixed-size sampling) or 'without_replacement' (exact for the simulator's fixed-size client
+    #: sampling, replace-one neighbours; rdp only; client level only)
+    sampling: Literal["poisson", "without_replacement"] = "poisson"
+    #: stop before the round whose release would push epsilon above this
+    max_epsilon: float | None = Field(None, gt=0)
+    #: DP-aggregated evaluation (client level): instead of exact client metrics, each evaluation
+    #: round releases only the mean of every metric in ``eval_metrics`` over the clients, each
+    #: client's value clipped to [0, eval_bound], with Gaussian noise of std
+    #: eval_noise_multiplier * eval_bound on the sum; the accountant composes these releases too
+    eval_noise_multiplier: float | None = Field(None, gt=0)
+    eval_metrics: list[str] = Field(default_factory=lambda: ["accuracy"], min_length=1)
+    eval_bound: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _combinations(self) -> PrivacyConfig:
+        if self.accountant == "pld" and self.sampling == "without_replacement":
+            raise ValueError("sampling 'without_replacement' needs accountant 'rdp' (PLD supports 'poisson')")
+        if self.level == "sample" and self.eval_noise_multiplier is not None:
+            raise ValueError(
+                "eval_noise_multiplier (DP-aggregated evaluation) protects clients: it needs level 'client'"
+            )
+        if self.level == "sample" and self.sampling == "without_replacement":
+            raise ValueError("level 'sample' accounts batches as 'poisson' sampling")
+        return self
+
+
+DP_RNG = 13  # rng purpose of client-side noise: (seed, DP_RNG, round, cid)
+DP_EVAL_RNG = 14  # rng purpose of the noise on released evaluation means: (seed, DP_EVAL_RNG, round)
+CLIP_KEY = "dp_clip"
+
+
+def update_norm(update: Arrays) -> float:
+    return float(np.sqrt(sum(float(np.square(v, dtype=np.float64).sum()) for v in update.values())))
+
+
+def privatize_update(
+    update: Arrays, clip: float, noise_std: float, rng: np.random.Generator
+) -> tuple[Arrays, bool]:
+    """Clip ``update`` (a client's arrays minus what it received) to L2 norm ``clip`` and add
+    N(0, noise_std^2) to every coordinate, in float64; returns (private update, was within clip).
+
+    For distributed DP under secure aggregation call it on each client before masking with
+    ``noise_std = noise_multiplier * clip / sqrt(m)`` (m clients summed): the masked sum then
+    carries exactly the noise central DP would add. ``ClientDP`` does this with ``noise_at: client``."""
+    norm = update_norm(update)
+    within = bool(norm <= clip)
+    factor = 1.0 if within or not np.isfinite(norm) else clip / norm
+    out = {}
+    for k, v in update.items():
+        u = v.astype(np.float64) * factor if np.isfinite(norm) else np.zeros(v.shape)
+        if noise_std > 0:
+            u = u + rng.normal(0.0, noise_std, v.shape)
+        out[k] = u
+    return out, within
+
+
+class BoundOnly(Step):
+    """The adaptive clip bound without server-side clipping (clients clipped and noised already)."""
+
+    def init(self) -> dict[str, Any]:
+        return {"bound": float(self.cfg.max_norm)}
+
+    def apply(self, batch: Batch, state: dict[str, Any]) -> dict[str, Any]:
+        bound = float(state.get("bound", self.cfg.max_norm))
+        batch.clip_norm = bound
+        batch.info["clip_norm"] = bound
+        if not self.cfg.adaptive:
+            return state
+        within = float(sum(float(s.get(CLIP_BIT, 0.0)) for s in batch.scalars))
+        return {"bound": adapt_bound(bound, within, len(batch.updates), self.cfg, batch.rng)}
+
+
+def update_noise(cfg: PrivacyConfig, per_round: int) -> tuple[float, float]:
+    """(std of the noise on the count of unclipped updates, noise multiplier of the updates): with
+    adaptive clipping the count is noised too and the update noise raised so that both together
+    cost ``noise_multiplier`` (Andrew et al. 2021); otherwise (0, noise_multiplier)."""
+    z = cfg.noise_multiplier
+    if cfg.clipping != "adaptive":
+        return 0.0, z
+    from fedmtl.privacy.accountant import adaptive_update_noise
+
+    count = cfg.count_noise_std or max(per_round / 20.0, z)
+    return count, (adaptive_update_noise(z, count) if z > 0 else z)
+
+
+def aggregation_steps(cfg: PrivacyConfig, per_round: int) -> list[Step]:
+    """Client-level DP's aggregation chain: clip, uniform mean, Gaussian noise (``noise_at:
+    server``), or the adaptive bound and the uniform mean (``noise_at: client``: the clients clipped
+    and noised already)."""
+    count, noise = update_noise(cfg, per_round)
+    clip = ClipStep(
+        max_norm=cfg.clip_norm,
+        adaptive=cfg.clipping == "adaptive",
+        target_quantile=cfg.target_quantile,
+        lr=cfg.clip_lr,
+        count_noise_std=count if cfg.noise_multiplier > 0 else 0.0,
+    )
+    mean = Mean(MeanStep(weighting="uniform"))
+    if cfg.noise_at == "server":
+        return [Clip(clip), mean, GaussianNoise(GaussianNoiseStep(noise_multiplier=noise))]
+    return [BoundOnly(clip), mean]
+
+
+class ClientDP(ReplyWrapper):
+    """Client-level DP around an algorithm whose server aggregates updates through the chain
+    ``aggregation_steps`` put in its context (``fedmtl.experiment.run.build``)."""
+
+    def __init__(
+        self,
+        inner: Algorithm,
+        cfg: PrivacyConfig,
+        per_round: int,
+        population: int,
+        eval_every: int = 1,
+        rounds: int = 0,
+    ) -> None:
+        super().__init__(inner)
+        self.cfg = cfg
+        self.per_round = per_round
+        self.population = population
+        #: the evaluation schedule (``eval.every``, ``train.rounds``): which rounds release metrics
+        self.eval_every = eval_every
+        self.rounds = rounds
+        self.count_noise_std, self.update_noise = update_noise(cfg, per_round)
+        #: the server's chain (clip, mean, noise), read for the current clip bound
+        self.chain: Pipeline = self.ctx.aggregator
+
+    # --- accounting ---------------------------------------------------------------------------
+    def epsilon_after(self, releases: int, evaluations: int = 0) -> float:
+        """Epsilon after ``releases`` training rounds and ``evaluations`` DP evaluation rounds."""
+        c = self.cfg
+        k = len(c.eval_metrics) if c.eval_noise_multiplier is not None else 0
+        return epsilon(
+            c.noise_multiplier,
+            releases,
+            c.delta,
+            self.per_round,
+            self.population,
+            c.sampling,
+            c.accountant,
+            eval_noise=c.eval_noise_multiplier or 0.0,
+            eval_releases=k * evaluations,
+        )
+
+    # --- DP-aggregated evaluation -----------------------------------------------------------
+    def _scheduled(self, rnd: int) -> bool:
+        return rnd % self.eval_every == 0 or rnd == self.rounds
+
+    def _evaluations(self, server: dict[str, Any]) -> int:
+        """DP evaluation rounds released up to the server's last round: the scheduled ones, plus
+        that round itself when the run stops behind it (the runtimes then evaluate it too)."""
+        if self.cfg.eval_noise_multiplier is None:
+            return 0
+        rnd = int(server["dp"].get("round", 0))
+        n = sum(self._scheduled(i) for i in range(1, rnd + 1))
+        if rnd > 0 and not self._scheduled(rnd) and self.stop_reason(server, rnd + 1) is not None:
+            n += 1
+        return n
+
+    def release_eval(self, client_rows: list[dict[str, Any]], rnd: int) -> dict[str, Any] | None:
+        """What an evaluation round releases under DP: per metric, the noisy mean of the clients'
+        clipped values; None when evaluation is exact. The count of clients is public (the
+        configured federation), the rows themselves are never written."""
+        c = self.cfg
+        if c.eval_noise_multiplier is None:
+            return None
+        rng = np.random.default_rng([self.ctx.seed, DP_EVAL_RNG, rnd])
+        n = len(client_rows)
+        out: dict[str, Any] = {"eval_private": True, "eval_clients": n}
+        for metric in c.eval_metrics:
+            total = sum(float(np.clip(r[metric], 0.0, c.eval_bound)) for r in client_rows if metric in r)
+            noise = float(rng.normal(0.0, c.eval_noise_multiplier * c.eval_bound))
+            if n:
+                out[f"{metric}_mean"] = (total + noise) / n
+        return out
+
+    def clip_bound(self, server: dict[str, Any]) -> float:
+        state = self.chain.state_of(server.get("agg"), "clip")
+        return float(state.get("bound", self.cfg.clip_norm)) if state else self.cfg.clip_norm
+
+    # --- server side --------------------------------------------------------------------------
+    def init_server(self) -> dict[str, Any]:
+        return {**self.inner.init_server(), "dp": {"releases": 0}}
+
+    def broadcast(self, server: dict[str, Any], cid: int) -> Message:
+        msg = self.inner.broadcast(server, cid)
+        return Message(arrays=msg.arrays, scalars={**msg.scalars, CLIP_KEY: self.clip_bound(server)})
+
+    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+        releases = server["dp"]["releases"]
+        new = self.inner.server_step(server, replies, round)
+        if replies:
+            releases += 1
+        return {**new, "dp": {"releases": releases, "round": round}}
+
+    def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
+        releases = server["dp"]["releases"]
+        evaluations = self._evaluations(server)
+        info = {
+            **self.inner.round_info(server),
+            "epsilon": self.epsilon_after(releases, evaluations),
+            "delta": self.cfg.delta,
+            "dp_releases": releases,
+            "dp_clip": self.clip_bound(server),
+        }
+        if self.cfg.eval_noise_multiplier is not None:
+            info["dp_eval_releases"] = evaluations
+        return info
+
+    def stop_reason(self, server: dict[str, Any], round: int) -> str | None:
+        reason = self.inner.stop_reason(server, round)
+        if reason is not None or self.cfg.max_epsilon is None:
+            return reason
+        # the next round, and its evaluation whether scheduled or because the run stops behind it
+        evaluations = 0
+        if self.cfg.eval_noise_multiplier is not None:
+            evaluations = sum(self._scheduled(i) for i in range(1, round + 1)) + (not self._scheduled(round))
+        nxt = self.epsilon_after(server["dp"]["releases"] + 1, evaluations)
+        if nxt > self.cfg.max_epsilon:
+            return (
+                f"privacy budget: round {round} would raise epsilon to {nxt:.4g} > privacy.max_epsilon = "
+                f"{self.cfg.max_epsilon:g} (delta = {self.cfg.delta:g})"
+            )
+        return None
+
+    # --- client side --------------------------------------------------------------------------
+    def after_step(
+        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork, reply: Message
+    ) -> tuple[dict[str, Any], Message]:
+        return state, self.privatize(reply, data, msg, work)
+
+    def privatize(self, reply: Message, data: ClientData, msg: Message, work: ClientWork) -> Message:
+        """The reply with its update clipped (and noised with ``noise_at: client``) and the clip bit."""
+        clip = float(msg.scalars.get(CLIP_KEY, self.cfg.clip_norm))
+        sent = msg.arrays
+        update = {
+            k: v.astype(np.float64) - sent[k].astype(np.float64) for k, v in reply.arrays.items() if k in sent
+        }
+        std = 0.0
+        if self.cfg.noise_at == "client":
+            std = self.update_noise * clip / np.sqrt(self.per_round)
+        rng = np.random.default_rng([self.ctx.seed, DP_RNG, work.round, data.cid])
+        private, within = privatize_update(update, clip, std, rng)
+        arrays = dict(reply.arrays)
+        for k, u in private.items():
+            arrays[k] = (sent[k].astype(np.float64) + u).astype(reply.arrays[k].dtype)
+        return Message(arrays=arrays, scalars={**reply.scalars, CLIP_BIT: float(within)})
+
+
+DP_SGD_RNG = 14
+
+
+class SampleDP(AlgorithmWrapper):
+    def __init__(self, inner: Algorithm, cfg: PrivacyConfig, data: FederatedData) -> None:
+        super().__init__(inner)
+        self.cfg = cfg
+        spec = self.ctx.local
+        self.sizes = {c.cid: c.n_train for c in data.clients}
+        self.batch = {c: min(spec.batch_size, n) for c, n in self.sizes.items()}
+        #: DP-SGD steps a client takes in a round with full work (every phase the algorithm trains)
+        self.full_steps = {c.cid: inner.steps_per_round(c) for c in data.clients}
+
+    def client_eps(self, cid: int, steps: int) -> float:
+        c = self.cfg
+        return epsilon(
+            c.noise_multiplier, steps, c.delta, self.batch[cid], self.sizes[cid], "poisson", c.accountant
+        )
+
+    # --- server side --------------------------------------------------------------------------
+    def init_server(self) -> dict[str, Any]:
+        return {**self.inner.init_server(), "dp": {"steps": {}}}
+
+    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+        steps = dict(server["dp"]["steps"])
+        for cid, r in replies.items():  # what each client reports it did (its own accountant agrees)
+            steps[cid] = steps.get(cid, 0) + int(r.scalars.get("steps", 0))
+        return {**self.inner.server_step(server, replies, round), "dp": {"steps": steps}}
+
+    def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
+        steps = server["dp"]["steps"]
+        eps = [self.client_eps(c, s) for c, s in steps.items()]
+        return {
+            **self.inner.round_info(server),
+            "epsilon": max(eps, default=0.0),
+            "epsilon_mean": float(np.mean(eps)) if eps else 0.0,
+            "delta": self.cfg.delta,
+        }
+
+    def stop_reason(self, server: dict[str, Any], round: int) -> str | None:
+        reason = self.inner.stop_reason(server, round)
+        if reason is not None or self.cfg.max_epsilon is None:
+            return reason
+        steps = server["dp"]["steps"]
+        worst = max(self.client_eps(c, steps.get(c, 0) + self.full_steps[c]) for c in self.sizes)
+        if worst > self.cfg.max_epsilon:
+            return (
+                f"privacy budget: round {round} could raise a client's epsilon to {worst:.4g} > "
+                f"privacy.max_epsilon = {self.cfg.max_epsilon:g} (delta = {self.cfg.delta:g})"
+            )
+        return None
+
+    # --- client side --------------------------------------------------------------------------
+    def client_step(
+        self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
+    ) -> Generator[Train, Trained, tuple[dict[str, Any], Message]]:
+        """The inner client step with every training step it declares done by DP-SGD."""
+        noise = np.random.default_rng([self.ctx.seed, DP_SGD_RNG, work.round, data.cid])
+        dp = DPSGD(clip=self.cfg.clip_norm, noise_multiplier=self.cfg.noise_multiplier, noise_rng=noise)
+        change = lambda request: replace(request, dp=dp)  # noqa: E731
+        return (yield from map_requests(self.inner.client_step(state, data, msg, work), change))
+
+
+def chain(cfg: Config, per_round: int) -> list[Step] | None:
+    """The aggregation chain client-level DP needs (it replaces the configured one), else None."""
+    p = cfg.privacy
+    if p.level != "client":
+        return None
+    if cfg.aggregation:
+        raise ConfigError(
+            "config: privacy.level = 'client': sets the aggregation chain itself (clip, uniform mean, "
+            "noise); leave aggregation empty"
+        )
+    try:
+        return aggregation_steps(p, per_round)
+    except ValueError as exc:
+        raise ConfigError(f"config: privacy.count_noise_std: {exc}") from None
+
+
+def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
+    p = cfg.privacy
+    if p.level == "sample":
+        if not algo.batchable:
+            raise ConfigError(
+                f"config: privacy.level = 'sample': DP-SGD replaces the training steps an algorithm "
+                f"declares; algorithm {algo.name!r} trains with its own solver"
+            )
+        return SampleDP(algo, p, data)
+    if algo.no_aggregation_chain is not None or not algo.sends_update:
+        why = algo.no_aggregation_chain or "its replies are not model updates"
+        raise ConfigError(
+            f"config: privacy.level = 'client': clips and noises the model updates the server "
+            f"aggregates, but algorithm {algo.name!r} cannot ({why})"
+        )
+    if p.eval_noise_multiplier is not None and cfg.data.holdout_clients:
+        raise ConfigError(
+            "config: privacy.eval_noise_multiplier: DP-aggregated evaluation releases only the trained "
+            "clients' metric means; set data.holdout_clients to 0"
+        )
+    return ClientDP(
+        algo,
+        p,
+        sample_size(cfg, len(data.train_clients)),
+        len(data.train_clients),
+        eval_every=cfg.eval.every,
+        rounds=cfg.train.rounds,
+    )

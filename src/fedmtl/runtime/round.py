@@ -234,7 +234,7 @@ class RoundRunner:
         extra: dict[str, Any],
     ) -> RoundResult:
         # The loop below runs once per client: its constants are read once (``comm_seconds``'s
-        # arithmetic, written out in the same order, so the same numbers); each row is built whole.
+        # arithmetic, written out in the same order, so the same numbers).
         rt = self.cfg.runtime
         flop_rate = rt.client_gflops * 1e9
         per_flop = self.flops
@@ -246,56 +246,32 @@ class RoundRunner:
         rnd = plan.round
         for cid, frac, is_dropped in zip(plan.sampled, plan.fractions, plan.dropped, strict=True):
             d = down[cid]
-            if is_dropped:
-                rows.append(
-                    {
-                        "round": rnd,
-                        "kind": "train",
-                        "client": cid,
-                        "work": frac,
-                        "dropped": True,
-                        "bytes_down": d,
-                        "bytes_up": 0,
-                        "sim_time": self.comm_seconds(0, d),
-                    }
-                )
-                continue
-            u = up[cid]
-            reply = records.get(cid) or trained.get(cid)
-            if reply is None and cid in gone:
-                rows.append(
-                    {
-                        "round": rnd,
-                        "kind": "train",
-                        "client": cid,
-                        "work": frac,
-                        "dropped": False,
-                        "bytes_down": d,
-                        "bytes_up": u,
-                        "missing": True,
-                        "reason": gone[cid],
-                        "sim_time": self.comm_seconds(u, d),
-                    }
-                )
-                continue
-            scalars = (reply or empty).scalars
-            samples = float(scalars.get("samples", 0))
-            loss = float(scalars.get("train_loss", nan))
-            flops = float(scalars.get("client_flops", samples * per_flop))
+            u = 0 if is_dropped else up[cid]
+            # what every train row holds; the rest depends on how the client's round went
             row = {
                 "round": rnd,
                 "kind": "train",
                 "client": cid,
                 "work": frac,
-                "dropped": False,
+                "dropped": is_dropped,
                 "bytes_down": d,
                 "bytes_up": u,
-                "compute_wall": wall[cid],
-                "steps": int(scalars.get("steps", 0)),
-                "train_loss": loss,
-                "sim_time": flops / flop_rate + (u * 8 / up_bps + d * 8 / down_bps),
             }
             rows.append(row)
+            reply = None if is_dropped else records.get(cid) or trained.get(cid)
+            if is_dropped or (reply is None and cid in gone):
+                if not is_dropped:
+                    row.update(missing=True, reason=gone[cid])
+                row["sim_time"] = self.comm_seconds(u, d)
+                continue
+            scalars = (reply or empty).scalars
+            samples = float(scalars.get("samples", 0))
+            loss = float(scalars.get("train_loss", nan))
+            flops = float(scalars.get("client_flops", samples * per_flop))
+            row["compute_wall"] = wall[cid]
+            row["steps"] = int(scalars.get("steps", 0))
+            row["train_loss"] = loss
+            row["sim_time"] = flops / flop_rate + (u * 8 / up_bps + d * 8 / down_bps)
             if cid in rejected:  # update and new state discarded, as for a malformed message
                 row["rejected"] = rejected[cid]
                 continue

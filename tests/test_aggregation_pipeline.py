@@ -251,3 +251,40 @@ def test_config_errors_are_one_line(steps, message):
     with pytest.raises(ConfigError) as exc:
         parse_config({"aggregation": steps})
     assert str(exc.value) == message
+
+
+def test_a_step_written_outside_the_package_is_one_file(tmp_path):
+    """``register_step(name, config=...)`` makes a new step and its keys known to the config."""
+    from typing import ClassVar, Literal
+
+    from fedmtl.aggregation import config as agg_config
+    from fedmtl.aggregation import pipeline
+    from fedmtl.aggregation.config import StepConfig
+    from fedmtl.aggregation.pipeline import Batch, Step, register_step
+    from fedmtl.aggregation.steps import weighted_update_mean
+
+    class EqualMeanConfig(StepConfig):
+        name: Literal["equal_mean"] = "equal_mean"
+        stage: ClassVar[str] = "reduce"
+
+    try:
+
+        @register_step("equal_mean", config=EqualMeanConfig)
+        class EqualMean(Step):
+            stage = "reduce"
+
+            def apply(self, batch: Batch, state: dict) -> dict:
+                batch.aggregate = weighted_update_mean(batch, np.ones_like(batch.weights))
+                return state
+
+        mine = fedmtl.run(digits_config(train__rounds=2, aggregation=["equal_mean"]), out=tmp_path / "a")
+        uniform = fedmtl.run(
+            digits_config(train__rounds=2, aggregation=[{"name": "mean", "weighting": "uniform"}]),
+            out=tmp_path / "b",
+        )
+        assert mine.final["global_loss"] == uniform.final["global_loss"]
+        with pytest.raises(ConfigError, match="unknown key 'x' for step 'equal_mean'"):
+            parse_config(digits_config(aggregation=[{"name": "equal_mean", "x": 1}]))
+    finally:
+        pipeline.STEPS.pop("equal_mean", None)
+        agg_config.STEP_TYPES.pop("equal_mean", None)

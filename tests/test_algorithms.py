@@ -135,3 +135,34 @@ def test_broadcast_many_is_broadcast_per_client_with_one_message_per_task():
             assert all(np.array_equal(m.arrays[k], s.arrays[k]) for k in s.arrays)
         # FedAvg hands one message to every client of a task; FedPer has its own broadcast
         assert (many[0] is many[1]) == (name == "fedavg")
+
+
+def test_an_algorithm_written_once_runs_sequential_and_batched(tmp_path, monkeypatch):
+    """The README's example: a client step that declares its training, nothing batched written."""
+    from fedmtl import algorithms
+    from fedmtl.algorithms import Algorithm, Message
+    from fedmtl.algorithms.fedavg import aggregate_replies
+
+    class MyFedAvg(Algorithm):
+        name = "my_fedavg"
+        sends_update = mean_of_updates = True
+
+        def client_step(self, state, data, msg, work):  # noqa: ANN001, ANN202
+            trained = yield self.ctx.train(data, work, msg.arrays)
+            return state, Message(arrays=trained.params, scalars=trained.scalars(data))
+
+        def server_step(self, server, replies, round):  # noqa: ANN001, ANN202
+            return {"params": aggregate_replies(self.ctx, replies)} if replies else server
+
+    monkeypatch.setitem(algorithms._REGISTRY, "my_fedavg", MyFedAvg)
+    runs = {
+        e: fedmtl.run(
+            digits_config(algorithm={"name": "my_fedavg"}, train__rounds=2, runtime__execution=e),
+            out=tmp_path / e,
+        )
+        for e in ("sequential", "batched")
+    }
+    assert runs["batched"].rounds[-1]["execution"] == "batched"
+    plain = fedmtl.run(digits_config(train__rounds=2), out=tmp_path / "fedavg")
+    for res in runs.values():  # FedAvg's numbers, to float tolerance
+        assert res.final["global_loss"] == pytest.approx(plain.final["global_loss"], rel=1e-5)

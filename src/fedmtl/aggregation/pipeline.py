@@ -92,9 +92,17 @@ class Step:
 STEPS: dict[str, type[Step]] = {}
 
 
-def register_step(name: str) -> Callable[[type[Step]], type[Step]]:
+def register_step(name: str, config: type | None = None) -> Callable[[type[Step]], type[Step]]:
+    """Class decorator: the step ``name`` of the ``aggregation:`` list. ``config``: its settings (a
+    ``fedmtl.aggregation.config.StepConfig`` subclass with ``name: Literal[name]`` and a ``stage``),
+    so a step written outside the package is one file."""
+
     def deco(cls: type[Step]) -> type[Step]:
         STEPS[name] = cls
+        if config is not None:
+            from fedmtl.aggregation.config import STEP_TYPES
+
+            STEP_TYPES[name] = config
         return cls
 
     return deco

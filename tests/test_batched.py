@@ -531,3 +531,52 @@ def test_load_federated_lays_client_data_out_as_row_blocks():
     assert xs is not None and ys is not None
     for c, first in zip(clients, xs[1], strict=True):
         np.testing.assert_array_equal(xs[0][first : first + c.n_train], c.x_train)
+
+
+@pytest.mark.parametrize("learn_alpha", [True, False], ids=["adaptive", "fixed-alpha"])
+def test_apfl_mixture_step_equals_autograd_on_a_deeper_chain(learn_alpha):
+    """APFL's hand-written mixture step (``fused.MixtureChainStep``: the mixed model's products as
+    V a and W a, alpha's gradient from them) equals the generic autograd step of the same objective
+    on a 3-layer chain with a ReLU on its output, ragged clients, each with its own v and alpha."""
+    from fedmtl.algorithms.apfl import ALPHA, PERSONAL, Mixture
+    from fedmtl.training.fused import MixtureChainStep
+
+    torch.manual_seed(5)
+    model = nn.Sequential(
+        nn.Flatten(), nn.Linear(6, 9), nn.ReLU(), nn.Linear(9, 7), nn.ReLU(), nn.Linear(7, 4), nn.ReLU()
+    ).eval()  # fmt: skip
+    task = TaskSpec("classification", 4)
+    base = {k: v.detach().clone() for k, v in model.named_parameters()}
+    objective = Mixture(list(base))
+    rng = np.random.default_rng(2)
+    starts = []
+    for i in range(len(SIZES)):
+        start = {k: v + 0.01 * i for k, v in base.items()}
+        start.update(
+            {
+                PERSONAL + k: v
+                + torch.as_tensor(0.05 * rng.standard_normal(tuple(v.shape)), dtype=torch.float32)
+                for k, v in base.items()
+            }
+        )
+        start[ALPHA] = torch.tensor([0.2 + 0.15 * i], dtype=torch.float32)
+        starts.append(start)
+    trainable = None if learn_alpha else [k for k in starts[0] if k != ALPHA]
+    xs, ys = _clients(task)
+    spec = LocalSpec(optimizer=OptimizerSpec(lr=0.1), batch_size=8)
+    bounds = [(ALPHA, 0.0, 1.0)]
+    kernel = objective.chain_step(
+        linear_chain(model), task, spec.optimizer, set(trainable or starts[0]), 0.0, bounds
+    )
+    assert isinstance(kernel, MixtureChainStep)
+    args = (model, starts, xs, ys, task, spec, STEPS)
+    fused = batched_local_train(*args, _rngs(), trainable=trainable, objective=objective, bounds=bounds)
+    generic = batched_local_train(
+        *args, _rngs(), trainable=trainable, objective=objective, bounds=bounds, fused=False
+    )
+    for i in range(len(SIZES)):
+        assert fused.loss[i] == pytest.approx(generic.loss[i], rel=RTOL)
+        for k, start in starts[i].items():
+            _close(fused.params(i)[k], generic.params(i)[k], start)
+        if not learn_alpha:
+            assert torch.equal(torch.as_tensor(fused.arrays(i)[ALPHA]), starts[i][ALPHA])

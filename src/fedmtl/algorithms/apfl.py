@@ -18,7 +18,7 @@ outputs instead.
 
 from __future__ import annotations
 
-from collections.abc import Generator, Mapping
+from collections.abc import Generator, Mapping, Sequence
 from typing import Any
 
 import numpy as np
@@ -30,7 +30,9 @@ from torch.func import functional_call
 from fedmtl.algorithms.base import AlgoContext, ClientWork, Message
 from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
 from fedmtl.data.federated import ClientData, TaskSpec
+from fedmtl.training.fused import MixtureChainStep
 from fedmtl.training.objectives import Objective, per_sample_loss
+from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import Train, Trained
 
@@ -65,6 +67,22 @@ class Mixture(Objective):
         global_loss = per_sample_loss(functional_call(model, w, (x,)), y, task)
         mixed_loss = per_sample_loss(functional_call(model, mixed, (x,)), y, task)
         return global_loss + mixed_loss, global_loss
+
+    def chain_step(
+        self,
+        chain: list[Any],
+        task: TaskSpec,
+        opt: OptimizerSpec,
+        trainable: set[str],
+        mu: float,
+        bounds: Sequence[tuple[str, float, float]],
+    ) -> MixtureChainStep | None:
+        """The hand-written step of this objective for MLPs under plain SGD (the usual setting);
+        anything else trains on the generic autograd step."""
+        plain_sgd = opt.name == "sgd" and opt.momentum == 0 and opt.weight_decay == 0 and mu == 0
+        if not plain_sgd or not trainable >= {PERSONAL + k for k in self.keys} | set(self.keys):
+            return None
+        return MixtureChainStep(chain, task, opt, PERSONAL, ALPHA, learn_alpha=ALPHA in trainable)
 
 
 def mix(alpha: float, personal: Arrays, global_: Mapping[str, np.ndarray]) -> Arrays:

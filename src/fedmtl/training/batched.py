@@ -23,6 +23,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import lru_cache
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,7 @@ from torch.overrides import TorchFunctionMode
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
 from fedmtl.training.buffers import POOL
-from fedmtl.training.fused import FusedChainStep, linear_chain
+from fedmtl.training.fused import linear_chain
 from fedmtl.training.local import LocalSpec, batch_lengths, batch_orders
 from fedmtl.training.objectives import TASK_LOSS, Objective, add_prox_grad
 from fedmtl.training.rows import StackedRows
@@ -337,9 +338,10 @@ def batched_local_train(
     cost[:, 0] = mem + per_row * sizes + PLAN_BYTES * entries
     cost[:, 1], cost[:, 2] = work, widest
     bounds = [b for b in bounds if b[0] in train_keys]  # a frozen key keeps its value anyway
-    plain = objective.is_task_loss and not bounds
-    chain = linear_chain(model) if fused and plain and not task.dense else None
-    kernel = None if chain is None else FusedChainStep(chain, task, spec.optimizer, set(train_keys), prox_mu)
+    chain = linear_chain(model) if fused and not task.dense else None
+    kernel = None
+    if chain is not None:
+        kernel = objective.chain_step(chain, task, spec.optimizer, set(train_keys), prox_mu, bounds)
 
     # Longest-training clients first: at every step the clients still training form a prefix.
     order = np.argsort(-np.asarray(steps, dtype=np.int64), kind="stable")
@@ -388,7 +390,7 @@ def _train_group(
     prox_mu: float,
     loss_out: np.ndarray,
     seen_out: np.ndarray,
-    kernel: FusedChainStep | None = None,
+    kernel: Any = None,
     objective: Objective = TASK_LOSS,
     bounds: Sequence[tuple[str, float, float]] = (),
 ) -> None:

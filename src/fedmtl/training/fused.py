@@ -363,6 +363,126 @@ class FusedChainStep:
         return None
 
 
+class MixtureChainStep:
+    """One local step of APFL's objective f(w) + f(alpha v + (1 - alpha) sg(w)) on a Linear/ReLU
+    chain, for every live client, by hand (plain SGD).
+
+    The mixed model's layer i computes ``z = Q + alpha (P - Q) + lerp(b, c, alpha)`` with ``P = V a``
+    and ``Q = W a`` (two batched products instead of a stacked copy of the mixed weights: the mixture
+    never exists as a tensor). Back-propagating f(v_bar) then gives each personal weight its
+    gradient ``alpha * delta a^T`` (folded into one ``baddbmm_``), and alpha its gradient
+    ``sum(delta * (P - Q)) + sum(delta) . (c - b)`` from what the forward pass kept. Afterwards the
+    plain chain step trains w on f(w) (the stop-gradient: the mixture gives w no gradient). The
+    numbers equal autograd's on the same objective to float rounding (``tests/test_batched.py``)."""
+
+    def __init__(
+        self,
+        chain: list[Layer],
+        task: TaskSpec,
+        opt: OptimizerSpec,
+        personal: str,
+        alpha: str,
+        learn_alpha: bool,
+    ) -> None:
+        self.chain = chain
+        self.task = task
+        self.lr = opt.lr
+        self.personal = personal
+        self.alpha = alpha
+        self.learn_alpha = learn_alpha
+        keys = {n for layer in chain for n in (layer.weight, layer.bias) if n}
+        self.plain = FusedChainStep(chain, task, opt, keys, 0.0)
+        self.workspace = Workspace()
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        live: dict[str, torch.Tensor],
+        frozen: dict[str, torch.Tensor],
+        center: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        state: dict,
+    ) -> torch.Tensor:
+        k, width = scale.shape
+        params = {**frozen, **live}
+        # The large products go to oneDNN where a probe finds them exact (``onednn.routes``), as in
+        # the plain step; the setting is restored before the plain step, which routes its own.
+        before = onednn.begin()
+        try:
+            self._mixture(params, x, y, scale, k, width, before)
+        finally:
+            onednn.end(before)
+        return self.plain(live, frozen, {}, x, y, scale, state)
+
+    def _mixture(
+        self,
+        params: dict[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        scale: torch.Tensor,
+        k: int,
+        width: int,
+        before: str,
+    ) -> None:
+        """The step of v and alpha on f(alpha v + (1 - alpha) w), in place."""
+        pre = self.personal
+        alpha = params[self.alpha]
+        a3 = alpha.reshape(-1, 1, 1)  # [k or 1, 1, 1]
+        ws = self.workspace
+        act = x.reshape(k, width, -1).mT  # feature-major input [k, in, B]
+        acts, kept = [act], []
+
+        def matmul(a: torch.Tensor, b: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+            onednn.select(onednn.routes([("matmul", a, b, out)])[0], before)
+            return torch.matmul(a, b, out=out)
+
+        for i, layer in enumerate(self.chain):
+            w, v = params[layer.weight], params[pre + layer.weight]
+            q = matmul(w, act, ws.take(f"q{i}", (k, w.shape[-2], width)))
+            p = matmul(v, act, ws.take(f"p{i}", (k, w.shape[-2], width)))
+            z = torch.lerp(q, p, a3)
+            if layer.bias is not None:
+                b, c = params[layer.bias], params[pre + layer.bias]
+                z += torch.lerp(b, c, a3.reshape(-1, 1)).unsqueeze(-1)
+            if layer.relu:
+                z.clamp_min_(0.0)
+            kept.append((p, q))
+            acts.append(z)
+            act = z
+        label = y.unsqueeze(-2) if self.task.is_classification else y
+        plain = self.plain
+        _, delta = plain._loss_and_delta(acts[-1], label, scale, plain._minus_one(k, width, x.dtype))
+        dalpha = torch.zeros(k, dtype=x.dtype)
+        for i in range(len(self.chain) - 1, -1, -1):
+            layer = self.chain[i]
+            if layer.relu:
+                delta = torch.ops.aten.threshold_backward(delta, acts[i + 1], 0.0)
+            p, q = kept[i]
+            w, v = params[layer.weight], params[pre + layer.weight]
+            dalpha += (delta * (p - q)).sum((1, 2))
+            summed = delta.sum(-1)  # [k, out]
+            if layer.bias is not None:
+                dalpha += (summed * (params[pre + layer.bias] - params[layer.bias])).sum(1)
+            below = None
+            if i > 0:  # the layer below's gradient, through the mixed weights, before v changes
+                onednn.select(False, before)
+                below = torch.lerp(torch.matmul(w.mT, delta), torch.matmul(v.mT, delta), a3)
+            scaled = delta * a3  # d f(v_bar) / d v = alpha * d f / d v_bar
+            onednn.select(onednn.routes([("baddbmm", scaled, acts[i].mT, v)])[0], before)
+            v.baddbmm_(scaled, acts[i].mT, alpha=-self.lr)
+            onednn.select(False, before)
+            if layer.bias is not None:
+                params[pre + layer.bias].add_(scaled.sum(-1), alpha=-self.lr)
+            delta = below  # type: ignore[assignment]
+        if self.learn_alpha:
+            alpha.sub_(dalpha.view_as(alpha), alpha=self.lr).clamp_(0.0, 1.0)
+
+    def forget(self) -> None:
+        self.plain.forget()
+
+
 class Workspace:
     """Scratch tensors reused from step to step (and, through the pool, from round to round).
 

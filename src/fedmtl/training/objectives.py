@@ -15,8 +15,9 @@ chain step folds the proximal term into its update) and DP-SGD (``fedmtl.trainin
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -89,6 +90,23 @@ class Objective:
         """(objective, reported loss) of every sample, each of shape [B]."""
         out = per_sample_loss(functional_call(model, dict(params), (x,)), y, task)
         return out, out
+
+    def chain_step(
+        self,
+        chain: list[Any],
+        task: TaskSpec,
+        opt: Any,
+        trainable: set[str],
+        mu: float,
+        bounds: Sequence[tuple[str, float, float]],
+    ) -> Any:
+        """A hand-written batched step (``fedmtl.training.fused``) computing this objective on a
+        Linear/ReLU ``chain``, or None for the generic vmapped autograd step."""
+        if not self.is_task_loss or bounds:
+            return None
+        from fedmtl.training.fused import FusedChainStep
+
+        return FusedChainStep(chain, task, opt, trainable, mu)
 
     def batch(
         self,

@@ -17,9 +17,6 @@ resumed run draws exactly what an uninterrupted one would, on any runtime."""
 from __future__ import annotations
 
 import math
-import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -300,12 +297,3 @@ class RoundRunner:
         info.update(extra)
         replies = {c: r for c, r in records.items() if c not in rejected}
         return RoundResult(server=server, replies=replies, train_rows=rows, info=info)
-
-
-@contextmanager
-def timed(out: dict[str, float], key: str) -> Iterator[None]:
-    t0 = time.perf_counter()
-    try:
-        yield
-    finally:
-        out[key] = out.get(key, 0.0) + time.perf_counter() - t0

@@ -71,19 +71,6 @@ class Simulator:
         )
         self.transport = InProcessTransport(algo, data, self.executor, cfg.seed)
 
-    def num_sampled(self) -> int:
-        return self.planner.num_sampled()
-
-    def sample(self, round: int) -> list[int]:
-        return self.planner.sample(round)
-
-    def systems(self, round: int, cid: int) -> tuple[float, bool]:
-        """(work fraction, dropped) for a client this round."""
-        return self.planner.systems(round, [cid])[0]
-
-    def comm_seconds(self, up: int, down: int) -> float:
-        return self.runner.comm_seconds(up, down)
-
     # --- execution backend ------------------------------------------------------------------
     def batched_unsupported(self) -> str | None:
         """Why this run's algorithm or model cannot train its clients batched (None if it can)."""

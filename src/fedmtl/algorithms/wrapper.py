@@ -26,19 +26,19 @@ class AlgorithmWrapper(Algorithm):
     Its round is the default ``server_round`` (one train exchange, then ``server_step``) run with
     the wrapper's own ``broadcast`` and ``server_step``, so each wrapper in a stack takes part."""
 
+    #: The inner algorithm's declared properties, which a wrapper keeps (the method's name in every
+    #: record; what features check).
+    DECLARED = (
+        "name", "Params", "has_global_model", "needs_eval_data", "batchable", "multi_step", "sends_update",
+        "mean_of_updates", "no_aggregation_chain",
+    )  # fmt: skip
+
     def __init__(self, inner: Algorithm) -> None:
         self.inner = inner
         self.p = inner.p
         self.ctx = inner.ctx
-        self.name = inner.name  # type: ignore[misc]  # the wrapped method's name everywhere
-        self.Params = inner.Params  # type: ignore[misc]
-        self.has_global_model = inner.has_global_model  # type: ignore[misc]
-        self.needs_eval_data = inner.needs_eval_data  # type: ignore[misc]
-        self.batchable = inner.batchable  # type: ignore[misc]
-        self.multi_step = inner.multi_step  # type: ignore[misc]
-        self.sends_update = inner.sends_update  # type: ignore[misc]
-        self.mean_of_updates = inner.mean_of_updates  # type: ignore[misc]
-        self.no_aggregation_chain = inner.no_aggregation_chain  # type: ignore[misc]
+        for attr in self.DECLARED:
+            setattr(self, attr, getattr(inner, attr))
         if inner.multi_step:
             raise ConfigError(
                 f"config: algorithm.name = {inner.name!r}: its rounds are a multi-step protocol whose "
@@ -46,8 +46,9 @@ class AlgorithmWrapper(Algorithm):
             )
 
     def __getattr__(self, attr: str) -> Any:
-        # Only reached for attributes this object lacks: algorithm-specific extras such as MOCHA's
-        # ``client_actions`` stay reachable through any number of wrappers.
+        # Only reached for attributes this object lacks: an algorithm's own helpers (e.g. MOCHA's
+        # ``_omega_due``) stay reachable through any number of wrappers. Runtimes never rely on
+        # this: every hook they call is declared on ``Algorithm`` and delegated above.
         if attr == "inner":
             raise AttributeError(attr)
         return getattr(self.inner, attr)

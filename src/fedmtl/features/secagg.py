@@ -88,7 +88,11 @@ class SecAggConfig(Strict):
         "samples", description="samples: weight = num_examples inside the masked vector (FedAvg)"
     )
     stage_drop_prob: float = Field(
-        0.0, ge=0, lt=1, description="simulator: each client drops before each protocol stage after training"
+        0.0,
+        ge=0,
+        lt=1,
+        description="a simulated fault: the server skips each client before each protocol stage with this "
+        "probability (any runtime; keep 0 on a real federation)",
     )
     send_metrics: bool = Field(True, description="clients still report train loss/steps in the clear")
     ckks_poly_degree: Literal[8192, 16384] = 8192

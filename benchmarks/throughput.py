@@ -439,6 +439,16 @@ def scaling_repeats(clients: int) -> int:
     return 9 if clients <= 1000 else 5
 
 
+def speedups(turns: dict[str, list[float]]) -> dict[str, Any]:
+    """Each execution's fastest round, batched's speed-up, and each turn's: sequential's round over
+    the batched round just before it (their spread shows how far the shared machine's speed moved
+    the ratio during the measurement)."""
+    out: dict[str, Any] = {e: min(v) for e, v in turns.items()}
+    out["speedup"] = out["sequential"] / out["batched"]
+    out["turn_speedups"] = sorted(s / b for b, s in zip(turns["batched"], turns["sequential"], strict=True))
+    return out
+
+
 def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[dict[str, Any]]:
     rows = []
     for w in workloads:
@@ -450,14 +460,7 @@ def scaling_curve(workloads: list[ScalingWorkload], sizes: list[int]) -> list[di
             data = small_federation(w.pool, n)
             row = {"model": w.label, "clients": n, "samples": int(sum(c.n_train for c in data.clients))}
             row["gflop"] = row["samples"] * w.flops_per_sample / 1e9
-            turns = timed_turns(data, ["batched", "sequential"], w.hidden, scaling_repeats(n))
-            row.update({e: min(v) for e, v in turns.items()})
-            row["speedup"] = row["sequential"] / row["batched"]
-            # Each turn's sequential round over the batched round just before it: the spread
-            # shows how far the shared machine's speed moved the ratio during the measurement.
-            row["turn_speedups"] = sorted(
-                s / b for b, s in zip(turns["batched"], turns["sequential"], strict=True)
-            )
+            row.update(speedups(timed_turns(data, ["batched", "sequential"], w.hidden, scaling_repeats(n))))
             rows.append(row)
             print(f"  scaling {w.label}, {n:>6} clients: {row['batched']:.3f} s batched, "
                   f"{row['sequential']:.3f} s sequential ({row['speedup']:.1f}x)", flush=True)  # fmt: skip
@@ -474,11 +477,7 @@ def personalised_turns(data: FederatedData, repeats: int) -> list[dict[str, Any]
     rows = []
     for name in PERSONALISED:
         turns = timed_turns(data, ["batched", "sequential"], [HIDDEN], repeats, {"name": name})
-        row: dict[str, Any] = {"algorithm": name, **{e: min(v) for e, v in turns.items()}}
-        row["speedup"] = row["sequential"] / row["batched"]
-        row["turn_speedups"] = sorted(
-            s / b for b, s in zip(turns["batched"], turns["sequential"], strict=True)
-        )
+        row: dict[str, Any] = {"algorithm": name, **speedups(turns)}
         rows.append(row)
         print(f"  personalised {name}: {row['batched']:.3f} s batched, {row['sequential']:.3f} s sequential "
               f"({row['speedup']:.1f}x)", flush=True)  # fmt: skip

@@ -605,7 +605,8 @@ def write_report(
     lines = [
         "# Throughput: FedAvg on MNIST, fedmtl batched vs sequential vs plain PyTorch vs Flower",
         "",
-        f"Written by `fedmtl bench throughput{' --quick' if args.quick else ''}` on {env['date']}.",
+        f"Written by `fedmtl bench throughput{' --quick' if args.quick else ''}` on {env['date']} at "
+        f"commit {env['commit']}.",
         "",
         f"- Machine: {env['cpu']}, {env['cores']} cores, torch {env['torch']} ({env['threads']} threads, "
         f"OMP_WAIT_POLICY={env['omp']}), Python {env['python']}, {env['flwr']}.",
@@ -773,8 +774,8 @@ def write_report(
             "Ditto: 1 epoch of the global and 1 of the personal model; APFL: the global model, the "
             "personal model and alpha from one objective per step). Fastest of the timed turns, "
             "batched and sequential taking turns as in the scaling curve. Plain-loss requests (every "
-            "algorithm here but APFL) train on the hand-written chain step; APFL's mixture objective "
-            "on the generic vmapped autograd step.",
+            "algorithm here but APFL) train on the hand-written chain step, APFL's mixture objective on "
+            "its own (`training/fused.py`, `MixtureChainStep`).",
             "",
             "| algorithm | batched (s/round) | sequential (s/round) | batched speed-up | per turn: median "
             "(range) | batched / FedAvg batched |",
@@ -940,6 +941,10 @@ def _run(args: argparse.Namespace) -> Path:
         "threads": torch.get_num_threads(),
         "python": platform.python_version(),
         "load_start": os.getloadavg()[0],
+        "commit": subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False, cwd=HERE
+        ).stdout.strip()
+        or "unknown",
         "omp": os.environ.get("OMP_WAIT_POLICY", "unset"),
     }
     try:

@@ -77,6 +77,14 @@ def train_flops_per_sample(model: torch.nn.Module, input_shape: tuple[int, ...])
 
 
 def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
+    """The data, the algorithm (inside its features) and the in-process simulator of a config."""
+    data, algo, flops = build_algorithm(cfg)
+    return data, algo, Simulator(algo, data, cfg, flops)
+
+
+def build_algorithm(cfg: Config) -> tuple[FederatedData, Algorithm, float]:
+    """The data, the algorithm inside its features, and training FLOPs per sample (what every
+    runtime needs; a Flower node and the ServerApp build this much, not a simulator)."""
     data = load_federated(cfg.data, cfg.seed)
     # One model per task: the same seed gives every task the same body, heads sized per task.
     models = {
@@ -109,8 +117,7 @@ def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
     raw = cfg.algorithm.model_dump()
     raw.pop("name")
     algo = apply_features(algo_cls(algo_cls.Params.model_validate(raw), ctx), cfg, data)
-    sim = Simulator(algo, data, cfg, train_flops_per_sample(model, data.input_shape))
-    return data, algo, sim
+    return data, algo, train_flops_per_sample(model, data.input_shape)
 
 
 def _as_config(config: Config | dict[str, Any] | str | Path) -> Config:

@@ -88,7 +88,7 @@ def node_side(config_json: str, node_config: dict[str, Any]) -> NodeSide:
     if key in _CACHE:
         return _CACHE[key]
     from fedmtl.config import parse_config
-    from fedmtl.experiment.run import build
+    from fedmtl.experiment.run import build_algorithm
 
     pid, want = partition_of(node_config)
     raw = json.loads(config_json)
@@ -96,7 +96,7 @@ def node_side(config_json: str, node_config: dict[str, Any]) -> NodeSide:
         if name in node_config:
             raw.setdefault("data", {})[field] = str(node_config[name])
     cfg = parse_config(raw)
-    data, algo, _ = build(cfg)
+    data, algo, _ = build_algorithm(cfg)
     n = data.num_clients
     if not 0 <= pid < n:
         raise ConfigError(

@@ -32,11 +32,11 @@ from fedmtl.algorithms.base import TRAIN, Message
 from fedmtl.config import Config, load_config
 from fedmtl.errors import ConfigError, FedmtlError
 from fedmtl.experiment.records import RunDir, dumps
-from fedmtl.experiment.run import RunResult, build
+from fedmtl.experiment.run import RunResult, build_algorithm
 from fedmtl.flower import codec, protocol
 from fedmtl.metrics import primary_metric
 from fedmtl.runtime.loop import Progress, RunLoop
-from fedmtl.runtime.round import Delivered, RoundPlan, round_lr
+from fedmtl.runtime.round import Delivered, Planner, RoundPlan, RoundRunner, round_lr
 
 K = TypeVar("K")
 EVENTS = "flower.jsonl"
@@ -230,9 +230,9 @@ class FlowerServer:
         self.cfg = cfg
         self.s = settings
         self.log = log or (lambda text: print(f"[fedmtl] {text}", flush=True))
-        self.data, self.algo, self.sim = build(cfg)
-        self.planner = self.sim.planner
-        self.runner = self.sim.runner
+        self.data, self.algo, flops = build_algorithm(cfg)
+        self.planner = Planner(cfg, self.data.train_clients)
+        self.runner = RoundRunner(self.algo, cfg, self.planner, flops)
         self.transport = FlowerTransport(self)
         self.config_json = json.dumps(cfg.to_dict())
         self.node_of: dict[int, int] = {}  # client id -> node id

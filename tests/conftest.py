@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -34,3 +35,20 @@ def shared_data():
     if path is None:
         pytest.skip("../shared/data not present")
     return path
+
+
+@pytest.fixture
+def flower() -> Iterator[Any]:
+    """The in-process Flower Grid helpers of ``tests/test_flower.py`` (``LoopbackGrid``, ``_cfg``,
+    ``_flower_run``, ...), with the task identity Flower's runtimes set; skips only the test that
+    asks for it when Flower is not installed."""
+    pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedmtl[flower]')")
+    from flwr.supercore.task_identity import TaskIdentity
+
+    import tests.test_flower as helpers
+
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 0
+    try:
+        yield helpers
+    finally:
+        TaskIdentity.run_id = TaskIdentity.node_id = TaskIdentity.task_id = None  # type: ignore[assignment]

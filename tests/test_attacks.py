@@ -14,7 +14,6 @@ from fedmtl.experiment.run import build
 from fedmtl.features.attack import MaliciousClients, choose_malicious
 from fedmtl.training.executors import run_local
 from tests.conftest import digits_config
-from tests.test_flower import LoopbackGrid, _cfg, _flower_run, _nodes, _task_identity, assert_same_metrics  # noqa: F401
 
 IID = {"kind": "iid", "num_clients": 10}
 
@@ -121,8 +120,8 @@ def test_batched_execution_gives_the_attacked_run_sequential_execution_gives(tmp
     assert bat.final["global_loss"] == pytest.approx(seq.final["global_loss"], rel=1e-4)
 
 
-def test_an_attacked_flower_run_equals_the_simulator(tmp_path):
-    raw = _cfg(
+def test_an_attacked_flower_run_equals_the_simulator(tmp_path, flower):
+    raw = flower._cfg(
         data__partition__num_clients=4,
         clients__per_round=3,
         train__rounds=2,
@@ -130,8 +129,8 @@ def test_an_attacked_flower_run_equals_the_simulator(tmp_path):
         aggregation=[{"name": "clip", "max_norm": 2.0}, "median"],
     )
     expected = fedmtl.run(raw, out=tmp_path / "inproc")
-    got = _flower_run(tmp_path, raw, LoopbackGrid(_nodes(4)))
-    assert_same_metrics(expected.run_dir, got.run_dir)
+    got = flower._flower_run(tmp_path, raw, flower.LoopbackGrid(flower._nodes(4)))
+    flower.assert_same_metrics(expected.run_dir, got.run_dir)
 
 
 def test_a_message_with_only_scalars_passes_through_untouched():

@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import yaml
 from dp_accounting import NeighboringRelation, dp_event
 from dp_accounting.pld import pld_privacy_accountant
 from dp_accounting.rdp import rdp_privacy_accountant
@@ -19,7 +20,6 @@ from fedmtl.features.privacy import privatize_update
 from fedmtl.privacy.accountant import adaptive_update_noise, epsilon
 from fedmtl.training.dp_sgd import clip_and_noise
 from tests.conftest import digits_config
-from tests.test_flower import LoopbackGrid, _cfg, _flower_run, _nodes, _task_identity, assert_same_metrics  # noqa: F401
 
 DP = {"enabled": True, "noise_multiplier": 1.0, "clip_norm": 0.5}
 
@@ -302,13 +302,163 @@ def test_dp_evaluation_config_errors(tmp_path, over, message):
     ],
     ids=["server-noise-adaptive-budget", "client-noise", "dp-evaluation"],
 )
-def test_flower_run_with_dp_equals_the_simulator(tmp_path, privacy):
-    raw = _cfg(data__partition__num_clients=4, clients__per_round=2, train__rounds=4, privacy=privacy)
+def test_flower_run_with_dp_equals_the_simulator(tmp_path, privacy, flower):
+    raw = flower._cfg(data__partition__num_clients=4, clients__per_round=2, train__rounds=4, privacy=privacy)
     expected = fedmtl.run(raw, out=tmp_path / "inproc")
-    got = _flower_run(tmp_path, raw, LoopbackGrid(_nodes(4)))
-    assert_same_metrics(expected.run_dir, got.run_dir)
+    got = flower._flower_run(tmp_path, raw, flower.LoopbackGrid(flower._nodes(4)))
+    flower.assert_same_metrics(expected.run_dir, got.run_dir)
     assert got.summary["stopped"] == expected.summary["stopped"]
     assert got.summary["rounds_completed"] == expected.summary["rounds_completed"]
     if "max_epsilon" in privacy:
         assert got.summary["rounds_completed"] == 3 and got.summary["stopped"].startswith("privacy budget")
     assert got.summary["final"]["epsilon"] == pytest.approx(expected.summary["final"]["epsilon"])
+
+
+# ------------------------------------------------------------------------------------ sampling
+def _binomial_fit(sizes: np.ndarray, n: int, q: float) -> float:
+    """p-value of a chi-square goodness-of-fit test of ``sizes`` against Binomial(n, q), the tails
+    pooled so every bin expects at least 5."""
+    from scipy import stats
+
+    values = np.arange(n + 1)
+    expected = stats.binom.pmf(values, n, q) * len(sizes)
+    observed = np.bincount(sizes, minlength=n + 1).astype(float)
+    bins, acc_e, acc_o = [], 0.0, 0.0
+    for e, o in zip(expected, observed, strict=True):
+        acc_e, acc_o = acc_e + e, acc_o + o
+        if acc_e >= 5:
+            bins.append((acc_o, acc_e))
+            acc_e = acc_o = 0.0
+    if acc_e > 0:
+        bins[-1] = (bins[-1][0] + acc_o, bins[-1][1] + acc_e)
+    obs, exp = np.array(bins).T
+    return float(stats.chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+def test_poisson_client_sampling_draws_binomial_rounds_of_independent_clients():
+    """``clients.sampling: poisson``: every client independently with q = per_round / N each round,
+    so round sizes follow Binomial(N, q); seeded per round, so the same seed draws the same rounds."""
+    from fedmtl.runtime.round import Planner
+
+    cfg = parse_config(digits_config(clients={"per_round": 20, "sampling": "poisson"}))
+    planner = Planner(cfg, list(range(100)))
+    rounds = [planner.sample(r) for r in range(1, 3001)]
+    sizes = np.array([len(s) for s in rounds])
+    assert _binomial_fit(sizes, 100, 0.2) > 1e-3
+    assert sizes.mean() == pytest.approx(20, abs=0.3) and sizes.var() == pytest.approx(16, rel=0.1)
+    counts = np.bincount(np.concatenate(rounds), minlength=100) / len(rounds)
+    assert np.abs(counts - 0.2).max() < 0.03  # every client at the same rate
+    assert rounds[:5] == [Planner(cfg, list(range(100))).sample(r) for r in range(1, 6)]
+    fixed = Planner(parse_config(digits_config(clients={"per_round": 20})), list(range(100)))
+    assert {len(fixed.sample(r)) for r in range(1, 50)} == {20}
+
+
+def test_dp_sgd_draws_binomial_poisson_batches():
+    from fedmtl.training.dp_sgd import poisson_batches
+
+    batches = poisson_batches(200, 32, 3000, np.random.default_rng(3))
+    sizes = np.array([len(b) for b in batches])
+    assert _binomial_fit(sizes, 200, 0.16) > 1e-3
+    assert all(len(np.unique(b)) == len(b) for b in batches[:50])
+    assert poisson_batches(10, 32, 3, np.random.default_rng(0))[0].tolist() == list(range(10))  # q = 1
+
+
+def test_client_dp_defaults_to_poisson_sampling_and_reports_dp_accountings_epsilon(tmp_path):
+    """The epsilon in the rows is dp-accounting's for the mechanism that ran: Poisson-sampled clients
+    (add/remove) by default, fixed-size sampling without replacement (replace-one) when asked."""
+    res = fedmtl.run(_dp_config(train__rounds=4), out=tmp_path / "p")
+    recorded = yaml.safe_load((res.run_dir / "config.yaml").read_text())
+    assert recorded["clients"]["sampling"] == "poisson" and recorded["privacy"]["sampling"] == "poisson"
+    rows = res.rounds
+    assert len({r["sampled"] for r in rows}) > 1  # rounds of varying size
+    acc = rdp_privacy_accountant.RdpAccountant()
+    acc.compose(
+        dp_event.SelfComposedDpEvent(dp_event.PoissonSampledDpEvent(4 / 8, dp_event.GaussianDpEvent(1.0)), 4)
+    )
+    assert rows[-1]["epsilon"] == pytest.approx(acc.get_epsilon(1e-5), rel=1e-9)
+    assert (
+        rows[-1]["dp_accounting"] == "client-level, Poisson-sampled clients, add/remove-one neighbours (rdp)"
+    )
+    fixed = fedmtl.run(_dp_config(train__rounds=4, clients__sampling="fixed"), out=tmp_path / "f")
+    assert {r["sampled"] for r in fixed.rounds} == {4}
+    wor = rdp_privacy_accountant.RdpAccountant(neighboring_relation=NeighboringRelation.REPLACE_ONE)
+    wor.compose(
+        dp_event.SelfComposedDpEvent(
+            dp_event.SampledWithoutReplacementDpEvent(8, 4, dp_event.GaussianDpEvent(0.5)), 4
+        )
+    )
+    assert fixed.rounds[-1]["epsilon"] == pytest.approx(wor.get_epsilon(1e-5), rel=1e-9)
+    assert "fixed-size sampling without replacement, replace-one" in fixed.rounds[-1]["dp_accounting"]
+
+
+def test_an_empty_poisson_round_still_releases_the_noise_and_is_counted(tmp_path):
+    """Under Poisson sampling a round may sample no client: the server still releases the noisy
+    fixed-denominator mean (its noise alone), and the accountant counts the release."""
+    res = fedmtl.run(
+        _dp_config(train__rounds=8, clients__per_round=1, eval__every=8, eval__global_test=True),
+        out=tmp_path / "r",
+    )
+    rows = res.rounds
+    empty = [r for r in rows if r["sampled"] == 0]
+    assert empty, [r["sampled"] for r in rows]
+    assert [r["dp_releases"] for r in rows] == list(range(1, 9))
+    assert all(np.isfinite(r["epsilon"]) for r in rows)
+
+
+def test_the_fixed_denominator_mean_divides_by_the_expected_count_and_noises_every_key():
+    from fedmtl.aggregation.config import ClipStep, GaussianNoiseStep, MeanStep
+    from fedmtl.aggregation.pipeline import Pipeline
+    from fedmtl.aggregation.steps import Clip, GaussianNoise, Mean
+
+    chain = Pipeline(
+        [
+            Clip(ClipStep(max_norm=10.0)),
+            Mean(MeanStep(weighting="uniform", expected=4.0, expected_by_task={"a": 2.0})),
+            GaussianNoise(GaussianNoiseStep(noise_multiplier=0.0)),
+        ]
+    )
+    ref = {
+        "body": np.zeros(3, np.float32),
+        "a:head": np.zeros(2, np.float32),
+        "b:head": np.zeros(2, np.float32),
+    }
+    updates = {
+        0: {"body": np.ones(3, np.float32), "a:head": np.ones(2, np.float32)},
+        1: {"body": np.ones(3, np.float32)},
+    }
+    res = chain.run(ref, updates, {0: 1.0, 1: 1.0}, seed=0, round=1)
+    assert res.params["body"].tolist() == [0.5] * 3  # 2 clients' sum over 4 expected
+    assert res.params["a:head"].tolist() == [0.5] * 2  # over task a's 2 expected
+    assert res.params["b:head"].tolist() == [0.0] * 2  # nobody of task b: a zero sum
+    noisy = Pipeline([Clip(ClipStep(max_norm=1.0)), Mean(MeanStep(weighting="uniform", expected=4.0)),
+                      GaussianNoise(GaussianNoiseStep(noise_multiplier=2.0))])  # fmt: skip
+    empty = noisy.run({"w": np.zeros(100_000, np.float32)}, {}, {}, seed=0, round=1)
+    assert float(empty.params["w"].std()) == pytest.approx(2.0 * 1.0 / 4, rel=0.02)
+
+
+@pytest.mark.parametrize(
+    "over, message",
+    [
+        (
+            {"privacy": {**DP, "accountant": "pld"}, "clients__sampling": "fixed"},
+            "config: privacy.accountant = 'pld': models Poisson sampling only, and clients.sampling = "
+            "'fixed' draws a fixed number of clients; use accountant 'rdp' or clients.sampling 'poisson'",
+        ),
+        (
+            {"privacy": {**DP, "noise_at": "client"}, "clients__sampling": "poisson"},
+            "config: privacy.noise_at = 'client': each client adds its share of the noise for a known number "
+            "of clients, which Poisson sampling varies; use clients.sampling 'fixed'",
+        ),
+        (
+            {"algorithm": {"name": "hierarchical"}},
+            "config: clients.sampling = 'poisson': DP-FedAvg then divides each sum by its expected number of "
+            "clients, and algorithm 'hierarchical' needs more than that mean of the updates; use "
+            "clients.sampling 'fixed'",
+        ),
+    ],
+    ids=["pld-fixed", "client-noise-poisson", "hierarchical-poisson"],
+)
+def test_a_sampler_the_accountant_does_not_model_is_refused(tmp_path, over, message):
+    with pytest.raises(ConfigError) as exc:
+        fedmtl.run(_dp_config(**over), out=tmp_path / "r")
+    assert str(exc.value) == message

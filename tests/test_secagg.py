@@ -240,11 +240,14 @@ def _dp(z: float) -> dict[str, Any]:
 
 def test_with_client_level_dp_clients_noise_before_masking_and_the_sum_has_the_calibrated_noise():
     """DP-FedAvg with ``noise_at: client`` inside secure aggregation: each of the m = 8 clients adds
-    N(0, (z C)^2 / m) before masking, so the unmasked mean carries noise of std z C / m."""
+    N(0, (z C)^2 / t) before masking, t = 6 the protocol's threshold (a round with fewer survivors
+    aborts), so the unmasked sum carries at least the central noise (z C)^2 whoever drops: with all 8
+    surviving, the mean's noise has std z C sqrt(8 / t) / 8."""
     clean, _ = _params_after(_dp(0.0), 1)
     noisy, infos = _params_after(_dp(1.0), 1)
     diff = np.concatenate([(noisy[k] - clean[k]).ravel() for k in clean])
-    assert diff.std() == pytest.approx(1.0 * 1.0 / 8, rel=0.05)
+    assert infos[0]["secagg_threshold"] == 6 and infos[0]["secagg_survivors"] == 8
+    assert diff.std() == pytest.approx(1.0 * 1.0 * np.sqrt(8 / 6) / 8, rel=0.05)
     assert infos[0]["secagg_status"] == "ok" and infos[0]["epsilon"] > 0
 
 

@@ -49,8 +49,15 @@ class TrainConfig(Strict):
 
 
 class ClientsConfig(Strict):
+    #: clients per round (fixed sampling), or expected clients per round (Poisson sampling)
     per_round: int | None = Field(None, ge=1)
     fraction: float = Field(1.0, gt=0, le=1)
+    #: fixed: exactly ``per_round`` (or ``fraction`` of the training clients) drawn without
+    #: replacement; poisson: every client independently with probability q = that number / the
+    #: training clients, rounds of varying size. Default (null): poisson under client-level DP with
+    #: server-side noise (the sampling its accountant models), fixed otherwise (distributed noise
+    #: needs a known number of clients); the run's config records the choice.
+    sampling: Literal["fixed", "poisson"] | None = None
 
 
 class RuntimeConfig(Strict):
@@ -113,6 +120,16 @@ class Config(Strict):
 
         self.__dict__["algorithm"] = _validate_section("algorithm", self.algorithm, algorithm_params)
         self.__dict__["model"] = _validate_section("model", self.model, model_params)
+        return self
+
+    @model_validator(mode="after")
+    def _sampling_matches_the_accountant(self) -> Config:
+        """Client sampling and what the privacy accountant assumes about it are one decision: the
+        default follows client-level DP, and a pairing that would report the wrong epsilon is refused."""
+        from fedmtl.features.privacy import resolve_sampling
+
+        self.clients.__dict__["sampling"], privacy = resolve_sampling(self.clients.sampling, self.privacy)
+        self.__dict__["privacy"] = privacy
         return self
 
     def to_dict(self) -> dict[str, Any]:

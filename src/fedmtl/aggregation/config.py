@@ -42,6 +42,18 @@ class MeanStep(StepConfig):
     name: Literal["mean"] = "mean"
     stage: ClassVar[Literal["update", "reduce", "aggregate"]] = "reduce"
     weighting: Literal["samples", "uniform"] = "samples"
+    #: uniform weighting: divide each sum by this many clients, the expected number under Poisson
+    #: sampling, instead of the number that replied (DP-FedAvg's fixed-denominator estimate: one
+    #: client's share is then public, 1 / expected); keys nobody sent get a zero sum
+    expected: float | None = Field(None, gt=0)
+    #: per task, the expected clients of that task (its ``<task>:head.*`` keys); others: ``expected``
+    expected_by_task: dict[str, float] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _fixed_needs_uniform(self) -> MeanStep:
+        if self.expected is not None and self.weighting != "uniform":
+            raise ValueError("expected (a fixed denominator) needs weighting 'uniform'")
+        return self
 
 
 class MedianStep(StepConfig):

@@ -120,6 +120,9 @@ class Pipeline:
 
     def __init__(self, steps: Sequence[Step]) -> None:
         self.steps = list(steps)
+        #: a chain whose mean divides by a fixed expected count releases a result even when no client
+        #: replied (DP-FedAvg under Poisson sampling: then only its noise), so the server runs it
+        self.releases_when_empty = any(getattr(s.cfg, "expected", None) is not None for s in self.steps)
 
     def __repr__(self) -> str:
         return f"Pipeline({[s.name for s in self.steps]})"
@@ -148,7 +151,7 @@ class Pipeline:
     ) -> AggResult:
         """Aggregate client arrays ``updates`` (server key names, each a subset of ``reference``'s
         keys) into new values for every key at least one client carries."""
-        if not updates:
+        if not updates and not self.releases_when_empty:
             raise ProtocolError("aggregation: no client updates to aggregate")
         cids = sorted(updates)
         deltas = []

@@ -75,11 +75,31 @@ def weighted_update_mean(batch: Batch, weights: np.ndarray) -> dict[str, np.ndar
     return out
 
 
+def fixed_denominator_sum(batch: Batch, expected: float, by_task: dict[str, float]) -> dict[str, np.ndarray]:
+    """Per reference key, the sum of the updates that carry it over the expected number of clients
+    carrying it (a task head's: its task's), zero where none did; each key's sensitivity is one
+    client's share, 1 / that number."""
+    out: dict[str, np.ndarray] = {}
+    for k, ref in batch.reference.items():
+        task, sep, _ = k.partition(":")
+        n = by_task.get(task, expected) if sep else expected
+        acc = np.zeros(ref.shape, dtype=np.float64)
+        for u in batch.updates:
+            if k in u:
+                acc += u[k]
+        out[k] = acc / n
+        batch.sensitivity[k] = 1.0 / n
+    return out
+
+
 @register_step("mean")
 class Mean(Step):
     stage = "reduce"
 
     def apply(self, batch: Batch, state: dict[str, Any]) -> dict[str, Any]:
+        if self.cfg.expected is not None:
+            batch.aggregate = fixed_denominator_sum(batch, self.cfg.expected, self.cfg.expected_by_task)
+            return state
         w = batch.weights if self.cfg.weighting == "samples" else np.ones_like(batch.weights)
         batch.aggregate = weighted_update_mean(batch, w)
         return state

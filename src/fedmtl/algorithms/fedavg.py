@@ -71,7 +71,7 @@ class FedAvg(Algorithm):
 
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
         replies, server = accept_replies(self, server, replies)
-        if not replies:
+        if not replies and not (self.ctx.aggregator is not None and self.ctx.aggregator.releases_when_empty):
             return server
         mean, server = aggregate_into(self.ctx, replies, server, round)
         params, opt = server_opt_step(self.p.server_optimizer, server["params"], mean, server["opt"])

@@ -347,7 +347,8 @@ def _privacy_note(final: dict[str, Any]) -> str:
     """Epsilon at delta of a differentially private run (the accountant's value after the last round)."""
     if not _is_number(final.get("epsilon")):
         return ""
-    return f" (ε = {final['epsilon']:.3g} at δ = {final.get('delta', float('nan')):.0e})"
+    how = f"; {final['dp_accounting']}" if final.get("dp_accounting") else ""
+    return f" (ε = {final['epsilon']:.3g} at δ = {final.get('delta', float('nan')):.0e}{how})"
 
 
 def _client_columns(rows: Sequence[dict[str, Any]]) -> list[str]:

@@ -25,7 +25,6 @@ from fedmtl.metrics import primary_metric
 from fedmtl.models import build_model
 from fedmtl.runtime import Simulator
 from fedmtl.runtime.loop import Progress, RunLoop
-from fedmtl.runtime.round import sample_size
 from fedmtl.training import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.tensors import model_arrays
@@ -112,7 +111,7 @@ def build_algorithm(cfg: Config) -> tuple[FederatedData, Algorithm, float]:
         )
     # The server's chain: the configured one, or the one a feature needs (client-level DP's clip,
     # mean and noise), in the context before the algorithm is built; no feature changes it later.
-    steps = aggregation_steps(cfg, sample_size(cfg, len(data.train_clients)))
+    steps = aggregation_steps(cfg, data)
     ctx.aggregator = Pipeline(steps) if steps is not None else build_pipeline(cfg.aggregation)
     raw = cfg.algorithm.model_dump()
     raw.pop("name")

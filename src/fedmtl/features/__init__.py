@@ -28,8 +28,8 @@ class Feature:
     section: str | None
     #: ``(algorithm, config, data) -> the algorithm with the feature``, or a config error
     wrap: Callable[[Algorithm, Config, FederatedData], Algorithm]
-    #: ``(config, clients per round) -> the aggregation chain the feature needs``, or None
-    chain: Callable[[Config, int], list[Step] | None] | None = None
+    #: ``(config, data) -> the aggregation chain the feature needs``, or None
+    chain: Callable[[Config, FederatedData], list[Step] | None] | None = None
 
     def enabled(self, cfg: Config) -> bool:
         return self.section is None or bool(getattr(cfg, self.section).enabled)
@@ -43,11 +43,11 @@ FEATURES: list[Feature] = [
 ]
 
 
-def aggregation_steps(cfg: Config, per_round: int) -> list[Step] | None:
+def aggregation_steps(cfg: Config, data: FederatedData) -> list[Step] | None:
     """The chain an enabled feature sets (client-level DP), or None to use ``aggregation:``."""
     for feature in FEATURES:
         if feature.chain is not None and feature.enabled(cfg):
-            steps = feature.chain(cfg, per_round)
+            steps = feature.chain(cfg, data)
             if steps is not None:
                 return steps
     return None

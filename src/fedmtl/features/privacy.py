@@ -76,10 +76,11 @@ class PrivacyConfig(Strict):
     noise_at: Literal["server", "client"] = "server"
     delta: float = Field(1e-5, gt=0, lt=1)
     accountant: Literal["rdp", "pld"] = "rdp"
-    #: how the accountant models client (or batch) sampling: 'poisson' (the usual approximation for
-    #: fixed-size sampling) or 'without_replacement' (exact for the simulator's fixed-size client
-    #: sampling, replace-one neighbours; rdp only; client level only)
-    sampling: Literal["poisson", "without_replacement"] = "poisson"
+    #: how the accountant models client sampling (client level): 'poisson' for ``clients.sampling:
+    #: poisson`` (add/remove-one neighbours), 'without_replacement' for ``clients.sampling: fixed``
+    #: (replace-one neighbours; rdp only). Default (null): the sampling that runs; any other value
+    #: is refused. Sample level always accounts Poisson batches, which DP-SGD draws.
+    sampling: Literal["poisson", "without_replacement"] | None = None
     #: stop before the round whose release would push epsilon above this
     max_epsilon: float | None = Field(None, gt=0)
     #: DP-aggregated evaluation (client level): instead of exact client metrics, each evaluation
@@ -101,6 +102,43 @@ class PrivacyConfig(Strict):
         if self.level == "sample" and self.sampling == "without_replacement":
             raise ValueError("level 'sample' accounts batches as 'poisson' sampling")
         return self
+
+
+#: what the accountant assumes (``privacy.sampling``) for each client sampler that can run
+ACCOUNTED_AS = {"poisson": "poisson", "fixed": "without_replacement"}
+#: the guarantee each reports, in the round rows
+ACCOUNTING = {
+    "poisson": "client-level, Poisson-sampled clients, add/remove-one neighbours",
+    "without_replacement": "client-level, fixed-size sampling without replacement, replace-one neighbours",
+}
+
+
+def resolve_sampling(clients: str | None, privacy: PrivacyConfig) -> tuple[str, PrivacyConfig]:
+    """(client sampling, privacy section with the accountant's sampling filled in): Poisson by
+    default under client-level DP with server noise, fixed otherwise; a pairing that would report
+    an epsilon for another mechanism than the one that runs is a config error."""
+    client_dp = privacy.enabled and privacy.level == "client"
+    # distributed noise (noise_at: client) is shared out over a known number of clients: fixed size
+    sampling = clients or ("poisson" if client_dp and privacy.noise_at == "server" else "fixed")
+    if not client_dp:
+        return sampling, privacy
+    want = ACCOUNTED_AS[sampling]
+    if privacy.sampling is not None and privacy.sampling != want:
+        raise ConfigError(
+            f"config: privacy.sampling = {privacy.sampling!r}: clients.sampling = {sampling!r} runs, "
+            f"which the accountant models as {want!r}; leave privacy.sampling out (it follows the sampler)"
+        )
+    if want == "without_replacement" and privacy.accountant == "pld":
+        raise ConfigError(
+            "config: privacy.accountant = 'pld': models Poisson sampling only, and clients.sampling = "
+            "'fixed' draws a fixed number of clients; use accountant 'rdp' or clients.sampling 'poisson'"
+        )
+    if sampling == "poisson" and privacy.noise_at == "client":
+        raise ConfigError(
+            "config: privacy.noise_at = 'client': each client adds its share of the noise for a known "
+            "number of clients, which Poisson sampling varies; use clients.sampling 'fixed'"
+        )
+    return sampling, privacy.model_copy(update={"sampling": want})
 
 
 DP_RNG = 13  # rng purpose of client-side noise: (seed, DP_RNG, round, cid)
@@ -162,10 +200,17 @@ def update_noise(cfg: PrivacyConfig, per_round: int) -> tuple[float, float]:
     return count, (adaptive_update_noise(z, count) if z > 0 else z)
 
 
-def aggregation_steps(cfg: PrivacyConfig, per_round: int) -> list[Step]:
+def aggregation_steps(
+    cfg: PrivacyConfig,
+    per_round: int,
+    expected: float | None = None,
+    expected_by_task: dict[str, float] | None = None,
+) -> list[Step]:
     """Client-level DP's aggregation chain: clip, uniform mean, Gaussian noise (``noise_at:
     server``), or the adaptive bound and the uniform mean (``noise_at: client``: the clients clipped
-    and noised already)."""
+    and noised already). Under Poisson sampling (``expected``: the expected clients per round, and
+    per task) the mean divides each sum by that fixed count, so one client's share is public and the
+    noise is calibrated to it (McMahan et al. 2018's fixed-denominator estimate)."""
     count, noise = update_noise(cfg, per_round)
     clip = ClipStep(
         max_norm=cfg.clip_norm,
@@ -174,7 +219,7 @@ def aggregation_steps(cfg: PrivacyConfig, per_round: int) -> list[Step]:
         lr=cfg.clip_lr,
         count_noise_std=count if cfg.noise_multiplier > 0 else 0.0,
     )
-    mean = Mean(MeanStep(weighting="uniform"))
+    mean = Mean(MeanStep(weighting="uniform", expected=expected, expected_by_task=expected_by_task or {}))
     if cfg.noise_at == "server":
         return [Clip(clip), mean, GaussianNoise(GaussianNoiseStep(noise_multiplier=noise))]
     return [BoundOnly(clip), mean]
@@ -192,6 +237,7 @@ class ClientDP(ReplyWrapper):
         population: int,
         eval_every: int = 1,
         rounds: int = 0,
+        noise_shares: int | None = None,
     ) -> None:
         super().__init__(inner)
         self.cfg = cfg
@@ -201,6 +247,9 @@ class ClientDP(ReplyWrapper):
         self.eval_every = eval_every
         self.rounds = rounds
         self.count_noise_std, self.update_noise = update_noise(cfg, per_round)
+        #: ``noise_at: client``: the fewest clients whose noise shares reach the sum (each adds
+        #: 1/noise_shares of the noise variance; more clients only add noise)
+        self.noise_shares = noise_shares or per_round
         #: the server's chain (clip, mean, noise), read for the current clip bound
         self.chain: Pipeline = self.ctx.aggregator
 
@@ -266,9 +315,12 @@ class ClientDP(ReplyWrapper):
         return Message(arrays=msg.arrays, scalars={**msg.scalars, CLIP_KEY: self.clip_bound(server)})
 
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+        """Under Poisson sampling every round is a release (an empty round releases the noise
+        alone, ``Pipeline.releases_when_empty``); under fixed-size sampling a round nobody replied
+        to releases nothing."""
         releases = server["dp"]["releases"]
         new = self.inner.server_step(server, replies, round)
-        if replies:
+        if replies or self.cfg.sampling == "poisson":
             releases += 1
         return {**new, "dp": {"releases": releases, "round": round}}
 
@@ -279,6 +331,7 @@ class ClientDP(ReplyWrapper):
             **self.inner.round_info(server),
             "epsilon": self.epsilon_after(releases, evaluations),
             "delta": self.cfg.delta,
+            "dp_accounting": ACCOUNTING[self.cfg.sampling or "poisson"] + f" ({self.cfg.accountant})",
             "dp_releases": releases,
             "dp_clip": self.clip_bound(server),
         }
@@ -317,7 +370,7 @@ class ClientDP(ReplyWrapper):
         }
         std = 0.0
         if self.cfg.noise_at == "client":
-            std = self.update_noise * clip / np.sqrt(self.per_round)
+            std = self.update_noise * clip / np.sqrt(self.noise_shares)
         rng = np.random.default_rng([self.ctx.seed, DP_RNG, work.round, data.cid])
         private, within = privatize_update(update, clip, std, rng)
         arrays = dict(reply.arrays)
@@ -389,18 +442,28 @@ class SampleDP(AlgorithmWrapper):
         return (yield from map_requests(self.inner.client_step(state, data, msg, work), change))
 
 
-def chain(cfg: Config, per_round: int) -> list[Step] | None:
+def chain(cfg: Config, data: FederatedData) -> list[Step] | None:
     """The aggregation chain client-level DP needs (it replaces the configured one), else None."""
     p = cfg.privacy
     if p.level != "client":
         return None
+    pool = data.train_clients
+    per_round = sample_size(cfg, len(pool))
+    expected = by_task = None
+    if cfg.clients.sampling == "poisson":
+        q = per_round / len(pool)
+        expected = q * len(pool)
+        by_task = {}
+        for cid in pool:
+            task = data.clients[cid].task.name
+            by_task[task] = by_task.get(task, 0.0) + q
     if cfg.aggregation:
         raise ConfigError(
             "config: privacy.level = 'client': sets the aggregation chain itself (clip, uniform mean, "
             "noise); leave aggregation empty"
         )
     try:
-        return aggregation_steps(p, per_round)
+        return aggregation_steps(p, per_round, expected, by_task)
     except ValueError as exc:
         raise ConfigError(f"config: privacy.count_noise_std: {exc}") from None
 
@@ -425,11 +488,24 @@ def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
             "config: privacy.eval_noise_multiplier: DP-aggregated evaluation releases only the trained "
             "clients' metric means; set data.holdout_clients to 0"
         )
+    if cfg.clients.sampling == "poisson" and not algo.mean_of_updates:
+        raise ConfigError(
+            f"config: clients.sampling = 'poisson': DP-FedAvg then divides each sum by its expected number "
+            f"of clients, and algorithm {algo.name!r} needs more than that mean of the updates; use "
+            "clients.sampling 'fixed'"
+        )
+    per_round = sample_size(cfg, len(data.train_clients))
+    shares = None
+    if p.noise_at == "client" and cfg.secagg.enabled:  # below the threshold the round aborts
+        from fedmtl.features.secagg import threshold_for
+
+        shares = threshold_for(cfg, per_round)
     return ClientDP(
         algo,
         p,
-        sample_size(cfg, len(data.train_clients)),
+        per_round,
         len(data.train_clients),
         eval_every=cfg.eval.every,
         rounds=cfg.train.rounds,
+        noise_shares=shares,
     )

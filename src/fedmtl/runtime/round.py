@@ -78,13 +78,25 @@ class Planner:
     def num_sampled(self) -> int:
         return sample_size(self.cfg, len(self.pool))
 
+    @property
+    def poisson(self) -> bool:
+        return self.cfg.clients.sampling == "poisson"
+
+    def rate(self) -> float:
+        """Poisson sampling's q: each client's chance to take part in a round."""
+        return self.num_sampled() / len(self.pool)
+
     def sample(self, round: int) -> list[int]:
-        """Seeded per round, from the clients that train (held-out clients never do)."""
+        """Seeded per round, from the clients that train (held-out clients never do): exactly
+        ``num_sampled`` of them (fixed), or each with probability ``rate`` (Poisson: a round may
+        have any size, none included)."""
         pool = self.pool
         k = self.num_sampled()
         if k == len(pool):
             return list(pool)
         rng = derived_rng(self.cfg.seed, SAMPLE, round)
+        if self.poisson:
+            return [c for c, u in zip(pool, rng.random(len(pool)).tolist(), strict=True) if u < k / len(pool)]
         return sorted(pool[int(i)] for i in rng.choice(len(pool), size=k, replace=False))
 
     def systems(self, round: int, cids: list[int]) -> list[tuple[float, bool]]:

@@ -1,7 +1,7 @@
-"""DP-SGD (Abadi et al. 2016) for local training: per-sample gradients (``torch.func``: ``vmap`` of
-``grad``), each clipped to L2 norm ``clip``, summed, Gaussian noise of std ``noise_multiplier *
-clip`` added, divided by the batch size. Same batches, optimizer and return values as
-``local_train``, so an algorithm can use either."""
+"""DP-SGD (Abadi et al. 2016) for local training: Poisson-sampled mini-batches, per-sample gradients
+(``torch.func``: ``vmap`` of ``grad``), each clipped to L2 norm ``clip``, summed, Gaussian noise of
+std ``noise_multiplier * clip`` added, divided by the expected batch size. Same optimizer and
+return values as ``local_train``, so an executor can run either."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from torch.func import grad, vmap
 
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
-from fedmtl.training.local import LocalSpec, batch_schedule
+from fedmtl.training.local import LocalSpec
 from fedmtl.training.objectives import TASK_LOSS, Objective, add_prox_grad
+from fedmtl.training.shuffle import Randomness
 from fedmtl.training.tensors import Params
 
 
@@ -74,8 +75,10 @@ def dp_local_train(
 ) -> tuple[Params, float, int]:
     """``local_train`` with DP-SGD steps; returns (params, mean training loss, samples processed).
 
-    The noise is divided by the nominal batch size (``min(batch_size, n)``), the quantity the
-    accountant's sampling rate refers to. The proximal term is data-independent, so it is added to
+    Every step draws a Poisson batch (``poisson_batches``: each sample independently with
+    probability q = min(batch_size, n) / n, so the batch size varies and may be 0), the mechanism
+    the accountant composes; the noisy sum is divided by the expected batch size q n, not the drawn
+    one, which would depend on the data. The proximal term is data-independent, so it is added to
     the privatised gradient without cost to privacy."""
     keys = list(params) if trainable is None else [k for k in params if k in set(trainable)]
     frozen = {k: v for k, v in params.items() if k not in keys}
@@ -83,21 +86,19 @@ def dp_local_train(
     state = optim.init_state(spec.optimizer, current)
     xt, yt = torch.as_tensor(x), torch.as_tensor(y)
     gen = torch.Generator().manual_seed(int(noise_rng.integers(2**62)))
-    nominal = min(spec.batch_size, len(y))
+    expected = min(spec.batch_size, len(y))
     center = {k: c for k, c in (prox_center or {}).items() if k in current}
     bounds = [b for b in bounds if b[0] in current]
     total, seen = 0.0, 0
-    for idx in batch_schedule(len(y), spec.batch_size, steps, rng):
+    for idx in poisson_batches(len(y), spec.batch_size, steps, rng):
         xb, yb = xt[idx], yt[idx]
-        with torch.no_grad():
-            total += float(objective.batch(model, {**frozen, **current}, xb, yb, task)[1]) * len(idx)
-        g, _ = clip_and_noise(
-            per_sample_grads(model, current, xb, yb, task, frozen, objective),
-            clip,
-            noise_multiplier,
-            nominal,
-            gen,
-        )
+        if len(idx):
+            with torch.no_grad():
+                total += float(objective.batch(model, {**frozen, **current}, xb, yb, task)[1]) * len(idx)
+            per_sample = per_sample_grads(model, current, xb, yb, task, frozen, objective)
+        else:  # an empty batch: the step is the noise alone
+            per_sample = {k: v.new_zeros((0, *v.shape)) for k, v in current.items()}
+        g, _ = clip_and_noise(per_sample, clip, noise_multiplier, expected, gen)
         add_prox_grad(g, current, center, prox_mu)
         current = optim.step(spec.optimizer, current, g, state)
         for key, low, high in bounds:
@@ -105,3 +106,14 @@ def dp_local_train(
         seen += len(idx)
     result = {**frozen, **current}
     return {k: result[k] for k in params}, total / max(seen, 1), seen
+
+
+def poisson_batches(n: int, batch_size: int, steps: int, rng: Randomness) -> list[np.ndarray]:
+    """``steps`` Poisson-sampled mini-batches of ``range(n)``: each sample in each batch
+    independently with probability min(batch_size, n) / n (what DP-SGD's accountant assumes; a
+    shuffled fixed-size batch is a different mechanism, Chua et al. 2024). Drawn from ``rng``, so a
+    client draws the same batches in every executor and on a Flower node."""
+    if n == 0:
+        return [np.zeros(0, dtype=np.int64) for _ in range(steps)]
+    q = min(batch_size, n) / n
+    return [np.flatnonzero(rng.random(n) < q) for _ in range(steps)]

@@ -156,11 +156,26 @@ def test_client_noise_and_dp_sgd_run_and_report_epsilon(tmp_path, extra):
     assert 0 < res.final["epsilon"] < float("inf") and np.isfinite(res.final["global_loss"])
 
 
-def test_batched_execution_gives_the_dp_run_sequential_execution_gives(tmp_path):
-    seq = fedmtl.run(_dp_config(runtime__execution="sequential"), out=tmp_path / "s")
-    bat = fedmtl.run(_dp_config(runtime__execution="batched"), out=tmp_path / "b")
+@pytest.mark.parametrize("level", ["client", "sample"])
+def test_batched_execution_gives_the_dp_run_sequential_execution_gives(tmp_path, level):
+    over = {"privacy": {**DP, "level": level}, "train__local_steps": 3}
+    seq = fedmtl.run(_dp_config(runtime__execution="sequential", **over), out=tmp_path / "s")
+    bat = fedmtl.run(_dp_config(runtime__execution="batched", **over), out=tmp_path / "b")
     assert bat.rounds[-1]["execution"] == "batched"
     assert bat.final["global_loss"] == pytest.approx(seq.final["global_loss"], rel=1e-4)
+    assert bat.final["epsilon"] == seq.final["epsilon"]
+
+
+def test_the_budget_under_fixed_size_sampling_uses_the_fixed_size_accountant(tmp_path):
+    fixed = [epsilon(1.0, k, 1e-5, 4, 8, "without_replacement") for k in (1, 2, 3)]
+    assert fixed[1] > epsilon(1.0, 2, 1e-5, 4, 8, "poisson")  # the Poisson budget would let it run on
+    budget = (fixed[0] + fixed[1]) / 2
+    cfg = _dp_config(train__rounds=3, clients__sampling="fixed", privacy={**DP, "max_epsilon": budget})
+    res = fedmtl.run(cfg, out=tmp_path / "r")
+    assert res.summary["rounds_completed"] == 1
+    assert res.summary["stopped"].startswith("privacy budget: round 2 would raise epsilon to ")
+    assert res.final["epsilon"] == pytest.approx(fixed[0])
+    assert res.final["dp_accounting"].startswith("client-level, fixed-size sampling without replacement")
 
 
 def test_dp_runs_on_a_personalised_multi_task_federation(tmp_path):
@@ -312,6 +327,10 @@ def test_flower_run_with_dp_equals_the_simulator(tmp_path, privacy, flower):
     if "max_epsilon" in privacy:
         assert got.summary["rounds_completed"] == 3 and got.summary["stopped"].startswith("privacy budget")
     assert got.summary["final"]["epsilon"] == pytest.approx(expected.summary["final"]["epsilon"])
+    # the ServerApp samples nodes with the round plan's rule: Poisson unless the noise is in shares
+    sampling = "fixed-size" if privacy.get("noise_at") == "client" else "Poisson-sampled"
+    assert [r["sampled"] for r in got.rounds] == [r["sampled"] for r in expected.rounds]
+    assert all(sampling in r["dp_accounting"] for r in got.rounds)
 
 
 # ------------------------------------------------------------------------------------ sampling
@@ -361,6 +380,32 @@ def test_dp_sgd_draws_binomial_poisson_batches():
     assert _binomial_fit(sizes, 200, 0.16) > 1e-3
     assert all(len(np.unique(b)) == len(b) for b in batches[:50])
     assert poisson_batches(10, 32, 3, np.random.default_rng(0))[0].tolist() == list(range(10))  # q = 1
+
+
+def test_dp_sgd_reports_dp_accountings_epsilon_for_its_poisson_batches(tmp_path):
+    """Every client composes one Poisson-subsampled Gaussian (q = batch/n) per DP-SGD step it took;
+    the row's epsilon is the worst client's."""
+    from fedmtl.config import Config
+    from fedmtl.experiment.run import load_federated
+
+    raw = _dp_config(
+        train__rounds=2, train__local_steps=3, clients__per_round=8,
+        privacy={**DP, "level": "sample", "noise_multiplier": 0.8},
+    )  # fmt: skip
+    res = fedmtl.run(raw, out=tmp_path / "r")
+    cfg = Config.model_validate(raw)
+    sizes = [c.n_train for c in load_federated(cfg.data, cfg.seed).clients]
+
+    def eps(n: int) -> float:
+        acc = rdp_privacy_accountant.RdpAccountant()
+        q = min(cfg.train.batch_size, n) / n
+        event = dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(0.8))
+        acc.compose(dp_event.SelfComposedDpEvent(event, 6))  # 2 rounds x 3 steps, every client
+        return acc.get_epsilon(1e-5)
+
+    assert res.final["epsilon"] == pytest.approx(max(eps(n) for n in sizes), rel=1e-9)
+    assert res.final["epsilon_mean"] == pytest.approx(np.mean([eps(n) for n in sizes]), rel=1e-9)
+    assert res.final["dp_accounting"].startswith("record-level, Poisson batches")
 
 
 def test_client_dp_defaults_to_poisson_sampling_and_reports_dp_accountings_epsilon(tmp_path):
@@ -450,7 +495,7 @@ def test_the_fixed_denominator_mean_divides_by_the_expected_count_and_noises_eve
             "of clients, which Poisson sampling varies; use clients.sampling 'fixed'",
         ),
         (
-            {"algorithm": {"name": "hierarchical"}},
+            {"algorithm": {"name": "hierarchical"}, "clients__sampling": "poisson"},
             "config: clients.sampling = 'poisson': DP-FedAvg then divides each sum by its expected number of "
             "clients, and algorithm 'hierarchical' needs more than that mean of the updates; use "
             "clients.sampling 'fixed'",
@@ -462,3 +507,16 @@ def test_a_sampler_the_accountant_does_not_model_is_refused(tmp_path, over, mess
     with pytest.raises(ConfigError) as exc:
         fedmtl.run(_dp_config(**over), out=tmp_path / "r")
     assert str(exc.value) == message
+
+
+def test_the_default_sampler_is_the_one_each_setting_can_account_for():
+    from fedmtl.config import Config
+
+    def resolved(**over):
+        cfg = Config.model_validate(_dp_config(**over))
+        return cfg.clients.sampling, cfg.privacy.sampling
+
+    assert resolved() == ("poisson", "poisson")
+    assert resolved(algorithm={"name": "hierarchical"}) == ("fixed", "without_replacement")
+    assert resolved(privacy={**DP, "noise_at": "client"}) == ("fixed", "without_replacement")
+    assert resolved(privacy={**DP, "enabled": False})[0] == "fixed"

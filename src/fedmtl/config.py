@@ -126,9 +126,13 @@ class Config(Strict):
     def _sampling_matches_the_accountant(self) -> Config:
         """Client sampling and what the privacy accountant assumes about it are one decision: the
         default follows client-level DP, and a pairing that would report the wrong epsilon is refused."""
+        from fedmtl.algorithms import get_algorithm
         from fedmtl.features.privacy import resolve_sampling
 
-        self.clients.__dict__["sampling"], privacy = resolve_sampling(self.clients.sampling, self.privacy)
+        mean_only = get_algorithm(self.algorithm.name).mean_of_updates
+        self.clients.__dict__["sampling"], privacy = resolve_sampling(
+            self.clients.sampling, self.privacy, mean_only
+        )
         self.__dict__["privacy"] = privacy
         return self
 

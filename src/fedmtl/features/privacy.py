@@ -110,16 +110,22 @@ ACCOUNTED_AS = {"poisson": "poisson", "fixed": "without_replacement"}
 ACCOUNTING = {
     "poisson": "client-level, Poisson-sampled clients, add/remove-one neighbours",
     "without_replacement": "client-level, fixed-size sampling without replacement, replace-one neighbours",
+    "sample": "record-level, Poisson batches of each client's records, add/remove-one, worst client",
 }
 
 
-def resolve_sampling(clients: str | None, privacy: PrivacyConfig) -> tuple[str, PrivacyConfig]:
+def resolve_sampling(
+    clients: str | None, privacy: PrivacyConfig, mean_of_updates: bool = True
+) -> tuple[str, PrivacyConfig]:
     """(client sampling, privacy section with the accountant's sampling filled in): Poisson by
-    default under client-level DP with server noise, fixed otherwise; a pairing that would report
-    an epsilon for another mechanism than the one that runs is a config error."""
+    default under client-level DP with server noise on an algorithm whose server takes the mean of
+    the updates, fixed otherwise; a pairing that would report an epsilon for another mechanism than
+    the one that runs is a config error."""
     client_dp = privacy.enabled and privacy.level == "client"
-    # distributed noise (noise_at: client) is shared out over a known number of clients: fixed size
-    sampling = clients or ("poisson" if client_dp and privacy.noise_at == "server" else "fixed")
+    # distributed noise (noise_at: client) is shared out over a known number of clients, and an
+    # expected-count mean only stands in for a mean of the updates: fixed size otherwise
+    poisson_fits = client_dp and privacy.noise_at == "server" and mean_of_updates
+    sampling = clients or ("poisson" if poisson_fits else "fixed")
     if not client_dp:
         return sampling, privacy
     want = ACCOUNTED_AS[sampling]
@@ -416,6 +422,7 @@ class SampleDP(AlgorithmWrapper):
             "epsilon": max(eps, default=0.0),
             "epsilon_mean": float(np.mean(eps)) if eps else 0.0,
             "delta": self.cfg.delta,
+            "dp_accounting": ACCOUNTING["sample"] + f" ({self.cfg.accountant})",
         }
 
     def stop_reason(self, server: dict[str, Any], round: int) -> str | None:

@@ -8,9 +8,9 @@ touched, so accuracy stays honest."""
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from fedmtl.config_base import Strict
 
@@ -55,8 +55,14 @@ class CorruptConfig(Strict):
         return self
 
 
+PartitionKind = Literal["iid", "dirichlet", "shards", "quantity", "target", "covariate", "natural"]
+#: what ``data.normalize`` may say; ``auto`` resolves per dataset (``fedmtl datasets`` lists it)
+Normalize = Literal["auto", "standardize", "scale", "none"]
+
+
 class PartitionConfig(Strict):
-    kind: Literal["iid", "dirichlet", "shards", "quantity", "target", "covariate", "natural"] = "dirichlet"
+    #: None: the dataset's own clients for natural datasets (LEAF, landmine, ...), else dirichlet
+    kind: PartitionKind | None = None
     num_clients: int = Field(10, ge=1)
     alpha: float = Field(0.5, gt=0)
     min_samples: int = Field(10, ge=1)
@@ -70,14 +76,48 @@ class PartitionConfig(Strict):
 class DataConfig(Strict):
     dataset: str = "digits"
     dir: str | None = None
+    #: LEAF: a data directory (``train/`` and ``test/`` shards, LEAF's own split) or one JSON file
     file: str | None = None
     partition: PartitionConfig = PartitionConfig()
     test_fraction: float = Field(0.25, gt=0, lt=1)
     global_test_fraction: float = Field(0.2, gt=0, lt=1)
-    normalize: bool = True
+    #: standardize: per-feature (x - mean) / std over the clients' pooled training rows; scale:
+    #: images divided by the dataset's pixel maximum, to [0, 1]; none: values as stored; auto: the
+    #: dataset's choice (``fedmtl datasets``), written resolved into the run's config.yaml
+    normalize: Normalize = "auto"
+    #: the shape of one sample, e.g. [1, 28, 28] for flattened LEAF images (image models need it)
+    input_shape: list[int] | None = Field(None, min_length=1)
     max_clients: int | None = Field(None, ge=1)
     tasks: list[str] | None = None
     holdout_clients: int = Field(0, ge=0)
     corrupt: CorruptConfig = CorruptConfig()
     #: multi-modal datasets: client id -> modalities that client does not hold (zero-filled, masked)
     missing_modalities: dict[int, list[str]] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _partition_follows_the_dataset(self) -> DataConfig:
+        """Natural datasets (LEAF, landmine, ...) bring their clients; pooled ones are split by a
+        Dirichlet label skew unless ``partition.kind`` says otherwise."""
+        if self.partition.kind is None:
+            from fedmtl.data.datasets import REGISTRY  # the registry reads files: imported on use
+
+            spec = REGISTRY.get(self.dataset)
+            if spec is not None:
+                kind = "natural" if spec.kind == "natural" else "dirichlet"
+                self.__dict__["partition"] = self.partition.model_copy(update={"kind": kind})
+        return self
+
+    @field_validator("normalize", mode="before")
+    @classmethod
+    def _boolean_normalize(cls, v: Any) -> Any:
+        """``true``/``false`` (the older spelling) mean ``auto``/``none``."""
+        if isinstance(v, bool):
+            return "auto" if v else "none"
+        return v
+
+    @field_validator("input_shape")
+    @classmethod
+    def _positive_shape(cls, v: list[int] | None) -> list[int] | None:
+        if v is not None and any(d < 1 for d in v):
+            raise ValueError(f"every dimension must be at least 1, got {v}")
+        return v

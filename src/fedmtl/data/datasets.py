@@ -19,8 +19,10 @@ from fedmtl.data import partition
 from fedmtl.data.config import DataConfig, PartitionConfig
 from fedmtl.data.corrupt import corrupt_clients
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
-from fedmtl.data.formats import file_error, read_idx_gz, read_leaf_json, read_mat_tasks
+from fedmtl.data.formats import file_error, read_idx_gz, read_mat_tasks
+from fedmtl.data.leaf import read_leaf
 from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
+from fedmtl.data.raw import Clients, ClientSplits, Pooled, Raw
 from fedmtl.data.tasks import assign_tasks
 from fedmtl.errors import ConfigError, DataError
 
@@ -29,28 +31,6 @@ POOLED_KINDS = ("iid", "dirichlet", "shards", "quantity", "target", "covariate")
 REGRESSION_BINS = 10  # label-skew partitions of regression data use target quantile bins
 # Purposes for np.random.default_rng([seed, purpose, ...]); fixed so old seeds stay valid.
 RNG_HOLDOUT, RNG_PARTITION, RNG_SPLIT, RNG_HOLDOUT_CLIENTS = 1, 2, 3, 4
-
-
-@dataclass
-class Pooled:
-    """One pool of samples; ``x_test`` is an official global test set when the source has one."""
-
-    x: np.ndarray
-    y: np.ndarray
-    x_test: np.ndarray | None = None
-    y_test: np.ndarray | None = None
-
-
-@dataclass
-class Tasks:
-    """Natural multi-task data: one (name, x, y) per task, in file order."""
-
-    names: list[str]
-    xs: list[np.ndarray]
-    ys: list[np.ndarray]
-
-
-Raw = Pooled | Tasks
 
 
 @dataclass(frozen=True)
@@ -65,7 +45,9 @@ class DatasetSpec:
     read: Callable[[list[Path]], Raw]
     description: str
     num_classes: int | None = None  # None: max label + 1 (classification)
-    pixel_max: float = 1.0  # images are divided by this to land in [0, 1]
+    pixel_max: float = 1.0  # images are divided by this to land in [0, 1] (normalize: scale)
+    #: a reader registered with ``register_dataset``: called with the data section, not file paths
+    load: Callable[[DataConfig], Raw] | None = None
     #: Per-client task derivation after scaling (``data.tasks`` passed through): returns the new
     #: clients and facts for ``info``. Datasets whose clients learn different derived tasks use it.
     derive: Callable[[list[ClientData], list[str] | None, int], tuple[list[ClientData], dict]] | None = None
@@ -91,11 +73,16 @@ def _class_labels(y: np.ndarray, where: str) -> np.ndarray:
     return y
 
 
-def _tasks_labels(names: list[str], xs: list[np.ndarray], ys: list[np.ndarray], where: str) -> Tasks:
-    """Map labels jointly over all tasks so a task holding only -1 still maps to class 0."""
+def _joint_labels(ys: list[np.ndarray], where: str) -> list[np.ndarray]:
+    """Map labels jointly over all clients so a client holding only -1 still maps to class 0."""
+    if not ys:
+        return ys
     sizes = [len(y) for y in ys]
-    joint = _class_labels(np.concatenate(ys), where)
-    return Tasks(names, xs, np.split(joint, np.cumsum(sizes)[:-1]))
+    return np.split(_class_labels(np.concatenate(ys), where), np.cumsum(sizes)[:-1])
+
+
+def _tasks_labels(names: list[str], xs: list[np.ndarray], ys: list[np.ndarray], where: str) -> Clients:
+    return Clients(names, xs, _joint_labels(ys, where))
 
 
 @lru_cache(maxsize=2)
@@ -139,14 +126,11 @@ def _read_mat_classes(paths: list[Path]) -> Raw:
 
 def _read_mat_regression(paths: list[Path]) -> Raw:
     xs, ys = read_mat_tasks(paths[0])
-    return Tasks([f"task_{t:03d}" for t in range(len(xs))], xs, [y.astype(np.float64) for y in ys])
+    return Clients([f"task_{t:03d}" for t in range(len(xs))], xs, [y.astype(np.float64) for y in ys])
 
 
 def _read_leaf(paths: list[Path]) -> Raw:
-    users = read_leaf_json(paths[0])
-    return _tasks_labels(
-        [u for u, _, _ in users], [x for _, x, _ in users], [y for _, _, y in users], str(paths[0])
-    )
+    return read_leaf(paths[0])
 
 
 def _dense_tasks(
@@ -279,7 +263,8 @@ REGISTRY: dict[str, DatasetSpec] = {
             (),
             None,
             _read_leaf,
-            "any LEAF-style JSON given by data.file, one client per user",
+            "LEAF data given by data.file: a directory with train/ and test/ (LEAF's own split) "
+            "or one JSON file; one client per user",
         ),
     )
 }
@@ -312,7 +297,10 @@ def _check_partition(spec: DatasetSpec, kind: str) -> None:
 
 def _leaf_file(cfg: DataConfig) -> Path:
     if not cfg.file:
-        raise ConfigError("config: data.file is required for dataset 'leaf' (a LEAF-style .json or .json.gz)")
+        raise ConfigError(
+            "config: data.file is required for dataset 'leaf' (a LEAF data directory with train/ and "
+            "test/, or one LEAF-style .json or .json.gz)"
+        )
     p = Path(cfg.file).expanduser()
     if p.is_absolute() or p.exists():
         candidates = [p]
@@ -320,7 +308,7 @@ def _leaf_file(cfg: DataConfig) -> Path:
         root = resolve_data_dir(cfg.dir)
         candidates = [p] + ([root / p] if root is not None else [])
     for cand in candidates:
-        if cand.is_file():
+        if cand.is_file() or cand.is_dir():
             return cand
     looked = " or ".join(str(c) for c in candidates)
     raise DataError(f"dataset 'leaf': file not found: {looked} (data.file)")
@@ -342,6 +330,14 @@ def locate_files(spec: DatasetSpec, data_dir: str | None) -> list[Path]:
 
 
 def _load_raw(spec: DatasetSpec, cfg: DataConfig) -> tuple[Raw, str]:
+    if spec.load is not None:
+        raw = spec.load(cfg)
+        if not isinstance(raw, Pooled | Clients | ClientSplits):
+            raise DataError(
+                f"dataset {spec.name!r}: its registered reader returned {type(raw).__name__}; expected "
+                "fedmtl.data.Pooled, Clients or ClientSplits"
+            )
+        return raw, f"registered ({cfg.file or cfg.dir or spec.name})"
     if spec.name == "leaf":
         path = _leaf_file(cfg)
         return spec.read([path]), str(path.resolve())
@@ -431,15 +427,78 @@ def _standardiser(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return mean, np.where(std > 0, std, 1.0)
 
 
+@dataclass(frozen=True)
+class Layout:
+    """How samples look once loaded: their shape, whether they are images or token ids, and the
+    normalisation ``data.normalize`` resolved to for them."""
+
+    shape: tuple[int, ...]
+    text: bool
+    normalize: str
+
+    @property
+    def image(self) -> bool:
+        return not self.text and len(self.shape) > 1
+
+
+def auto_normalize(spec: DatasetSpec, image: bool, text: bool) -> str:
+    """What ``data.normalize: auto`` means for a dataset: images scaled to [0, 1] by their pixel
+    maximum (as stored when that is 1), token ids as they are, vector features standardised."""
+    if text:
+        return "none"
+    if image:
+        return "scale" if spec.pixel_max != 1.0 else "none"
+    return "standardize"
+
+
+NORMALIZE_NOTES = {
+    "standardize": "per-feature (x - mean) / std over the clients' pooled training rows",
+    "scale": "images divided by their pixel maximum, to [0, 1]",
+    "none": "values as stored",
+}
+
+
+def _layout(spec: DatasetSpec, cfg: DataConfig, features: tuple[int, ...], text: bool) -> Layout:
+    """The sample shape (``data.input_shape`` if given, else the dataset's) and the normalisation."""
+    shape = tuple(cfg.input_shape) if cfg.input_shape else spec.input_shape or features
+    size, have = int(np.prod(shape)), int(np.prod(features))
+    if size != have:
+        raise ConfigError(
+            f"config: data.input_shape = {list(shape)}: {size} values per sample, but dataset "
+            f"{spec.name!r} has {have}"
+        )
+    image = not text and len(shape) > 1
+    norm = cfg.normalize
+    if norm == "auto":
+        norm = auto_normalize(spec, image, text)
+    elif text and norm != "none":
+        raise ConfigError(
+            f"config: data.normalize = {norm!r}: dataset {spec.name!r} holds text as token ids; "
+            "use 'none' or 'auto'"
+        )
+    elif norm == "scale" and not image:
+        raise ConfigError(
+            f"config: data.normalize = 'scale': divides images by their pixel maximum, and dataset "
+            f"{spec.name!r} has vector samples {list(shape)}; use 'standardize', 'none' or 'auto' "
+            "(or data.input_shape for flattened images)"
+        )
+    return Layout(shape, text, norm)
+
+
 def _finalise(
-    splits: list[Split], gx: np.ndarray | None, gy: np.ndarray | None, spec: DatasetSpec, cfg: DataConfig
+    splits: list[Split],
+    gx: np.ndarray | None,
+    gy: np.ndarray | None,
+    spec: DatasetSpec,
+    layout: Layout,
+    num_classes: int | None,
 ) -> tuple[list[Split], np.ndarray | None, np.ndarray | None, TaskSpec, dict[str, Any]]:
-    """Scale features/targets with pooled client-train statistics and fix dtypes."""
+    """Scale features/targets with pooled client-train statistics, shape samples, fix dtypes."""
     info: dict[str, Any] = {}
     fmean: Any = 0.0
     fstd: Any = 1.0
-    scale = cfg.normalize and not spec.image
-    if scale:
+    standardize = layout.normalize == "standardize"
+    if standardize:
         fmean, fstd = _standardiser(np.concatenate([s[1] for s in splits]))
     train_y = np.concatenate([s[2] for s in splits])
     all_y = np.concatenate([train_y, *(s[4] for s in splits)])
@@ -448,16 +507,17 @@ def _finalise(
         task = TaskSpec("regression", 1, spec.name, tmean, tstd)
     else:
         tmean, tstd = 0.0, 1.0
-        n_cls = spec.num_classes or max(2, int(all_y.max()) + 1)
+        n_cls = num_classes or spec.num_classes or max(2, int(all_y.max()) + 1)
         task = TaskSpec("classification", n_cls, spec.name)
         info["num_classes"] = n_cls
+    shape = layout.shape
 
     def fx(x: np.ndarray) -> np.ndarray:
-        if spec.image:
-            return x.astype(np.float32) / np.float32(spec.pixel_max)
-        if scale:
+        if layout.normalize == "scale":
+            x = x.astype(np.float32) / np.float32(spec.pixel_max)
+        elif standardize:
             x = (x - fmean) / fstd
-        return x.astype(np.float32, copy=not x.flags.writeable)
+        return x.astype(np.float32, copy=not x.flags.writeable).reshape(len(x), *shape)
 
     def fy(y: np.ndarray) -> np.ndarray:
         if task.is_classification:
@@ -478,29 +538,57 @@ def _finalise(
     return out, fx(gx), fy(gy), task, info
 
 
+def _natural_splits(
+    raw: Clients | ClientSplits, cfg: DataConfig, seed: int, classification: bool, where: str
+) -> list[Split]:
+    """Per-client train/test: split by ``data.test_fraction``, or as the data gives them."""
+    tokens = raw.vocab is not None
+    if isinstance(raw, Clients):
+        ys = _joint_labels(raw.ys, where) if classification and not tokens else raw.ys
+        groups = [(n, x, y) for n, x, y in zip(raw.names, raw.xs, ys, strict=True) if len(y)]
+        return _split_clients(groups[: cfg.max_clients], cfg, seed, classification)
+    n = len(raw.names)
+    lists = (raw.names, raw.x_train, raw.y_train, raw.x_test, raw.y_test)
+    if len({len(v) for v in lists}) != 1:
+        raise file_error(where, "client splits: names, x_train, y_train, x_test and y_test differ in length")
+    y_tr, y_te = raw.y_train, raw.y_test
+    if classification and not tokens:
+        joint = _joint_labels(list(y_tr) + list(y_te), where)
+        y_tr, y_te = joint[:n], joint[n:]
+    out = list(zip(raw.names, raw.x_train, y_tr, raw.x_test, y_te, strict=True))
+    return out[: cfg.max_clients]
+
+
+def _features(x: np.ndarray) -> tuple[int, ...]:
+    return tuple(int(d) for d in x.shape[1:])
+
+
 def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     """Load ``cfg.dataset`` and split it into clients, reproducibly for a given ``seed``."""
     spec = get_spec(cfg.dataset)
-    _check_partition(spec, cfg.partition.kind)
+    _check_partition(spec, cfg.partition.kind or ("natural" if spec.kind == "natural" else "dirichlet"))
     raw, source = _load_raw(spec, cfg)
     classification = spec.task == "classification"
+    vocab = None if isinstance(raw, Pooled) else raw.vocab
     if isinstance(raw, Pooled):
         groups, gx, gy = _pooled_groups(raw, cfg, seed, classification)
         splits = _split_clients(groups, cfg, seed, classification)
     else:
-        groups = [(n, x, y) for n, x, y in zip(raw.names, raw.xs, raw.ys, strict=True) if len(y)]
-        splits = _split_clients(groups[: cfg.max_clients], cfg, seed, classification)
+        splits = _natural_splits(raw, cfg, seed, classification, source)
+        if not splits:
+            raise DataError(f"dataset {spec.name!r}: no client has any samples")
         gx = np.concatenate([s[3] for s in splits])
         gy = np.concatenate([s[4] for s in splits])
-    splits, gx, gy, task, info = _finalise(splits, gx, gy, spec, cfg)
+    layout = _layout(spec, cfg, _features(splits[0][1]), vocab is not None)
+    splits, gx, gy, task, info = _finalise(splits, gx, gy, spec, layout, len(vocab) if vocab else None)
     clients = [ClientData(cid, a, b, c, d, task, name) for cid, (name, a, b, c, d) in enumerate(splits)]
-    shape = spec.input_shape or (int(clients[0].x_train.shape[1]),)
+    shape = layout.shape
     if spec.derive is not None:
         clients, extra = spec.derive(clients, list(cfg.tasks) if cfg.tasks else None, seed)
         task, gx, gy = clients[0].task, None, None  # no single global test set across tasks
         info.update(extra)
     elif cfg.tasks:
-        clients = assign_tasks(clients, list(cfg.tasks), spec.image, task.num_outputs)
+        clients = assign_tasks(clients, list(cfg.tasks), layout.image, task.num_outputs)
         task, gx, gy = clients[0].task, None, None  # no single global test set across different tasks
         info["tasks"] = {name: sum(c.task.name == name for c in clients) for name in dict.fromkeys(cfg.tasks)}
     if cfg.missing_modalities:
@@ -515,10 +603,12 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     info.update(
         partition=cfg.partition.kind,
         seed=seed,
-        normalized=cfg.normalize and not spec.image,
-        test_fraction=cfg.test_fraction,
+        normalize=layout.normalize,
+        test_fraction=None if isinstance(raw, ClientSplits) else cfg.test_fraction,
     )
-    return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout)
+    if vocab is not None:
+        info["vocab"] = "".join(vocab)
+    return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout, vocab=vocab)
 
 
 def _drop_modalities(
@@ -580,11 +670,28 @@ def _describe(spec: DatasetSpec, raw: Raw) -> dict[str, Any]:
     if isinstance(raw, Pooled):
         n = len(raw.y) + (0 if raw.y_test is None else len(raw.y_test))
         return {"samples": n, "tasks": None, "features": int(np.prod(raw.x.shape[1:]))}
+    if isinstance(raw, ClientSplits):
+        xs, ys = raw.x_train, list(raw.y_train) + list(raw.y_test)
+    else:
+        xs, ys = raw.xs, raw.ys
     return {
-        "samples": int(sum(len(y) for y in raw.ys)),
-        "tasks": len(raw.ys),
-        "features": int(raw.xs[0].shape[1]) if raw.xs else 0,
+        "samples": int(sum(len(y) for y in ys)),
+        "tasks": len(raw.names),
+        "features": int(np.prod(xs[0].shape[1:])) if xs else 0,
     }
+
+
+def normalize_note(spec: DatasetSpec) -> str:
+    """What ``data.normalize: auto`` does to this dataset, for ``fedmtl datasets``."""
+    if spec.load is not None or spec.name == "leaf":
+        return (
+            "auto: vectors standardize, images (data.input_shape) "
+            + ("scale" if spec.pixel_max != 1.0 else "none")
+            + ", text none"
+        )
+    shape = spec.input_shape
+    mode = auto_normalize(spec, shape is not None and len(shape) > 1, False)
+    return f"auto: {mode} ({NORMALIZE_NOTES[mode]})"
 
 
 def list_datasets(data_dir: str | None) -> list[dict[str, Any]]:
@@ -605,10 +712,14 @@ def list_datasets(data_dir: str | None) -> list[dict[str, Any]]:
             "tasks": None,
             "features": None,
             "description": spec.description,
+            "normalize": normalize_note(spec),
         }
         rows.append(row)
         if spec.name == "leaf":
-            row["location"] = "needs data.file (any LEAF-style JSON)"
+            row["location"] = "needs data.file (a LEAF data directory or one LEAF-style JSON)"
+            continue
+        if spec.load is not None:
+            row["location"] = "registered reader (fedmtl.data.register_dataset)"
             continue
         paths = [root / f for f in spec.files] if root is not None else []
         missing = [p for p in paths if not p.is_file()]
@@ -626,3 +737,51 @@ def list_datasets(data_dir: str | None) -> list[dict[str, Any]]:
         except DataError as exc:
             row["error"] = str(exc)
     return rows
+
+
+# ------------------------------------------------------------------------------------ extension
+
+
+def _reads_through_load(_: list[Path]) -> Raw:
+    raise AssertionError("a registered dataset is read by its load function")
+
+
+def register_dataset(
+    name: str,
+    load: Callable[[DataConfig], Raw] | None = None,
+    *,
+    kind: Literal["pooled", "natural"] = "natural",
+    task: Literal["classification", "regression"] = "classification",
+    input_shape: tuple[int, ...] | None = None,
+    num_classes: int | None = None,
+    pixel_max: float = 1.0,
+    description: str = "",
+    replace: bool = False,
+) -> Any:
+    """Make ``data.dataset: <name>`` load with ``load(data_section)``; usable as a decorator.
+
+    ``load`` gets the validated ``data:`` section (``dir``, ``file`` and the rest) and returns
+    ``Pooled`` (one pool, split into clients by ``data.partition``; ``kind='pooled'``), ``Clients``
+    (one sample set per client, split by ``data.test_fraction``) or ``ClientSplits`` (per-client
+    train and test sets as given); both of the latter are ``kind='natural'``. Everything after
+    loading (normalisation, input shape, tasks, corruption, hold-out clients) is as for the
+    built-in datasets."""
+
+    def add(fn: Callable[[DataConfig], Raw]) -> Callable[[DataConfig], Raw]:
+        if name in REGISTRY and not replace:
+            raise ValueError(f"dataset {name!r} is already registered; pass replace=True to replace it")
+        REGISTRY[name] = DatasetSpec(
+            name,
+            kind,
+            task,
+            (),
+            tuple(input_shape) if input_shape is not None else None,
+            _reads_through_load,
+            description or f"registered by {getattr(fn, '__module__', '?')}.{getattr(fn, '__name__', '?')}",
+            num_classes,
+            pixel_max,
+            load=fn,
+        )
+        return fn
+
+    return add if load is None else add(load)

@@ -62,6 +62,8 @@ class FederatedData:
     info: dict[str, Any] = field(default_factory=dict)
     #: clients never trained on: they only join for new-client fine-tuning evaluation
     holdout: list[int] = field(default_factory=list)
+    #: token inputs (text): what ids 1..len(vocab) stand for; id 0 is padding. None for numbers.
+    vocab: list[str] | None = None
 
     @property
     def train_clients(self) -> list[int]:

@@ -236,8 +236,8 @@ def _pad_to(x: np.ndarray, width: int) -> np.ndarray:
     return np.pad(x, ((0, 0), (0, width - x.shape[1]))) if x.shape[1] < width else x
 
 
-@lru_cache(maxsize=16)
-def _leaf_cached(path: str, mtime_ns: int, size: int) -> tuple[LeafUser, ...]:
+@lru_cache(maxsize=64)
+def _leaf_cached(path: str, mtime_ns: int, size: int) -> tuple[tuple[LeafUser, ...], bool]:
     del mtime_ns, size
     users, counts, data = _check_leaf_header(path, _load_json(path))
     out: list[LeafUser] = []
@@ -267,7 +267,7 @@ def _leaf_cached(path: str, mtime_ns: int, size: int) -> tuple[LeafUser, ...]:
         raise file_error(path, "x mixes text and numeric samples")
     # Text rows are padded to the longest string in the whole file; empty users get that width too.
     widest = max(x.shape[1] for _, x, _ in out)
-    return tuple((u, _frozen(_pad_to(x, widest)), _frozen(y)) for u, x, y in out)
+    return tuple((u, _frozen(_pad_to(x, widest)), _frozen(y)) for u, x, y in out), kinds.pop()
 
 
 def read_leaf_json(path: str | Path) -> list[LeafUser]:
@@ -278,4 +278,10 @@ def read_leaf_json(path: str | Path) -> list[LeafUser]:
     labels become their code. Integer-valued labels are int64; nested labels like ``[[-1], [1]]``
     are flattened.
     """
-    return list(_leaf_cached(*_stat_key(path)))
+    return list(read_leaf_file(path)[0])
+
+
+def read_leaf_file(path: str | Path) -> tuple[list[LeafUser], bool]:
+    """``read_leaf_json``'s users and whether the file holds text (character codes)."""
+    users, text = _leaf_cached(*_stat_key(path))
+    return list(users), text

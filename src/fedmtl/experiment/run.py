@@ -54,17 +54,23 @@ def train_flops_per_sample(model: torch.nn.Module, input_shape: tuple[int, ...])
     Counted with hooks rather than torch's FlopCounterMode, whose import costs seconds per process."""
     total = [0.0]
 
-    def hook(mod: torch.nn.Module, _inp: tuple, out: torch.Tensor) -> None:
+    def hook(mod: torch.nn.Module, inp: tuple, out: torch.Tensor) -> None:
         if isinstance(mod, torch.nn.Linear):
             total[0] += 2.0 * mod.in_features * mod.out_features
         elif isinstance(mod, torch.nn.Conv2d):
             k = mod.kernel_size[0] * mod.kernel_size[1] * mod.in_channels // mod.groups
             total[0] += 2.0 * k * out[0].numel()
+        elif isinstance(mod, torch.nn.RNNBase):  # gates x (input + hidden) x hidden per step and layer
+            gates = {"LSTM": 4, "GRU": 3}.get(mod.mode, 1)
+            steps = inp[0].shape[1] if mod.batch_first else inp[0].shape[0]
+            width = mod.input_size + mod.hidden_size
+            layers = width + (mod.num_layers - 1) * 2 * mod.hidden_size
+            total[0] += 2.0 * gates * layers * mod.hidden_size * steps
 
     handles = [
         m.register_forward_hook(hook)
         for m in model.modules()
-        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d)
+        if isinstance(m, torch.nn.Linear | torch.nn.Conv2d | torch.nn.RNNBase)
     ]
     try:
         with torch.no_grad():
@@ -85,9 +91,10 @@ def build_algorithm(cfg: Config) -> tuple[FederatedData, Algorithm, float]:
     """The data, the algorithm inside its features, and training FLOPs per sample (what every
     runtime needs; a Flower node and the ServerApp build this much, not a simulator)."""
     data = load_federated(cfg.data, cfg.seed)
+    vocab = len(data.vocab) + 1 if data.vocab is not None else None  # + the padding id
     # One model per task: the same seed gives every task the same body, heads sized per task.
     models = {
-        name: build_model(cfg.model, data.input_shape, t.num_outputs, cfg.seed)
+        name: build_model(cfg.model, data.input_shape, t.num_outputs, cfg.seed, vocab)
         for name, t in data.tasks.items()
     }
     model = models[data.task.name]
@@ -119,6 +126,15 @@ def build_algorithm(cfg: Config) -> tuple[FederatedData, Algorithm, float]:
     return data, algo, train_flops_per_sample(model, data.input_shape)
 
 
+def as_ran(cfg: Config, data: FederatedData) -> Config:
+    """The config with what the data resolved written in (``data.normalize: auto`` -> what it did),
+    so the run directory's config.yaml says how the samples were scaled."""
+    norm = data.info.get("normalize")
+    if norm is None or norm == cfg.data.normalize:
+        return cfg
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update={"normalize": norm})})
+
+
 def _as_config(config: Config | dict[str, Any] | str | Path) -> Config:
     if isinstance(config, Config):
         return config
@@ -133,6 +149,7 @@ def run(config: Config | dict[str, Any] | str | Path, out: str | Path | None = N
     """Run a config end to end in a new run directory (``out`` or ``output.dir/<name>-<time>``)."""
     cfg = _as_config(config)
     data, algo, sim = build(cfg)  # fail on bad data before creating any directory
+    cfg = as_ran(cfg, data)
     rd = RunDir.create(cfg.output.dir, cfg.name, cfg.seed, out)
     rd.write_config(cfg.to_dict())
     return _loop(cfg, rd, data, algo, sim, checkpoint=None)

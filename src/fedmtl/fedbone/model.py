@@ -225,5 +225,5 @@ def register_model() -> None:
 
     _MODELS.setdefault(
         "fedbone_net",
-        (FedBoneNetParams, lambda p, shape, out: FedBoneNet(shape, out, p)),  # type: ignore[arg-type]
+        (FedBoneNetParams, lambda p, i: FedBoneNet(i.shape, i.num_outputs, p)),
     )

@@ -4,12 +4,12 @@ from __future__ import annotations
 
 from fedmtl.models import registry as _registry
 from fedmtl.models.autoencoder import Autoencoder, AutoencoderParams
-from fedmtl.models.registry import build_model, model_names, model_params
+from fedmtl.models.registry import ModelInput, build_model, model_names, model_params, register_model
 
 # The multi-task autoencoder of sample selection (docs/selection.md), registered by name.
 _registry._MODELS["autoencoder"] = (
     AutoencoderParams,
-    lambda p, shape, out: Autoencoder(tuple(shape), out, p),  # type: ignore[arg-type]
+    lambda p, i: Autoencoder(i.shape, i.num_outputs, p),
 )
 
 # FedBone's split network (docs/fedbone.md); its module imports nothing but torch and pydantic.
@@ -17,4 +17,4 @@ from fedmtl.fedbone.model import register_model as _register_fedbone  # noqa: E4
 
 _register_fedbone()
 
-__all__ = ["build_model", "model_names", "model_params"]
+__all__ = ["ModelInput", "build_model", "model_names", "model_params", "register_model"]

@@ -4,6 +4,7 @@ by name (``head.*``) rather than by position; everything else is the shared base
 from __future__ import annotations
 
 import math
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
@@ -25,6 +26,15 @@ class CNNParams(_Params):
 
 class LinearParams(_Params):
     pass
+
+
+class RNNParams(_Params):
+    """LEAF's Shakespeare model by default: 8-dim character embedding, 2 x 256 LSTM."""
+
+    cell: Literal["lstm", "gru"] = "lstm"
+    embed: int = Field(8, ge=1)
+    hidden: int = Field(256, ge=1)
+    layers: int = Field(2, ge=1)
 
 
 class MLP(nn.Module):
@@ -67,6 +77,35 @@ class Linear(nn.Module):
         super().__init__()
         self.body = nn.Flatten()
         self.head = nn.Linear(in_features, out_features)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class RecurrentBody(nn.Module):
+    """Token ids -> embedding -> stacked LSTM/GRU -> the state after each sequence's last token
+    (sequences are right-padded with id 0)."""
+
+    def __init__(self, vocab: int, p: RNNParams) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, p.embed, padding_idx=0)
+        cell = nn.LSTM if p.cell == "lstm" else nn.GRU
+        self.rnn = cell(p.embed, p.hidden, num_layers=p.layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()
+        out, _ = self.rnn(self.embed(ids))
+        last = ((ids > 0).sum(dim=1) - 1).clamp(min=0)
+        return out[torch.arange(len(ids)), last]
+
+
+class RNN(nn.Module):
+    """Next-token (or sequence) classification over token ids; the head reads the last state."""
+
+    def __init__(self, vocab: int, out_features: int, p: RNNParams) -> None:
+        super().__init__()
+        self.body = RecurrentBody(vocab, p)
+        self.head = nn.Linear(p.hidden, out_features)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -27,6 +29,14 @@ def digits_config(**overrides: Any) -> dict[str, Any]:
             cur = cur.setdefault(p, {})
         cur[parts[-1]] = value
     return cfg
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Give run directory ``dst`` the last checkpoint of ``src``: its checkpoint file and the
+    client-state segments it names (tests forge interrupted runs this way)."""
+    shutil.copy2(src / "checkpoint.pkl", dst / "checkpoint.pkl")
+    shutil.rmtree(dst / "clients", ignore_errors=True)
+    shutil.copytree(src / "clients", dst / "clients")
 
 
 @pytest.fixture

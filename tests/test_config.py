@@ -34,7 +34,12 @@ def test_defaults_are_valid_and_resolved():
         (
             {"data": {"partition": {"alpah": 1}}},
             "config: unknown key 'data.partition.alpah'; allowed keys: "
-            "alpha, classes_per_client, jitter, kind, min_samples, num_clients, sigma",
+            "alpha, classes_per_client, jitter, kind, min_samples, num_clients, samples, sigma",
+        ),
+        (
+            {"data": {"partition": {"kind": "resample", "samples": [30, 20]}}},
+            "config: data.partition = {'kind': 'resample', 'samples': [30, 20]}: samples = [30, 20]: "
+            "needs 2 <= low <= high",
         ),
         ({"train": {"lr": -1}}, "config: train.lr = -1: input should be greater than 0"),
         (

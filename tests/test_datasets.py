@@ -165,7 +165,7 @@ def test_partition_kind_errors() -> None:
         load_federated(_cfg("digits", "natural"), seed=0)
     assert str(info.value) == (
         "config: data.partition.kind = 'natural': dataset 'digits' has no natural clients; "
-        "use one of iid, dirichlet, shards, quantity, target, covariate"
+        "use one of iid, dirichlet, shards, quantity, target, covariate, resample"
     )
     with pytest.raises(ConfigError, match="data.dataset = 'nope': unknown dataset; available: digits"):
         load_federated(_cfg("nope"), seed=0)
@@ -203,5 +203,5 @@ def test_env_dir_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_file_only_for_leaf() -> None:
-    with pytest.raises(ConfigError, match="data.file = 'x.json': only used by dataset 'leaf'"):
+    with pytest.raises(ConfigError, match="data.file = 'x.json': only used by datasets 'leaf' and 'store'"):
         load_federated(_cfg("digits", "iid", file="x.json"), seed=0)

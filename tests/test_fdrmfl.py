@@ -18,6 +18,8 @@ from fedmtl.experiment.run import build
 from fedmtl.fdrmfl import data as mm
 from fedmtl.fdrmfl.losses import contrastive_loss, kl_alignment, mi_loss, phase_weights
 from fedmtl.fdrmfl.model import NetParams, build_net, extract_features
+from fedmtl.runtime.client_states import read_states
+from tests.conftest import copy_checkpoint
 
 
 def _cfg(**algo: object) -> dict:
@@ -217,9 +219,8 @@ def test_resume_continues_with_the_clients_older_global_models(tmp_path):
     (part / "config.yaml").write_bytes((full.run_dir / "config.yaml").read_bytes())
     rd = RunDir(part)
     rd.append([r for r in RunDir(full.run_dir).read_metrics() if r["round"] <= 2])
-    ckpt = RunDir(short.run_dir).load_checkpoint()
-    assert len(ckpt["clients"][0]["history"]) == 2  # two global models received so far
-    rd.save_checkpoint(ckpt)
+    assert len(read_states(short.run_dir)[0]["history"]) == 2  # two global models received so far
+    copy_checkpoint(short.run_dir, part)
     resumed = fedmtl.resume(part)
     assert resumed.summary["final"]["rmse_mean"] == pytest.approx(
         full.summary["final"]["rmse_mean"], rel=1e-9

@@ -11,8 +11,8 @@ pytest.importorskip("flwr", reason="Flower is not installed (pip install 'fedmtl
 flower_tests = pytest.importorskip("tests.test_flower", reason="the Flower loopback Grid helpers")
 
 import fedmtl  # noqa: E402
-from fedmtl.experiment.records import RunDir  # noqa: E402
 from fedmtl.flower import codec, protocol  # noqa: E402
+from fedmtl.runtime.client_states import read_states  # noqa: E402
 
 _task_identity = flower_tests._task_identity  # autouse fixture: Flower stamps messages with a task id
 
@@ -33,7 +33,7 @@ def test_mocha_two_rounds_on_flower_equal_the_simulator(tmp_path, shared_data):
     grid = flower_tests.LoopbackGrid(flower_tests._nodes(3))
     got = flower_tests._flower_run(tmp_path, raw, grid)
     flower_tests.assert_same_metrics(expected.run_dir, got.run_dir)
-    clients = RunDir.open(expected.run_dir).load_checkpoint()["clients"]
+    clients = read_states(expected.run_dir)
     for i, context in enumerate(grid.contexts.values()):
         state = codec.get_tree(context.state, protocol.STATE)
         np.testing.assert_allclose(state["alpha"], clients[i]["alpha"], rtol=1e-12)

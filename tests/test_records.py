@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -94,6 +95,7 @@ def test_resume_drops_partial_lines_and_rounds_after_checkpoint(tmp_path):
     )
     ckpt = RunDir(partial.run_dir).load_checkpoint()
     assert ckpt["round"] == 4
+    shutil.copytree(partial.run_dir / "clients", part / "clients")  # the client states it names
     rd.save_checkpoint(ckpt)
     res = fedmtl.resume(part)
     assert _stable(rd.read_metrics()) == _stable(rows)

@@ -16,6 +16,7 @@ from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
 from fedmtl.features.selection import DET, SCORES, TAU, SampleSelection
+from fedmtl.runtime.client_states import read_states
 from fedmtl.selection import decision, fit_iforest, fit_ocsvm
 from fedmtl.selection.detectors import _standardise
 from fedmtl.selection.scores import forward_parts, near_duplicates
@@ -25,7 +26,7 @@ from fedmtl.training.executors import run_local
 from fedmtl.training.local import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.tensors import to_torch
-from tests.conftest import digits_config
+from tests.conftest import copy_checkpoint, digits_config
 
 
 def _cfg(selection: dict[str, Any] | None = None, corrupt: dict[str, Any] | None = None, **over: Any) -> dict:
@@ -290,9 +291,8 @@ def test_resume_continues_selection_state_exactly(tmp_path):
     (part / "config.yaml").write_bytes((full.run_dir / "config.yaml").read_bytes())
     rd = RunDir(part)
     rd.append([r for r in RunDir(full.run_dir).read_metrics() if r["round"] <= 7])
-    ckpt = RunDir(short.run_dir).load_checkpoint()
-    assert any("_selection" in s for s in ckpt["clients"].values())
-    rd.save_checkpoint(ckpt)
+    assert any("_selection" in s for s in read_states(short.run_dir).values())
+    copy_checkpoint(short.run_dir, part)
     res = fedmtl.resume(part)
     keys = ("selection_kept", "selection_true_drops", "selection_floor_clients", "global_accuracy")
     assert [[r.get(k) for k in keys] for r in res.rounds] == [[r.get(k) for k in keys] for r in full.rounds]

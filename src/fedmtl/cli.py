@@ -52,6 +52,12 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("datasets", help="list datasets, where they were found, and their sizes")
     d.add_argument("--data-dir")
 
+    k = sub.add_parser("pack", help="write a config's federation as a memory-mapped client store")
+    k.add_argument("config", nargs="?", help="YAML config whose data: section describes the federation")
+    k.add_argument("out", help="store directory to create (run it with data: {dataset: store, file: OUT})")
+    k.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    k.add_argument("--data-dir")
+
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/NAME.py and write its table")
     b.add_argument("name")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
@@ -161,6 +167,26 @@ def _cmd_bench(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_pack(a: argparse.Namespace) -> int:
+    from fedmtl.config import load_config
+    from fedmtl.data import load_federated
+    from fedmtl.data.store import write_store
+
+    overrides = list(a.overrides) + ([f"data.dir={a.data_dir}"] if a.data_dir else [])
+    cfg = load_config(a.config, overrides)
+    t0 = time.perf_counter()
+    data = load_federated(cfg.data, cfg.seed)
+    command = "fedmtl pack " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["pack"] else "fedmtl.pack"
+    out = write_store(data, Path(a.out), {"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed,
+                                          "command": command})  # fmt: skip
+    s = data.summary()
+    print(
+        f"packed {s['clients']} clients ({s['train_samples']} train, {s['test_samples']} test samples) "
+        f"into {out} in {time.perf_counter() - t0:.1f} s"
+    )
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from fedmtl.experiment.demo import demo
 
@@ -176,6 +202,7 @@ COMMANDS = {
     "report": _cmd_report,
     "compare": _cmd_compare,
     "datasets": _cmd_datasets,
+    "pack": _cmd_pack,
     "bench": _cmd_bench,
     "demo": _cmd_demo,
     "flower": flower_cli.handle,

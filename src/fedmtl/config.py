@@ -72,6 +72,9 @@ class RuntimeConfig(Strict):
     client_gflops: float = Field(1.0, gt=0)
     uplink_mbps: float = Field(10.0, gt=0)
     downlink_mbps: float = Field(50.0, gt=0)
+    state_cache_mib: float = Field(
+        1024.0, gt=0, description="client states kept in memory; the rest wait on disk in the run directory"
+    )
 
     @field_validator("work_fraction")
     @classmethod
@@ -84,6 +87,9 @@ class RuntimeConfig(Strict):
 
 class EvalConfig(Strict):
     every: int = Field(1, ge=1)
+    #: clients evaluated per evaluation round: None = every training client; a fraction in (0, 1)
+    #: or a count draws that many anew each evaluation (seeded), and rows carry the 95% interval
+    clients: int | float | None = Field(None, gt=0)
     global_test: bool = True
     new_client_steps: int = Field(10, ge=0)
     new_client_lr: float | None = Field(None, gt=0)

@@ -55,7 +55,9 @@ class CorruptConfig(Strict):
         return self
 
 
-PartitionKind = Literal["iid", "dirichlet", "shards", "quantity", "target", "covariate", "natural"]
+PartitionKind = Literal[
+    "iid", "dirichlet", "shards", "quantity", "target", "covariate", "resample", "natural"
+]
 #: what ``data.normalize`` may say; ``auto`` resolves per dataset (``fedmtl datasets`` lists it)
 Normalize = Literal["auto", "standardize", "scale", "none"]
 
@@ -71,6 +73,17 @@ class PartitionConfig(Strict):
     #: target / covariate: clients get contiguous ranges of the target or of the inputs' first
     #: principal component, sorted after adding seeded noise of this many standard deviations
     jitter: float = Field(0.25, ge=0)
+    #: resample: each client draws this many samples (uniform in the range, train and test
+    #: together) from the pool, with a Dirichlet(alpha) class mix; no sample twice in one client,
+    #: clients may share samples. For populations larger than the pool (100,000 clients).
+    samples: tuple[int, int] = (20, 50)
+
+    @model_validator(mode="after")
+    def _sample_range(self) -> PartitionConfig:
+        lo, hi = self.samples
+        if not 2 <= lo <= hi:
+            raise ValueError(f"samples = {list(self.samples)}: needs 2 <= low <= high")
+        return self
 
 
 class DataConfig(Strict):

@@ -16,6 +16,7 @@ from typing import Any, Literal
 import numpy as np
 
 from fedmtl.data import partition
+from fedmtl.data.clients import ClientList, Rows
 from fedmtl.data.config import DataConfig, PartitionConfig
 from fedmtl.data.corrupt import corrupt_clients
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
@@ -23,11 +24,12 @@ from fedmtl.data.formats import file_error, read_idx_gz, read_mat_tasks
 from fedmtl.data.leaf import read_leaf
 from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
 from fedmtl.data.raw import Clients, ClientSplits, Pooled, Raw
+from fedmtl.data.resample import resample as resample_clients
 from fedmtl.data.tasks import assign_tasks
 from fedmtl.errors import ConfigError, DataError
 
 EMBEDDED = "embedded (scikit-learn)"
-POOLED_KINDS = ("iid", "dirichlet", "shards", "quantity", "target", "covariate")
+POOLED_KINDS = ("iid", "dirichlet", "shards", "quantity", "target", "covariate", "resample")
 REGRESSION_BINS = 10  # label-skew partitions of regression data use target quantile bins
 # Purposes for np.random.default_rng([seed, purpose, ...]); fixed so old seeds stay valid.
 RNG_HOLDOUT, RNG_PARTITION, RNG_SPLIT, RNG_HOLDOUT_CLIENTS = 1, 2, 3, 4
@@ -152,6 +154,10 @@ def _multimodal(name: str) -> Callable[[list[Path]], Raw]:
     return read
 
 
+def _reads_through_load(_: list[Path]) -> Raw:
+    raise AssertionError("this dataset is read by its own loader, not from file paths")
+
+
 MNIST_FILES = tuple(
     f"mnist/{n}"
     for n in (
@@ -257,6 +263,15 @@ REGISTRY: dict[str, DatasetSpec] = {
             )
         ),
         DatasetSpec(
+            "store",
+            "natural",
+            "classification",
+            (),
+            None,
+            _reads_through_load,
+            "a federation packed by 'fedmtl pack' (data.file: its directory), memory-mapped",
+        ),
+        DatasetSpec(
             "leaf",
             "natural",
             "classification",
@@ -295,12 +310,15 @@ def _check_partition(spec: DatasetSpec, kind: str) -> None:
         )
 
 
-def _leaf_file(cfg: DataConfig) -> Path:
+_FILE_NEEDS = {
+    "leaf": "a LEAF data directory with train/ and test/, or one LEAF-style .json or .json.gz",
+    "store": "a client store directory written by 'fedmtl pack'",
+}
+
+
+def _leaf_file(cfg: DataConfig, dataset: str = "leaf") -> Path:
     if not cfg.file:
-        raise ConfigError(
-            "config: data.file is required for dataset 'leaf' (a LEAF data directory with train/ and "
-            "test/, or one LEAF-style .json or .json.gz)"
-        )
+        raise ConfigError(f"config: data.file is required for dataset {dataset!r} ({_FILE_NEEDS[dataset]})")
     p = Path(cfg.file).expanduser()
     if p.is_absolute() or p.exists():
         candidates = [p]
@@ -311,7 +329,7 @@ def _leaf_file(cfg: DataConfig) -> Path:
         if cand.is_file() or cand.is_dir():
             return cand
     looked = " or ".join(str(c) for c in candidates)
-    raise DataError(f"dataset 'leaf': file not found: {looked} (data.file)")
+    raise DataError(f"dataset {dataset!r}: file not found: {looked} (data.file)")
 
 
 def locate_files(spec: DatasetSpec, data_dir: str | None) -> list[Path]:
@@ -342,7 +360,9 @@ def _load_raw(spec: DatasetSpec, cfg: DataConfig) -> tuple[Raw, str]:
         path = _leaf_file(cfg)
         return spec.read([path]), str(path.resolve())
     if cfg.file is not None:
-        raise ConfigError(f"config: data.file = {cfg.file!r}: only used by dataset 'leaf', not {spec.name!r}")
+        raise ConfigError(
+            f"config: data.file = {cfg.file!r}: only used by datasets 'leaf' and 'store', not {spec.name!r}"
+        )
     if not spec.files:
         return spec.read([]), EMBEDDED
     paths = locate_files(spec, cfg.dir)
@@ -559,6 +579,75 @@ def _natural_splits(
     return out[: cfg.max_clients]
 
 
+def _resampled(
+    raw: Pooled, spec: DatasetSpec, cfg: DataConfig, seed: int
+) -> tuple[ClientList, np.ndarray | None, np.ndarray | None, TaskSpec, Layout, dict[str, Any]]:
+    """``partition.kind: resample``: clients as index ranges into the normalised pool."""
+    rewrites = {
+        "tasks": cfg.tasks,
+        "corrupt.enabled": cfg.corrupt.enabled,
+        "missing_modalities": cfg.missing_modalities,
+        "derived tasks": spec.derive,
+    }
+    for key, value in rewrites.items():
+        if value:
+            raise ConfigError(
+                f"config: data.partition.kind = 'resample': its clients are views into one pool, and "
+                f"{key} rewrites every client's data; use another partition kind"
+            )
+    classification = spec.task == "classification"
+    if raw.x_test is None or raw.y_test is None:
+        holdout_rng = _rng(seed, RNG_HOLDOUT)
+        tr, te = partition.split_train_test(raw.y, cfg.global_test_fraction, holdout_rng, classification)
+        x, y, gx, gy = raw.x[tr], raw.y[tr], raw.x[te], raw.y[te]
+    else:
+        x, y, gx, gy = raw.x, raw.y, raw.x_test, raw.y_test
+    pcfg = cfg.partition
+    if cfg.max_clients is not None:
+        pcfg = pcfg.model_copy(update={"num_clients": min(pcfg.num_clients, cfg.max_clients)})
+    train_idx, train_off, test_idx, test_off = resample_clients(
+        _partition_labels(y, classification), pcfg, cfg.test_fraction, _rng(seed, RNG_PARTITION)
+    )
+    layout = _layout(spec, cfg, _features(x), False)
+    counts = np.bincount(train_idx, minlength=len(y)).astype(np.float64)  # the clients' train rows
+    total = counts.sum()
+    info: dict[str, Any] = {}
+    flat = x.reshape(len(x), -1)
+    if layout.normalize == "standardize":
+        mean = counts @ flat / total
+        std = np.sqrt(np.maximum(counts @ np.square(flat - mean) / total, 0.0))
+        std = np.where(std > 0, std, 1.0)
+
+        def fx(a: np.ndarray) -> np.ndarray:
+            return ((a.reshape(len(a), -1) - mean) / std).astype(np.float32).reshape(len(a), *layout.shape)
+    else:
+        div = np.float32(spec.pixel_max if layout.normalize == "scale" else 1.0)
+
+        def fx(a: np.ndarray) -> np.ndarray:
+            return (a.astype(np.float32) / div).reshape(len(a), *layout.shape)
+
+    if classification:
+        n_cls = spec.num_classes or max(2, int(y.max()) + 1)
+        task = TaskSpec("classification", n_cls, spec.name)
+        info["num_classes"] = n_cls
+
+        def fy(a: np.ndarray) -> np.ndarray:
+            return a.astype(np.int64)
+    else:
+        tmean = float(counts @ y / total)
+        tstd = float(np.sqrt(counts @ np.square(y - tmean) / total)) or 1.0
+        task = TaskSpec("regression", 1, spec.name, tmean, tstd)
+
+        def fy(a: np.ndarray) -> np.ndarray:
+            return ((a - tmean) / tstd).astype(np.float32)
+
+    xs, ys = fx(x), fy(y)
+    xs.flags.writeable = ys.flags.writeable = False
+    clients = ClientList(Rows(xs, ys, train_off, train_idx), Rows(xs, ys, test_off, test_idx), [task])
+    info["pool_samples"] = len(y)
+    return clients, fx(gx), fy(gy), task, layout, info
+
+
 def _features(x: np.ndarray) -> tuple[int, ...]:
     return tuple(int(d) for d in x.shape[1:])
 
@@ -567,9 +656,17 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     """Load ``cfg.dataset`` and split it into clients, reproducibly for a given ``seed``."""
     spec = get_spec(cfg.dataset)
     _check_partition(spec, cfg.partition.kind or ("natural" if spec.kind == "natural" else "dirichlet"))
+    if spec.name == "store":
+        return _stored(cfg, seed)
     raw, source = _load_raw(spec, cfg)
     classification = spec.task == "classification"
     vocab = None if isinstance(raw, Pooled) else raw.vocab
+    if cfg.partition.kind == "resample" and isinstance(raw, Pooled):
+        listed, gx, gy, task, layout, info = _resampled(raw, spec, cfg, seed)
+        info.update(partition="resample", seed=seed, normalize=layout.normalize)
+        info["test_fraction"] = cfg.test_fraction
+        holdout = _holdout(len(listed), cfg.holdout_clients, seed)
+        return FederatedData(spec.name, listed, layout.shape, task, gx, gy, source, info, holdout)
     if isinstance(raw, Pooled):
         groups, gx, gy = _pooled_groups(raw, cfg, seed, classification)
         splits = _split_clients(groups, cfg, seed, classification)
@@ -609,6 +706,34 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if vocab is not None:
         info["vocab"] = "".join(vocab)
     return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout, vocab=vocab)
+
+
+def _stored(cfg: DataConfig, seed: int) -> FederatedData:
+    """``dataset: store``: a packed federation (``fedmtl pack``), memory-mapped."""
+    from fedmtl.data.store import open_store  # imported on use, like the store itself
+
+    packed = {
+        "tasks": cfg.tasks,
+        "corrupt.enabled": cfg.corrupt.enabled,
+        "missing_modalities": cfg.missing_modalities,
+        "input_shape": cfg.input_shape,
+        "max_clients": cfg.max_clients,
+    }
+    for key, value in packed.items():
+        if value:
+            raise ConfigError(
+                f"config: data.{key}: dataset 'store' holds a federation as packed; set it in the "
+                "config you pack ('fedmtl pack')"
+            )
+    if cfg.normalize not in ("auto", "none"):
+        raise ConfigError(
+            f"config: data.normalize = {cfg.normalize!r}: a client store is normalised when packed "
+            "(its meta.json says how); use 'auto' or 'none'"
+        )
+    data = open_store(_leaf_file(cfg, "store"))
+    data.holdout = _holdout(data.num_clients, cfg.holdout_clients, seed)
+    data.info.update(seed=seed)
+    return data
 
 
 def _drop_modalities(
@@ -683,6 +808,8 @@ def _describe(spec: DatasetSpec, raw: Raw) -> dict[str, Any]:
 
 def normalize_note(spec: DatasetSpec) -> str:
     """What ``data.normalize: auto`` does to this dataset, for ``fedmtl datasets``."""
+    if spec.name == "store":
+        return "as packed (meta.json records it)"
     if spec.load is not None or spec.name == "leaf":
         return (
             "auto: vectors standardize, images (data.input_shape) "
@@ -715,8 +842,8 @@ def list_datasets(data_dir: str | None) -> list[dict[str, Any]]:
             "normalize": normalize_note(spec),
         }
         rows.append(row)
-        if spec.name == "leaf":
-            row["location"] = "needs data.file (a LEAF data directory or one LEAF-style JSON)"
+        if spec.name in _FILE_NEEDS:
+            row["location"] = f"needs data.file ({_FILE_NEEDS[spec.name]})"
             continue
         if spec.load is not None:
             row["location"] = "registered reader (fedmtl.data.register_dataset)"
@@ -740,10 +867,6 @@ def list_datasets(data_dir: str | None) -> list[dict[str, Any]]:
 
 
 # ------------------------------------------------------------------------------------ extension
-
-
-def _reads_through_load(_: list[Path]) -> Raw:
-    raise AssertionError("a registered dataset is read by its load function")
 
 
 def register_dataset(

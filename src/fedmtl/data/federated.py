@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -53,7 +54,8 @@ class ClientData:
 @dataclass
 class FederatedData:
     name: str
-    clients: list[ClientData]
+    #: a list, or a ``fedmtl.data.clients.ClientList`` that makes each client on access
+    clients: Sequence[ClientData]
     input_shape: tuple[int, ...]
     task: TaskSpec
     x_global_test: np.ndarray | None = None
@@ -73,14 +75,35 @@ class FederatedData:
     @property
     def tasks(self) -> dict[str, TaskSpec]:
         """Every task in the federation by name (one for single-task federations)."""
+        listed = getattr(self.clients, "tasks", None)  # a ClientList knows them without a scan
+        if listed is not None:
+            return {t.name: t for t in listed}
         return {c.task.name: c.task for c in self.clients}
+
+    def task_names(self) -> list[str]:
+        """Each client's task name, by client id."""
+        fast = getattr(self.clients, "task_names", None)
+        return fast() if fast is not None else [c.task.name for c in self.clients]
+
+    def train_sizes(self) -> np.ndarray:
+        """Each client's number of training samples, by client id."""
+        fast = getattr(self.clients, "n_train", None)
+        if fast is not None:
+            return np.asarray(fast)
+        return np.array([c.n_train for c in self.clients], dtype=np.int64)
+
+    def test_sizes(self) -> np.ndarray:
+        fast = getattr(self.clients, "n_test", None)
+        if fast is not None:
+            return np.asarray(fast)
+        return np.array([c.n_test for c in self.clients], dtype=np.int64)
 
     @property
     def num_clients(self) -> int:
         return len(self.clients)
 
     def summary(self) -> dict[str, Any]:
-        n_train = [c.n_train for c in self.clients]
+        n_train = self.train_sizes()
         return {
             "dataset": self.name,
             "source": self.source,
@@ -88,8 +111,8 @@ class FederatedData:
             "input_shape": list(self.input_shape),
             "task": self.task.kind,
             "outputs": self.task.num_outputs,
-            "train_samples": int(sum(n_train)),
-            "test_samples": int(sum(c.n_test for c in self.clients)),
+            "train_samples": int(n_train.sum()),
+            "test_samples": int(self.test_sizes().sum()),
             "global_test_samples": 0 if self.y_global_test is None else int(len(self.y_global_test)),
             "min_client_train": int(min(n_train)),
             "max_client_train": int(max(n_train)),

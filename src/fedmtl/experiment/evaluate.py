@@ -46,8 +46,11 @@ def evaluate_clients(
     states: dict[int, dict[str, Any]],
     data: FederatedData,
     round: int,
+    clients_to_evaluate: list[int] | None = None,
 ) -> list[dict[str, Any]]:
-    clients = [data.clients[c] for c in data.train_clients]
+    """One row per client (every training client, or ``clients_to_evaluate``)."""
+    ids = data.train_clients if clients_to_evaluate is None else clients_to_evaluate
+    clients = [data.clients[c] for c in ids]
     personal = []
     shared = []
     for c in clients:
@@ -115,6 +118,42 @@ def evaluate_global(algo: Algorithm, server: dict[str, Any], data: FederatedData
     out = predict(algo.ctx.model, to_torch(arrays), data.x_global_test)
     metrics = task_metrics(out, torch.as_tensor(data.y_global_test), data.task)
     return {f"global_{k}": v for k, v in metrics.items()}
+
+
+def eval_sample(population: list[int], wanted: int | float | None, seed: int, round: int) -> list[int]:
+    """The clients an evaluation round evaluates: all, or ``wanted`` (a count, or a fraction of the
+    population) drawn without replacement from (seed, round), the same on every runtime."""
+    if wanted is None:
+        return population
+    n = int(wanted) if isinstance(wanted, int) else max(1, round_half(wanted * len(population)))
+    if n >= len(population):
+        return population
+    rng = np.random.default_rng([seed, EVAL_SAMPLE, round])
+    return sorted(int(c) for c in rng.choice(population, size=n, replace=False))
+
+
+def round_half(x: float) -> int:
+    return int(np.floor(x + 0.5))
+
+
+EVAL_SAMPLE = 15  # rng purpose of the evaluated clients' draw
+
+
+def sample_interval(rows: list[dict[str, Any]], population: int) -> dict[str, float]:
+    """Half-widths of 95% confidence intervals for the population means of a sample of client
+    metrics (normal approximation with the finite-population correction)."""
+    n = len(rows)
+    out: dict[str, float] = {}
+    if n < 2:
+        return out
+    fpc = np.sqrt(max(population - n, 0) / max(population - 1, 1))
+    keys = dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float))
+    for key in keys:
+        vals = np.array([r[key] for r in rows if key in r], dtype=np.float64)
+        vals = vals[np.isfinite(vals)]
+        if len(vals) > 1:
+            out[f"{key}_ci95"] = float(1.96 * vals.std(ddof=1) / np.sqrt(len(vals)) * fpc)
+    return out
 
 
 def release_client_eval(

@@ -24,6 +24,7 @@ from fedmtl.features import aggregation_steps, apply_features
 from fedmtl.metrics import primary_metric
 from fedmtl.models import build_model
 from fedmtl.runtime import Simulator
+from fedmtl.runtime.client_states import open_states
 from fedmtl.runtime.loop import Progress, RunLoop
 from fedmtl.training import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
@@ -107,7 +108,7 @@ def build_algorithm(cfg: Config) -> tuple[FederatedData, Algorithm, float]:
         num_clients=data.num_clients,
         models=models,
         task_init={name: model_arrays(m) for name, m in models.items()},
-        client_tasks={c.cid: c.task.name for c in data.clients},
+        client_tasks=dict(enumerate(data.task_names())),
         task_specs=data.tasks,
     )
     algo_cls = get_algorithm(cfg.algorithm.name)
@@ -187,10 +188,11 @@ def _loop(
     sim: Simulator,
     checkpoint: dict[str, Any] | None,
 ) -> RunResult:
+    cache = int(cfg.runtime.state_cache_mib * 2**20)
+    states = open_states(rd.path / "clients", cache, None if checkpoint is None else checkpoint["clients"])
     if checkpoint is None:
-        progress, states = Progress(server=algo.init_server()), {}
+        progress = Progress(server=algo.init_server())
     else:
-        states = checkpoint["clients"]
         progress = Progress(
             server=checkpoint["server"],
             start=checkpoint["round"] + 1,

@@ -90,7 +90,9 @@ class MaliciousClients(AlgorithmWrapper):
         self.cfg = cfg
         self.malicious = set(malicious)
         task = data.task
-        if cfg.kind in ("label_flip", "backdoor") and not all(c.task.is_classification for c in data.clients):
+        if cfg.kind in ("label_flip", "backdoor") and not all(
+            t.is_classification for t in data.tasks.values()
+        ):
             raise ConfigError(f"config: attack.kind = {cfg.kind!r}: needs classification tasks only")
         if cfg.kind == "backdoor" and cfg.target >= task.num_outputs:
             raise ConfigError(

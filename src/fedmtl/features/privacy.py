@@ -495,6 +495,11 @@ def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
             "config: privacy.eval_noise_multiplier: DP-aggregated evaluation releases only the trained "
             "clients' metric means; set data.holdout_clients to 0"
         )
+    if p.eval_noise_multiplier is not None and cfg.eval.clients is not None:
+        raise ConfigError(
+            "config: eval.clients: DP-aggregated evaluation releases the mean over every training client "
+            "and is accounted so; leave eval.clients out"
+        )
     if cfg.clients.sampling == "poisson" and not algo.mean_of_updates:
         raise ConfigError(
             f"config: clients.sampling = 'poisson': DP-FedAvg then divides each sum by its expected number "

@@ -91,10 +91,13 @@ class FlowerEvaluation:
     """One round's evaluation by the nodes: sent with the next exchange, or on its own if asked
     for first (``rows``)."""
 
-    def __init__(self, transport: FlowerTransport, round: int, records: Callable[[int], RecordDict]) -> None:
+    def __init__(
+        self, transport: FlowerTransport, round: int, records: Callable[[int], RecordDict], clients: list[int]
+    ) -> None:
         self.transport = transport
         self.round = round
         self.records = records
+        self.clients = clients
         self.result: tuple[list[dict[str, Any]], dict[int, str]] | None = None
 
     def ready(self) -> bool:
@@ -108,7 +111,7 @@ class FlowerEvaluation:
 
     def resolve(self, replies: dict[int, RecordDict], missing: dict[int, str]) -> None:
         rows: list[dict[str, Any]] = []
-        for cid in self.transport.eval_clients:
+        for cid in self.clients:
             reply = replies.get(cid)
             if reply is not None and codec.has_tree(reply, protocol.EVAL_ROW):
                 rows += codec.get_tree(reply, protocol.EVAL_ROW)
@@ -125,7 +128,6 @@ class FlowerTransport:
     def __init__(self, server: FlowerServer) -> None:
         self.srv = server
         self.algo = server.algo
-        self.eval_clients = list(server.data.train_clients)
         self.pending: FlowerEvaluation | None = None
         self.exchange_time = 0.0
 
@@ -154,7 +156,7 @@ class FlowerTransport:
         replies, lost = self.srv.roundtrip(items, group)
         self.exchange_time += time.perf_counter() - t
         if pending is not None:
-            pending.resolve(replies, {c: lost.get(c, "no node holds this client") for c in self.eval_clients})
+            pending.resolve(replies, {c: lost.get(c, "no node holds this client") for c in pending.clients})
         got: dict[int, Message] = {}
         wall: dict[int, float] = {}
         for cid in messages:
@@ -174,7 +176,7 @@ class FlowerTransport:
     ) -> None:
         """Every client with a node evaluates round ``ev.round``: on its message, or alone."""
         node_of = self.srv.node_of
-        for cid in self.eval_clients:
+        for cid in ev.clients:
             if cid not in node_of:
                 continue
             if cid not in items:
@@ -189,9 +191,9 @@ class FlowerTransport:
         items: dict[int, tuple[int, str, RecordDict]] = {}
         self._attach_eval(items, ev, ev.round, round_lr(self.srv.cfg, ev.round))
         replies, lost = self.srv.roundtrip(items, f"{ev.round}.eval")
-        ev.resolve(replies, {c: lost.get(c, "no node holds this client") for c in self.eval_clients})
+        ev.resolve(replies, {c: lost.get(c, "no node holds this client") for c in ev.clients})
 
-    def evaluate(self, server: dict[str, Any], round: int) -> FlowerEvaluation:
+    def evaluate(self, server: dict[str, Any], round: int, clients: list[int]) -> FlowerEvaluation:
         """Eval records per client: the algorithm's ``eval_view`` of the server state, encoded now
         (the state may change in place in later steps), once per distinct view."""
         encoded: dict[int, RecordDict] = {}
@@ -205,11 +207,11 @@ class FlowerTransport:
                 encoded[id(view)] = out
             return out
 
-        for cid in self.eval_clients:
+        for cid in clients:
             records(cid)
         if self.pending is not None:  # never two outstanding: the older goes on its own
             self.evaluate_now(self.pending)
-        self.pending = FlowerEvaluation(self, round, records)
+        self.pending = FlowerEvaluation(self, round, records, clients)
         return self.pending
 
     def finish(self, plan: RoundPlan, rejected: set[int]) -> dict[str, Any]:

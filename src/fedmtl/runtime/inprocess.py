@@ -83,8 +83,8 @@ class InProcessTransport:
         self._working = {}
         return {}
 
-    def evaluate(self, server: dict[str, Any], round: int) -> Done:
-        return Done(evaluate_clients(self.algo, server, self.states, self.data, round))
+    def evaluate(self, server: dict[str, Any], round: int, clients: list[int]) -> Done:
+        return Done(evaluate_clients(self.algo, server, self.states, self.data, round, clients))
 
     def client_states(self) -> dict[int, dict[str, Any]]:
         return self.states

@@ -13,14 +13,20 @@ rows always reach ``metrics.jsonl`` in round order."""
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
 from fedmtl.algorithms.base import Algorithm
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import RunDirError
-from fedmtl.experiment.evaluate import evaluate_global, evaluate_new_clients, release_client_eval
+from fedmtl.experiment.evaluate import (
+    eval_sample,
+    evaluate_global,
+    evaluate_new_clients,
+    release_client_eval,
+    sample_interval,
+)
 from fedmtl.experiment.records import RunDir
 from fedmtl.metrics import primary_metric, summarize_clients
 from fedmtl.runtime.round import RoundResult, Transport
@@ -43,9 +49,9 @@ class Evaluation(Protocol):
 class Evaluating(Transport, Protocol):
     """A transport that can also have the clients evaluate on their own test splits."""
 
-    def evaluate(self, server: dict[str, Any], round: int) -> Evaluation: ...
+    def evaluate(self, server: dict[str, Any], round: int, clients: list[int]) -> Evaluation: ...
 
-    def client_states(self) -> dict[int, dict[str, Any]] | None:
+    def client_states(self) -> MutableMapping[int, dict[str, Any]] | None:
         """The client states to checkpoint, or None where they live on the clients."""
         ...
 
@@ -72,6 +78,7 @@ class _Pending:
     last: bool
     server: dict[str, Any]
     evaluation: Evaluation | None = None
+    eval_clients: list[int] = field(default_factory=list)
     server_rows: list[dict[str, Any]] = field(default_factory=list)
     server_metrics: dict[str, Any] = field(default_factory=dict)
 
@@ -145,7 +152,10 @@ class RunLoop:
             row = merge_rejections({"round": r, "kind": "round", **res.info, **algo.round_info(server)})
             entry = _Pending(r, list(res.train_rows), row, last, server)
             if r % self.cfg.eval.every == 0 or last:
-                entry.evaluation = self.transport.evaluate(server, r)
+                entry.eval_clients = eval_sample(
+                    self.data.train_clients, self.cfg.eval.clients, self.cfg.seed, r
+                )
+                entry.evaluation = self.transport.evaluate(server, r, entry.eval_clients)
                 entry.server_rows, entry.server_metrics = self._server_side(server, r)
             self.pending.append(entry)
             self._flush(force=False)
@@ -182,11 +192,17 @@ class RunLoop:
         if entry.evaluation is not None:
             client_rows, missing = entry.evaluation.rows()
             evaluated = {c["client"] for c in client_rows}
-            client_rows, summary = release_client_eval(self.algo, client_rows, entry.round)
-            rows += client_rows + entry.server_rows
+            released, summary = release_client_eval(self.algo, client_rows, entry.round)
+            rows += released + entry.server_rows
             row.update(summary)
+            population = len(self.data.train_clients)
+            if self.cfg.eval.clients is not None:  # a sample: how far its means may be from all clients'
+                row["eval_clients"] = len(entry.eval_clients)
+                row["eval_population"] = population
+                if released:
+                    row.update(sample_interval(client_rows, population))
             row.update(entry.server_metrics)
-            lost = sorted(set(self.data.train_clients) - evaluated)
+            lost = sorted(set(entry.eval_clients) - evaluated)
             if lost:
                 row["eval_missing_clients"] = lost
                 row["eval_missing_reasons"] = {str(c): missing.get(c, "no reply") for c in lost}
@@ -201,16 +217,21 @@ class RunLoop:
         r = entry.round
         states = self.transport.client_states()
         if states is not None and (r % self.cfg.output.checkpoint_every == 0 or entry.last):
+            # a client-state store writes what changed as a segment; the checkpoint names them
+            commit = getattr(states, "commit", None)
+            segments = commit() if commit is not None else None
             self.rd.save_checkpoint(
                 {
                     "round": r,
                     "server": entry.server,
-                    "clients": states,
+                    "clients": states if segments is None else {"format": "segments", "segments": segments},
                     "best": p.best,
                     "elapsed": row["wall_time"],
                     "last": p.last,
                 }
             )
+            if segments is not None:
+                states.committed(segments)  # type: ignore[attr-defined]
         if self.on_row is not None:
             self.on_row(row)
 

@@ -76,7 +76,8 @@ class Simulator:
         """Why this run's algorithm or model cannot train its clients batched (None if it can)."""
         if not self.algo.batchable:
             return f"algorithm {self.algo.name!r} trains with its own solver, not declared local work"
-        client = next((c for c in self.data.clients if c.n_train > 0), None)
+        sizes = self.data.train_sizes()
+        client = self.data.clients[int(sizes.argmax())] if len(sizes) and sizes.max() > 0 else None
         if client is None:
             return "no client has training data"
         model = self.algo.ctx.model_for(client.task.name)

@@ -227,3 +227,20 @@ def test_fedmtl_datasets_states_what_normalize_does(capsys):
     assert "auto: scale (images divided by their pixel maximum, to [0, 1])" in lines["mnist"]
     assert "auto: standardize (per-feature (x - mean) / std" in lines["landmine"]
     assert "auto: vectors standardize, images (data.input_shape) none, text none" in lines["leaf"]
+
+
+def test_a_federation_exported_as_leaf_reads_back_with_its_split(tmp_path, roles):
+    from fedmtl.data.export import write_leaf
+
+    raw = {"dataset": "digits", "partition": {"kind": "dirichlet", "num_clients": 6}}
+    data = load_federated(DataConfig.model_validate(raw), seed=0)
+    write_leaf(data, tmp_path / "leaf")
+    back = load_federated(DataConfig(dataset="leaf", file=str(tmp_path / "leaf"), input_shape=[1, 8, 8]), 0)
+    assert [c.name for c in back.clients] == [c.name for c in data.clients]
+    for a, b in zip(data.clients, back.clients, strict=True):
+        assert np.allclose(a.x_train, b.x_train, atol=1e-5) and np.array_equal(a.y_test, b.y_test)
+    text = load_federated(DataConfig(dataset="leaf", file=str(roles)), 0)
+    write_leaf(text, tmp_path / "text")
+    again = load_federated(DataConfig(dataset="leaf", file=str(tmp_path / "text")), 0)
+    assert again.vocab == text.vocab
+    assert np.array_equal(again.clients[2].x_test, text.clients[2].x_test)

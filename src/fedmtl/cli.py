@@ -52,9 +52,15 @@ def _parser() -> argparse.ArgumentParser:
     d = sub.add_parser("datasets", help="list datasets, where they were found, and their sizes")
     d.add_argument("--data-dir")
 
-    k = sub.add_parser("pack", help="write a config's federation as a memory-mapped client store")
+    k = sub.add_parser("pack", help="write a config's federation as a client store (or LEAF data)")
     k.add_argument("config", nargs="?", help="YAML config whose data: section describes the federation")
-    k.add_argument("out", help="store directory to create (run it with data: {dataset: store, file: OUT})")
+    k.add_argument("out", help="directory to create (run it with data: {dataset: store|leaf, file: OUT})")
+    k.add_argument(
+        "--format",
+        choices=["store", "leaf"],
+        default="store",
+        help="store: memory-mapped arrays (fast, any size); leaf: LEAF's train/ and test/ JSON",
+    )
     k.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     k.add_argument("--data-dir")
 
@@ -177,8 +183,13 @@ def _cmd_pack(a: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     data = load_federated(cfg.data, cfg.seed)
     command = "fedmtl pack " + " ".join(sys.argv[2:]) if sys.argv[1:2] == ["pack"] else "fedmtl.pack"
-    out = write_store(data, Path(a.out), {"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed,
-                                          "command": command})  # fmt: skip
+    if a.format == "leaf":
+        from fedmtl.data.export import write_leaf
+
+        out = write_leaf(data, Path(a.out))
+    else:
+        provenance = {"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed, "command": command}
+        out = write_store(data, Path(a.out), provenance)
     s = data.summary()
     print(
         f"packed {s['clients']} clients ({s['train_samples']} train, {s['test_samples']} test samples) "

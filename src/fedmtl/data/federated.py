@@ -69,8 +69,8 @@ class FederatedData:
 
     @property
     def train_clients(self) -> list[int]:
-        held = set(self.holdout)
-        return [c.cid for c in self.clients if c.cid not in held]
+        held = set(self.holdout)  # client ids are positions: no client is built to list them
+        return [c for c in range(len(self.clients)) if c not in held]
 
     @property
     def tasks(self) -> dict[str, TaskSpec]:

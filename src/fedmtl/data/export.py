@@ -1,0 +1,60 @@
+"""Write a federation as LEAF data: ``train/`` and ``test/`` JSON shards, one user per client, each
+with its own train and test samples (``fedmtl pack --format leaf``). ``data: {dataset: leaf, file:
+OUT}`` reads it back with the same split; images are written flattened (give ``data.input_shape``
+to read them as images), text as the strings its token ids stand for."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from fedmtl.data.federated import ClientData, FederatedData
+from fedmtl.errors import DataError
+
+DIGITS = 6  # significant digits of exported features
+
+
+def _x(c: ClientData, split: str, vocab: list[str] | None) -> list:
+    x = c.x_train if split == "train" else c.x_test
+    if vocab is not None:
+        return ["".join(vocab[int(i) - 1] for i in row if i > 0) for row in np.asarray(x)]
+    flat = np.asarray(x, dtype=np.float64).reshape(len(x), -1)
+    return [[float(f"{v:.{DIGITS}g}") for v in row] for row in flat]
+
+
+def _y(c: ClientData, split: str, vocab: list[str] | None) -> list:
+    y = np.asarray(c.y_train if split == "train" else c.y_test)
+    if vocab is not None:
+        return [vocab[int(i)] for i in y]
+    if c.task.is_classification:
+        return [int(v) for v in y]
+    return [float(v) * c.task.target_std + c.task.target_mean for v in y]  # original units
+
+
+def write_leaf(data: FederatedData, out: Path, shards: int = 1) -> Path:
+    """LEAF's layout under ``out`` (new or empty); users named after the clients."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise DataError(f"LEAF directory {out}: already exists and is not empty; choose another path")
+    if len(data.tasks) > 1:
+        raise DataError("LEAF export: LEAF holds one task; this federation has several (data.tasks)")
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    ids = data.train_clients
+    for split in ("train", "test"):
+        (tmp / split).mkdir(parents=True)
+        for s, part in enumerate(np.array_split(np.asarray(ids, dtype=np.int64), max(1, shards))):
+            doc: dict = {"users": [], "num_samples": [], "user_data": {}}
+            for cid in part.tolist():
+                c = data.clients[cid]
+                ys = _y(c, split, data.vocab)
+                doc["users"].append(c.name)
+                doc["num_samples"].append(len(ys))
+                doc["user_data"][c.name] = {"x": _x(c, split, data.vocab), "y": ys}
+            (tmp / split / f"{data.name}_{s}_{split}.json").write_text(json.dumps(doc))
+    os.replace(tmp, out)
+    return out

@@ -271,3 +271,30 @@ def test_eval_clients_on_flower_equals_the_simulator(tmp_path, flower):
     got = flower._flower_run(tmp_path, raw, flower.LoopbackGrid(flower._nodes(4)))
     flower.assert_same_metrics(expected.run_dir, got.run_dir)
     assert got.final["eval_clients"] == 2
+
+
+# ------------------------------------------------------------------------------------ device
+@pytest.mark.parametrize("execution", ["sequential", "batched"])
+def test_runtime_device_cpu_is_the_default_computation(tmp_path, execution):
+    base = digits_config(algorithm={"name": "ditto"}, runtime={"execution": execution})
+    default = fedmtl.run(base, out=tmp_path / "a")
+    explicit = fedmtl.run({**base, "runtime": {"execution": execution, "device": "cpu"}}, out=tmp_path / "b")
+    assert _stable(RunDir(explicit.run_dir).read_metrics()) == _stable(RunDir(default.run_dir).read_metrics())
+
+
+def test_a_cuda_request_without_cuda_is_a_config_error(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    with pytest.raises(ConfigError) as exc:
+        fedmtl.run(digits_config(runtime={"device": "cuda"}), out=tmp_path / "r")
+    assert str(exc.value) == (
+        "config: runtime.device = 'cuda': this machine has no CUDA device that torch can use "
+        "(torch.cuda.is_available() is False); use 'cpu' or 'auto'"
+    )
+    assert not (tmp_path / "r").exists()
+    auto = fedmtl.run(digits_config(runtime={"device": "auto"}, train__rounds=1), out=tmp_path / "auto")
+    assert auto.summary["rounds_completed"] == 1  # auto falls back to the CPU
+    with pytest.raises(ConfigError, match="runtime.device = 'gpu'"):
+        fedmtl.run(digits_config(runtime={"device": "gpu"}), out=tmp_path / "g")

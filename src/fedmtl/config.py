@@ -62,6 +62,8 @@ class ClientsConfig(Strict):
 
 class RuntimeConfig(Strict):
     execution: Literal["sequential", "batched", "auto"] = "sequential"
+    #: where local training and evaluation compute: cpu, cuda (cuda:N), or auto (CUDA if present)
+    device: str = Field("cpu", pattern=r"^(cpu|auto|cuda(:[0-9]+)?)$")
     batch_memory_gib: float = Field(2.0, gt=0, description="budget for stacking sampled clients when batched")
     onednn: bool = Field(
         True, description="batched MLP steps multiply on oneDNN's float32 kernels where probed exact"

@@ -18,8 +18,10 @@ import numpy as np
 
 from fedmtl.data.federated import ClientData, TaskSpec
 
-#: ClientData objects kept: a round's sampled clients and an evaluation's, typically
+#: ClientData objects kept: a round's sampled clients and an evaluation's, typically; clients
+#: whose rows are gathered from a pool (copies) also count against CACHED_BYTES
 CACHED_CLIENTS = 4096
+CACHED_BYTES = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -60,6 +62,9 @@ class ClientList(Sequence[ClientData]):
         self.names = names
         self.name_pattern = name_pattern
         self._made: OrderedDict[int, ClientData] = OrderedDict()
+        self._made_bytes = 0
+        #: rows gathered through an index are copies: their memory counts
+        self._copies = train.index is not None or test.index is not None
         self.n_train = train.sizes
         self.n_test = test.sizes
 
@@ -81,9 +86,16 @@ class ClientList(Sequence[ClientData]):
         x_te, y_te = self.test.of(cid)
         c = ClientData(cid, x_tr, y_tr, x_te, y_te, self.task_of(cid), self.name_of(cid))
         self._made[cid] = c
-        if len(self._made) > CACHED_CLIENTS:
-            self._made.popitem(last=False)
+        self._made_bytes += self._bytes(c)
+        while len(self._made) > 1 and (len(self._made) > CACHED_CLIENTS or self._made_bytes > CACHED_BYTES):
+            _, old = self._made.popitem(last=False)
+            self._made_bytes -= self._bytes(old)
         return c
+
+    def _bytes(self, c: ClientData) -> int:
+        if not self._copies:
+            return 0
+        return c.x_train.nbytes + c.y_train.nbytes + c.x_test.nbytes + c.y_test.nbytes
 
     @overload
     def __getitem__(self, i: int) -> ClientData: ...

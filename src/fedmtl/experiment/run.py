@@ -26,7 +26,7 @@ from fedmtl.models import build_model
 from fedmtl.runtime import Simulator
 from fedmtl.runtime.client_states import open_states
 from fedmtl.runtime.loop import Progress, RunLoop
-from fedmtl.training import LocalSpec
+from fedmtl.training import LocalSpec, device
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.tensors import model_arrays
 
@@ -225,7 +225,8 @@ def _loop(
         cfg, algo, data, lambda r, server: sim.run_round(r, server, states), sim.transport, rd, log, on_row
     )
     try:
-        summary = loop.run(progress)
+        with device.using(sim.device):  # evaluations too, not only the rounds
+            summary = loop.run(progress)
     finally:
         bar.close()
     return _result(rd, summary)

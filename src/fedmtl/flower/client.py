@@ -41,13 +41,14 @@ class NodeSide:
     data: FederatedData  # a view holding only this node's client
     client: ClientData
     algo: Algorithm
+    device: Any = None  # torch.device of runtime.device, resolved on the node
 
 
 class _ByCid(list):
     """The node's clients, indexable by fedmtl client id.
 
-    ``evaluate_clients`` iterates ``data.clients`` and then indexes it by client id; this view lets
-    a node run that same function on its single partition, whatever its id."""
+    ``evaluate_clients`` indexes ``data.clients`` by client id; this view lets a node run that same
+    function on its single partition, whatever its id."""
 
     def __getitem__(self, cid: Any) -> Any:
         for c in list.__iter__(self):
@@ -89,6 +90,7 @@ def node_side(config_json: str, node_config: dict[str, Any]) -> NodeSide:
         return _CACHE[key]
     from fedmtl.config import parse_config
     from fedmtl.experiment.run import build_algorithm
+    from fedmtl.training import device
 
     pid, want = partition_of(node_config)
     raw = json.loads(config_json)
@@ -108,7 +110,7 @@ def node_side(config_json: str, node_config: dict[str, Any]) -> NodeSide:
         )
     client = data.clients[pid]
     view = dataclasses.replace(data, clients=_ByCid([client]))
-    side = NodeSide(cfg=cfg, data=view, client=client, algo=algo)
+    side = NodeSide(cfg, view, client, algo, device.resolve(cfg.runtime.device))
     if len(_CACHE) >= 4:  # a process serves one node, or a few virtual ones (simulation, tests)
         _CACHE.clear()
     _CACHE[key] = side
@@ -154,15 +156,19 @@ def _evaluate_into(out: RecordDict, msg: FlowerMessage, side: NodeSide, state: d
     server = codec.get_tree(msg.content, protocol.EVAL_VIEW)
     cid = side.client.cid
     # In-process evaluation sees ``{}`` for a client that never trained; keep that.
-    rows = evaluate_clients(side.algo, server, {cid: state} if state is not None else {}, side.data, rnd)
+    states = {cid: state} if state is not None else {}
+    rows = evaluate_clients(side.algo, server, states, side.data, rnd, [cid])
     codec.put_tree(out, protocol.EVAL_ROW, rows)
 
 
 def _step(msg: FlowerMessage, context: Context, step: Callable[[NodeSide], StepFn] | None) -> FlowerMessage:
+    from fedmtl.training import device
+
     side = _side(msg, context)
     state = _load_state(context)
     out = RecordDict()
-    _evaluate_into(out, msg, side, state)
+    with device.using(side.device):
+        _evaluate_into(out, msg, side, state)
     if step is not None:
         cid, work = _work(msg, side)
         incoming = codec.get_message(msg.content, protocol.MSG)
@@ -171,7 +177,8 @@ def _step(msg: FlowerMessage, context: Context, step: Callable[[NodeSide], StepF
         from fedmtl.training.executors import run_local
 
         t0 = time.perf_counter()
-        new_state, reply = run_local(step(side)(state, side.client, incoming, work))
+        with device.using(side.device):
+            new_state, reply = run_local(step(side)(state, side.client, incoming, work))
         wall = time.perf_counter() - t0
         codec.put_tree(context.state, protocol.STATE, new_state)
         codec.put_message(out, protocol.REPLY, reply)

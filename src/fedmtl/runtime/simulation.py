@@ -21,7 +21,7 @@ from fedmtl.runtime.inprocess import InProcessTransport
 from fedmtl.runtime.round import TRAIN_STREAM, Planner, RoundResult, RoundRunner, round_lr
 from fedmtl.runtime.seeds import derived_rng
 from fedmtl.runtime.threads import torch_owns_the_cores
-from fedmtl.training import onednn
+from fedmtl.training import device, onednn
 from fedmtl.training.batched import batch_support
 from fedmtl.training.executors import BatchedExecutor, SequentialExecutor
 
@@ -70,6 +70,8 @@ class Simulator:
             BatchedExecutor(int(gib * 2**30)) if self.execution == "batched" else SequentialExecutor()
         )
         self.transport = InProcessTransport(algo, data, self.executor, cfg.seed)
+        #: ``runtime.device`` resolved (a CUDA request on a machine without one fails here)
+        self.device = device.resolve(cfg.runtime.device)
 
     # --- execution backend ------------------------------------------------------------------
     def batched_unsupported(self) -> str | None:
@@ -101,5 +103,6 @@ class Simulator:
     def run_round(self, round: int, server: dict[str, Any], states: dict[int, dict[str, Any]]) -> RoundResult:
         """One synchronous round; ``states`` (client id -> client state) is updated in place."""
         self.transport.states = states
-        with _gc_paused(), torch_owns_the_cores(), onednn.enabled_as(self.cfg.runtime.onednn):
+        onednn_on = onednn.enabled_as(self.cfg.runtime.onednn)
+        with _gc_paused(), torch_owns_the_cores(), onednn_on, device.using(self.device):
             return self.runner.run(round, server, self.transport)

@@ -34,6 +34,8 @@ from torch.overrides import TorchFunctionMode
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
 from fedmtl.training.buffers import POOL
+from fedmtl.training.device import current as current_device
+from fedmtl.training.device import on_cpu, to_device, to_host
 from fedmtl.training.fused import linear_chain
 from fedmtl.training.local import LocalSpec, batch_lengths, batch_orders
 from fedmtl.training.objectives import TASK_LOSS, Objective, add_prox_grad
@@ -94,8 +96,8 @@ class BatchedResult:
         if grp.rows is None:
             grp.rows = StackedRows(
                 self.keys,
-                {k: v.numpy() for k, v in grp.stacked.items()},
-                {k: v.numpy() for k, v in grp.shared.items()},
+                {k: to_host(v).numpy() for k, v in grp.stacked.items()},
+                {k: to_host(v).numpy() for k, v in grp.shared.items()},
             )
         return grp.rows
 
@@ -134,10 +136,17 @@ def _column_reader(dicts: Sequence[ParamsLike], members: list[int]) -> Callable[
     return lambda key: [dicts[i][key] for i in members]
 
 
+def _empty(shape: Sequence[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """A working tensor: from the host's buffer pool, or on the device."""
+    if on_cpu():
+        return POOL.empty(shape, dtype)
+    return torch.empty(tuple(shape), dtype=dtype, device=current_device())
+
+
 def _stack(values: Sequence[ArrayLike]) -> torch.Tensor:
     """A fresh contiguous [n, ...] tensor to train in place (never a view of the inputs)."""
     first = torch.as_tensor(values[0])
-    out = POOL.empty((len(values), *first.shape), dtype=first.dtype)
+    out = _empty((len(values), *first.shape), dtype=first.dtype)
     if _is_shared(values):
         return out.copy_(first)
     for i, v in enumerate(values):
@@ -338,7 +347,8 @@ def batched_local_train(
     cost[:, 0] = mem + per_row * sizes + PLAN_BYTES * entries
     cost[:, 1], cost[:, 2] = work, widest
     bounds = [b for b in bounds if b[0] in train_keys]  # a frozen key keeps its value anyway
-    chain = linear_chain(model) if fused and not task.dense else None
+    # the fused chain step is host code (buffer pool, oneDNN): devices take the vmapped step
+    chain = linear_chain(model) if fused and not task.dense and on_cpu() else None
     kernel = None
     if chain is not None:
         kernel = objective.chain_step(chain, task, spec.optimizer, set(train_keys), prox_mu, bounds)
@@ -406,7 +416,7 @@ def _train_group(
     for k in frozen_keys:
         vals = column(k)
         if _is_shared(vals):
-            grp.shared[k] = frozen[k] = torch.as_tensor(vals[0])
+            grp.shared[k] = frozen[k] = to_device(torch.as_tensor(vals[0]))
             frozen_dims[k] = None
         else:
             grp.stacked[k] = frozen[k] = _stack(vals)
@@ -418,7 +428,7 @@ def _train_group(
         vals = center_column(k)  # type: ignore[misc]
         shared = _is_shared(vals)
         # Shared centres are the caller's tensors: safe, since only fresh stacks are trained in place.
-        center[k] = torch.as_tensor(vals[0]) if shared else _stack(vals)
+        center[k] = to_device(torch.as_tensor(vals[0])) if shared else _stack(vals)
         center_dims[k] = None if shared else 0
 
     # Each step gathers its padded batches from the group's samples held as rows of one tensor.
@@ -428,14 +438,14 @@ def _train_group(
     x_flat = x_all.view(len(x_all), -1)
     order_rows, totals, n_steps, sizes = batches  # the members' batch orders, lengths, steps, sizes
     plan = _step_plan(order_rows, totals, sizes, spec.batch_size, n_steps)
-    x_rows = torch.from_numpy(x_first[plan.entry_client] + plan.local)
-    y_rows = torch.from_numpy(y_first[plan.entry_client] + plan.local)
-    mask_t, scale_t = torch.from_numpy(plan.mask), torch.from_numpy(plan.scale)
+    x_rows = to_device(torch.from_numpy(x_first[plan.entry_client] + plan.local))
+    y_rows = to_device(torch.from_numpy(y_first[plan.entry_client] + plan.local))
+    mask_t, scale_t = to_device(torch.from_numpy(plan.mask)), to_device(torch.from_numpy(plan.scale))
     # One buffer for every step's gathered batch (reused, so never page-faulted in again; the
     # fused step also keeps its views of them from step to step).
     widest = m * min(spec.batch_size, int(sizes.max()))
-    x_buf = POOL.empty((widest, x_flat.shape[1]), dtype=x_flat.dtype)
-    y_buf = POOL.empty((widest, *y_all.shape[1:]), dtype=y_all.dtype)
+    x_buf = _empty((widest, x_flat.shape[1]), dtype=x_flat.dtype)
+    y_buf = _empty((widest, *y_all.shape[1:]), dtype=y_all.dtype)
 
     step_fn = (
         None
@@ -443,7 +453,7 @@ def _train_group(
         else _step_fn(model, task, prox_mu if center else 0.0, frozen_dims, center_dims, objective)
     )
     state = optim.init_state(spec.optimizer, {k: grp.stacked[k] for k in train_keys}, zeros=_pooled_zeros)
-    pair_loss = torch.empty(plan.pair[-1], dtype=torch.float32)
+    pair_loss = torch.empty(plan.pair[-1], dtype=torch.float32, device=x_flat.device)
     views: dict[int, tuple[dict, dict, dict, dict]] = {}  # live clients -> their parameter views
     for t, (k, width) in enumerate(zip(plan.live, plan.width, strict=True)):
         lo, hi = plan.entry[t], plan.entry[t + 1]
@@ -473,15 +483,16 @@ def _train_group(
         kernel.forget()
     seen = np.bincount(plan.pair_client, weights=plan.pair_count, minlength=m).astype(np.int64)
     loss_sum = np.bincount(
-        plan.pair_client, weights=pair_loss.numpy().astype(np.float64) * plan.pair_count, minlength=m
+        plan.pair_client, weights=to_host(pair_loss).numpy().astype(np.float64) * plan.pair_count, minlength=m
     )
     idx_members = np.asarray(members)
     seen_out[idx_members] = seen
     loss_out[idx_members] = loss_sum / np.maximum(seen, 1)
 
 
-#: Concatenated group data kept between calls, least recently used first, up to DATA_CACHE_BYTES.
-_DATA_CACHE: OrderedDict[tuple[int, ...], tuple[list[np.ndarray], torch.Tensor]] = OrderedDict()
+#: Concatenated group data kept between calls, least recently used first, up to DATA_CACHE_BYTES;
+#: an entry goes when any of its arrays does (clients made on access free theirs).
+_DATA_CACHE: OrderedDict[tuple[int, ...], tuple[list[weakref.ref], torch.Tensor]] = OrderedDict()
 DATA_CACHE_BYTES = 256 * 2**20
 
 
@@ -491,8 +502,11 @@ def _rows_of(arrays: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
     Without a copy when they are row blocks of one array (``load_federated`` lays clients out
     so); else their concatenation, which is kept for the next call (with full participation the
     same groups come back every round; least recently used dropped beyond ``DATA_CACHE_BYTES``).
-    Entries are keyed by the arrays' ids and hold the arrays, so an id cannot be reused while its
-    entry exists; client data is never modified in place, so a kept concatenation cannot go stale."""
+    Entries are keyed by the arrays' ids and dropped when any of those arrays dies, so an id
+    cannot be reused while its entry exists; client data is never modified in place, so a kept
+    concatenation cannot go stale."""
+    if not on_cpu():
+        return _device_rows(arrays)
     key = tuple(map(id, arrays))
     shared = _known_layout(key, arrays)
     if shared is None:
@@ -508,10 +522,21 @@ def _rows_of(arrays: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
         return hit[1], first
     rows = torch.from_numpy(np.concatenate(arrays))
     if rows.nbytes <= DATA_CACHE_BYTES:
-        _DATA_CACHE[key] = (list(arrays), rows)
+
+        def gone(_: weakref.ref, key: tuple[int, ...] = key) -> None:
+            _DATA_CACHE.pop(key, None)  # an array of the group died: its id may be reused
+
+        _DATA_CACHE[key] = ([weakref.ref(a, gone) for a in arrays], rows)
         while sum(v[1].nbytes for v in _DATA_CACHE.values()) > DATA_CACHE_BYTES:
             _DATA_CACHE.popitem(last=False)
     return rows, first
+
+
+def _device_rows(arrays: list[np.ndarray]) -> tuple[torch.Tensor, np.ndarray]:
+    """``_rows_of`` on a device: the group's samples copied over once per call (only the sampled
+    clients' rows travel, not the pool they are views of)."""
+    first = np.concatenate([[0], np.cumsum([len(a) for a in arrays])[:-1]]).astype(np.int64)
+    return to_device(torch.from_numpy(np.ascontiguousarray(np.concatenate(arrays)))), first
 
 
 #: Layouts found by ``_shared_base``, by the arrays' ids: checking a layout costs 1.5 us per array,
@@ -566,6 +591,8 @@ def _shared_base(arrays: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray] | No
 
 
 def _pooled_zeros(like: torch.Tensor) -> torch.Tensor:
+    if like.device.type != "cpu":
+        return torch.zeros_like(like)
     return POOL.zeros(like.shape, like.dtype)
 
 

@@ -14,6 +14,7 @@ from torch.func import grad, vmap
 
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
+from fedmtl.training.device import to_device, to_host
 from fedmtl.training.local import LocalSpec
 from fedmtl.training.objectives import TASK_LOSS, Objective, add_prox_grad
 from fedmtl.training.shuffle import Randomness
@@ -50,7 +51,8 @@ def clip_and_noise(
     for k, g in grads.items():
         s = torch.einsum("b,b...->...", factor.to(g.dtype), g)
         if noise_multiplier > 0:
-            s = s + noise_multiplier * clip * torch.randn(s.shape, generator=gen, dtype=s.dtype)
+            # drawn on the host from the client's generator: the same noise on every device
+            s = s + to_device(noise_multiplier * clip * torch.randn(s.shape, generator=gen, dtype=s.dtype))
         out[k] = s / batch
     return out, int((norms > clip).sum())
 
@@ -81,13 +83,14 @@ def dp_local_train(
     one, which would depend on the data. The proximal term is data-independent, so it is added to
     the privatised gradient without cost to privacy."""
     keys = list(params) if trainable is None else [k for k in params if k in set(trainable)]
+    params = {k: to_device(v) for k, v in params.items()}
     frozen = {k: v for k, v in params.items() if k not in keys}
     current = {k: params[k].detach().clone() for k in keys}
     state = optim.init_state(spec.optimizer, current)
-    xt, yt = torch.as_tensor(x), torch.as_tensor(y)
+    xt, yt = to_device(torch.as_tensor(x)), to_device(torch.as_tensor(y))
     gen = torch.Generator().manual_seed(int(noise_rng.integers(2**62)))
     expected = min(spec.batch_size, len(y))
-    center = {k: c for k, c in (prox_center or {}).items() if k in current}
+    center = {k: to_device(c) for k, c in (prox_center or {}).items() if k in current}
     bounds = [b for b in bounds if b[0] in current]
     total, seen = 0.0, 0
     for idx in poisson_batches(len(y), spec.batch_size, steps, rng):
@@ -105,7 +108,7 @@ def dp_local_train(
             current[key] = current[key].clamp(low, high)
         seen += len(idx)
     result = {**frozen, **current}
-    return {k: result[k] for k in params}, total / max(seen, 1), seen
+    return {k: to_host(result[k]) for k in params}, total / max(seen, 1), seen
 
 
 def poisson_batches(n: int, batch_size: int, steps: int, rng: Randomness) -> list[np.ndarray]:

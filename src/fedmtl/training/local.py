@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
+from fedmtl.training.device import on_cpu, to_device, to_host
 from fedmtl.training.objectives import TASK_LOSS, Objective, add_prox_grad
 from fedmtl.training.optim import OptimizerSpec
 from fedmtl.training.shuffle import Randomness, Stream, orders, permutation
@@ -166,12 +167,13 @@ def local_train(
     proximal term (FedProx, Ditto); ``objective`` replaces the task loss (APFL); ``bounds``
     projects keys onto ``[low, high]`` after every step (APFL's mixing weight)."""
     keys = list(params) if trainable is None else [k for k in params if k in set(trainable)]
+    params = {k: to_device(v) for k, v in params.items()}
     frozen = {k: v for k, v in params.items() if k not in keys}
     current = {k: params[k].clone() for k in keys}
     state = optim.init_state(spec.optimizer, current)
-    xt = torch.as_tensor(x)
-    yt = torch.as_tensor(y)
-    center = {k: c for k, c in (prox_center or {}).items() if k in current} if prox_mu > 0 else {}
+    xt = to_device(torch.as_tensor(x))
+    yt = to_device(torch.as_tensor(y))
+    center = {k: to_device(c) for k, c in (prox_center or {}).items() if k in current} if prox_mu > 0 else {}
     bounds = [b for b in bounds if b[0] in current]  # a frozen key keeps its value anyway
     total, seen = 0.0, 0
     for idx in batch_schedule(len(y), spec.batch_size, steps, rng):
@@ -184,14 +186,19 @@ def local_train(
             current[key] = current[key].clamp(low, high)
         total += float(loss.detach()) * len(idx)
         seen += len(idx)
-    result = {**frozen, **{k: v.detach() for k, v in current.items()}}
-    return {k: result[k] for k in params}, total / max(seen, 1), seen
+    result = {**frozen, **{k: to_host(v.detach()) for k, v in current.items()}}
+    return {k: to_host(result[k]) for k in params}, total / max(seen, 1), seen
 
 
 @torch.no_grad()
 def predict(model: nn.Module, params: Params, x: np.ndarray, chunk: int = 4096) -> torch.Tensor:
     xt = torch.as_tensor(x)
-    outs = [functional_call(model, params, (xt[i : i + chunk],)) for i in range(0, len(xt), chunk)]
+    if not on_cpu():
+        params = {k: to_device(v) for k, v in params.items()}
+    outs = [
+        to_host(functional_call(model, params, (to_device(xt[i : i + chunk]),)))
+        for i in range(0, len(xt), chunk)
+    ]
     return torch.cat(outs) if outs else torch.empty(0)
 
 

@@ -203,5 +203,8 @@ def test_env_dir_missing_files(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 
 
 def test_file_only_for_leaf() -> None:
-    with pytest.raises(ConfigError, match="data.file = 'x.json': only used by datasets 'leaf' and 'store'"):
+    with pytest.raises(
+        ConfigError,
+        match="data.file = 'x.json': only used by datasets 'leaf', 'store' and 'federation', not 'digits'",
+    ):
         load_federated(_cfg("digits", "iid", file="x.json"), seed=0)

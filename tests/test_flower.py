@@ -244,6 +244,19 @@ def test_codec_names_the_path_of_a_value_it_cannot_send():
             "algorithm": {"name": "lg_fedavg"},
         },
         {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedbabu"}},
+        # evaluation views hold only the client's task (or group) head
+        {
+            "data__partition__num_clients": 4,
+            "data__tasks": ["digit", "parity"],
+            "train__rounds": 2,
+            "algorithm": {"name": "fedavg"},
+        },
+        {
+            "data__partition__num_clients": 4,
+            "data__tasks": ["digit", "parity"],
+            "train__rounds": 2,
+            "algorithm": {"name": "hierarchical"},
+        },
     ],
     ids=[
         "fedavg",
@@ -257,6 +270,8 @@ def test_codec_names_the_path_of_a_value_it_cannot_send():
         "apfl",
         "lg-fedavg-multitask",
         "fedbabu",
+        "fedavg-multitask",
+        "hierarchical-multitask",
     ],
 )
 def test_flower_run_equals_in_process_run(tmp_path, over):

@@ -40,14 +40,14 @@ def federation(tmp_path: Path) -> Iterator[Callable[[int], LocalFederation]]:
     """Start SuperLink + n SuperNodes on free loopback ports; always stopped and checked afterwards."""
     started: list[LocalFederation] = []
 
-    def start(n: int) -> LocalFederation:
+    def start(n: int, configs: list[dict[str, Any]] | None = None) -> LocalFederation:
         fed = LocalFederation(
-            tmp_path / "flower", [{"partition-id": i, "num-partitions": n} for i in range(n)]
+            tmp_path / "flower", configs or [{"partition-id": i, "num-partitions": n} for i in range(n)]
         )
         started.append(fed)
         return fed.start()
 
-    yield start
+    yield start  # type: ignore[misc]
     for fed in started:
         fed.stop()
     left = {pid for fed in started for pid in fed.alive()}
@@ -119,3 +119,21 @@ def test_a_supernode_killed_mid_round_is_recorded_and_training_continues(tmp_pat
     assert summary["complete"] and summary["final"]["round"] == 2
     assert summary["final"]["accuracy_mean"] > 0.1
     print(f"\nfaults: exchange per round {_round_times(run_dir)} s (round-timeout 45 s, suspect-grace 3 s)")
+
+
+def test_four_sites_with_only_their_own_files_and_a_server_without_data(tmp_path, federation):
+    """The server reads federation.json (no samples); SuperNode i reads only node-i/client.npz."""
+    from fedmtl.cli import main
+
+    overrides = [*OVERRIDES, "data.partition.num_clients=4"]
+    cfg = load_config(EXAMPLE, overrides)
+    expected = fedmtl.run(cfg, out=tmp_path / "inproc")
+    sites = tmp_path / "sites"
+    assert main(["flower", "split", str(EXAMPLE), str(sites), *(f"--set={o}" for o in overrides)]) == 0
+    fed = federation(4, [{"partition-id": i, "data-path": str(sites / f"node-{i}")} for i in range(4)])
+    server = [*overrides, f"data={{dataset: federation, file: {sites / 'federation.json'}}}"]
+    proc = fed.run(APP, _run_config(tmp_path, server, **{"round-timeout": 150.0}), timeout=400)
+    run_dir = tmp_path / "flower-run"
+    assert proc.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()
+    assert_same_metrics(expected.run_dir, run_dir)
+    print(f"\nfour sites: exchange per round {_round_times(run_dir)} s")

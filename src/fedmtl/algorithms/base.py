@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
+from fedmtl.algorithms.heads import task_part
 from fedmtl.data.federated import ClientData, TaskSpec
 from fedmtl.training import LocalSpec, num_local_steps
 from fedmtl.training.objectives import TASK_LOSS, Objective, Prox
@@ -263,9 +264,15 @@ class Algorithm:
         return {**init, **self.broadcast(server, cid).arrays}
 
     def eval_view(self, server: dict[str, Any], cid: int) -> dict[str, Any]:
-        """The server state a client evaluating on its own node needs (its own parameters come from
-        its client state)."""
-        return server
+        """The part of the server state a client evaluating on its own node receives: enough for
+        ``broadcast`` and the evaluation hooks to give this client's arrays, nothing that belongs to
+        other clients or tasks (its own personal parameters come from its client state). Default:
+        the shared body and this client's task head of ``server["params"]``; an algorithm keeping
+        more per client or per group on the server narrows it itself."""
+        params = server.get("params")
+        if not isinstance(params, dict):
+            return {}
+        return {"params": task_part(params, self.ctx.task_of(cid), self.ctx.multi_task)}
 
     def release_eval(self, client_rows: list[dict[str, Any]], round: int) -> dict[str, Any] | None:
         """What an evaluation round publishes instead of the per-client rows, or None to publish

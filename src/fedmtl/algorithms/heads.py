@@ -37,6 +37,15 @@ def qualify(arrays: Arrays, task: str, multi: bool) -> Arrays:
     return {(f"{task}{SEP}{k}" if is_head(k) else k): v for k, v in arrays.items()}
 
 
+def task_part(params: Arrays, task: str, multi: bool) -> Arrays:
+    """The server names one client of ``task`` may see: the body and its own task's head (so
+    ``for_task`` on it gives what it gives on the whole), none of the other tasks' heads."""
+    if not multi:
+        return params
+    prefix = f"{task}{SEP}"
+    return {k: v for k, v in params.items() if SEP not in k or k.startswith(prefix)}
+
+
 def for_task(params: Arrays, task: str, multi: bool) -> Arrays:
     """Server names -> the arrays one client of ``task`` uses (body + its task's head)."""
     if not multi:

@@ -19,7 +19,7 @@ from scipy.spatial.distance import squareform
 from fedmtl.aggregation import server_opt_init, server_opt_step
 from fedmtl.algorithms.base import Message
 from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams, accept_replies, aggregation_info
-from fedmtl.algorithms.heads import SEP, body_of, for_task, head_of, keywise_mean
+from fedmtl.algorithms.heads import SEP, body_of, for_task, head_of, keywise_mean, task_part
 from fedmtl.data.federated import TaskSpec
 from fedmtl.errors import ConfigError
 from fedmtl.training.tensors import Arrays
@@ -76,6 +76,11 @@ class Hierarchical(FedAvg):
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:
         # Group heads are keyed like task heads, so the task-head view serves groups too.
         return Message(arrays=for_task(server["params"], server["group_of"][cid], multi=True))
+
+    def eval_view(self, server: dict[str, Any], cid: int) -> dict[str, Any]:
+        """The body and this client's group head; not the other groups, nor anyone's updates."""
+        group = server["group_of"][cid]
+        return {"params": task_part(server["params"], group, multi=True), "group_of": {cid: group}}
 
     def global_params(self, server: dict[str, Any]) -> Arrays | None:
         return None

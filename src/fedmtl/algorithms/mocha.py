@@ -107,6 +107,10 @@ class Mocha(Algorithm):
             scalars={"sigma_tt": float(server["sigma"][cid, cid]), "sigma_p": float(server["sigma_p"])},
         )
 
+    def eval_view(self, server: dict[str, Any], cid: int) -> dict[str, Any]:
+        """Only w_t: the other rows of W are the other clients' personal models."""
+        return {"w_own": server["W"][cid]}
+
     def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
         p: MochaParams = self.p  # type: ignore[assignment]
         s = dict(server)
@@ -228,5 +232,5 @@ class Mocha(Algorithm):
         """w_t as the linear head: for 2 classes row 0 is zero, so argmax = class 1 iff w_t.x > 0."""
         init = self.ctx.init_arrays
         weight = np.zeros_like(init["head.weight"])
-        weight[-1] = server["W"][cid]
+        weight[-1] = server["w_own"] if "w_own" in server else server["W"][cid]
         return {"head.weight": weight, "head.bias": np.zeros_like(init["head.bias"])}

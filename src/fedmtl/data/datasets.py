@@ -272,6 +272,16 @@ REGISTRY: dict[str, DatasetSpec] = {
             "a federation packed by 'fedmtl pack' (data.file: its directory), memory-mapped",
         ),
         DatasetSpec(
+            "federation",
+            "natural",
+            "classification",
+            (),
+            None,
+            _reads_through_load,
+            "a federation whose data stays on the Flower nodes (data.file: its federation.json, "
+            "written by 'fedmtl flower split'); the server's view, no samples",
+        ),
+        DatasetSpec(
             "leaf",
             "natural",
             "classification",
@@ -313,6 +323,7 @@ def _check_partition(spec: DatasetSpec, kind: str) -> None:
 _FILE_NEEDS = {
     "leaf": "a LEAF data directory with train/ and test/, or one LEAF-style .json or .json.gz",
     "store": "a client store directory written by 'fedmtl pack'",
+    "federation": "a federation.json, or the folder 'fedmtl flower split' wrote",
 }
 
 
@@ -361,7 +372,8 @@ def _load_raw(spec: DatasetSpec, cfg: DataConfig) -> tuple[Raw, str]:
         return spec.read([path]), str(path.resolve())
     if cfg.file is not None:
         raise ConfigError(
-            f"config: data.file = {cfg.file!r}: only used by datasets 'leaf' and 'store', not {spec.name!r}"
+            f"config: data.file = {cfg.file!r}: only used by datasets 'leaf', 'store' and 'federation', "
+            f"not {spec.name!r}"
         )
     if not spec.files:
         return spec.read([]), EMBEDDED
@@ -658,6 +670,8 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     _check_partition(spec, cfg.partition.kind or ("natural" if spec.kind == "natural" else "dirichlet"))
     if spec.name == "store":
         return _stored(cfg, seed)
+    if spec.name == "federation":
+        return _described(cfg, seed)
     raw, source = _load_raw(spec, cfg)
     classification = spec.task == "classification"
     vocab = None if isinstance(raw, Pooled) else raw.vocab
@@ -708,10 +722,8 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout, vocab=vocab)
 
 
-def _stored(cfg: DataConfig, seed: int) -> FederatedData:
-    """``dataset: store``: a packed federation (``fedmtl pack``), memory-mapped."""
-    from fedmtl.data.store import open_store  # imported on use, like the store itself
-
+def _as_given(cfg: DataConfig, dataset: str, held: str, set_in: str, normalised: str) -> None:
+    """Refuse data keys that would rebuild a federation that ``dataset`` holds as it was written."""
     packed = {
         "tasks": cfg.tasks,
         "corrupt.enabled": cfg.corrupt.enabled,
@@ -722,14 +734,45 @@ def _stored(cfg: DataConfig, seed: int) -> FederatedData:
     for key, value in packed.items():
         if value:
             raise ConfigError(
-                f"config: data.{key}: dataset 'store' holds a federation as packed; set it in the "
-                "config you pack ('fedmtl pack')"
+                f"config: data.{key}: dataset {dataset!r} holds a federation as {held}; set it in the "
+                f"config you {set_in}"
             )
     if cfg.normalize not in ("auto", "none"):
+        raise ConfigError(f"config: data.normalize = {cfg.normalize!r}: {normalised}; use 'auto' or 'none'")
+
+
+def _described(cfg: DataConfig, seed: int) -> FederatedData:
+    """``dataset: federation``: the server's view of a federation whose samples are on the nodes."""
+    from fedmtl.data.description import load_described
+
+    _as_given(
+        cfg,
+        "federation",
+        "split",
+        "split ('fedmtl flower split')",
+        "the nodes' files are normalised when split (federation.json says how)",
+    )
+    if cfg.holdout_clients:
         raise ConfigError(
-            f"config: data.normalize = {cfg.normalize!r}: a client store is normalised when packed "
-            "(its meta.json says how); use 'auto' or 'none'"
+            "config: data.holdout_clients: dataset 'federation' keeps every client's data on its node; "
+            "new-client evaluation needs the held-out clients' data on the server"
         )
+    data = load_described(_leaf_file(cfg, "federation"))
+    data.info.update(seed=seed)
+    return data
+
+
+def _stored(cfg: DataConfig, seed: int) -> FederatedData:
+    """``dataset: store``: a packed federation (``fedmtl pack``), memory-mapped."""
+    from fedmtl.data.store import open_store  # imported on use, like the store itself
+
+    _as_given(
+        cfg,
+        "store",
+        "packed",
+        "pack ('fedmtl pack')",
+        "a client store is normalised when packed (its meta.json says how)",
+    )
     data = open_store(_leaf_file(cfg, "store"))
     data.holdout = _holdout(data.num_clients, cfg.holdout_clients, seed)
     data.info.update(seed=seed)
@@ -810,6 +853,8 @@ def normalize_note(spec: DatasetSpec) -> str:
     """What ``data.normalize: auto`` does to this dataset, for ``fedmtl datasets``."""
     if spec.name == "store":
         return "as packed (meta.json records it)"
+    if spec.name == "federation":
+        return "as the nodes' files hold it (federation.json records it)"
     if spec.load is not None or spec.name == "leaf":
         return (
             "auto: vectors standardize, images (data.input_shape) "

@@ -85,13 +85,19 @@ def train_flops_per_sample(model: torch.nn.Module, input_shape: tuple[int, ...])
 def build(cfg: Config) -> tuple[FederatedData, Algorithm, Simulator]:
     """The data, the algorithm (inside its features) and the in-process simulator of a config."""
     data, algo, flops = build_algorithm(cfg)
+    if data.info.get("described"):
+        raise ConfigError(
+            "config: data.dataset = 'federation': its samples are on the Flower nodes, not here; run it "
+            "on Flower (flwr run, fedmtl flower run --node-data DIR)"
+        )
     return data, algo, Simulator(algo, data, cfg, flops)
 
 
-def build_algorithm(cfg: Config) -> tuple[FederatedData, Algorithm, float]:
+def build_algorithm(cfg: Config, data: FederatedData | None = None) -> tuple[FederatedData, Algorithm, float]:
     """The data, the algorithm inside its features, and training FLOPs per sample (what every
-    runtime needs; a Flower node and the ServerApp build this much, not a simulator)."""
-    data = load_federated(cfg.data, cfg.seed)
+    runtime needs; a Flower node and the ServerApp build this much, not a simulator). ``data``: a
+    federation built elsewhere (a node's, from the server's description and its own files)."""
+    data = load_federated(cfg.data, cfg.seed) if data is None else data
     vocab = len(data.vocab) + 1 if data.vocab is not None else None  # + the padding id
     # One model per task: the same seed gives every task the same body, heads sized per task.
     models = {

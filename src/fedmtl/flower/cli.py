@@ -25,7 +25,7 @@ ENV_LINE = "export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_SUP
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``fedmtl flower {local,run}`` on the main CLI's subparsers."""
     f = subparsers.add_parser("flower", help="run a config on the Flower deployment engine (fedmtl[flower])")
-    sub = f.add_subparsers(dest="flower_cmd", required=True, metavar="{local,run}")
+    sub = f.add_subparsers(dest="flower_cmd", required=True, metavar="{local,run,split}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "config", nargs="?", help="fedmtl YAML config (default: the Flower app's fedmtl.yaml)"
@@ -40,6 +40,12 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
         "--out", help="run directory the ServerApp writes (default: output.dir/<name>-<time>)"
     )
     common.add_argument("--round-timeout", type=float, help="seconds to wait for one round's replies")
+    common.add_argument(
+        "--node-data",
+        metavar="DIR",
+        help="folders written by 'fedmtl flower split': node i reads only DIR/node-i, the server only "
+        "DIR/federation.json",
+    )
 
     lo = sub.add_parser("local", parents=[common], help="print the commands for a local deployment")
     lo.add_argument("--port", type=int, default=8000, help="SuperLink port (SuperNodes use 9094, 9095, ...)")
@@ -49,12 +55,18 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     r = sub.add_parser("run", parents=[common], help="start a loopback deployment, run, and stop it")
     r.add_argument("--workdir", help="keep Flower's homes and logs here (default: a temporary folder)")
     r.add_argument("--timeout", type=float, default=3600.0, help="seconds before the run is abandoned")
+
+    sp = sub.add_parser("split", help="write one data folder per node and the server's federation.json")
+    sp.add_argument("config", help="fedmtl YAML config whose data: section describes the federation")
+    sp.add_argument("out", help="directory to create: federation.json, node-<i>/client.npz")
+    sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    sp.add_argument("--data-dir", help="where the dataset's files are (default: data.dir, FEDMTL_DATA)")
     return f
 
 
 def handle(a: argparse.Namespace) -> int:
     """Entry point for ``fedmtl flower ...`` (the main CLI maps the ``flower`` command here)."""
-    return {"local": _cmd_local, "run": _cmd_run}[a.flower_cmd](a)
+    return {"local": _cmd_local, "run": _cmd_run, "split": _cmd_split}[a.flower_cmd](a)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -77,13 +89,34 @@ def _run_config(a: argparse.Namespace) -> dict[str, Any]:
         if not path.is_file():
             raise ConfigError(f"config file not found: {path}")
         rc["config"] = str(path.resolve())
-    if a.overrides:
-        rc["overrides"] = "; ".join(a.overrides)
+    overrides = list(a.overrides)
+    if a.node_data:
+        desc = _node_data(a.node_data)
+        overrides.append(f"data={{dataset: federation, file: {json.dumps(str(desc))}}}")
+    if overrides:
+        rc["overrides"] = "; ".join(overrides)
     if a.out:
         rc["out"] = str(Path(a.out).resolve())
     if a.round_timeout is not None:
         rc["round-timeout"] = float(a.round_timeout)
     return rc
+
+
+def _node_data(folder: str) -> Path:
+    """``--node-data DIR``: its federation.json (checked here, before any process starts)."""
+    from fedmtl.data.description import FILE, load_described
+
+    desc = Path(folder).resolve() / FILE
+    load_described(desc)
+    return desc
+
+
+def _node_configs(a: argparse.Namespace, nodes: int) -> list[dict[str, Any]]:
+    """Node i holds client i: from the whole dataset (partition-id), or only its folder (--node-data)."""
+    if a.node_data:
+        root = Path(a.node_data).resolve()
+        return [{"partition-id": i, "data-path": str(root / f"node-{i}")} for i in range(nodes)]
+    return [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
 
 
 def _num_nodes(a: argparse.Namespace, app: Path) -> int:
@@ -92,6 +125,10 @@ def _num_nodes(a: argparse.Namespace, app: Path) -> int:
         if a.nodes < 1:
             raise ConfigError(f"--nodes = {a.nodes}: must be at least 1")
         return int(a.nodes)
+    if a.node_data:
+        from fedmtl.data.description import load_described
+
+        return load_described(_node_data(a.node_data)).num_clients
     from fedmtl.config import load_config
     from fedmtl.data import load_federated
 
@@ -104,7 +141,12 @@ def _rc_arg(rc: dict[str, Any]) -> str:
 
 
 def local_commands(
-    app: Path, nodes: int, rc: dict[str, Any], port: int = 8000, home: str = ".flwr-home"
+    app: Path,
+    nodes: int,
+    rc: dict[str, Any],
+    port: int = 8000,
+    home: str = ".flwr-home",
+    node_configs: list[dict[str, Any]] | None = None,
 ) -> str:
     """The shell commands for one SuperLink and ``nodes`` SuperNodes on this machine, then the run."""
     base = Path(home).resolve()
@@ -117,10 +159,11 @@ def local_commands(
         f"# 1. SuperLink: Fleet, Control and Runtime APIs over HTTP on {link}",
         f"FLWR_HOME={shlex.quote(str(base / 'superlink'))} " + shlex.join(local.superlink_cmd(port)),
         "",
-        "# 2. SuperNodes: one per client; partition-id picks the client's data",
+        "# 2. SuperNodes: one per client; partition-id names the client, data-path (if given) its files",
     ]
+    configs = node_configs or [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
     for i in range(nodes):
-        cmd = local.supernode_cmd(link, 9094 + i, {"partition-id": i, "num-partitions": nodes})
+        cmd = local.supernode_cmd(link, 9094 + i, configs[i])
         lines.append(f"FLWR_HOME={shlex.quote(str(base / f'supernode-{i}'))} " + shlex.join(cmd))
     cli_home = base / "cli"
     lines += [
@@ -140,7 +183,14 @@ def local_commands(
     return "\n".join(lines) + "\n"
 
 
-def write_scripts(folder: Path, app: Path, nodes: int, rc: dict[str, Any], port: int = 8000) -> list[Path]:
+def write_scripts(
+    folder: Path,
+    app: Path,
+    nodes: int,
+    rc: dict[str, Any],
+    port: int = 8000,
+    node_configs: list[dict[str, Any]] | None = None,
+) -> list[Path]:
     """The same commands as executable scripts in ``folder`` (homes under ``folder/flwr-home``)."""
     folder.mkdir(parents=True, exist_ok=True)
     home = (folder / "flwr-home").resolve()
@@ -148,8 +198,9 @@ def write_scripts(folder: Path, app: Path, nodes: int, rc: dict[str, Any], port:
     head = f"#!/usr/bin/env bash\nset -euo pipefail\n{ENV_LINE}\n"
     scripts = {"superlink.sh": f"export FLWR_HOME={shlex.quote(str(home / 'superlink'))}\n"
                f"exec {shlex.join(local.superlink_cmd(port))}\n"}  # fmt: skip
+    configs = node_configs or [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
     for i in range(nodes):
-        cmd = local.supernode_cmd(link, 9094 + i, {"partition-id": i, "num-partitions": nodes})
+        cmd = local.supernode_cmd(link, 9094 + i, configs[i])
         scripts[f"supernode-{i}.sh"] = (
             f"export FLWR_HOME={shlex.quote(str(home / f'supernode-{i}'))}\nexec {shlex.join(cmd)}\n"
         )
@@ -172,9 +223,10 @@ def _cmd_local(a: argparse.Namespace) -> int:
     app = find_app(a.app)
     rc = _run_config(a)
     nodes = _num_nodes(a, app)
-    print(local_commands(app, nodes, rc, a.port, a.home), end="")
+    configs = _node_configs(a, nodes)
+    print(local_commands(app, nodes, rc, a.port, a.home, configs), end="")
     if a.write:
-        paths = write_scripts(Path(a.write), app, nodes, rc, a.port)
+        paths = write_scripts(Path(a.write), app, nodes, rc, a.port, configs)
         print(f"# written: {', '.join(str(p) for p in paths)}")
     return 0
 
@@ -188,7 +240,7 @@ def _cmd_run(a: argparse.Namespace) -> int:
     with tempfile.TemporaryDirectory(prefix="fedmtl-flower-") as tmp:
         work = Path(a.workdir or tmp)
         rc.setdefault("out", str((Path.cwd() / "runs" / f"flower-{Path(tmp).name}").resolve()))
-        configs = [{"partition-id": i, "num-partitions": nodes} for i in range(nodes)]
+        configs = _node_configs(a, nodes)
         with local.LocalFederation(work, configs) as fed:
             fed.start()
             print(
@@ -206,4 +258,23 @@ def _cmd_run(a: argparse.Namespace) -> int:
     print(f"run: {rc['out']}")
     print(f"final (round {fin['round']}): {m} mean {fin.get(m + '_mean', float('nan')):.4f}"
           + (f"  global {fin['global_' + m]:.4f}" if "global_" + m in fin else ""))  # fmt: skip
+    return 0
+
+
+def _cmd_split(a: argparse.Namespace) -> int:
+    """Write each client's rows to its own folder and the server's description beside them."""
+    from fedmtl.config import load_config
+    from fedmtl.data import load_federated
+    from fedmtl.data.description import write_node_folders
+
+    overrides = list(a.overrides) + ([f"data.dir={a.data_dir}"] if a.data_dir else [])
+    cfg = load_config(a.config, overrides)
+    data = load_federated(cfg.data, cfg.seed)
+    command = " ".join(["fedmtl flower split", a.config, a.out, *(f"--set {o}" for o in a.overrides)])
+    provenance = {"data": cfg.data.model_dump(mode="json"), "seed": cfg.seed, "command": command}
+    out = write_node_folders(data, Path(a.out), provenance).resolve()
+    n = data.num_clients
+    print(f"wrote {out / 'federation.json'} (the server's part: no samples) and {n} node folders")
+    print(f'server: --set "data={{dataset: federation, file: {out / "federation.json"}}}"')
+    print(f"node i: --node-config 'partition-id=i data-path=\"{out}/node-i\"' (copy node-i to site i)")
     return 0

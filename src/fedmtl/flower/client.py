@@ -81,11 +81,14 @@ def partition_of(node_config: dict[str, Any]) -> tuple[int, int | None]:
     return pid, _node_int(node_config, protocol.NUM_PARTITIONS)
 
 
-def node_side(config_json: str, node_config: dict[str, Any]) -> NodeSide:
+def node_side(config_json: str, node_config: dict[str, Any], federation_json: str = "") -> NodeSide:
     """Build (once per process) this node's data view and algorithm from the run's config.
 
-    ``data-dir``/``data-file`` in the node_config point at this node's own copy of the data."""
-    key = (config_json, json.dumps(node_config, sort_keys=True, default=str))
+    ``data-path`` in the node_config names this node's own client files, read against the
+    federation the server describes (``federation_json``): the node holds no one else's data.
+    Without it, ``data-dir``/``data-file`` point at a copy of the whole dataset, which the node
+    partitions as the config says and keeps its partition of (trials on one machine)."""
+    key = (config_json, federation_json, json.dumps(node_config, sort_keys=True, default=str))
     if key in _CACHE:
         return _CACHE[key]
     from fedmtl.config import parse_config
@@ -94,11 +97,26 @@ def node_side(config_json: str, node_config: dict[str, Any]) -> NodeSide:
 
     pid, want = partition_of(node_config)
     raw = json.loads(config_json)
-    for name, field in ((protocol.DATA_DIR, "dir"), (protocol.DATA_FILE, "file")):
-        if name in node_config:
-            raw.setdefault("data", {})[field] = str(node_config[name])
-    cfg = parse_config(raw)
-    data, algo, _ = build_algorithm(cfg)
+    if protocol.DATA_PATH in node_config:
+        if not federation_json:
+            raise ProtocolError("flower message has no federation description (a server of another version?)")
+        from fedmtl.data.description import node_federation
+
+        cfg = parse_config(raw)
+        own, _ = node_federation(federation_json, node_config[protocol.DATA_PATH], pid)
+        data, algo, _ = build_algorithm(cfg, own)
+    else:
+        if raw.get("data", {}).get("dataset") == "federation":
+            raise ConfigError(
+                f"node_config: '{protocol.DATA_PATH}' is missing; this run's data lives on the nodes: "
+                f'start the SuperNode with --node-config "{protocol.PARTITION_ID}=N '
+                f'{protocol.DATA_PATH}="/path/to/its/files""'
+            )
+        for name, field in ((protocol.DATA_DIR, "dir"), (protocol.DATA_FILE, "file")):
+            if name in node_config:
+                raw.setdefault("data", {})[field] = str(node_config[name])
+        cfg = parse_config(raw)
+        data, algo, _ = build_algorithm(cfg)
     n = data.num_clients
     if not 0 <= pid < n:
         raise ConfigError(
@@ -119,10 +137,11 @@ def node_side(config_json: str, node_config: dict[str, Any]) -> NodeSide:
 
 def _side(msg: FlowerMessage, context: Context) -> NodeSide:
     try:
-        config_json = str(msg.content.config_records[protocol.RUN]["config"])
+        run = msg.content.config_records[protocol.RUN]
+        config_json = str(run["config"])
     except KeyError:
         raise ProtocolError("flower message has no fedmtl run config") from None
-    return node_side(config_json, dict(context.node_config))
+    return node_side(config_json, dict(context.node_config), str(run.get("federation", "")))
 
 
 def _work(msg: FlowerMessage, side: NodeSide) -> tuple[int, ClientWork]:

@@ -10,7 +10,7 @@ TRAIN = "train"  # one client_step (optionally preceded by evaluating the previo
 EVALUATE = "evaluate"  # evaluation only (clients not trained this round)
 
 # Record keys in message contents.
-RUN = "fedmtl.run"  # ConfigRecord: {"config": resolved fedmtl config as JSON}
+RUN = "fedmtl.run"  # ConfigRecord: {"config": resolved config, "federation": its description} (JSON)
 WORK = "fedmtl.work"  # ConfigRecord: {"cid", "round", "fraction", "lr"}: what the runtime grants
 MSG = "fedmtl.msg"  # the algorithm's Message to the client (codec.put_message prefix)
 REPLY = "fedmtl.reply"  # the algorithm's reply Message
@@ -26,3 +26,4 @@ PARTITION_ID = "partition-id"
 NUM_PARTITIONS = "num-partitions"
 DATA_DIR = "data-dir"
 DATA_FILE = "data-file"
+DATA_PATH = "data-path"  # this node's own client files (a .npz, a LEAF directory, a one-client store)

@@ -30,6 +30,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmtl.algorithms.base import TRAIN, Message
 from fedmtl.config import Config, load_config
+from fedmtl.data.description import describe, plain
 from fedmtl.errors import ConfigError, FedmtlError
 from fedmtl.experiment.records import RunDir, dumps
 from fedmtl.experiment.run import RunResult, build_algorithm
@@ -194,17 +195,25 @@ class FlowerTransport:
         ev.resolve(replies, {c: lost.get(c, "no node holds this client") for c in ev.clients})
 
     def evaluate(self, server: dict[str, Any], round: int, clients: list[int]) -> FlowerEvaluation:
-        """Eval records per client: the algorithm's ``eval_view`` of the server state, encoded now
-        (the state may change in place in later steps), once per distinct view."""
-        encoded: dict[int, RecordDict] = {}
+        """Eval records per client: the algorithm's ``eval_view`` of the server state (only what
+        that client may see), encoded now (the state may change in place in later steps), once per
+        distinct view (clients of one task share theirs)."""
+        encoded: dict[Any, RecordDict] = {}
+        by_client: dict[int, RecordDict] = {}
+        alive: list[dict[str, Any]] = []
 
         def records(cid: int) -> RecordDict:
+            if cid in by_client:
+                return by_client[cid]
             view = self.algo.eval_view(server, cid)
-            out = encoded.get(id(view))
+            alive.append(view)  # identities below stay unique while the views live
+            key = _identity(view)
+            out = encoded.get(key)
             if out is None:
                 out = RecordDict({protocol.EVAL: ConfigRecord({"round": round})})
                 codec.put_tree(out, protocol.EVAL_VIEW, view)
-                encoded[id(view)] = out
+                encoded[key] = out
+            by_client[cid] = out
             return out
 
         for cid in clients:
@@ -237,6 +246,8 @@ class FlowerServer:
         self.runner = RoundRunner(self.algo, cfg, self.planner, flops)
         self.transport = FlowerTransport(self)
         self.config_json = json.dumps(cfg.to_dict())
+        # What a node with only its own files builds the federation from (no samples in it).
+        self.federation_json = json.dumps(describe(self.data), default=plain)
         self.node_of: dict[int, int] = {}  # client id -> node id
         self.seen: set[int] = set()  # node ids already asked which client they hold
         self.suspects: set[int] = set()  # node ids that missed their last deadline
@@ -304,7 +315,7 @@ class FlowerServer:
         return replies, missing
 
     def run_record(self) -> ConfigRecord:
-        return ConfigRecord({"config": self.config_json})
+        return ConfigRecord({"config": self.config_json, "federation": self.federation_json})
 
     def _handshake(self, nodes: set[int]) -> None:
         """Ask new nodes which client they hold (their node_config); an impossible claim stops the run."""
@@ -401,6 +412,15 @@ class FlowerServer:
             rounds=[r for r in rows if r.get("kind") == "round"],
             clients=[r for r in rows if r.get("kind") == "client" and r.get("round") == last],
         )
+
+
+def _identity(tree: Any) -> Any:
+    """A hashable key equal for two views made of the same objects (arrays by identity)."""
+    if isinstance(tree, dict):
+        return tuple((k, _identity(v)) for k, v in tree.items())
+    if isinstance(tree, list | tuple):
+        return tuple(_identity(v) for v in tree)
+    return tree if isinstance(tree, int | float | str | bool | None) else ("id", id(tree))
 
 
 def _who(key: Any, node: int) -> str:

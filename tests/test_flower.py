@@ -7,6 +7,7 @@ simulator in seconds; ``test_flower_deploy.py`` runs the same code on real Super
 from __future__ import annotations
 
 import json
+import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -51,11 +52,20 @@ def _wire(msg: FlowerMessage) -> FlowerMessage:
 class LoopbackGrid(Grid):
     """In-process Grid: node i holds ``node_configs[i]``; replies are computed on push."""
 
-    def __init__(self, node_configs: list[dict[str, Any]], app: Any = None) -> None:
+    def __init__(
+        self, node_configs: list[dict[str, Any]], app: Any = None, state_dir: Path | None = None
+    ) -> None:
         self.app = app or client_app()
+        # each node keeps client state on its own disk: here, one temporary folder per grid (or the
+        # folder of an earlier grid: the same machines after a server restart)
+        self.state_dir = state_dir or Path(tempfile.mkdtemp(prefix="fedmtl-node-state-"))
         self.contexts = {
             100 + i: flwr.app.Context(
-                run_id=1, node_id=100 + i, node_config=c, state=RecordDict(), run_config={}
+                run_id=1,
+                node_id=100 + i,
+                node_config={"state-dir": str(self.state_dir / f"node-{i}"), **c},
+                state=RecordDict(),
+                run_config={},
             )
             for i, c in enumerate(node_configs)
         }

@@ -40,9 +40,11 @@ def federation(tmp_path: Path) -> Iterator[Callable[[int], LocalFederation]]:
     """Start SuperLink + n SuperNodes on free loopback ports; always stopped and checked afterwards."""
     started: list[LocalFederation] = []
 
-    def start(n: int, configs: list[dict[str, Any]] | None = None) -> LocalFederation:
+    def start(n: int, configs: list[dict[str, Any]] | None = None, database: bool = False) -> LocalFederation:
         fed = LocalFederation(
-            tmp_path / "flower", configs or [{"partition-id": i, "num-partitions": n} for i in range(n)]
+            tmp_path / "flower",
+            configs or [{"partition-id": i, "num-partitions": n} for i in range(n)],
+            database=database,
         )
         started.append(fed)
         return fed.start()
@@ -137,3 +139,30 @@ def test_four_sites_with_only_their_own_files_and_a_server_without_data(tmp_path
     assert proc.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()
     assert_same_metrics(expected.run_dir, run_dir)
     print(f"\nfour sites: exchange per round {_round_times(run_dir)} s")
+
+
+def test_a_killed_superlink_and_serverapp_resume_to_the_uninterrupted_metrics(tmp_path, federation):
+    """Kill the SuperLink (with its ServerApp) once round 2 is checkpointed, start it again, submit
+    the run with resume = true: it finishes with the metrics of an uninterrupted run. Ditto, so the
+    nodes' personal models must survive on their disks and repeated rounds start where they did."""
+    import pickle
+
+    overrides = ["train.rounds=4", "train.local_steps=10", "algorithm.name=ditto"]
+    expected = fedmtl.run(load_config(EXAMPLE, overrides), out=tmp_path / "inproc")
+    fed = federation(2, database=True)
+    run_dir = tmp_path / "flower-run"
+    rc = _run_config(tmp_path, overrides, **{"round-timeout": 150.0})
+    proc = fed.submit(APP, rc)
+    ckpt, deadline = run_dir / "checkpoint.pkl", time.monotonic() + 300
+    while not (ckpt.is_file() and pickle.loads(ckpt.read_bytes())["round"] >= 2):
+        assert time.monotonic() < deadline and proc.popen.poll() is None, fed.logs()
+        time.sleep(0.2)
+    fed.kill_superlink()  # the ServerApp dies with it, mid-round 3 or 4
+    proc.popen.kill()
+    proc.popen.wait(timeout=30)
+    t0 = time.perf_counter()
+    fed.restart_superlink()
+    resumed = fed.run(APP, {**rc, "resume": True}, timeout=400)
+    assert resumed.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()
+    assert_same_metrics(expected.run_dir, run_dir)
+    print(f"\nresume: killed after checkpoint 2, restarted and finished in {time.perf_counter() - t0:.1f} s")

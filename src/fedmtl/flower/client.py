@@ -2,8 +2,9 @@
 
 Every message carries the resolved fedmtl config, so a node needs no copy of the YAML; which
 partition it holds comes from its ``node_config``. Client state (personal layers, dual variables,
-optimizer state) lives in ``context.state`` between messages, because Flower starts a fresh ClientApp
-process for every message. Randomness is the simulator's ``Stream(seed, TRAIN, round, client)``,
+optimizer state) lives on the node's disk between messages (``node_state``: Flower starts a fresh
+ClientApp process for every message, and a restarted node or resumed server must find it), and the
+latest copy in ``context.state``. Randomness is the simulator's ``Stream(seed, TRAIN, round, client)``,
 so a node draws exactly the batches the in-process simulator draws for the same client and round.
 
 Loading this module imports neither torch nor the data stack: the handshake only reads the
@@ -24,6 +25,7 @@ from flwr.clientapp import ClientApp
 
 from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.flower import codec, protocol
+from fedmtl.flower.node_state import NodeStates, state_root
 
 if TYPE_CHECKING:
     from fedmtl.algorithms.base import Algorithm, ClientWork
@@ -157,15 +159,14 @@ def _work(msg: FlowerMessage, side: NodeSide) -> tuple[int, ClientWork]:
     return cid, ClientWork(round=rnd, fraction=float(w["fraction"]), rng=rng, lr=float(w["lr"]))  # type: ignore[arg-type]
 
 
-def _load_state(context: Context) -> dict[str, Any] | None:
-    return (
-        codec.get_tree(context.state, protocol.STATE)
-        if codec.has_tree(context.state, protocol.STATE)
-        else None
-    )
+def _store(msg: FlowerMessage, context: Context, cid: int) -> NodeStates:
+    """This client's state versions on the node's disk, under the fedmtl run's key."""
+    run = msg.content.config_records[protocol.RUN]
+    key = str(run["run_key"]) if "run_key" in run else f"flower-{context.run_id}"
+    return NodeStates(state_root(dict(context.node_config)), key, cid)
 
 
-def _evaluate_into(out: RecordDict, msg: FlowerMessage, side: NodeSide, state: dict[str, Any] | None) -> None:
+def _evaluate_into(out: RecordDict, msg: FlowerMessage, side: NodeSide, store: NodeStates) -> None:
     """Evaluate with the same code as in-process, on this node's client, if the message asks."""
     if protocol.EVAL not in msg.content.config_records:
         return
@@ -174,6 +175,7 @@ def _evaluate_into(out: RecordDict, msg: FlowerMessage, side: NodeSide, state: d
     rnd = int(msg.content.config_records[protocol.EVAL]["round"])  # type: ignore[arg-type]
     server = codec.get_tree(msg.content, protocol.EVAL_VIEW)
     cid = side.client.cid
+    state = store.upto(rnd)
     # In-process evaluation sees ``{}`` for a client that never trained; keep that.
     states = {cid: state} if state is not None else {}
     rows = evaluate_clients(side.algo, server, states, side.data, rnd, [cid])
@@ -184,12 +186,15 @@ def _step(msg: FlowerMessage, context: Context, step: Callable[[NodeSide], StepF
     from fedmtl.training import device
 
     side = _side(msg, context)
-    state = _load_state(context)
+    store = _store(msg, context, side.client.cid)
     out = RecordDict()
     with device.using(side.device):
-        _evaluate_into(out, msg, side, state)
+        _evaluate_into(out, msg, side, store)
     if step is not None:
         cid, work = _work(msg, side)
+        w = msg.content.config_records[protocol.WORK]
+        first = int(w.get("exchange", 0)) == 0  # type: ignore[arg-type]
+        state = store.before(work.round) if first else store.upto(work.round)
         incoming = codec.get_message(msg.content, protocol.MSG)
         if state is None:
             state = side.algo.init_client(cid)
@@ -199,7 +204,8 @@ def _step(msg: FlowerMessage, context: Context, step: Callable[[NodeSide], StepF
         with device.using(side.device):
             new_state, reply = run_local(step(side)(state, side.client, incoming, work))
         wall = time.perf_counter() - t0
-        codec.put_tree(context.state, protocol.STATE, new_state)
+        store.put(work.round, new_state, int(w.get("committed", 0)))  # type: ignore[arg-type]
+        codec.put_tree(context.state, protocol.STATE, new_state)  # the latest, for Flower's own tools
         codec.put_message(out, protocol.REPLY, reply)
         out[protocol.META] = MetricRecord({"cid": cid, "compute_wall": wall})
     return FlowerMessage(out, reply_to=msg)

@@ -56,8 +56,14 @@ def node_config_arg(node_config: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in node_config.items())
 
 
-def superlink_cmd(port: int, host: str = "127.0.0.1", tls: tuple[str, str, str] | None = None) -> list[str]:
-    """``flower-superlink`` serving its HTTP APIs on ``host:port``; ``tls`` = (ca, cert, key) files."""
+def superlink_cmd(
+    port: int,
+    host: str = "127.0.0.1",
+    tls: tuple[str, str, str] | None = None,
+    database: str | None = None,
+) -> list[str]:
+    """``flower-superlink`` serving its HTTP APIs on ``host:port``; ``tls`` = (ca, cert, key) files;
+    ``database``: a file for its state (registered nodes, runs), so a restarted SuperLink has them."""
     cmd = [
         "flower-superlink",
         "--host",
@@ -66,6 +72,8 @@ def superlink_cmd(port: int, host: str = "127.0.0.1", tls: tuple[str, str, str] 
         str(port),
         "--disable-runtime-dependency-installation",
     ]
+    if database is not None:
+        cmd += ["--database", database]
     if tls is None:
         return [*cmd, "--insecure"]
     ca, cert, key = tls
@@ -214,8 +222,15 @@ class LocalFederation:
 
     Use as a context manager: everything it started is stopped on exit, also after an error."""
 
-    def __init__(self, root: str | Path, node_configs: list[dict[str, Any]], federation: str = FEDERATION):
+    def __init__(
+        self,
+        root: str | Path,
+        node_configs: list[dict[str, Any]],
+        federation: str = FEDERATION,
+        database: bool = False,
+    ):
         self.root = Path(root)
+        self.database = str(self.root / "superlink.db") if database else None
         self.node_configs = node_configs
         self.federation = federation
         self.tag = uuid.uuid4().hex
@@ -254,7 +269,8 @@ class LocalFederation:
 
     def start(self, timeout: float = 60.0) -> LocalFederation:
         """Start the SuperLink and the SuperNodes (in parallel) and wait until all of them listen."""
-        self.superlink = self._start("superlink", superlink_cmd(port := free_port()), port)
+        port = free_port()
+        self.superlink = self._start("superlink", superlink_cmd(port, database=self.database), port)
         nodes = [self.start_node(cfg, wait=None) for cfg in self.node_configs]
         for proc in [self.superlink, *nodes]:
             _wait_port(proc, timeout)
@@ -269,6 +285,26 @@ class LocalFederation:
         if wait is not None:
             _wait_port(proc, wait)
         return proc
+
+    def kill_superlink(self, sig: int = signal.SIGKILL) -> None:
+        """Kill the SuperLink with everything it started (its SuperExec and the running ServerApp)."""
+        link = self.superlink
+        if link is None or link.popen.poll() is not None:
+            return
+        table = _process_table()
+        pids = [link.pid, *descendants([link.pid], table)]
+        _signal(pids, {table[p][1] for p in pids if p in table}, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            link.popen.wait(timeout=10)
+
+    def restart_superlink(self, timeout: float = 60.0) -> Proc:
+        """A new SuperLink on the same port (and database, if any): the SuperNodes reconnect to it."""
+        assert self.superlink is not None
+        self.kill_superlink()
+        port = self.superlink.port
+        self.superlink = self._start("superlink", superlink_cmd(int(port or 0), database=self.database), port)
+        _wait_port(self.superlink, timeout)
+        return self.superlink
 
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Kill SuperNode ``i`` with its SuperExec and running ClientApp (its process group)."""

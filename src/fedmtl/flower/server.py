@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import time
+import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,7 +33,7 @@ from fedmtl.algorithms.base import TRAIN, Message
 from fedmtl.config import Config, load_config
 from fedmtl.data.description import describe, plain
 from fedmtl.errors import ConfigError, FedmtlError
-from fedmtl.experiment.records import RunDir, dumps
+from fedmtl.experiment.records import RunDir, atomic_write_bytes, dumps
 from fedmtl.experiment.run import RunResult, build_algorithm
 from fedmtl.flower import codec, protocol
 from fedmtl.metrics import primary_metric
@@ -41,6 +42,7 @@ from fedmtl.runtime.round import Delivered, Planner, RoundPlan, RoundRunner, rou
 
 K = TypeVar("K")
 EVENTS = "flower.jsonl"
+RUN_META = "flower-run.json"  # the run's key on the nodes' disks, kept for a resume
 # A client that raised is a bug to report, not a fault to ride out.
 _FATAL = {ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
 
@@ -61,6 +63,7 @@ class Settings:
     suspect_grace: float = 5.0  # seconds a node that missed a deadline gets until it answers again
     poll_interval: float = 0.2  # seconds between pulls (Flower's own send_and_receive sleeps 3 s)
     min_nodes: int = 0  # nodes to wait for at start; 0 = one per client of the config
+    resume: bool = False  # continue the run in ``out`` from its last checkpoint (after a crash)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -71,7 +74,7 @@ class Settings:
                 raise ConfigError(f"run config: unknown key {key!r}; allowed: {', '.join(sorted(known))}")
             default = getattr(cls, known[key])
             try:
-                kwargs[known[key]] = type(default)(value)
+                kwargs[known[key]] = _as_bool(value) if isinstance(default, bool) else type(default)(value)
             except (TypeError, ValueError):
                 raise ConfigError(
                     f"run config: {key} = {value!r}: expected {type(default).__name__}"
@@ -120,20 +123,37 @@ class FlowerEvaluation:
 
 
 class FlowerTransport:
-    """Delivers a round's exchanges to the SuperNodes that hold the clients; client state lives in
-    each node's ``context.state``."""
+    """Delivers a round's exchanges to the SuperNodes that hold the clients; client state lives on
+    each node (``fedmtl.flower.node_state``), in versions by round, so a resumed server can repeat
+    the rounds after its last checkpoint."""
 
     execution = "flower"
     reports_missing = True
+    states_on_clients = True
 
     def __init__(self, server: FlowerServer) -> None:
         self.srv = server
         self.algo = server.algo
         self.pending: FlowerEvaluation | None = None
         self.exchange_time = 0.0
+        self.committed = 0  # the last checkpointed round: nodes may forget older state versions
+        self.round = 0
+        self.exchanges = 0  # exchanges so far in ``self.round`` (the first starts from the old state)
 
-    def _content(self, cid: int, plan_round: int, fraction: float, lr: float) -> RecordDict:
-        work = {"cid": cid, "round": plan_round, "fraction": float(fraction), "lr": float(lr)}
+    def checkpointed(self, round: int) -> None:
+        self.committed = round
+
+    def _content(
+        self, cid: int, plan_round: int, fraction: float, lr: float, exchange: int = 0
+    ) -> RecordDict:
+        work = {
+            "cid": cid,
+            "round": plan_round,
+            "fraction": float(fraction),
+            "lr": float(lr),
+            "exchange": exchange,
+            "committed": self.committed,
+        }
         return RecordDict({protocol.RUN: self.srv.run_record(), protocol.WORK: ConfigRecord(work)})  # type: ignore[arg-type]
 
     def exchange(self, action: str, messages: dict[int, Message], plan: RoundPlan) -> Delivered:
@@ -141,12 +161,15 @@ class FlowerTransport:
         items: dict[int, tuple[int, str, RecordDict]] = {}
         missing: dict[int, str] = {}
         kind = protocol.TRAIN if action == TRAIN else f"{protocol.TRAIN}.{action}"
+        if plan.round != self.round:
+            self.round, self.exchanges = plan.round, 0
+        exchange, self.exchanges = self.exchanges, self.exchanges + 1
         for cid, msg in messages.items():
             if cid not in node_of:
                 missing[cid] = "no node holds this client"
                 continue
             w = plan.work[cid]
-            content = self._content(cid, plan.round, w.fraction, w.lr)
+            content = self._content(cid, plan.round, w.fraction, w.lr, exchange)
             codec.put_message(content, protocol.MSG, msg)
             items[cid] = (node_of[cid], kind, content)
         pending, self.pending = self.pending, None
@@ -252,6 +275,9 @@ class FlowerServer:
         self.seen: set[int] = set()  # node ids already asked which client they hold
         self.suspects: set[int] = set()  # node ids that missed their last deadline
         self.rd: RunDir | None = None
+        # the fedmtl run's key on the nodes' disks (kept across a resume); exchanges outside a run
+        # get one of their own
+        self.run_key = f"adhoc-{uuid.uuid4().hex[:12]}"
 
     # --- transport ---------------------------------------------------------------------------
     def _event(self, event: str, **fields: Any) -> None:
@@ -315,7 +341,9 @@ class FlowerServer:
         return replies, missing
 
     def run_record(self) -> ConfigRecord:
-        return ConfigRecord({"config": self.config_json, "federation": self.federation_json})
+        return ConfigRecord(
+            {"config": self.config_json, "federation": self.federation_json, "run_key": self.run_key}
+        )
 
     def _handshake(self, nodes: set[int]) -> None:
         """Ask new nodes which client they hold (their node_config); an impossible claim stops the run."""
@@ -381,15 +409,54 @@ class FlowerServer:
             + ", ".join(f"{k} {row[k]:.4f}" for k in (key, f"global_{metric}") if k in row)
         )
 
-    def run(self, out: str | Path | None = None) -> RunResult:
+    def _open(self, out: str | Path | None) -> Progress | None:
+        """A new run directory, or (``resume``) the existing one and where its checkpoint stands."""
         cfg = self.cfg
-        self.rd = RunDir.create(cfg.output.dir, cfg.name, cfg.seed, out or self.s.out or None)
+        target = out or self.s.out or None
+        if self.s.resume:
+            if target is None:
+                raise ConfigError("run config: resume = true needs out = the run directory to continue")
+            self.rd = RunDir.open(target)
+            file = self.rd.path / RUN_META
+            meta = json.loads(file.read_text()) if file.is_file() else {}
+            if "run_key" not in meta:
+                raise ConfigError(
+                    f"run config: resume: {self.rd.path} has no {RUN_META}; "
+                    "it is not a Flower run to continue"
+                )
+            self.run_key = str(meta["run_key"])
+            ckpt = self.rd.load_checkpoint()
+            if ckpt is None:
+                self.rd.truncate_metrics(0)
+                return Progress(server=self.algo.init_server())
+            self.rd.truncate_metrics(ckpt["round"])
+            self.transport.checkpointed(ckpt["round"])
+            return Progress(
+                server=ckpt["server"],
+                start=ckpt["round"] + 1,
+                elapsed=ckpt["elapsed"],
+                best=ckpt["best"],
+                last=ckpt.get("last"),
+            )
+        self.rd = RunDir.create(cfg.output.dir, cfg.name, cfg.seed, target)
         self.rd.write_config(cfg.to_dict())
+        self.run_key = f"{self.rd.path.name}-{uuid.uuid4().hex[:12]}"
+        atomic_write_bytes(self.rd.path / RUN_META, json.dumps({"run_key": self.run_key}).encode())
+        return None
+
+    def run(self, out: str | Path | None = None) -> RunResult:
+        progress = self._open(out)
+        assert self.rd is not None
+        summary = self.rd.read_summary()
+        if summary is not None and summary.get("complete"):
+            return self._result(summary)
         self.log(f"run directory {self.rd.path}")
+        if progress is not None:
+            self.log(f"resuming after round {progress.start - 1}")
         t0 = time.perf_counter()
         self.connect()
         loop = RunLoop(
-            cfg,
+            self.cfg,
             self.algo,
             self.data,
             lambda r, server: self.runner.run(r, server, self.transport),
@@ -403,7 +470,13 @@ class FlowerServer:
             "engine": "flower",
             "nodes": {str(c): n for c, n in sorted(self.node_of.items())},
         }
-        summary = loop.run(Progress(server=self.algo.init_server(), elapsed=time.perf_counter() - t0))
+        if progress is None:
+            progress = Progress(server=self.algo.init_server(), elapsed=time.perf_counter() - t0)
+        summary = loop.run(progress)
+        return self._result(summary)
+
+    def _result(self, summary: dict[str, Any]) -> RunResult:
+        assert self.rd is not None
         rows = self.rd.read_metrics()
         last = summary["final"]["round"]
         return RunResult(
@@ -423,14 +496,31 @@ def _identity(tree: Any) -> Any:
     return tree if isinstance(tree, int | float | str | bool | None) else ("id", id(tree))
 
 
+def _as_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if str(value).lower() in ("true", "1", "yes"):
+        return True
+    if str(value).lower() in ("false", "0", "no", ""):
+        return False
+    raise ValueError(value)
+
+
 def _who(key: Any, node: int) -> str:
     return f"node {node}" if key == node else f"client {key} (node {node})"
 
 
 def run_on_grid(grid: Grid, run_config: Mapping[str, Any], app_dir: str | Path | None = None) -> RunResult:
-    """Run the fedmtl config named in ``run_config`` on the nodes behind ``grid``."""
+    """Run the fedmtl config named in ``run_config`` on the nodes behind ``grid``; with ``resume``,
+    continue the run in ``out`` with the config it was started with."""
     settings = Settings.from_run_config(run_config)
-    return FlowerServer(grid, settings.load(app_dir), settings).run()
+    if settings.resume and settings.out:
+        from fedmtl.config import parse_config
+
+        cfg = parse_config(RunDir.open(settings.out).read_config())
+    else:
+        cfg = settings.load(app_dir)
+    return FlowerServer(grid, cfg, settings).run()
 
 
 def server_app(app_dir: str | Path | None = None) -> ServerApp:

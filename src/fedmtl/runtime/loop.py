@@ -216,22 +216,31 @@ class RunLoop:
         p.last = row
         r = entry.round
         states = self.transport.client_states()
-        if states is not None and (r % self.cfg.output.checkpoint_every == 0 or entry.last):
+        # Flower: the nodes keep their client states themselves, in versions by round
+        remote = states is None and getattr(self.transport, "states_on_clients", False)
+        if (states is not None or remote) and (r % self.cfg.output.checkpoint_every == 0 or entry.last):
             # a client-state store writes what changed as a segment; the checkpoint names them
             commit = getattr(states, "commit", None)
             segments = commit() if commit is not None else None
+            if remote:
+                clients: Any = {"format": "nodes"}
+            else:
+                clients = states if segments is None else {"format": "segments", "segments": segments}
             self.rd.save_checkpoint(
                 {
                     "round": r,
                     "server": entry.server,
-                    "clients": states if segments is None else {"format": "segments", "segments": segments},
+                    "clients": clients,
                     "best": p.best,
                     "elapsed": row["wall_time"],
                     "last": p.last,
                 }
             )
             if segments is not None:
-                states.committed(segments)  # type: ignore[attr-defined]
+                states.committed(segments)  # type: ignore[union-attr]
+            checkpointed = getattr(self.transport, "checkpointed", None)
+            if checkpointed is not None:
+                checkpointed(r)
         if self.on_row is not None:
             self.on_row(row)
 

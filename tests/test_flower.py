@@ -63,7 +63,8 @@ class LoopbackGrid(Grid):
             100 + i: flwr.app.Context(
                 run_id=1,
                 node_id=100 + i,
-                node_config={"state-dir": str(self.state_dir / f"node-{i}"), **c},
+                # computed in the ClientApp call itself (the warm worker has its own test)
+                node_config={"state-dir": str(self.state_dir / f"node-{i}"), "warm": False, **c},
                 state=RecordDict(),
                 run_config={},
             )

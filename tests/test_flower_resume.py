@@ -105,3 +105,44 @@ def test_nodes_forget_state_versions_the_server_will_not_go_back_to(tmp_path):
     assert again.upto(9) == {"r": 30}
     with pytest.raises(ConfigError, match="bad run key"):
         NodeStates(Path(tmp_path), "../x", 0)
+
+
+def test_the_warm_worker_computes_what_the_clientapp_computes(tmp_path):
+    """Messages handed to the node's long-lived worker give the metrics of the in-process run."""
+    from fedmtl.flower import worker
+
+    raw = _raw({"name": "ditto", "lam": 0.1})
+    raw["train"]["rounds"] = 2
+    expected = fedmtl.run(raw, out=tmp_path / "inproc")
+    configs = [{**c, "warm": True, "state-dir": str(tmp_path / f"node-{i}")} for i, c in enumerate(_nodes(3))]
+    grid = LoopbackGrid(configs)
+    try:
+        got = FlowerServer(grid, parse_config(raw), _fast()).run(out=tmp_path / "flower")
+        for context in grid.contexts.values():
+            assert worker.socket_path(dict(context.node_config)).exists()  # one worker per node
+    finally:
+        stopped = [worker.stop(dict(ctx.node_config)) for ctx in grid.contexts.values()]
+    assert stopped == [True, True, True]
+    assert_same_metrics(expected.run_dir, got.run_dir)
+
+
+def test_a_restarted_supernode_with_a_new_node_id_takes_over_its_client_and_state(tmp_path):
+    """SuperNode 1 dies between rounds and comes back as a new node (new id, same node_config and
+    disk): the server finds the old node silent, hands client 1 to the new one, and the run ends with
+    the uninterrupted metrics, so the new node trained from the state the old one left on disk."""
+    raw = _raw({"name": "ditto", "lam": 0.1})
+    expected = fedmtl.run(raw, out=tmp_path / "inproc")
+    grid = LoopbackGrid(_nodes(3))
+
+    def restart_node_1(g: LoopbackGrid, msg: Any) -> None:
+        if msg.metadata.group_id == "2" and 103 not in g.contexts and msg.metadata.dst_node_id == 102:
+            g.silent.add(101)  # the old process is gone, the SuperLink still lists it for a while
+            old = g.contexts[101]
+            g.contexts[103] = flwr.app.Context(
+                run_id=1, node_id=103, node_config=old.node_config, state=RecordDict(), run_config={}
+            )
+
+    grid.on_push = restart_node_1
+    got = FlowerServer(grid, parse_config(raw), _fast()).run(out=tmp_path / "flower")
+    assert_same_metrics(expected.run_dir, got.run_dir)
+    assert got.summary["nodes"]["1"] == 103

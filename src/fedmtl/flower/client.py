@@ -24,7 +24,7 @@ from flwr.app import Message as FlowerMessage
 from flwr.clientapp import ClientApp
 
 from fedmtl.errors import ConfigError, ProtocolError
-from fedmtl.flower import codec, protocol
+from fedmtl.flower import codec, protocol, worker
 from fedmtl.flower.node_state import NodeStates, state_root
 
 if TYPE_CHECKING:
@@ -137,21 +137,21 @@ def node_side(config_json: str, node_config: dict[str, Any], federation_json: st
     return side
 
 
-def _side(msg: FlowerMessage, context: Context) -> NodeSide:
+def _side(content: RecordDict, node_config: dict[str, Any]) -> NodeSide:
     try:
-        run = msg.content.config_records[protocol.RUN]
+        run = content.config_records[protocol.RUN]
         config_json = str(run["config"])
     except KeyError:
         raise ProtocolError("flower message has no fedmtl run config") from None
-    return node_side(config_json, dict(context.node_config), str(run.get("federation", "")))
+    return node_side(config_json, node_config, str(run.get("federation", "")))
 
 
-def _work(msg: FlowerMessage, side: NodeSide) -> tuple[int, ClientWork]:
+def _work(content: RecordDict, side: NodeSide) -> tuple[int, ClientWork]:
     from fedmtl.algorithms.base import ClientWork
     from fedmtl.runtime.round import TRAIN_STREAM
     from fedmtl.training.shuffle import Stream
 
-    w = msg.content.config_records[protocol.WORK]
+    w = content.config_records[protocol.WORK]
     cid, rnd = int(w["cid"]), int(w["round"])  # type: ignore[arg-type]
     if cid != side.client.cid:
         raise ProtocolError(f"message for client {cid} reached the node holding client {side.client.cid}")
@@ -159,21 +159,21 @@ def _work(msg: FlowerMessage, side: NodeSide) -> tuple[int, ClientWork]:
     return cid, ClientWork(round=rnd, fraction=float(w["fraction"]), rng=rng, lr=float(w["lr"]))  # type: ignore[arg-type]
 
 
-def _store(msg: FlowerMessage, context: Context, cid: int) -> NodeStates:
+def _store(content: RecordDict, node_config: dict[str, Any], run_id: int, cid: int) -> NodeStates:
     """This client's state versions on the node's disk, under the fedmtl run's key."""
-    run = msg.content.config_records[protocol.RUN]
-    key = str(run["run_key"]) if "run_key" in run else f"flower-{context.run_id}"
-    return NodeStates(state_root(dict(context.node_config)), key, cid)
+    run = content.config_records[protocol.RUN]
+    key = str(run["run_key"]) if "run_key" in run else f"flower-{run_id}"
+    return NodeStates(state_root(node_config), key, cid)
 
 
-def _evaluate_into(out: RecordDict, msg: FlowerMessage, side: NodeSide, store: NodeStates) -> None:
+def _evaluate_into(out: RecordDict, content: RecordDict, side: NodeSide, store: NodeStates) -> None:
     """Evaluate with the same code as in-process, on this node's client, if the message asks."""
-    if protocol.EVAL not in msg.content.config_records:
+    if protocol.EVAL not in content.config_records:
         return
     from fedmtl.experiment.evaluate import evaluate_clients
 
-    rnd = int(msg.content.config_records[protocol.EVAL]["round"])  # type: ignore[arg-type]
-    server = codec.get_tree(msg.content, protocol.EVAL_VIEW)
+    rnd = int(content.config_records[protocol.EVAL]["round"])  # type: ignore[arg-type]
+    server = codec.get_tree(content, protocol.EVAL_VIEW)
     cid = side.client.cid
     state = store.upto(rnd)
     # In-process evaluation sees ``{}`` for a client that never trained; keep that.
@@ -182,32 +182,61 @@ def _evaluate_into(out: RecordDict, msg: FlowerMessage, side: NodeSide, store: N
     codec.put_tree(out, protocol.EVAL_ROW, rows)
 
 
-def _step(msg: FlowerMessage, context: Context, step: Callable[[NodeSide], StepFn] | None) -> FlowerMessage:
+def _step_fn(side: NodeSide, action: str) -> StepFn:
+    if action == protocol.TRAIN:
+        return side.algo.client_step
+    method = side.algo.client_actions().get(action)
+    if method is None:
+        raise ProtocolError(f"algorithm {side.algo.name!r} has no client action {action!r}")
+    return method
+
+
+def compute(
+    content: RecordDict, node_config: dict[str, Any], run_id: int, action: str | None
+) -> tuple[RecordDict, RecordDict | None]:
+    """What this node answers to a message (``action``: None = evaluate only, ``train``, or a
+    further action of a multi-step protocol), and its client's new state as records (or None).
+
+    A pure function of the message, the node's config and the node's disk, so the ClientApp
+    process and the node's warm worker (``fedmtl.flower.worker``) give the same answer."""
     from fedmtl.training import device
 
-    side = _side(msg, context)
-    store = _store(msg, context, side.client.cid)
+    side = _side(content, node_config)
+    store = _store(content, node_config, run_id, side.client.cid)
     out = RecordDict()
     with device.using(side.device):
-        _evaluate_into(out, msg, side, store)
-    if step is not None:
-        cid, work = _work(msg, side)
-        w = msg.content.config_records[protocol.WORK]
-        first = int(w.get("exchange", 0)) == 0  # type: ignore[arg-type]
-        state = store.before(work.round) if first else store.upto(work.round)
-        incoming = codec.get_message(msg.content, protocol.MSG)
-        if state is None:
-            state = side.algo.init_client(cid)
-        from fedmtl.training.executors import run_local
+        _evaluate_into(out, content, side, store)
+    if action is None:
+        return out, None
+    cid, work = _work(content, side)
+    w = content.config_records[protocol.WORK]
+    first = int(w.get("exchange", 0)) == 0  # type: ignore[arg-type]
+    state = store.before(work.round) if first else store.upto(work.round)
+    incoming = codec.get_message(content, protocol.MSG)
+    if state is None:
+        state = side.algo.init_client(cid)
+    from fedmtl.training.executors import run_local
 
-        t0 = time.perf_counter()
-        with device.using(side.device):
-            new_state, reply = run_local(step(side)(state, side.client, incoming, work))
-        wall = time.perf_counter() - t0
-        store.put(work.round, new_state, int(w.get("committed", 0)))  # type: ignore[arg-type]
-        codec.put_tree(context.state, protocol.STATE, new_state)  # the latest, for Flower's own tools
-        codec.put_message(out, protocol.REPLY, reply)
-        out[protocol.META] = MetricRecord({"cid": cid, "compute_wall": wall})
+    step = _step_fn(side, action)
+    t0 = time.perf_counter()
+    with device.using(side.device):
+        new_state, reply = run_local(step(state, side.client, incoming, work))
+    wall = time.perf_counter() - t0
+    store.put(work.round, new_state, int(w.get("committed", 0)))  # type: ignore[arg-type]
+    codec.put_message(out, protocol.REPLY, reply)
+    out[protocol.META] = MetricRecord({"cid": cid, "compute_wall": wall})
+    latest = RecordDict()
+    codec.put_tree(latest, protocol.STATE, new_state)
+    return out, latest
+
+
+def _step(msg: FlowerMessage, context: Context, action: str | None) -> FlowerMessage:
+    node_config = dict(context.node_config)
+    request = (msg.content, node_config, int(context.run_id), action)
+    out, latest = worker.call(node_config, request) if worker.enabled(node_config) else compute(*request)
+    if latest is not None:  # the latest state also in context.state, for Flower's own tools
+        for key, record in latest.items():
+            context.state[key] = record
     return FlowerMessage(out, reply_to=msg)
 
 
@@ -219,7 +248,7 @@ def handle_query(msg: FlowerMessage, context: Context) -> FlowerMessage:
 
 
 def handle_train(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    return _step(msg, context, lambda side: side.algo.client_step)
+    return _step(msg, context, protocol.TRAIN)
 
 
 def handle_evaluate(msg: FlowerMessage, context: Context) -> FlowerMessage:
@@ -229,14 +258,8 @@ def handle_evaluate(msg: FlowerMessage, context: Context) -> FlowerMessage:
 def _action_handler(action: str) -> Callable[[FlowerMessage, Context], FlowerMessage]:
     """``train.<action>``: a step of a multi-step protocol, one of ``Algorithm.client_actions()``."""
 
-    def pick(side: NodeSide) -> StepFn:
-        method = side.algo.client_actions().get(action)
-        if method is None:
-            raise ProtocolError(f"algorithm {side.algo.name!r} has no client action {action!r}")
-        return method
-
     def handle(msg: FlowerMessage, context: Context) -> FlowerMessage:
-        return _step(msg, context, pick)
+        return _step(msg, context, action)
 
     return handle
 

@@ -272,6 +272,7 @@ class FlowerServer:
         # What a node with only its own files builds the federation from (no samples in it).
         self.federation_json = json.dumps(describe(self.data), default=plain)
         self.node_of: dict[int, int] = {}  # client id -> node id
+        self.node_map: dict[str, int] = {}
         self.seen: set[int] = set()  # node ids already asked which client they hold
         self.suspects: set[int] = set()  # node ids that missed their last deadline
         self.rd: RunDir | None = None
@@ -286,9 +287,11 @@ class FlowerServer:
                 fh.write(dumps({"t": time.time(), "event": event, **fields}) + "\n")
 
     def roundtrip(
-        self, items: Mapping[K, tuple[int, str, RecordDict]], group: str
+        self, items: Mapping[K, tuple[int, str, RecordDict]], group: str, timeout: float | None = None
     ) -> tuple[dict[K, RecordDict], dict[K, str]]:
-        """Send ``key -> (node, message type, content)``; return replies and reasons for the missing."""
+        """Send ``key -> (node, message type, content)``; return replies and reasons for the missing
+        (waiting ``timeout`` seconds at most, else ``round-timeout``)."""
+        limit = self.s.round_timeout if timeout is None else timeout
         missing: dict[K, str] = {}
         online = set(self.grid.get_node_ids())
         ttl = max(2 * self.s.round_timeout, 60.0)
@@ -328,7 +331,7 @@ class FlowerServer:
             if not pending:
                 break
             now = time.monotonic()
-            if now - start > self.s.round_timeout:
+            if now - start > limit:
                 break
             if all(node_of_key[k] in self.suspects for k in pending.values()):
                 healthy_done = healthy_done or now
@@ -361,13 +364,25 @@ class FlowerServer:
                 )
             old = self.node_of.get(cid)
             if old is not None and old != node and old in set(self.grid.get_node_ids()):
-                raise FlowerRunError(
-                    f"nodes {old} and {node} both hold client {cid}; give each its own partition-id"
-                )
+                if self._answers(old):
+                    raise FlowerRunError(
+                        f"nodes {old} and {node} both hold client {cid}; give each its own partition-id"
+                    )
+                # a restarted SuperNode (a new node id) replaces its dead predecessor
+                self.log(f"node {node} takes over client {cid} from node {old}, which does not answer")
+                self._event("replaced", client=cid, old=old, new=node)
             self.node_of[cid] = node
         for node, why in missing.items():
             self.log(f"node {node} did not answer the handshake ({why}); ignoring it")
-        self._event("nodes", clients={str(c): n for c, n in sorted(self.node_of.items())})
+        self.node_map.clear()  # the summary's client -> node map: the nodes that hold them now
+        self.node_map.update({str(c): n for c, n in sorted(self.node_of.items())})
+        self._event("nodes", clients=dict(self.node_map))
+
+    def _answers(self, node: int) -> bool:
+        """Whether ``node`` answers a handshake within ``suspect-grace`` (at least 5 s)."""
+        item = {node: (node, protocol.QUERY, RecordDict({protocol.RUN: self.run_record()}))}
+        replies, _ = self.roundtrip(item, "probe", timeout=max(self.s.suspect_grace, 5.0))
+        return node in replies
 
     def connect(self) -> None:
         """Wait for the SuperNodes (up to ``node_timeout``), then learn who holds which client."""
@@ -468,7 +483,7 @@ class FlowerServer:
         )
         loop.extra_summary = {
             "engine": "flower",
-            "nodes": {str(c): n for c, n in sorted(self.node_of.items())},
+            "nodes": self.node_map,
         }
         if progress is None:
             progress = Progress(server=self.algo.init_server(), elapsed=time.perf_counter() - t0)

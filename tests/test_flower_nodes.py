@@ -149,3 +149,49 @@ def test_fedmtl_flower_split_writes_the_folders_and_says_how_to_start(tmp_path, 
     assert desc["provenance"]["command"].startswith("fedmtl flower split")
     assert main(["flower", "split", str(cfg), str(tmp_path / "out")]) == 2  # never overwritten
     assert "already exists and is not empty" in capsys.readouterr().err
+
+
+def _digits_writers(root: Path) -> Path:
+    from sklearn.datasets import load_digits
+
+    from tests.leaf_files import image_writers
+
+    d = load_digits()
+    return image_writers(root, d.images / 16.0, d.target, writers=4)
+
+
+def test_nodes_reading_leaf_json_equal_the_in_process_run(tmp_path):
+    """Each node's data-path is LEAF data (train/ and test/ JSON); the node picks its user by name."""
+    leaf = _digits_writers(tmp_path / "leaf")
+    raw = _cfg(train__rounds=2, eval__global_test=False)  # LEAF's global test set is the users' tests
+    raw["data"] = {"dataset": "leaf", "file": str(leaf), "input_shape": [1, 8, 8]}
+    raw["model"] = {"name": "cnn", "channels": [4, 8], "fc": 16}
+    expected = fedmtl.run(raw, out=tmp_path / "inproc")
+    cfg = parse_config(raw)
+    desc = tmp_path / "federation.json"
+    desc.write_text(json.dumps(describe(load_federated(cfg.data, cfg.seed)), default=str))
+    nodes = [{"partition-id": i, "data-path": str(leaf)} for i in range(4)]
+    got = _flower_run(tmp_path, _server_raw(raw, tmp_path), LoopbackGrid(nodes))
+    assert_same_metrics(expected.run_dir, got.run_dir)
+
+
+def test_a_node_reads_its_user_of_leaf_text_through_the_federations_vocabulary(tmp_path):
+    from tests.leaf_files import text_roles
+
+    leaf = text_roles(tmp_path / "text", roles=3, samples=40)
+    cfg = parse_config({"data": {"dataset": "leaf", "file": str(leaf)}})
+    full = load_federated(cfg.data, 0)
+    server = load_described_from(tmp_path, full)
+    for cid in range(3):
+        own = node_client(leaf, server, cid)
+        np.testing.assert_array_equal(own.x_train, full.clients[cid].x_train)
+        np.testing.assert_array_equal(own.y_test, full.clients[cid].y_test)
+    server.clients[1].name = "NOBODY"
+    with pytest.raises(DataError, match="holds 3 LEAF users and none is 'NOBODY', the user of client 1"):
+        node_client(leaf, server, 1)
+
+
+def load_described_from(tmp_path: Path, data):
+    path = tmp_path / "federation.json"
+    path.write_text(json.dumps(describe(data), default=str))
+    return load_described(path)

@@ -277,7 +277,7 @@ def node_client(path: Path, desc: FederatedData, cid: int) -> ClientData:
                     f"data path {path}: {key} rows have shape {list(a.shape[1:])}, the federation's "
                     f"input shape is {list(like.shape[1:])}"
                 )
-        out[key] = a.astype(like.dtype, copy=False)
+        out[key] = np.array(a, dtype=like.dtype)  # a writable copy (readers may cache theirs read-only)
     for key, n in (("y_train", expected.train_count), ("y_test", expected.test_count)):
         if n is not None and len(out[key]) != n:
             split = key.split("_")[1]

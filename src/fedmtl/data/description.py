@@ -15,14 +15,13 @@ before they were written (``fedmtl flower split`` applies the config's normalisa
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedmtl.data import new_dir
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
 from fedmtl.errors import ConfigError, DataError
 
@@ -313,15 +312,11 @@ def write_node_folders(data: FederatedData, out: Path, provenance: dict[str, Any
     has a global test set, and ``out/node-<cid>/client.npz`` for each client (each site's part).
     Written beside ``out`` and renamed: complete or absent."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"{out}: already exists and is not empty; choose another path")
     if data.holdout:
         raise DataError(
             "fedmtl flower split: hold-out clients need their data on the server; drop data.holdout_clients"
         )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_dir.begin(out, "node folders")
     desc = describe(data, provenance)
     for cid in range(data.num_clients):
         c = data.clients[cid]
@@ -332,5 +327,4 @@ def write_node_folders(data: FederatedData, out: Path, provenance: dict[str, Any
         np.savez(tmp / GLOBAL_FILE, x=data.x_global_test, y=data.y_global_test)
         desc["global_test"] = GLOBAL_FILE
     (tmp / FILE).write_text(json.dumps(desc, indent=1, default=plain))
-    os.replace(tmp, out)
-    return out
+    return new_dir.commit(tmp, out)

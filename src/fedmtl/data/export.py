@@ -6,12 +6,11 @@ to read them as images), text as the strings its token ids stand for."""
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
+from fedmtl.data import new_dir
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.errors import DataError
 
@@ -38,15 +37,12 @@ def _y(c: ClientData, split: str, vocab: list[str] | None) -> list:
 def write_leaf(data: FederatedData, out: Path, shards: int = 1) -> Path:
     """LEAF's layout under ``out`` (new or empty); users named after the clients."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"LEAF directory {out}: already exists and is not empty; choose another path")
     if len(data.tasks) > 1:
         raise DataError("LEAF export: LEAF holds one task; this federation has several (data.tasks)")
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = new_dir.begin(out, "LEAF directory")
     ids = data.train_clients
     for split in ("train", "test"):
-        (tmp / split).mkdir(parents=True)
+        (tmp / split).mkdir()
         for s, part in enumerate(np.array_split(np.asarray(ids, dtype=np.int64), max(1, shards))):
             doc: dict = {"users": [], "num_samples": [], "user_data": {}}
             for cid in part.tolist():
@@ -56,5 +52,4 @@ def write_leaf(data: FederatedData, out: Path, shards: int = 1) -> Path:
                 doc["num_samples"].append(len(ys))
                 doc["user_data"][c.name] = {"x": _x(c, split, data.vocab), "y": ys}
             (tmp / split / f"{data.name}_{s}_{split}.json").write_text(json.dumps(doc))
-    os.replace(tmp, out)
-    return out
+    return new_dir.commit(tmp, out)

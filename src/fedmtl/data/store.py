@@ -13,14 +13,13 @@ Layout (``FORMAT``): ``meta.json`` (shape, tasks, names, the normalisation appli
 from __future__ import annotations
 
 import json
-import os
-import shutil
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fedmtl.data import new_dir
 from fedmtl.data.clients import ClientList, Rows
 from fedmtl.data.federated import FederatedData, TaskSpec
 from fedmtl.errors import DataError
@@ -37,15 +36,11 @@ def write_store(data: FederatedData, out: Path, provenance: dict[str, Any] | Non
     """Write ``data`` to ``out`` (a new or empty directory), client after client; the directory
     appears complete or not at all (written beside it and renamed)."""
     out = Path(out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise DataError(f"client store {out}: already exists and is not empty; choose another path")
     if data.holdout:
         raise DataError(
             "client store: hold-out clients are chosen at run time; pack without data.holdout_clients"
         )
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = new_dir.begin(out, "client store")
     clients = data.clients
     n = len(clients)
     sizes = {"train": data.train_sizes(), "test": data.test_sizes()}
@@ -87,8 +82,7 @@ def write_store(data: FederatedData, out: Path, provenance: dict[str, Any] | Non
         "provenance": provenance or {},
     }
     (tmp / META).write_text(json.dumps(meta, default=_plain))
-    os.replace(tmp, out)
-    return out
+    return new_dir.commit(tmp, out)
 
 
 def _name(clients: Any, cid: int) -> str:

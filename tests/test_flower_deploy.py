@@ -166,3 +166,35 @@ def test_a_killed_superlink_and_serverapp_resume_to_the_uninterrupted_metrics(tm
     assert resumed.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()
     assert_same_metrics(expected.run_dir, run_dir)
     print(f"\nresume: killed after checkpoint 2, restarted and finished in {time.perf_counter() - t0:.1f} s")
+
+
+def test_a_killed_and_restarted_supernode_keeps_its_client_state(tmp_path, federation):
+    """Ditto, one client per round (seed 4 samples client 1 in rounds 1, 3 and 7 only): SuperNode 1
+    is killed with SIGKILL when round 4 starts and started again; the new node (a new node id, the same
+    disk) takes client 1 over and round 7 trains its personal model from the state the killed process
+    left, so the run ends with the in-process metrics (a lost state would restart it from scratch)."""
+    overrides = [
+        "train.rounds=8",
+        "train.local_steps=30",
+        "algorithm.name=ditto",
+        "clients.per_round=1",
+        "eval.every=8",
+        "seed=4",
+    ]
+    expected = fedmtl.run(load_config(EXAMPLE, overrides), out=tmp_path / "inproc")
+    fed = federation(2)
+    run_dir = tmp_path / "flower-run"
+    proc = fed.submit(APP, _run_config(tmp_path, overrides, **{"round-timeout": 150.0}))
+    events, deadline = run_dir / "flower.jsonl", time.monotonic() + 300
+    while not (
+        events.is_file() and any(json.loads(x).get("group") == "4" for x in events.read_text().splitlines())
+    ):
+        assert time.monotonic() < deadline and proc.popen.poll() is None, fed.logs()
+        time.sleep(0.1)
+    fed.restart_node(1)
+    out = fed.wait(proc, timeout=400)
+    assert out.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()
+    assert_same_metrics(expected.run_dir, run_dir)
+    first = next(json.loads(x) for x in events.read_text().splitlines() if '"nodes"' in x)
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["nodes"]["1"] != first["clients"]["1"]  # client 1 ended on the restarted node

@@ -306,6 +306,17 @@ class LocalFederation:
         _wait_port(self.superlink, timeout)
         return self.superlink
 
+    def restart_node(self, i: int, wait: float = 60.0) -> Proc:
+        """Kill SuperNode ``i`` and start it again with the same config and home (so the same disk
+        state); the SuperLink gives it a new node id."""
+        self.kill_node(i)
+        port = free_port()
+        link = self.address
+        proc = self._start(f"supernode-{i}", supernode_cmd(link, port, self.node_configs[i]), port)
+        self.nodes[i] = proc
+        _wait_port(proc, wait)
+        return proc
+
     def kill_node(self, i: int, sig: int = signal.SIGKILL) -> None:
         """Kill SuperNode ``i`` with its SuperExec and running ClientApp (its process group)."""
         node = self.nodes[i]

@@ -166,3 +166,38 @@ def test_an_algorithm_written_once_runs_sequential_and_batched(tmp_path, monkeyp
     plain = fedmtl.run(digits_config(train__rounds=2), out=tmp_path / "fedavg")
     for res in runs.values():  # FedAvg's numbers, to float tolerance
         assert res.final["global_loss"] == pytest.approx(plain.final["global_loss"], rel=1e-5)
+
+
+def test_the_proximal_step_adds_mu_times_the_distance_to_the_centre_by_hand():
+    """One full-batch SGD step of local_train with FedProx's term against w - lr (grad L + mu (w - c)),
+    the gradient of L computed here by autograd on the same batch."""
+    import numpy as np
+    import torch
+    from torch import nn
+    from torch.func import functional_call
+
+    from fedmtl.data.federated import TaskSpec
+    from fedmtl.training.local import LocalSpec, local_train
+    from fedmtl.training.optim import OptimizerSpec
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 4), nn.ReLU(), nn.Linear(4, 3))
+    w0 = {k: v.detach().clone() for k, v in model.named_parameters()}
+    center = {k: v + torch.linspace(-0.5, 0.5, v.numel()).reshape(v.shape) for k, v in w0.items()}
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5)).astype(np.float32)
+    y = rng.integers(0, 3, size=8)
+    lr, mu = 0.1, 0.7
+    spec = LocalSpec(optimizer=OptimizerSpec(lr=lr), batch_size=8)
+    got, _, _ = local_train(
+        model, w0, x, y, TaskSpec("classification", 3), spec, 1, np.random.default_rng(1),
+        prox_center=center, prox_mu=mu,
+    )  # fmt: skip
+    params = {k: v.clone().requires_grad_(True) for k, v in w0.items()}
+    loss = nn.functional.cross_entropy(
+        functional_call(model, params, (torch.as_tensor(x),)), torch.as_tensor(y)
+    )
+    grads = dict(zip(params, torch.autograd.grad(loss, list(params.values())), strict=True))
+    for k in w0:
+        want = w0[k] - lr * (grads[k] + mu * (w0[k] - center[k]))
+        torch.testing.assert_close(torch.as_tensor(got[k]), want, rtol=1e-5, atol=1e-6)

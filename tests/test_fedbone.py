@@ -211,6 +211,46 @@ def test_rescaling_and_projection_off_is_the_plain_mean_and_attention_favours_th
     np.testing.assert_allclose(weighted.aggregate["w"], grads[0]["w"])
 
 
+def test_gp_aggregate_rescales_by_attention_to_the_history_and_projects_conflicts():
+    """Hand-computed cases through ``gp_aggregate`` itself: removing the rescaling or the projection
+    from it fails here."""
+    g1, g2, hist = np.array([1.0, 0.0]), np.array([0.0, 2.0]), np.array([3.0, 0.0])
+    e = np.e
+    att = np.array([2 * e / (e + 1), 2 / (e + 1)])  # K softmax(cos(g, hist)) with cosines 1 and 0
+    res = gp_aggregate([{"w": g1}, {"w": g2}], {"w": hist}, GPOptions(rescale=True, project=False))
+    np.testing.assert_allclose(res.attention, att)
+    np.testing.assert_allclose(res.aggregate["w"], (att[0] * g1 + att[1] * g2) / 2)
+    assert not np.allclose(res.aggregate["w"], (g1 + g2) / 2)
+    # a conflicting pair: a' = a - (a.b / |b|^2) b = [0.5, 0.5], b' = b - (b.a / |a|^2) a = [0, 1]
+    a, b = np.array([1.0, 0.0]), np.array([-1.0, 1.0])
+    res = gp_aggregate([{"w": a}, {"w": b}], None, GPOptions(rescale=False, project=True))
+    np.testing.assert_allclose(res.aggregate["w"], [0.25, 0.75])
+    assert res.projections == 2 and res.conflicts == 1
+    # both: rescale first (history along a), then project the rescaled rows
+    att2 = 2 * np.exp([1.0, -1 / np.sqrt(2)]) / np.exp([1.0, -1 / np.sqrt(2)]).sum()
+    sa, sb = att2[0] * a, att2[1] * b
+    pa = sa - (sa @ sb) / (sb @ sb) * sb
+    pb = sb - (sb @ sa) / (sa @ sa) * sa
+    res = gp_aggregate([{"w": a}, {"w": b}], {"w": a}, GPOptions(rescale=True, project=True))
+    np.testing.assert_allclose(res.aggregate["w"], (pa + pb) / 2)
+
+
+def test_fedbone_aggregates_with_the_previous_aggregate_as_history(shared_data):
+    """FedBone's own aggregation step hands the history and its options to gp_aggregate."""
+    cfg = parse_config(_cfg(train__local_steps=3))
+    _, algo, _ = build(cfg)
+    inner = algo.unwrapped()
+    grads = {0: {"w": torch.tensor([1.0, 0.0])}, 1: {"w": torch.tensor([-1.0, 1.0])}}
+    sizes = {0: 1.0, 1: 1.0}
+    hist = {"w": np.array([1.0, 0.0])}
+    agg, stats = inner._aggregate(grads, sizes, hist, np.random.default_rng(0))
+    want = gp_aggregate(
+        [{"w": g["w"].numpy()} for g in grads.values()], hist, GPOptions(), np.random.default_rng(0)
+    )
+    np.testing.assert_allclose(agg["w"], want.aggregate["w"])
+    assert stats["attention_max"] > 1 > stats["attention_min"] and stats["projections"] == 2
+
+
 # ------------------------------------------------------------------------------------ privacy
 def test_no_label_or_raw_input_is_ever_in_a_message_to_the_server(shared_data):
     cfg = parse_config(_cfg(train__local_steps=3))

@@ -174,3 +174,36 @@ def test_natural_multitask_federations_train_personalised_heads(tmp_path, shared
         assert last["f1_mean"] > first["f1_mean"] and last["f1_mean"] > 0.49
     else:
         assert last["rmse_mean"] < first["rmse_mean"] and last["r2_mean"] > 0.05
+
+
+@pytest.mark.parametrize("weighting", ["samples", "groups"])
+def test_hierarchical_body_is_the_sample_mean_or_the_mean_of_group_means(weighting):
+    """Through ``server_step``: replacing either weighting by the plain mean of the bodies fails."""
+    from fedmtl.algorithms.base import Message
+    from fedmtl.experiment.run import build_algorithm
+
+    raw = digits_config(
+        data__partition__num_clients=4, data__tasks=["digit", "parity"], algorithm={"name": "hierarchical"}
+    )
+    raw["algorithm"]["body_weighting"] = weighting
+    data, algo, _ = build_algorithm(parse_config(raw))
+    server = algo.init_server()
+    groups = server["group_of"]
+    sizes = {0: 10.0, 1: 30.0, 2: 50.0, 3: 10.0}
+    replies = {}
+    for c in range(4):
+        arrays = {k: np.full_like(v, float(c + 1)) for k, v in algo.broadcast(server, c).arrays.items()}
+        replies[c] = Message(arrays=arrays, scalars={"num_examples": sizes[c]})
+    new = algo.server_step(server, replies, 1)
+    body_key = next(k for k in new["params"] if SEP not in k and not k.startswith("head."))
+    value = float(new["params"][body_key].ravel()[0])
+    by_group: dict[str, list[int]] = {}
+    for c in range(4):
+        by_group.setdefault(groups[c], []).append(c)
+    if weighting == "samples":
+        want = sum((c + 1) * sizes[c] for c in range(4)) / sum(sizes.values())
+    else:
+        means = [sum((c + 1) * sizes[c] for c in m) / sum(sizes[c] for c in m) for m in by_group.values()]
+        want = sum(means) / len(means)
+    assert len(by_group) == 2 and value == pytest.approx(want, rel=1e-6)
+    assert value != pytest.approx(2.5, rel=1e-3)  # the plain mean of 1, 2, 3, 4

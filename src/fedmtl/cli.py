@@ -64,6 +64,17 @@ def _parser() -> argparse.ArgumentParser:
     k.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     k.add_argument("--data-dir")
 
+    t = sub.add_parser("tune", help="choose hyper-parameters on validation rows, with a budget")
+    t.add_argument("config", nargs="?", help="YAML config (default: the built-in defaults)")
+    t.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                   help="values to try for one key (repeatable; the grid is their product)")  # fmt: skip
+    t.add_argument(
+        "--budget", type=int, required=True, help="most grid points to run (same for every method)"
+    )
+    t.add_argument("--seeds", type=int, nargs="+", help="seeds each point runs with (default: the config's)")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    t.add_argument("--out", help="directory for the trials, tune.json and tune.md")
+
     b = sub.add_parser("bench", help="run a benchmark from benchmarks/NAME.py and write its table")
     b.add_argument("name")
     b.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark")
@@ -198,6 +209,13 @@ def _cmd_pack(a: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_tune(a: argparse.Namespace) -> int:
+    from fedmtl.experiment.tune import tune
+
+    tune(a.config, a.grid, a.budget, a.overrides, a.seeds, a.out)
+    return 0
+
+
 def _cmd_demo(a: argparse.Namespace) -> int:
     from fedmtl.experiment.demo import demo
 
@@ -215,6 +233,7 @@ COMMANDS = {
     "datasets": _cmd_datasets,
     "pack": _cmd_pack,
     "bench": _cmd_bench,
+    "tune": _cmd_tune,
     "demo": _cmd_demo,
     "flower": flower_cli.handle,
 }

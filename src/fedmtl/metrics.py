@@ -89,7 +89,8 @@ def summarize_clients(rows: list[dict[str, float]]) -> dict[str, float]:
     out: dict[str, float] = {}
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float) and k != "round"))
     for key in keys:
-        lower = key.removeprefix("shared_").removeprefix("before_").removeprefix("after_") in LOWER_IS_BETTER
+        base = key.removeprefix("shared_").removeprefix("before_").removeprefix("after_").removeprefix("val_")
+        lower = base in LOWER_IS_BETTER
         stats = summarize([r[key] for r in rows if key in r], higher_is_better=not lower)
         out.update({f"{key}_{s}": v for s, v in stats.items()})
     if "gain" in keys:

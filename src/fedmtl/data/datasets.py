@@ -26,6 +26,7 @@ from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
 from fedmtl.data.raw import Clients, ClientSplits, Pooled, Raw
 from fedmtl.data.resample import resample as resample_clients
 from fedmtl.data.tasks import assign_tasks
+from fedmtl.data.validation import carve_all
 from fedmtl.errors import ConfigError, DataError
 
 EMBEDDED = "embedded (scikit-learn)"
@@ -676,6 +677,7 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     classification = spec.task == "classification"
     vocab = None if isinstance(raw, Pooled) else raw.vocab
     if cfg.partition.kind == "resample" and isinstance(raw, Pooled):
+        _no_validation(cfg, "partition.kind 'resample'")
         listed, gx, gy, task, layout, info = _resampled(raw, spec, cfg, seed)
         info.update(partition="resample", seed=seed, normalize=layout.normalize)
         info["test_fraction"] = cfg.test_fraction
@@ -705,6 +707,9 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if cfg.missing_modalities:
         clients = _drop_modalities(clients, spec.name, cfg.missing_modalities)
         info["missing_modalities"] = {int(c): list(m) for c, m in sorted(cfg.missing_modalities.items())}
+    if cfg.val_fraction > 0:
+        clients = carve_all(clients, cfg.val_fraction, seed)
+        info["val_fraction"] = cfg.val_fraction
     holdout = _holdout(len(clients), cfg.holdout_clients, seed)
     if cfg.corrupt.enabled:
         held = set(holdout)
@@ -720,6 +725,14 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if vocab is not None:
         info["vocab"] = "".join(vocab)
     return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout, vocab=vocab)
+
+
+def _no_validation(cfg: DataConfig, what: str) -> None:
+    if cfg.val_fraction > 0:
+        raise ConfigError(
+            f"config: data.val_fraction = {cfg.val_fraction}: not available with {what} yet (its clients "
+            "are views into shared arrays); set it to 0"
+        )
 
 
 def _as_given(cfg: DataConfig, dataset: str, held: str, set_in: str, normalised: str) -> None:
@@ -745,6 +758,7 @@ def _described(cfg: DataConfig, seed: int) -> FederatedData:
     """``dataset: federation``: the server's view of a federation whose samples are on the nodes."""
     from fedmtl.data.description import load_described
 
+    _no_validation(cfg, "dataset 'federation'")
     _as_given(
         cfg,
         "federation",
@@ -766,6 +780,7 @@ def _stored(cfg: DataConfig, seed: int) -> FederatedData:
     """``dataset: store``: a packed federation (``fedmtl pack``), memory-mapped."""
     from fedmtl.data.store import open_store  # imported on use, like the store itself
 
+    _no_validation(cfg, "dataset 'store'")
     _as_given(
         cfg,
         "store",

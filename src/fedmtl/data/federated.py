@@ -41,6 +41,9 @@ class ClientData:
     name: str = ""
     #: ground truth of the corruption harness (``data.corrupt``) for the training split, if any
     corruption: Corruption | None = None
+    #: validation rows carved from the training data (``data.val_fraction``), if any
+    x_val: np.ndarray | None = None
+    y_val: np.ndarray | None = None
 
     @property
     def n_train(self) -> int:

@@ -23,20 +23,28 @@ from fedmtl.training.tensors import Arrays, to_torch
 NEW_CLIENT = 8  # rng purpose for new-client fine-tuning
 
 
+def _split(c: ClientData, split: str) -> tuple[np.ndarray, np.ndarray]:
+    if split == "val":
+        assert c.x_val is not None and c.y_val is not None
+        return c.x_val, c.y_val
+    return c.x_test, c.y_test
+
+
 def _metrics_by_client(
-    algo: Algorithm, picks: list[tuple[ClientData, Arrays]]
+    algo: Algorithm, picks: list[tuple[ClientData, Arrays]], split: str = "test"
 ) -> dict[int, dict[str, float]]:
     groups: dict[tuple[int, str], tuple[Arrays, list[ClientData]]] = {}
     for c, arrays in picks:
         groups.setdefault((id(arrays), c.task.name), (arrays, []))[1].append(c)
     out: dict[int, dict[str, float]] = {}
     for (_, task), (arrays, clients) in groups.items():
-        x = np.concatenate([c.x_test for c in clients]) if len(clients) > 1 else clients[0].x_test
+        parts = [_split(c, split) for c in clients]
+        x = np.concatenate([p[0] for p in parts]) if len(clients) > 1 else parts[0][0]
         pred = predict(algo.ctx.model_for(task), to_torch(arrays), x)
         start = 0
-        for c in clients:
-            out[c.cid] = task_metrics(pred[start : start + c.n_test], torch.as_tensor(c.y_test), c.task)
-            start += c.n_test
+        for c, (_, y) in zip(clients, parts, strict=True):
+            out[c.cid] = task_metrics(pred[start : start + len(y)], torch.as_tensor(y), c.task)
+            start += len(y)
     return out
 
 
@@ -61,6 +69,9 @@ def evaluate_clients(
             shared.append((c, other))
     mine = _metrics_by_client(algo, personal)
     theirs = _metrics_by_client(algo, shared) if shared else {}
+    # validation rows (data.val_fraction): the same models, for choosing the best round and tuning
+    valued = [(c, a) for c, a in personal if c.y_val is not None and len(c.y_val)]
+    val = _metrics_by_client(algo, valued, "val") if valued else {}
     rows = []
     for c in clients:
         row: dict[str, Any] = {
@@ -71,6 +82,8 @@ def evaluate_clients(
             "n_test": c.n_test,
             **mine[c.cid],
         }
+        if c.cid in val:
+            row.update({f"val_{k}": v for k, v in val[c.cid].items()})
         if c.cid in theirs:
             metric, higher = primary_metric(c.task)
             row.update({f"shared_{k}": v for k, v in theirs[c.cid].items()})

@@ -210,8 +210,17 @@ class RunLoop:
         rows.append(row)
         self.rd.append(rows)
         p = self.progress
-        key, best = self.key, p.best
-        if key in row and (best is None or (row[key] > best[key] if self.higher else row[key] < best[key])):
+        # The best round is chosen on validation rows (data.val_fraction), never on test rows; without
+        # a validation split it is the last evaluated round.
+        key, best = f"val_{self.key}", p.best
+        if key in row:
+            if (
+                best is None
+                or key not in best
+                or (row[key] > best[key] if self.higher else row[key] < best[key])
+            ):
+                p.best = row
+        elif self.key in row:
             p.best = row
         p.last = row
         r = entry.round
@@ -261,6 +270,9 @@ class RunLoop:
             "stopped": self.stopped,
             "final": last,
             "best": self.progress.best if self.progress.best is not None else last,
+            "best_by": "validation"
+            if f"val_{self.key}" in (self.progress.best or {})
+            else "last evaluated round",
             "wall_time": last["wall_time"],
             "bytes_total": sum(
                 r.get("bytes_up", 0) + r.get("bytes_down", 0)

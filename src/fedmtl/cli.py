@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from fedmtl.errors import FedmtlError
+from fedmtl.errors import ConfigError, FedmtlError
 from fedmtl.flower import cli as flower_cli
 
 
@@ -172,6 +172,15 @@ def find_benchmark(name: str) -> Path:
 
 
 def _cmd_bench(a: argparse.Namespace) -> int:
+    if a.name == "all":
+        from fedmtl.experiment.bench_all import run_all
+
+        extra = set(a.args) - {"--quick"}
+        if extra:
+            raise ConfigError(f"bench all: unknown arguments {sorted(extra)}; allowed: --quick")
+        root = find_benchmark("mnist_fedavg").parent
+        print(f"tables: {run_all(root, '--quick' in a.args)}")
+        return 0
     path = find_benchmark(a.name)
     spec = importlib.util.spec_from_file_location(f"fedmtl_bench_{a.name}", path)
     assert spec is not None and spec.loader is not None

@@ -1,0 +1,65 @@
+"""``fedmtl bench all``: every benchmark, one after another, each in its own process.
+
+Tables are regenerated together on one commit (each names it). A full run writes into
+``benchmarks/results``; ``--quick`` (short runs, a smoke test of every benchmark) writes into a
+temporary folder unless ``--out`` names one, so quick tables never replace measured ones."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+#: benchmarks whose --out is a folder (they write several files); the others take a file
+FOLDER_OUT = {"mocha", "throughput"}
+#: run first: the cheap ones, so a broken benchmark shows early
+FIRST = ("secagg", "scale", "mocha")
+
+
+def benchmarks(root: Path) -> list[str]:
+    """Every ``benchmarks/NAME.py`` (helpers start with ``_``), cheap ones first."""
+    names = sorted(p.stem for p in root.glob("*.py") if not p.stem.startswith("_"))
+    return [n for n in FIRST if n in names] + [n for n in names if n not in FIRST]
+
+
+def commands(root: Path, out: Path, quick: bool) -> list[list[str]]:
+    cmds = []
+    for name in benchmarks(root):
+        target = out if name in FOLDER_OUT else out / f"{name}.md"
+        cmds.append(
+            [
+                sys.executable,
+                "-m",
+                "fedmtl.cli",
+                "bench",
+                name,
+                *(["--quick"] if quick else []),
+                "--out",
+                str(target),
+            ]
+        )
+    return cmds
+
+
+def run_all(root: Path, quick: bool, out: Path | None = None) -> Path:
+    folder = out or (Path(tempfile.mkdtemp(prefix="fedmtl-bench-quick-")) if quick else root / "results")
+    folder.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for cmd in commands(root, folder, quick):
+        name = cmd[4]
+        t0 = time.perf_counter()
+        print(f"[bench all] {name} ...", flush=True)
+        rc = subprocess.run(cmd, check=False).returncode
+        print(
+            f"[bench all] {name}: {'ok' if rc == 0 else f'exit {rc}'} in {time.perf_counter() - t0:.0f} s",
+            flush=True,
+        )
+        if rc != 0:
+            failed.append(name)
+    if failed:
+        from fedmtl.errors import FedmtlError
+
+        raise FedmtlError(f"bench all: {', '.join(failed)} failed; tables in {folder}")
+    return folder

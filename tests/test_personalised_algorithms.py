@@ -190,3 +190,26 @@ def test_fedrep_trains_the_head_on_the_frozen_body_then_the_body_on_the_frozen_h
         run_local(algo.client_step(state, data.clients[cid], msg, _work(cid)))[1].scalars["steps"]
         == 3 * per_epoch
     )
+
+
+_SKEW = {"kind": "shards", "classes_per_client": 2, "num_clients": 10}
+
+
+@pytest.fixture(scope="module")
+def fedavg_on_label_skew(tmp_path_factory):
+    cfg = digits_config(data__partition=_SKEW, train__rounds=10, algorithm={"name": "fedavg"})
+    return fedmtl.run(cfg, out=tmp_path_factory.mktemp("skew") / "fedavg").final
+
+
+@pytest.mark.parametrize(
+    "algo", ["local", "fedper", "ditto", "fedrep", "fedavg_ft", "apfl", "lg_fedavg", "fedbabu"]
+)
+def test_personalisation_gains_over_fedavg_under_pathological_label_skew(
+    tmp_path, algo, fedavg_on_label_skew
+):
+    """Two classes per client: one global model serves no one well (FedAvg's mean client accuracy
+    0.53, worst 10% at 0); every personalised method (and Local) must beat it by 0.2 (measured 0.81-0.97)."""
+    cfg = digits_config(data__partition=_SKEW, train__rounds=10, algorithm={"name": algo})
+    final = fedmtl.run(cfg, out=tmp_path / algo).final
+    assert final["accuracy_mean"] > fedavg_on_label_skew["accuracy_mean"] + 0.2
+    assert final["accuracy_worst10"] > fedavg_on_label_skew["accuracy_worst10"]

@@ -179,11 +179,16 @@ def test_the_budget_under_fixed_size_sampling_uses_the_fixed_size_accountant(tmp
 
 
 def test_dp_runs_on_a_personalised_multi_task_federation(tmp_path):
+    """Under client-level DP, FedPer on a two-task federation still learns: six rounds gain over the
+    first (measured 0.28 -> 0.63 mean accuracy; digit task 0.53 against 0.1 chance)."""
     res = fedmtl.run(
-        _dp_config(algorithm={"name": "fedper"}, data__tasks=["digit", "parity"], train__rounds=2),
+        _dp_config(algorithm={"name": "fedper"}, data__tasks=["digit", "parity"], train__rounds=6),
         out=tmp_path / "r",
     )
-    assert res.final["epsilon"] > 0 and res.final["accuracy_mean"] > 0.1
+    first, last = res.rounds[0], res.final
+    assert last["accuracy_mean"] > first["accuracy_mean"] + 0.2
+    assert last["task_digit_accuracy_mean"] > 0.4 and last["task_parity_accuracy_mean"] > 0.6
+    assert last["epsilon"] > first["epsilon"] > 0
 
 
 @pytest.mark.parametrize(

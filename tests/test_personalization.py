@@ -140,6 +140,7 @@ def test_hierarchical_discovers_concept_shift_groups(tmp_path):
             "name": "hierarchical",
             "grouping": "cluster",
             "cluster_on": "all",
+            "split_rule": "absolute",
             "eps1": 1e9,
             "eps2": 0.0,
             "warmup_rounds": 3,
@@ -207,3 +208,32 @@ def test_hierarchical_body_is_the_sample_mean_or_the_mean_of_group_means(weighti
         want = sum(means) / len(means)
     assert len(by_group) == 2 and value == pytest.approx(want, rel=1e-6)
     assert value != pytest.approx(2.5, rel=1e-3)  # the plain mean of 1, 2, 3, 4
+
+
+def _concept_run(tmp_path, name, tasks, lr, epochs):
+    cfg = digits_config(
+        data__tasks=tasks,
+        data__partition={"kind": "iid", "num_clients": 10},
+        model={"name": "mlp", "hidden": [32]},
+        train__rounds=6,
+        train__local_epochs=epochs,
+        train__lr=lr,
+        clients__per_round=10,
+        algorithm={"name": "hierarchical", "grouping": "cluster", "cluster_on": "all", "warmup_rounds": 3},
+    )
+    return fedmtl.run(cfg, out=tmp_path / name).final["group_of"]
+
+
+@pytest.mark.parametrize(
+    "lr, epochs", [(0.05, 1), (0.05, 2), (0.2, 2)], ids=["lr0.05x1", "lr0.05x2", "lr0.2x2"]
+)
+def test_the_relative_split_rule_finds_concept_groups_whatever_the_update_scale(tmp_path, lr, epochs):
+    """Default rule, no thresholds set: over an 8x range of lr x local work, two concepts on the same
+    images (parity vs digit >= 5) split into exactly their two groups, and one concept never splits.
+    (Measured: a mixed group's ||mean update|| / mean norm falls to 0.36-0.76 while its largest update
+    stays >= 1.07x the first round's scale; a one-concept group stays at 0.86-0.95, or, where it
+    falls at lr 0.2, its updates shrink below the first round's scale.)"""
+    mixed = _concept_run(tmp_path, "mixed", ["parity", "ge5"], lr, epochs)
+    assert len(set(mixed[0::2])) == 1 and len(set(mixed[1::2])) == 1 and set(mixed[0::2]) != set(mixed[1::2])
+    same = _concept_run(tmp_path, "same", ["parity", "parity"], lr, epochs)
+    assert len(set(same)) == 1

@@ -29,8 +29,19 @@ class HierarchicalParams(FedAvgParams):
     grouping: Literal["task", "cluster"] = "task"
     body_weighting: Literal["samples", "groups"] = "samples"
     min_group_size: int = Field(1, ge=1)
-    eps1: float = Field(0.4, ge=0, description="cluster: split when the group's mean update norm is below")
-    eps2: float = Field(1.6, ge=0, description="cluster: ...and its largest client update norm is above")
+    #: cluster: when a group splits. relative (scale-free, the default): its members' updates largely
+    #: cancel (||mean update|| < split_ratio x their mean norm) while they still pull as hard as when
+    #: the group was first seen (largest norm > split_pull x that round's mean norm), so the rule does
+    #: not depend on learning rate or local steps; absolute: CFL's eps1 / eps2 on raw norms.
+    split_rule: Literal["relative", "absolute"] = "relative"
+    split_ratio: float = Field(0.8, gt=0, le=1)
+    split_pull: float = Field(1.0, gt=0)
+    eps1: float = Field(
+        0.4, ge=0, description="absolute rule: split when the group's mean update norm is below"
+    )
+    eps2: float = Field(
+        1.6, ge=0, description="absolute rule: ...and its largest client update norm is above"
+    )
     warmup_rounds: int = Field(10, ge=0)
     max_groups: int = Field(8, ge=1)
     cluster_on: Literal["head", "all"] = "head"
@@ -110,14 +121,25 @@ class Hierarchical(FedAvg):
                 )
                 mean.update({f"{g}{SEP}{k}": v for k, v in heads.items()})
         updates = dict(server["updates"])
+        ref = dict(server.get("ref_norm", {}))
         if self.p.grouping == "cluster":
             for c in cids:
                 sent = self.broadcast(server, c).arrays
                 got = replies[c].arrays
                 keys = sorted(head_of(got) if self.p.cluster_on == "head" else got)
                 updates[c] = np.concatenate([(got[k] - sent[k]).ravel() for k in keys]).astype(np.float32)
+            for g, members in by_group.items():  # each group's update scale when first seen
+                if g not in ref:
+                    ref[g] = float(np.mean([np.linalg.norm(updates[c].astype(np.float64)) for c in members]))
         params, opt = server_opt_step(self.p.server_optimizer, server["params"], mean, server["opt"])
-        new = {**server, "params": params, "opt": opt, "updates": updates, "withheld": withheld}
+        new = {
+            **server,
+            "params": params,
+            "opt": opt,
+            "updates": updates,
+            "withheld": withheld,
+            "ref_norm": ref,
+        }
         if self.p.grouping == "cluster" and round >= self.p.warmup_rounds:
             new = self._maybe_split(new)
         return new
@@ -161,7 +183,20 @@ class Hierarchical(FedAvg):
         means = [keywise_mean([bodies[c] for c in m], [weights[c] for c in m]) for m in groups.values()]
         return keywise_mean(means, [1.0] * len(means))
 
+    def _should_split(self, mean_norm: float, norms: np.ndarray, ref: float | None) -> bool:
+        p = self.p
+        if p.split_rule == "absolute":
+            return mean_norm < p.eps1 and float(norms.max()) > p.eps2
+        scale = float(norms.mean())
+        return (
+            ref is not None
+            and scale > 0
+            and mean_norm < p.split_ratio * scale
+            and float(norms.max()) > p.split_pull * ref
+        )
+
     def _maybe_split(self, server: dict[str, Any]) -> dict[str, Any]:
+        ref = dict(server.get("ref_norm", {}))
         group_of = dict(server["group_of"])
         updates = dict(server["updates"])
         params = dict(server["params"])
@@ -174,7 +209,7 @@ class Hierarchical(FedAvg):
                 continue
             vecs = np.stack([updates[c] for c in members]).astype(np.float64)
             norms = np.linalg.norm(vecs, axis=1)
-            if not (np.linalg.norm(vecs.mean(0)) < self.p.eps1 and norms.max() > self.p.eps2):
+            if not self._should_split(float(np.linalg.norm(vecs.mean(0))), norms, ref.get(g)):
                 continue
             unit = vecs / np.maximum(norms[:, None], 1e-12)
             dist = np.clip(1.0 - unit @ unit.T, 0.0, 2.0)
@@ -201,6 +236,8 @@ class Hierarchical(FedAvg):
             )
             for c in second:
                 group_of[c] = new_g
+            if g in ref:
+                ref[new_g] = ref[g]
             for c in members:
                 updates.pop(c, None)
         opt = server["opt"]
@@ -213,6 +250,7 @@ class Hierarchical(FedAvg):
             "updates": updates,
             "next_id": next_id,
             "opt": opt,
+            "ref_norm": ref,
         }
 
     def round_info(self, server: dict[str, Any]) -> dict[str, Any]:

@@ -168,3 +168,17 @@ def test_harness_errors_name_the_key():
             ).data,
             0,
         )
+
+
+def test_near_duplicates_are_noisy_copies_of_the_samples_they_name():
+    exact = _data({"enabled": True, "duplicate": 0.3})
+    near = _data({"enabled": True, "duplicate": 0.3, "duplicate_noise": 0.05})
+    for a, b in zip(exact.clients, near.clients, strict=True):
+        n = len(a.corruption.kind) - int((a.corruption.kind == DUPLICATE).sum())
+        assert np.array_equal(a.corruption.source, b.corruption.source)  # the same samples copied
+        assert np.array_equal(a.x_train[:n], b.x_train[:n]) and np.array_equal(a.y_train, b.y_train)
+        diff = b.x_train[n:] - a.x_train[n:]
+        assert np.abs(diff).max() > 0  # no longer exact copies...
+        rms = float(np.sqrt((diff**2).mean()))
+        assert 0.2 * 0.05 * a.x_train[:n].std() < rms < 0.05 * a.x_train[:n].std() * 1.01  # ...but close
+        assert b.x_train.min() >= a.x_train.min() and b.x_train.max() <= a.x_train.max()

@@ -43,6 +43,9 @@ class CorruptConfig(Strict):
     open_set_source: Literal["photos", "noise"] = "photos"
     #: redundant copies appended, as a fraction of the client's samples
     duplicate: float = Field(0.0, ge=0, le=4)
+    #: near duplicates: Gaussian noise on each copy, its std this fraction of the client's input
+    #: std (0: exact copies), clipped to the inputs' range, as an augmented copy would be
+    duplicate_noise: float = Field(0.0, ge=0, le=1)
     backdoor: BackdoorConfig = BackdoorConfig()
 
     @model_validator(mode="after")

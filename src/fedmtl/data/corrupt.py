@@ -226,7 +226,12 @@ def corrupt_client(
         drng = np.random.default_rng([seed, RNG_CORRUPT, client.cid, _DUP])
         k = int(round(cfg.duplicate * n))
         src = np.sort(drng.choice(n, size=k, replace=k > n)) if k and n else np.zeros(0, dtype=np.int64)
-        x = np.concatenate([x, x[src]])
+        copies = x[src]
+        if cfg.duplicate_noise > 0 and len(src) and np.issubdtype(x.dtype, np.floating):
+            std = float(x.std()) * cfg.duplicate_noise
+            noise = drng.normal(0.0, std, size=copies.shape).astype(x.dtype)
+            copies = np.clip(copies + noise, x.min(), x.max()).astype(x.dtype)
+        x = np.concatenate([x, copies])
         y = np.concatenate([y, y[src]])
         kind = np.concatenate([kind, np.full(len(src), DUPLICATE, dtype=np.int8)])
         label = np.concatenate([label, label[src]])

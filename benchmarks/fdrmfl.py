@@ -28,6 +28,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.algorithms import AlgoContext, ClientWork
 from fedmtl.algorithms.fdrmfl import FDRMFL, FDRMFLParams
 from fedmtl.data.federated import ClientData, FederatedData
@@ -263,6 +264,7 @@ RETENTIONS = (0.0, 0.1, 0.5, 0.9)
 
 
 def main(argv: list[str]) -> Path:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(prog="fedmtl bench fdrmfl")
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--quick", action="store_true", help="one seed, 2 rounds: a smoke test")
@@ -276,7 +278,7 @@ def main(argv: list[str]) -> Path:
     a = ap.parse_args(argv)
     seeds = [0] if a.quick else a.seeds
     if a.sim_ablation:
-        return sim_ablation(a, seeds)
+        return stamp(sim_ablation(a, seeds), "fdrmfl", argv, started)
     r = 2 if a.quick else None
     vae_epochs = 2 if a.quick else 80
     vae_sim = 2 if a.quick else 20
@@ -382,7 +384,7 @@ def main(argv: list[str]) -> Path:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    return out
+    return stamp(out, "fdrmfl", argv, started)
 
 
 def sim_ablation(a: argparse.Namespace, seeds: list[int]) -> Path:

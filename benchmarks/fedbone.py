@@ -32,6 +32,7 @@ from typing import Any
 import numpy as np
 
 import fedmtl
+from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ["digit", "segment", "edge", "denoise"]
@@ -189,6 +190,7 @@ def _ms(values: list[float], digits: int = 3) -> str:
 
 
 def main(argv: list[str]) -> Path:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(prog="fedmtl bench fedbone")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=5, help="local steps (batches) per round")
@@ -212,7 +214,7 @@ def main(argv: list[str]) -> Path:
         done = seeds[: seeds.index(seed) + 1]
         total = time.perf_counter() - t_start
         out.write_text("\n".join(report(results, rounds, steps, done, total, argv)) + "\n")
-    return out
+    return stamp(out, "fedbone", argv, started)
 
 
 def report(

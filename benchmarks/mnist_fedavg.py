@@ -81,6 +81,7 @@ def _plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 
 def main(argv: list[str]) -> Path:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(prog="fedmtl bench mnist_fedavg")
     ap.add_argument("--rounds", type=int, default=300)
     ap.add_argument("--eval-every", type=int, default=10)
@@ -138,4 +139,4 @@ def main(argv: list[str]) -> Path:
         "",
     ]
     out.write_text("\n".join(lines))
-    return out
+    return stamp(out, "mnist_fedavg", argv, started)

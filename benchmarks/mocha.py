@@ -20,6 +20,7 @@ from typing import Any
 
 import numpy as np
 
+from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.mocha import _jit
 from fedmtl.mocha.baselines import CocoaOptions, MinibatchOptions, run_cocoa, run_mbsdca, run_mbsgd
 from fedmtl.mocha.data import Tasks, load_tasks
@@ -526,6 +527,7 @@ def _timed(label: str, fn: Callable[[], Any]) -> Any:
 
 
 def main(argv: list[str]) -> Path:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(prog="fedmtl bench mocha", description=__doc__)
     ap.add_argument("--quick", action="store_true", help="tiny smoke version on the toy file")
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for mocha.md and the figures")
@@ -621,7 +623,7 @@ def main(argv: list[str]) -> Path:
         out / "mocha_gap.png", gap_run, f"MOCHA on {plan.fault_dataset}: {plan.outer} x {plan.inner} rounds"
     )
     parts["total_s"] = time.perf_counter() - t_start
-    return write_report(out, plan, parts)
+    return stamp(write_report(out, plan, parts), "mocha", argv, started)
 
 
 def _cpus() -> int:

@@ -87,7 +87,8 @@ def test_protocol_regression_reports_rmse_and_explained_variance(shared_data):
 
 
 @pytest.mark.slow
-def test_benchmark_quick_writes_the_table_and_figures(tmp_path, shared_data):
+def test_benchmark_quick_writes_the_table_and_figures(tmp_path, shared_data, monkeypatch):
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))  # as under fedmtl bench: its helpers import
     spec = importlib.util.spec_from_file_location("bench_mocha", ROOT / "benchmarks" / "mocha.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
@@ -96,6 +97,7 @@ def test_benchmark_quick_writes_the_table_and_figures(tmp_path, shared_data):
     text = report.read_text()
     assert "| landmine_small | fixed |" in text and "| landmine_small | reference_compat |" in text
     assert "Target: under 10 s" in text and "detected" in text
+    assert text.splitlines()[2].startswith("Written by `fedmtl bench mocha --quick")  # provenance
     for name in ("statistical", "systems", "faults", "gap"):
         assert (tmp_path / f"mocha_{name}.png").stat().st_size > 10_000
 

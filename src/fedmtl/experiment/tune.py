@@ -21,7 +21,6 @@ import numpy as np
 
 from fedmtl.config import Config, apply_overrides, load_yaml, parse_config
 from fedmtl.errors import ConfigError, RunDirError
-from fedmtl.metrics import primary_metric
 
 DEFAULT_VAL_FRACTION = 0.1
 TUNE_SEED = 7  # rng purpose: which grid points a budget smaller than the grid runs
@@ -100,7 +99,6 @@ def tune(
     for point in points:  # every candidate is checked before anything runs
         sets = [f"{k}={v}" for k, v in point.items()]
         configs.append([parse_config(apply_overrides(raw, [*sets, f"seed={s}"])) for s in seeds])
-    metric, higher = primary_metric(_task_of(configs[0][0]))
     folder = _folder(base, out)
     trials: list[Trial] = []
     import fedmtl
@@ -109,6 +107,7 @@ def tune(
         vals, tests, rounds, runs = [], [], [], []
         for cfg in cfgs:
             res = fedmtl.run(cfg, out=folder / f"trial-{i:03d}-s{cfg.seed}")
+            metric, higher = res.summary["primary_metric"], res.summary["higher_is_better"]
             best = res.summary["best"]
             vals.append(float(best[f"val_{metric}_mean"]))
             tests.append(float(best.get(f"{metric}_mean", float("nan"))))
@@ -139,12 +138,6 @@ def tune(
     log(f"[tune] written: {folder / 'tune.json'}")
     record["dir"] = str(folder)
     return record
-
-
-def _task_of(cfg: Config) -> Any:
-    from fedmtl.data import load_federated
-
-    return load_federated(cfg.data, cfg.seed).task
 
 
 def _folder(cfg: Config, out: str | Path | None) -> Path:

@@ -129,7 +129,6 @@ class FlowerTransport:
 
     execution = "flower"
     reports_missing = True
-    states_on_clients = True
 
     def __init__(self, server: FlowerServer) -> None:
         self.srv = server

@@ -88,3 +88,6 @@ class InProcessTransport:
 
     def client_states(self) -> dict[int, dict[str, Any]]:
         return self.states
+
+    def checkpointed(self, round: int) -> None:
+        """Nothing to tell: the simulator's client states are checkpointed with the run."""

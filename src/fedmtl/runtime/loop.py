@@ -52,7 +52,12 @@ class Evaluating(Transport, Protocol):
     def evaluate(self, server: dict[str, Any], round: int, clients: list[int]) -> Evaluation: ...
 
     def client_states(self) -> MutableMapping[int, dict[str, Any]] | None:
-        """The client states to checkpoint, or None where they live on the clients."""
+        """The client states to checkpoint, or None where the clients keep them (Flower nodes, on
+        their own disks, in versions by round)."""
+        ...
+
+    def checkpointed(self, round: int) -> None:
+        """The run's checkpoint now holds ``round``: clients may forget older state versions."""
         ...
 
 
@@ -225,13 +230,11 @@ class RunLoop:
         p.last = row
         r = entry.round
         states = self.transport.client_states()
-        # Flower: the nodes keep their client states themselves, in versions by round
-        remote = states is None and getattr(self.transport, "states_on_clients", False)
-        if (states is not None or remote) and (r % self.cfg.output.checkpoint_every == 0 or entry.last):
+        if r % self.cfg.output.checkpoint_every == 0 or entry.last:
             # a client-state store writes what changed as a segment; the checkpoint names them
             commit = getattr(states, "commit", None)
             segments = commit() if commit is not None else None
-            if remote:
+            if states is None:  # the clients keep them
                 clients: Any = {"format": "nodes"}
             else:
                 clients = states if segments is None else {"format": "segments", "segments": segments}
@@ -247,9 +250,7 @@ class RunLoop:
             )
             if segments is not None:
                 states.committed(segments)  # type: ignore[union-attr]
-            checkpointed = getattr(self.transport, "checkpointed", None)
-            if checkpointed is not None:
-                checkpointed(r)
+            self.transport.checkpointed(r)
         if self.on_row is not None:
             self.on_row(row)
 

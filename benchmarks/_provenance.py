@@ -21,7 +21,9 @@ def _git(*args: str) -> str:
 
 def line(bench: str, argv: list[str], started: float) -> str:
     commit = _git("rev-parse", "--short", "HEAD") or "unknown"
-    dirty = " (with uncommitted changes)" if _git("status", "--porcelain", "--untracked-files=no") else ""
+    # the results folder changes as benchmarks write into it; the code is what must be committed
+    changed = _git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)benchmarks/results")
+    dirty = " (with uncommitted changes)" if changed else ""
     command = " ".join(["fedmtl bench", bench, *argv])
     return (
         f"Written by `{command}` on {time.strftime('%Y-%m-%d %H:%M')} at commit {commit}{dirty}; "

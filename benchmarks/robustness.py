@@ -23,6 +23,7 @@ import numpy as np
 import fedmtl
 import fedmtl.experiment.run as run_mod
 from _mnist_setting import mnist_config  # benchmarks/ is on sys.path under fedmtl bench
+from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -92,6 +93,7 @@ def _cell(vals: list[dict], key: str = "acc") -> str:
 
 
 def main(argv: list[str]) -> Path:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(prog="fedmtl bench robustness")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--fractions", type=float, nargs="+", default=[0.1, 0.2, 0.3])
@@ -179,4 +181,4 @@ def main(argv: list[str]) -> Path:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    return out
+    return stamp(out, "robustness", argv, started)

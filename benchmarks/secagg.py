@@ -33,6 +33,7 @@ from typing import Any
 
 import numpy as np
 
+from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.aggregation import weighted_mean
 from fedmtl.algorithms.base import ClientWork, Message
 from fedmtl.config import parse_config
@@ -317,6 +318,7 @@ def _ms(values: list[float]) -> str:
 
 
 def main(argv: list[str]) -> Path:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(prog="fedmtl bench secagg")
     ap.add_argument("--sizes", type=int, nargs="+", default=[10, 100, 1000])
     ap.add_argument("--repeats", type=int, default=3, help="repeats at 10 and 100 clients")
@@ -411,7 +413,7 @@ def main(argv: list[str]) -> Path:
     path.write_text(render(**raw))
     path.with_suffix(".json").write_text(json.dumps(raw, indent=1, default=float))
     print(f"[secagg bench] wrote {path} ({total_min:.1f} min)", flush=True)
-    return path
+    return stamp(path, "secagg", argv, started)
 
 
 def _table(header: list[str]) -> list[str]:

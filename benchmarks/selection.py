@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 
 import fedmtl
+from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.config import parse_config
 from fedmtl.data.corrupt import apply_trigger, attack_success_rate
 from fedmtl.experiment.records import RunDir
@@ -177,6 +178,7 @@ def plot(results: list[tuple[str, str, list[int], list[dict[str, Any]]]], path: 
 
 
 def main(argv: list[str]) -> Path:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(prog="fedmtl bench selection")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="seeds of the main rows")
@@ -265,4 +267,4 @@ def main(argv: list[str]) -> Path:
         caption = "test accuracy per round, mean over each row's seeds"
         lines.insert(-3, f"![{caption}]({out.with_suffix('.png').name})\n")
     out.write_text("\n".join(lines))
-    return out
+    return stamp(out, "selection", argv, started)

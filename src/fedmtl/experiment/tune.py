@@ -77,7 +77,7 @@ def _points(grid: dict[str, list[str]], budget: int, seed: int) -> list[dict[str
 
 
 def tune(
-    config: str | Path | None,
+    config: str | Path | dict[str, Any] | None,
     grid_items: list[str],
     budget: int,
     overrides: list[str] | None = None,
@@ -88,7 +88,11 @@ def tune(
     """Run the trials and return what ``tune.json`` holds."""
     if budget < 1:
         raise ConfigError(f"--budget = {budget}: must be at least 1")
-    raw = apply_overrides(load_yaml(config) if config is not None else {}, overrides or [])
+    if isinstance(config, dict):  # benchmarks tune the config they build in code
+        start = json.loads(json.dumps(config))
+    else:
+        start = load_yaml(config) if config is not None else {}
+    raw = apply_overrides(start, overrides or [])
     base = parse_config(raw)
     val_fraction = base.data.val_fraction or DEFAULT_VAL_FRACTION
     raw = apply_overrides(raw, [f"data.val_fraction={val_fraction}", "output.progress=false"])
@@ -119,7 +123,7 @@ def tune(
     pick = (max if higher else min)(range(len(trials)), key=lambda j: trials[j].val)
     chosen = trials[pick].params
     record = {
-        "config": None if config is None else str(Path(config).resolve()),
+        "config": None if config is None or isinstance(config, dict) else str(Path(config).resolve()),
         "overrides": list(overrides or []),
         "grid": grid,
         "budget": budget,

@@ -1,24 +1,28 @@
-"""FedBone on heterogeneous dense MNIST tasks: Local, FedAvg per task group, split learning with a
-plain mean, FedBone (GPAggregation), FedBone without rescaling.
+"""FedBone on heterogeneous dense MNIST tasks, against baselines on an equal footing.
 
 One federation per seed: 8 clients (2 per task: digit classification, foreground segmentation,
 Sobel edge map, denoising), each with a few hundred MNIST images of its own (``mnist_dense``,
 iid partition of the 60,000 training images into 200 parts, the first 8 used; 75/25 train/test).
 
-- **Local**: each client trains its own *small* full model (the network clients can afford: the
-  same embedding/adapter/head around a tiny general model), never communicating. Run per task
-  group like FedAvg (``local``/``fedavg`` train every client with the federation's first task model,
-  which only works when all heads share one structure).
-- **FedAvg (task group)**: FedAvg of that small full model within each task group: one federation
-  per task with the same number of clients of the same size (different images of the same pool).
-- **Split (mean)**: split learning with the large general model on the server, client gradients
-  of the general model averaged (GPAggregation off).
+Capacity is held equal where the comparison is about aggregation: every method below the two
+"small" rows trains the same large network (embedding + large general model + adapter + task head).
+- **Local / FedAvg per task group (small full model)**: what a client can afford to train itself
+  (a tiny general model); FedAvg runs one federation per task group.
+- **FedAvg per task group (large model on clients)**: the same per-task FedAvg, but every client
+  trains the whole large network itself (what split learning saves it).
+- **Multi-task FedAvg (large model on clients)**: body (embedding, general model, adapter) averaged
+  over all 8 clients, each head within its task (``hierarchical`` with ``grouping: task``).
+- **Split learning, plain mean**: the general model on the server, client gradients averaged.
+- **PCGrad aggregation (no rescaling)**: split learning, PCGrad's conflict projection, then the mean.
 - **FedBone (GP)**: GPAggregation: history attention rescaling + conflict projection.
-- **FedBone (GP, no rescale)**: projection only.
 
-Every method does the same local steps with the same batch size and optimizer per round. Bytes are
-up + down per round (split learning: activations and gradients; FedAvg: parameters); client FLOPs
-are training FLOPs per round per client (3 x forward). Run with ``fedmtl bench fedbone``."""
+Tuning, equal for every method: the learning rate (client Adam, and the server's for the split
+methods) is chosen from the same grid on seed 0's *validation* rows (10% of each client's training
+images), by the validation Δm of the last round against Local at lr 0.003; test rows are never
+read to choose anything. Every method does the same local steps with the same batch size per round.
+Bytes are up + down per round (split learning: activations and gradients; FedAvg: parameters);
+client FLOPs are training FLOPs per round per client (3 x forward). Run with
+``fedmtl bench fedbone``."""
 
 from __future__ import annotations
 
@@ -47,23 +51,41 @@ LARGE = {"name": "fedbone_net", "width": 48, "depth": 2}
 SMALL = {"name": "fedbone_net", "width": 8, "depth": 1}
 
 METHODS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
-    # (label, kind, model, algorithm)
+    # (label, kind, model, algorithm); kind: groups (one federation per task), joint (all 8 clients)
     ("Local (small full model)", "groups", SMALL, {"name": "local"}),
     ("FedAvg per task group (small full model)", "groups", SMALL, {"name": "fedavg"}),
-    ("Split learning, plain mean", "split", LARGE, {"name": "fedbone", "aggregation": "mean"}),
-    ("FedBone (GP)", "split", LARGE, {"name": "fedbone", "aggregation": "gp"}),
+    ("FedAvg per task group (large model on clients)", "groups", LARGE, {"name": "fedavg"}),
     (
-        "FedBone (GP, no rescaling)",
-        "split",
+        "Multi-task FedAvg (large model on clients)",
+        "joint",
+        LARGE,
+        {"name": "hierarchical", "grouping": "task"},
+    ),
+    ("Split learning, plain mean", "joint", LARGE, {"name": "fedbone", "aggregation": "mean"}),
+    (
+        "PCGrad aggregation (split, no rescaling)",
+        "joint",
         LARGE,
         {"name": "fedbone", "aggregation": "gp", "rescale": False},
     ),
+    ("FedBone (GP)", "joint", LARGE, {"name": "fedbone", "aggregation": "gp"}),
 ]
+LR_GRID = [0.001, 0.003, 0.01]
+REF_LR = 0.003  # Local at this lr is the fixed reference of the validation Δm
+VAL_FRACTION = 0.1
 
 
 def config(
-    seed: int, rounds: int, steps: int, model: dict[str, Any], algo: dict[str, Any], **data: Any
+    seed: int,
+    rounds: int,
+    steps: int,
+    model: dict[str, Any],
+    algo: dict[str, Any],
+    lr: float = REF_LR,
+    val: float = 0.0,
+    **data: Any,
 ) -> dict:
+    algo = {**algo, "server_lr": lr} if algo["name"] == "fedbone" else algo
     return {
         "name": f"fedbone-bench-{algo['name']}",
         "seed": seed,
@@ -72,11 +94,12 @@ def config(
             "partition": {"kind": "iid", "num_clients": 200},
             "max_clients": 8,
             "tasks": TASKS,
+            "val_fraction": val,
             **data,
         },
         "model": model,
         "algorithm": algo,
-        "train": {"rounds": rounds, "local_steps": steps, "batch_size": 16, "optimizer": "adam", "lr": 0.003},
+        "train": {"rounds": rounds, "local_steps": steps, "batch_size": 16, "optimizer": "adam", "lr": lr},
         "eval": {"every": max(1, rounds // 4)},
         "output": {"progress": False, "checkpoint_every": rounds},
     }
@@ -86,26 +109,26 @@ def _read(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-def _task_values(rows: list[dict[str, Any]]) -> dict[int, dict[str, float]]:
-    """Round -> {task: primary metric mean over that task's clients}."""
+def _task_values(rows: list[dict[str, Any]], prefix: str = "") -> dict[int, dict[str, float]]:
+    """Round -> {task: metric mean over that task's clients}; ``prefix="val_"``: validation rows."""
     out: dict[int, dict[str, list[float]]] = {}
     for r in rows:
         if r["kind"] != "client":
             continue
         for task, metric, _, _ in METRICS:
-            if r["task"] == task and metric in r:
-                out.setdefault(r["round"], {}).setdefault(task, []).append(r[metric])
+            if r["task"] == task and prefix + metric in r:
+                out.setdefault(r["round"], {}).setdefault(task, []).append(r[prefix + metric])
     return {rnd: {t: float(np.mean(v)) for t, v in d.items()} for rnd, d in out.items()}
 
 
-def _flops_small(steps: int) -> float:
-    """Training FLOPs per round of one client running the small full model (mean over tasks)."""
+def _client_flops(model: dict[str, Any], steps: int) -> float:
+    """Training FLOPs per round of one client that trains the whole network (mean over tasks)."""
     import fedmtl.algorithms  # noqa: F401  (registers the model)
     from fedmtl.fedbone.flops import TRAIN_FACTOR, part_flops
     from fedmtl.fedbone.model import FedBoneNet, FedBoneNetParams
     from fedmtl.fedbone.tasks import TASKS as DENSE
 
-    p = FedBoneNetParams(**{k: v for k, v in SMALL.items() if k != "name"})
+    p = FedBoneNetParams(**{k: v for k, v in model.items() if k != "name"})
     per = [
         TRAIN_FACTOR
         * sum(part_flops(FedBoneNet((1, 28, 28), DENSE[t].spec.num_outputs, p), (1, 28, 28)).values())
@@ -125,35 +148,49 @@ def _params(model: dict[str, Any]) -> dict[str, int]:
     return {"general": count_params(nets[0], "general"), "client_min": min(client), "client_max": max(client)}
 
 
-def run_method(kind: str, model: dict, algo: dict, seed: int, rounds: int, steps: int, runs: Path) -> dict:
+def run_method(
+    kind: str,
+    model: dict,
+    algo: dict,
+    seed: int,
+    rounds: int,
+    steps: int,
+    runs: Path,
+    lr: float = REF_LR,
+    val: float = 0.0,
+) -> dict:
+    """One method, one seed: the last round's metrics per task (test, and validation when ``val``)."""
     t0 = time.perf_counter()
+    tag = f"{_slug(algo)}-w{model['width']}-lr{lr}-v{val}-s{seed}"
+    if (kind, tag) in _DONE:  # Local at the reference lr is both the reference and a grid point
+        return _DONE[kind, tag]
     if kind == "groups":
         final: dict[str, float] = {}
-        best: dict[str, float] = {}
+        final_val: dict[str, float] = {}
         bytes_round = []
-        for task, _, higher, _ in METRICS:
+        for task, _, _, _ in METRICS:
             res = fedmtl.run(
-                config(seed, rounds, steps, model, algo, tasks=[task], max_clients=2),
-                out=runs / f"{algo['name']}-{task}-s{seed}",
+                config(seed, rounds, steps, model, algo, lr, val, tasks=[task], max_clients=2),
+                out=runs / f"{algo['name']}-{task}-{tag}",
             )
             rows = _read(res.run_dir)
             vals = _task_values(rows)
             final[task] = vals[max(vals)][task]
-            pick = max if higher else min
-            best[task] = pick(v[task] for v in vals.values())
+            if val:
+                vv = _task_values(rows, "val_")
+                final_val[task] = vv[max(vv)][task]
             bytes_round += [r["bytes_up"] + r["bytes_down"] for r in rows if r["kind"] == "round"]
         # four 2-client federations make one 8-client round
-        out = {"final": final, "best": best, "bytes": 4 * float(np.mean(bytes_round))}
+        out: dict[str, Any] = {"final": final, "val": final_val, "bytes": 4 * float(np.mean(bytes_round))}
     else:
-        res = fedmtl.run(
-            config(seed, rounds, steps, model, algo),
-            out=runs / f"{algo['name']}-{kind}-{len(runs.name)}-s{seed}-{_slug(algo)}",
-        )
+        cfg = config(seed, rounds, steps, model, algo, lr, val)
+        res = fedmtl.run(cfg, out=runs / f"{algo['name']}-{tag}")
         rows = _read(res.run_dir)
         vals = _task_values(rows)
+        vv = _task_values(rows, "val_") if val else {}
         out = {
             "final": vals[max(vals)],
-            "best": {t: (max if h else min)(v[t] for v in vals.values()) for t, _, h, _ in METRICS},
+            "val": vv[max(vv)] if vv else {},
             "bytes": float(np.mean([r["bytes_up"] + r["bytes_down"] for r in rows if r["kind"] == "round"])),
         }
         rounds_rows = [r for r in rows if r["kind"] == "round"]
@@ -162,13 +199,28 @@ def run_method(kind: str, model: dict, algo: dict, seed: int, rounds: int, steps
             out["server_flops"] = float(np.mean([r["server_flops"] for r in rounds_rows]))
             out["conflict"] = float(np.nanmean([r["conflict_rate"] for r in rounds_rows]))
     if "client_flops" not in out:
-        out["client_flops"] = _flops_small(steps)
+        out["client_flops"] = _client_flops(model, steps)
     out["wall"] = time.perf_counter() - t0
+    _DONE[kind, tag] = out
     return out
 
 
+_DONE: dict[tuple[str, str], dict[str, Any]] = {}
+
+
+def tune_lr(
+    kind: str, model: dict, algo: dict, seed: int, rounds: int, steps: int, runs: Path, ref: dict[str, float]
+) -> tuple[float, dict[float, float]]:
+    """The grid's lr with the best validation Δm against ``ref`` (Local's validation metrics)."""
+    scores = {
+        lr: delta_m(run_method(kind, model, algo, seed, rounds, steps, runs, lr, VAL_FRACTION)["val"], ref)
+        for lr in LR_GRID
+    }
+    return max(scores, key=lambda lr: scores[lr]), scores
+
+
 def _slug(algo: dict[str, Any]) -> str:
-    return "-".join(f"{k}{v}" for k, v in sorted(algo.items()) if k != "name") or "default"
+    return "-".join(f"{k}{v}" for k, v in sorted(algo.items()) if k != "name") or algo["name"]
 
 
 def delta_m(values: dict[str, float], ref: dict[str, float]) -> float:
@@ -194,31 +246,44 @@ def main(argv: list[str]) -> Path:
     ap = argparse.ArgumentParser(prog="fedmtl bench fedbone")
     ap.add_argument("--rounds", type=int, default=20)
     ap.add_argument("--steps", type=int, default=5, help="local steps (batches) per round")
-    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3, 4])
     ap.add_argument("--quick", action="store_true", help="2 rounds, 2 steps, one seed: a smoke test")
     ap.add_argument("--runs", default="runs/bench/fedbone")
     ap.add_argument("--out", default=str(RESULTS / "fedbone.md"))
     a = ap.parse_args(argv)
     rounds, steps, seeds = (2, 2, [0]) if a.quick else (a.rounds, a.steps, a.seeds)
     runs = Path(a.runs) / time.strftime("%Y%m%d-%H%M%S")
-    t_start = time.perf_counter()
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    # tuning on seed 0's validation rows, the same grid for every method
+    _, ref_kind, ref_model, ref_algo = METHODS[0]
+    ref = run_method(ref_kind, ref_model, ref_algo, seeds[0], rounds, steps, runs, REF_LR, VAL_FRACTION)
+    ref = ref["val"]
+    tuned: dict[str, tuple[float, dict[float, float]]] = {}
+    for label, kind, model, algo in METHODS:
+        tuned[label] = tune_lr(kind, model, algo, seeds[0], rounds, steps, runs, ref)
+        print(f"tuned {label}: lr {tuned[label][0]} (val Δm {tuned[label][1]})", flush=True)
     results: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for label, kind, model, algo in METHODS:
-            r = run_method(kind, model, algo, seed, rounds, steps, runs)
+            r = run_method(kind, model, algo, seed, rounds, steps, runs, tuned[label][0])
             results.setdefault(label, []).append(r)
             print(f"seed {seed} {label}: final {r['final']} ({r['wall']:.0f} s)", flush=True)
         # the table after every seed, so a run cut short still leaves its finished seeds
         done = seeds[: seeds.index(seed) + 1]
-        total = time.perf_counter() - t_start
-        out.write_text("\n".join(report(results, rounds, steps, done, total, argv)) + "\n")
+        total = time.perf_counter() - started
+        out.write_text("\n".join(report(results, tuned, rounds, steps, done, total, argv)) + "\n")
     return stamp(out, "fedbone", argv, started)
 
 
 def report(
-    results: dict[str, list[dict]], rounds: int, steps: int, seeds: list[int], total: float, argv: list[str]
+    results: dict[str, list[dict]],
+    tuned: dict[str, tuple[float, dict[float, float]]],
+    rounds: int,
+    steps: int,
+    seeds: list[int],
+    total: float,
+    argv: list[str],
 ) -> list[str]:
     large, small = _params(LARGE), _params(SMALL)
     local = results[METHODS[0][0]]
@@ -227,23 +292,28 @@ def report(
         "# FedBone on heterogeneous dense MNIST tasks",
         "",
         f"8 clients, 2 per task (digit / segment / edge / denoise), ~225 training and 75 test images each "
-        f"(`mnist_dense`); {rounds} rounds, {steps} local steps of batch 16 per round, Adam lr 0.003 on "
-        f"clients (and on the server's general model, per batch); seeds {seeds}, mean ± std over seeds. "
-        "Each metric is the mean over the task's clients of the metric on the client's own test split. "
-        "Δm is the mean relative change over the four tasks against Local (signed, higher is better).",
+        f"(`mnist_dense`); {rounds} rounds, {steps} local steps of batch 16 per round, Adam on clients "
+        f"(and on the server's general model, per batch, for the split methods); seeds {seeds}, mean ± "
+        "std over seeds. Each metric is the last round's mean over the task's clients of the metric on "
+        "the client's own test split. Δm is the mean relative change over the four tasks against Local "
+        "(signed, higher is better).",
         "",
-        "**Parameters.** Large general model (server, split methods): "
-        f"{large['general']:,}; client part (embedding + adapter + head): {large['client_min']:,}–"
-        f"{large['client_max']:,} per client (the general model is "
-        f"{large['general'] / large['client_max']:.0f}x larger). Small full model (Local, FedAvg): "
-        f"{small['general'] + small['client_min']:,}–{small['general'] + small['client_max']:,} "
-        f"(tiny general model {small['general']:,}).",
+        f"**Tuning (equal budget).** Each method's lr from the grid {LR_GRID} (client and server lr "
+        f"together), chosen on seed {seeds[0]}'s validation rows ({VAL_FRACTION:.0%} of each client's "
+        f"training images, held out of training for the tuning runs only) by the last round's validation "
+        f"Δm against Local at lr {REF_LR}; the test split is not read to choose.",
         "",
-        "## Final round",
+        "**Parameters.** Large network: general model "
+        f"{large['general']:,} + client part (embedding + adapter + head) {large['client_min']:,}–"
+        f"{large['client_max']:,} (the general model is "
+        f"{large['general'] / large['client_max']:.0f}x the client part); the split methods keep the "
+        "general model on the server, the two *large model on clients* rows train all of it on every "
+        f"client. Small full model (Local, FedAvg): {small['general'] + small['client_min']:,}–"
+        f"{small['general'] + small['client_max']:,} (tiny general model {small['general']:,}).",
         "",
-        f"| Method | {cols} | Δm vs Local % | MB / round (up + down) | client MFLOPs / round "
+        f"| Method | lr (tuned) | {cols} | Δm vs Local % | MB / round (up + down) | client MFLOPs / round "
         "| conflict rate |",
-        "|---" * (len(METRICS) + 5) + "|",
+        "|---" * (len(METRICS) + 6) + "|",
     ]
     for label, _, _, _ in METHODS:
         rs = results[label]
@@ -252,19 +322,18 @@ def report(
         mb = _ms([r["bytes"] / 1e6 for r in rs], 2)
         fl = _ms([r["client_flops"] / 1e6 for r in rs], 0)
         conflict = _ms([r.get("conflict", float("nan")) for r in rs], 2)
-        lines.append(f"| {label} | {' | '.join(cells)} | {dm} | {mb} | {fl} | {conflict} |")
+        lr = tuned[label][0]
+        lines.append(f"| {label} | {lr:g} | {' | '.join(cells)} | {dm} | {mb} | {fl} | {conflict} |")
     lines += [
         "",
-        "## Best evaluated round (per task)",
+        "Validation Δm of each grid point (seed " + str(seeds[0]) + "):",
         "",
-        f"| Method | {cols} |",
-        "|---" * (len(METRICS) + 1) + "|",
+        "| Method | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |",
+        "|---" * (len(LR_GRID) + 1) + "|",
     ]
     for label, _, _, _ in METHODS:
-        rs = results[label]
-        cells = [_ms([r["best"][t] for r in rs], 3 if m != "psnr" else 2) for t, m, _, _ in METRICS]
-        lines.append(f"| {label} | {' | '.join(cells)} |")
-    split = results[METHODS[3][0]]
+        lines.append(f"| {label} | " + " | ".join(f"{tuned[label][1][lr]:.1f}" for lr in LR_GRID) + " |")
+    split = results[METHODS[-1][0]]
     lines += [
         "",
         "Server training FLOPs per round (split methods): "
@@ -272,9 +341,9 @@ def report(
         "GFLOPs for all 8 clients; a client's own share is in the table.",
         "",
         "Notes: FedAvg per task group runs one 2-client federation per task (same client sizes, other "
-        "images of the same pool). Evaluation every "
-        f"{max(1, rounds // 4)} rounds. Conflict rate: fraction of client pairs whose general-model "
-        "gradients have negative cosine, averaged over the round's per-batch aggregations. "
+        "images of the same pool). Multi-task FedAvg is `hierarchical` with `grouping: task`. "
+        "Conflict rate: fraction of client pairs whose general-model gradients have negative cosine, "
+        "averaged over the round's per-batch aggregations. "
         f"Total wall time {total / 60:.1f} min on a shared 2-core CPU.",
         "",
         f"Reproduce: `{' '.join(['fedmtl bench fedbone', *argv])}`",

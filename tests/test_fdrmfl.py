@@ -16,7 +16,15 @@ from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError, DataError
 from fedmtl.experiment.run import build
 from fedmtl.fdrmfl import data as mm
-from fedmtl.fdrmfl.losses import contrastive_loss, kl_alignment, mi_loss, phase_weights
+from fedmtl.fdrmfl.losses import (
+    consensus_kl,
+    contrastive_loss,
+    cross_modal_infonce,
+    gaussian_symmetric_kl,
+    kl_alignment,
+    mi_loss,
+    phase_weights,
+)
 from fedmtl.fdrmfl.model import NetParams, build_net, extract_features
 from fedmtl.runtime.client_states import read_states
 from tests.conftest import copy_checkpoint
@@ -72,6 +80,46 @@ def test_contrastive_loss_pulls_to_the_global_embedding_and_away_from_older_ones
     assert float(contrastive_loss(z, pos, [], 0.5)) == 0.0  # no older global model yet
 
 
+def test_consensus_kl_is_the_symmetric_kl_of_the_batch_gaussians():
+    # p = N(0, 1), q = N(1, 4): (1 + 1) / 16 + (4 + 1) / 4 - 1/2 = 0.875
+    one, four, zero_ = torch.tensor([1.0]), torch.tensor([4.0]), torch.tensor([0.0])
+    assert float(gaussian_symmetric_kl(zero_, one, one, four)) == pytest.approx(0.875)
+    p, q = torch.distributions.Normal(0.0, 1.0), torch.distributions.Normal(1.0, 2.0)
+    sym = 0.5 * (torch.distributions.kl_divergence(p, q) + torch.distributions.kl_divergence(q, p))
+    assert float(sym) == pytest.approx(0.875)
+    # the same pair from batches: [-1, 1] has mean 0, variance 1; [-1, 3] mean 1, variance 4
+    z = torch.tensor([[-1.0, 2.0], [1.0, 2.0]], requires_grad=True)
+    zg = torch.tensor([[-1.0, 2.0], [3.0, 2.0]], requires_grad=True)
+    # dimension 2 is constant in both: identical (floored) Gaussians contribute 0
+    kl = consensus_kl(z, zg, var_floor=1e-4)
+    assert float(kl.detach()) == pytest.approx((0.875 * 1 + 0.0) / 2, rel=1e-3)
+    assert float(consensus_kl(zg, zg)) == 0.0
+    kl.backward()
+    assert zg.grad is None and z.grad is not None  # the global model's features are a fixed target
+
+
+def test_cross_modal_infonce_contrasts_the_modalities_of_one_sample():
+    e1, e2 = [1.0, 0.0], [0.0, 1.0]
+    h = torch.tensor([[e1, e1], [e2, e2]])  # two samples, two modalities, perfectly aligned
+    both = torch.ones(2, 2, dtype=torch.bool)
+    # logits [1, 0] / 0.5 for each anchor and each direction: CE = log(1 + e^-2)
+    assert float(cross_modal_infonce(h, both, 0.5)) == pytest.approx(math.log(1 + math.exp(-2)))
+    # a third sample holding only modality 0 (= e1): a negative for the direction 1 -> 0 only
+    h3 = torch.cat([h, torch.tensor([[e1, [5.0, -3.0]]])])
+    mask = torch.tensor([[True, True], [True, True], [True, False]])
+    want = 0.5 * (
+        math.log(1 + math.exp(-2)) + 0.5 * (math.log(2 + math.exp(-2)) + math.log(1 + 2 * math.exp(-2)))
+    )
+    assert float(cross_modal_infonce(h3, mask, 0.5)) == pytest.approx(want)
+    # the missing modality's values never enter (NaN included)
+    for fill in (0.0, float("nan")):
+        other = h3.clone()
+        other[2, 1] = fill
+        assert float(cross_modal_infonce(other, mask, 0.5)) == pytest.approx(want)
+    # one modality per sample: nothing to contrast
+    assert float(cross_modal_infonce(h3, torch.tensor([[True, False]] * 3), 0.5)) == 0.0
+
+
 def test_phase_schedule_reproduces_the_authors_halves():
     assert phase_weights(1.0, 1.0, 1.0, "constant", 0, 10) == (1.0, 1.0, 1.0)
     assert phase_weights(1.0, 1.0, 1.0, "halves", 4, 10) == (1.0, 0.5, 0.5)
@@ -103,6 +151,28 @@ def test_each_term_enters_the_objective_with_its_weight_and_switches_off():
         assert s["loss_total"] == pytest.approx(s["train_loss"] + 0.5 * aux, rel=1e-5)
     assert on[0]["loss_cl"] == 0.0 and on[1]["loss_cl"] > 0.0  # negatives exist from round 2 on
     assert on[0]["loss_mi"] > 0.0 and on[0]["loss_kl"] > 0.0
+
+
+def test_described_formulation_trains_with_its_own_terms():
+    # mu = 0: both formulations are plain MSE training, step for step
+    assert _client_step({"mu": 0, "formulation": "described"}) == _client_step({"mu": 0})
+    runs = _client_step({"mu": 1.0, "formulation": "described"}, rounds=3)
+    for s in runs:
+        aux = s["loss_mi"] + s["loss_kl"] + s["loss_cl"]
+        assert s["loss_total"] == pytest.approx(s["train_loss"] + aux, rel=1e-5)
+    # the cross-modal contrast needs no older global model: on from the first round, and learnt
+    assert runs[0]["loss_cl"] > 0.0 and runs[2]["loss_cl"] < runs[0]["loss_cl"]
+    assert runs[0]["loss_kl"] > 0.0  # the client moves away from the global model it received
+    assert runs[2]["train_loss"] < runs[0]["train_loss"]
+
+
+def test_formulation_is_a_named_option():
+    with pytest.raises(
+        ConfigError, match=r"algorithm.formulation = 'paper': input should be 'described' or 'notebook'"
+    ):
+        parse_config(_cfg(formulation="paper"))
+    params = parse_config(_cfg()).algorithm
+    assert params.mu == 0.001  # the authors' weight
 
 
 # ------------------------------------------------------------------------------------ model
@@ -163,7 +233,10 @@ def test_features_have_the_configured_size(dim):
 
 # ------------------------------------------------------------------------------------ training
 def test_training_reduces_the_regression_loss_on_diabetes(tmp_path):
-    res = fedmtl.run(_cfg(), out=tmp_path / "run")
+    # mu 0.1 (the old default): at the authors' 1e-3 the first round already ends near the final
+    # loss (last / first 0.68-1.02 over seeds 0-4), so a drop says little there; r2 and rmse hold
+    # for both (seed 0 at 1e-3: r2 0.44, rmse 58.6)
+    res = fedmtl.run(_cfg(mu=0.1), out=tmp_path / "run")
     first, last = res.rounds[0], res.rounds[-1]
     assert last["loss_mean"] < 0.8 * first["loss_mean"]  # seeds 0-4: 0.50-0.74 of the first round's
     assert last["r2_mean"] > 0.3  # standardised target: predicting the mean scores 0

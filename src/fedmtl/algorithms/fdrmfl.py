@@ -6,9 +6,17 @@ global model; the server takes the sample-weighted mean of the clients' models a
 the previous global model: ``new = retention * previous + (1 - retention) * mean``
 (``fedmtl.aggregation.retention``).
 
-The contrastive term needs older global models: each client keeps the last ``negatives`` global
-models it received in its own state (they never travel back), so the algorithm talks only through
-``Message``s and runs unchanged on the Flower runtime.
+Two readings of the KL and contrastive terms (``formulation``):
+
+- ``described`` (the paper's abstract): L_KL is the symmetric KL between the client's Z
+  distribution and the received global model's Z distribution on the same batch (client-to-global
+  consensus), L_CL an InfoNCE between two modalities of the same sample against the batch's other
+  samples (``consensus_kl``, ``cross_modal_infonce``).
+- ``notebook`` (the authors' notebooks, this project's first implementation): L_KL aligns the
+  modality embeddings of one client with each other, L_CL is MOON-style against older global models
+  (``kl_alignment``, ``contrastive_loss``). It needs older global models: each client keeps the last
+  ``negatives`` global models it received in its own state (they never travel back), so the
+  algorithm talks only through ``Message``s and runs unchanged on the Flower runtime.
 
 The algorithm builds its network from the dataset's modality layout (``fedmtl.fdrmfl.data``) and
 puts it in the context, so evaluation and the Flower apps use it like any other model; sizes are
@@ -28,7 +36,14 @@ from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWor
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError
 from fedmtl.fdrmfl.data import Layout, layout_for
-from fedmtl.fdrmfl.losses import contrastive_loss, kl_alignment, mi_loss, phase_weights
+from fedmtl.fdrmfl.losses import (
+    consensus_kl,
+    contrastive_loss,
+    cross_modal_infonce,
+    kl_alignment,
+    mi_loss,
+    phase_weights,
+)
 from fedmtl.fdrmfl.model import MIProbe, NetParams, build_net, encode, head
 from fedmtl.training import batch_schedule, num_local_steps, optim, to_numpy, to_torch
 from fedmtl.training.tensors import Arrays, Params, model_arrays
@@ -38,15 +53,21 @@ PROBE_SEED = 1234  # the MI probe is fixed data of the method, identical everywh
 
 class FDRMFLParams(AlgoParams):
     net: NetParams = NetParams()
-    mu: float = Field(0.1, ge=0, description="weight of all auxiliary terms together")
+    formulation: Literal["described", "notebook"] = Field(
+        "notebook",
+        description="described: client-to-global KL + cross-modal InfoNCE (the paper's abstract); "
+        "notebook: modality-to-modality KL + MOON-style contrast (the authors' notebooks)",
+    )
+    mu: float = Field(1e-3, ge=0, description="weight of all auxiliary terms together (authors: 1e-3)")
     mi_weight: float = Field(1.0, ge=0, description="mutual-information preservation term (0: off)")
-    kl_weight: float = Field(1.0, ge=0, description="symmetric-KL modality alignment term (0: off)")
-    cl_weight: float = Field(1.0, ge=0, description="inter-model contrastive term (0: off)")
+    kl_weight: float = Field(1.0, ge=0, description="symmetric-KL term (0: off)")
+    cl_weight: float = Field(1.0, ge=0, description="contrastive term (0: off)")
     schedule: Literal["constant", "halves"] = "constant"
-    kl_sigma: float = Field(0.1, gt=0, description="std of the Gaussians in the KL term")
+    kl_sigma: float = Field(0.1, gt=0, description="notebook: std of the Gaussians in the KL term")
     kl_mean: Literal["batch", "sample"] = "batch"
+    kl_var_floor: float = Field(1e-4, gt=0, description="described: added to each batch variance of Z")
     tau: float = Field(0.5, gt=0, description="contrastive temperature")
-    negatives: int = Field(3, ge=1, description="older global models kept on the client as negatives")
+    negatives: int = Field(3, ge=1, description="notebook: older global models kept as negatives")
     retention: float = Field(0.1, ge=0, le=1, description="share of the previous global model kept")
     weighting: Literal["samples", "uniform"] = "samples"
     clip_norm: float | None = Field(5.0, gt=0, description="gradient norm clip (null: none)")
@@ -106,8 +127,10 @@ class FDRMFL(Algorithm):
             arrays=to_numpy(params),
             scalars={"num_examples": data.n_train, "steps": steps, "samples": stats.pop("samples"), **stats},
         )
-        # The global model just received becomes the newest negative for the next round.
-        history = [{k: v.copy() for k, v in msg.arrays.items()}, *history][: self.p.negatives]
+        # The global model just received becomes the newest negative for the next round (only the
+        # notebook's contrastive term uses older global models).
+        if self.p.formulation == "notebook":
+            history = [{k: v.copy() for k, v in msg.arrays.items()}, *history][: self.p.negatives]
         return {**state, "history": history}, reply
 
     def local_train(
@@ -119,10 +142,14 @@ class FDRMFL(Algorithm):
         steps = num_local_steps(data.n_train, spec, work.fraction)
         x = torch.as_tensor(data.x_train)
         y = torch.as_tensor(data.y_train)
-        use_cl = p.mu > 0 and p.cl_weight > 0 and bool(history)
+        described = p.formulation == "described"
+        use_cl = not described and p.mu > 0 and p.cl_weight > 0 and bool(history)
+        use_consensus = described and p.mu > 0 and p.kl_weight > 0
         with torch.no_grad():  # targets of the contrastive term: fixed models, one pass each
             positive = encode(self.net, to_torch(start), x).z if use_cl else None
             negatives = [encode(self.net, to_torch(h), x).z for h in history] if use_cl else []
+            # described: the received global model's Z (frozen for the whole round), per row
+            z_global = encode(self.net, to_torch(start), x).z if use_consensus else None
         current = {k: v.clone() for k, v in to_torch(start).items()}
         opt_state = optim.init_state(spec.optimizer, current)
         sums = dict.fromkeys(("train_loss", "loss_mi", "loss_kl", "loss_cl", "loss_total"), 0.0)
@@ -135,10 +162,17 @@ class FDRMFL(Algorithm):
             w_mi, w_kl, w_cl = phase_weights(p.mi_weight, p.kl_weight, p.cl_weight, p.schedule, i, steps)
             zero = mse.new_zeros(())
             l_mi = mi_loss(self.probe(enc.z), y[idx]) if p.mu > 0 and w_mi > 0 else zero
-            l_kl = kl_alignment(enc.h, enc.mask, p.kl_sigma, p.kl_mean) if p.mu > 0 and w_kl > 0 else zero
-            l_cl = zero
-            if use_cl and w_cl > 0:
-                l_cl = contrastive_loss(enc.z, positive[idx], [n[idx] for n in negatives], p.tau)  # type: ignore[index]
+            l_kl = l_cl = zero
+            if described:
+                if use_consensus and w_kl > 0:
+                    l_kl = consensus_kl(enc.z, z_global[idx], p.kl_var_floor)  # type: ignore[index]
+                if p.mu > 0 and w_cl > 0:
+                    l_cl = cross_modal_infonce(enc.h, enc.mask, p.tau)
+            else:
+                if p.mu > 0 and w_kl > 0:
+                    l_kl = kl_alignment(enc.h, enc.mask, p.kl_sigma, p.kl_mean)
+                if use_cl and w_cl > 0:
+                    l_cl = contrastive_loss(enc.z, positive[idx], [n[idx] for n in negatives], p.tau)  # type: ignore[index]
             total = mse + p.mu * (w_mi * l_mi + w_kl * l_kl + w_cl * l_cl)
             grads = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
             if p.clip_norm is not None:

@@ -16,6 +16,20 @@ Each term is a pure function of tensors, so its value can be checked by hand (te
   the positive p is the current global model's Z for the *same* sample, the negatives are older
   global models' Z for it (the authors' code took positives from other samples of the server's test
   set; not reproduced). With no negatives yet (first rounds) the term is 0.
+
+The two terms above are the authors' notebooks' reading (``formulation: notebook``). The paper's
+abstract describes them differently (``formulation: described``); these two replace them there:
+
+- ``consensus_kl``: symmetric KL between the *client's* feature distribution and the *global*
+  model's on the same batch, each a diagonal Gaussian from the batch mean and (biased) variance of
+  Z per dimension (plus a small variance floor): ``mean_d (KL(p_d || q_d) + KL(q_d || p_d)) / 2``
+  ``= mean_d [(v_p + (m_p - m_q)^2) / (4 v_q) + (v_q + (m_p - m_q)^2) / (4 v_p) - 1/2]``. Identical
+  distributions give 0; the log terms of the two directions cancel.
+- ``cross_modal_infonce``: InfoNCE across the modalities of one sample: for each ordered pair of
+  modalities (m, n), the anchor is modality m's embedding of sample i, the positive modality n's
+  embedding of the same sample, the negatives modality n's embeddings of the batch's other samples
+  (cosine similarity / tau). Only samples holding both m and n are anchors, only samples holding n
+  are candidates; a missing modality never enters, and with one modality the term is 0.
 """
 
 from __future__ import annotations
@@ -69,6 +83,60 @@ def contrastive_loss(
     cos = nn.functional.cosine_similarity
     logits = torch.stack([cos(z, positive, dim=-1)] + [cos(z, n, dim=-1) for n in negatives], dim=1) / tau
     return nn.functional.cross_entropy(logits, torch.zeros(len(z), dtype=torch.long))
+
+
+def gaussian_symmetric_kl(
+    mean_p: torch.Tensor, var_p: torch.Tensor, mean_q: torch.Tensor, var_q: torch.Tensor
+) -> torch.Tensor:
+    """``(KL(p || q) + KL(q || p)) / 2`` of diagonal Gaussians, averaged over dimensions.
+
+    Written without the logs (they cancel between the two directions), so it is exact and cheap."""
+    d2 = (mean_p - mean_q) ** 2
+    per_dim = (var_p + d2) / (4.0 * var_q) + (var_q + d2) / (4.0 * var_p) - 0.5
+    return per_dim.mean()
+
+
+def consensus_kl(z: torch.Tensor, z_global: torch.Tensor, var_floor: float = 1e-4) -> torch.Tensor:
+    """Symmetric KL between the client's Z distribution and the global model's on the same rows.
+
+    ``z``: (B, D) features of the model being trained; ``z_global``: (B, D) features of the frozen
+    global model (detached here: the consensus is a target, not something the client moves). Each
+    is summarised as a diagonal Gaussian from its batch mean and biased variance; ``var_floor`` keeps
+    a collapsed dimension (or a batch of one) finite."""
+    z_global = z_global.detach()
+    return gaussian_symmetric_kl(
+        z.mean(0),
+        z.var(0, unbiased=False) + var_floor,
+        z_global.mean(0),
+        z_global.var(0, unbiased=False) + var_floor,
+    )
+
+
+def cross_modal_infonce(h: torch.Tensor, mask: torch.Tensor, tau: float) -> torch.Tensor:
+    """InfoNCE between two modalities of the same sample, against the other samples of the batch.
+
+    ``h``: (B, M, E) modality embeddings; ``mask``: (B, M) bool, modality present. For every
+    ordered pair (m, n), anchors are rows holding m and n, candidates the rows holding n; the loss
+    is the cross-entropy of picking the anchor's own row among the candidates by ``cos / tau``,
+    averaged over anchors, then over pairs that have an anchor. 0 when no pair has one."""
+    hn = nn.functional.normalize(h, dim=-1)
+    terms = []
+    m = h.shape[1]
+    for a in range(m):
+        for b in range(m):
+            if a == b:
+                continue
+            anchors = mask[:, a] & mask[:, b]
+            if not bool(anchors.any()):
+                continue
+            cand = torch.nonzero(mask[:, b]).reshape(-1)
+            logits = hn[anchors, a] @ hn[cand, b].T / tau  # (anchors, candidates)
+            # the anchor's own row among the candidates
+            pos = torch.searchsorted(cand, torch.nonzero(anchors).reshape(-1))
+            terms.append(nn.functional.cross_entropy(logits, pos))
+    if not terms:
+        return h.new_zeros(())
+    return torch.stack(terms).mean()
 
 
 @dataclass(frozen=True)

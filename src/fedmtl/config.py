@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -166,7 +166,9 @@ def _allowed_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[s
         if cur is None or not isinstance(part, str) or part not in cur.model_fields:
             return []
         ann = cur.model_fields[part].annotation
-        cur = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+        # an optional section (``X | None``) lists X's keys
+        models = [a for a in (*get_args(ann), ann) if isinstance(a, type) and issubclass(a, BaseModel)]
+        cur = models[0] if models else None
     return sorted(cur.model_fields) if cur is not None else []
 
 

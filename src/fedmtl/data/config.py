@@ -58,6 +58,21 @@ class CorruptConfig(Strict):
         return self
 
 
+class ConceptsConfig(Strict):
+    """Concept shift between client groups (``fedmtl.data.concepts``): clients dealt into ``groups``
+    whose labels are permuted or whose images are rotated, so populations conflict on shared inputs."""
+
+    kind: Literal["label_permutation", "rotation"]
+    groups: int = Field(4, ge=2)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_given(cls, v: Any) -> Any:
+        if isinstance(v, dict) and "kind" not in v:
+            raise ValueError("needs kind: label_permutation or rotation")
+        return v
+
+
 PartitionKind = Literal[
     "iid", "dirichlet", "shards", "quantity", "target", "covariate", "resample", "natural"
 ]
@@ -110,6 +125,8 @@ class DataConfig(Strict):
     tasks: list[str] | None = None
     holdout_clients: int = Field(0, ge=0)
     corrupt: CorruptConfig = CorruptConfig()
+    #: concept shift between seeded client groups (label_permutation / rotation); None: no shift
+    concepts: ConceptsConfig | None = None
     #: multi-modal datasets: client id -> modalities that client does not hold (zero-filled, masked)
     missing_modalities: dict[int, list[str]] = Field(default_factory=dict)
 

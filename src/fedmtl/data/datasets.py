@@ -17,6 +17,7 @@ import numpy as np
 
 from fedmtl.data import partition
 from fedmtl.data.clients import ClientList, Rows
+from fedmtl.data.concepts import apply_concepts
 from fedmtl.data.config import DataConfig, PartitionConfig
 from fedmtl.data.corrupt import corrupt_clients
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
@@ -599,6 +600,7 @@ def _resampled(
     rewrites = {
         "tasks": cfg.tasks,
         "corrupt.enabled": cfg.corrupt.enabled,
+        "concepts": cfg.concepts,
         "missing_modalities": cfg.missing_modalities,
         "derived tasks": spec.derive,
     }
@@ -707,6 +709,10 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if cfg.missing_modalities:
         clients = _drop_modalities(clients, spec.name, cfg.missing_modalities)
         info["missing_modalities"] = {int(c): list(m) for c, m in sorted(cfg.missing_modalities.items())}
+    if cfg.concepts is not None:
+        # before validation carving and corruption: every split of a client shares its concept
+        clients, info["concepts"] = apply_concepts(clients, cfg.concepts, seed, shape, layout.image)
+        gx, gy = None, None  # no single global test set across conflicting concepts
     if cfg.val_fraction > 0:
         clients = carve_all(clients, cfg.val_fraction, seed)
         info["val_fraction"] = cfg.val_fraction
@@ -740,6 +746,7 @@ def _as_given(cfg: DataConfig, dataset: str, held: str, set_in: str, normalised:
     packed = {
         "tasks": cfg.tasks,
         "corrupt.enabled": cfg.corrupt.enabled,
+        "concepts": cfg.concepts,
         "missing_modalities": cfg.missing_modalities,
         "input_shape": cfg.input_shape,
         "max_clients": cfg.max_clients,

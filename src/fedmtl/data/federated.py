@@ -119,4 +119,6 @@ class FederatedData:
             "global_test_samples": 0 if self.y_global_test is None else int(len(self.y_global_test)),
             "min_client_train": int(min(n_train)),
             "max_client_train": int(max(n_train)),
+            # the true concept groups (``data.concepts``), for reports; algorithms never see them
+            **({"concepts": self.info["concepts"]} if "concepts" in self.info else {}),
         }

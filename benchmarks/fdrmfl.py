@@ -12,12 +12,19 @@ Protocol (spec section 4, with the public notebooks' flaws fixed):
    concatenated inputs, and the raw concatenated inputs.
 4. Mean over the 3 clients per seed; mean ± std over seeds.
 
-Run with ``fedmtl bench fdrmfl [--quick]``; writes ``benchmarks/results/fdrmfl.md``.
+Ablation (``ablation_table``): both formulations (``described``: client-to-global KL +
+cross-modal InfoNCE; ``notebook``: modality-to-modality KL + MOON-style contrast), MSE only,
+mu in {1e-3, 1e-2, 1e-1}, each term removed, and mu chosen per seed on a validation part carved
+from each client's training rows (never on test).
+
+Run with ``fedmtl bench fdrmfl [--quick]``; writes ``benchmarks/results/fdrmfl.md``;
+``--sim-ablation`` writes the simulation ablation ``fdrmfl_sim_ablation.md``.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import time
 from dataclasses import dataclass
 from functools import lru_cache
@@ -198,19 +205,47 @@ def federation(s: Setting, seed: int) -> FederatedData:
     return mm.federate(name, parts, y, layout, 3, s.split, seed, 0.2, missing)
 
 
+VAL_FRACTION = 0.2
+
+
+def validation_split(fd: FederatedData, seed: int, fraction: float = VAL_FRACTION) -> FederatedData:
+    """Each client's training rows split into fit and validation parts (seeded); the validation
+    part stands in the test slot, so the same scoring code scores it. Test rows are not touched."""
+    clients = []
+    for c in fd.clients:
+        perm = np.random.default_rng([seed, 77, c.cid]).permutation(c.n_train)
+        k = max(1, int(round(fraction * c.n_train)))
+        val, fit = perm[:k], perm[k:]
+        clients.append(
+            dataclasses.replace(
+                c,
+                x_train=c.x_train[fit],
+                y_train=c.y_train[fit],
+                x_test=c.x_train[val],
+                y_test=c.y_train[val],
+            )
+        )
+    return dataclasses.replace(fd, clients=clients)
+
+
 _CACHE: dict[str, dict[str, list[float]]] = {}
 
 
-def fdrmfl_scores(s: Setting, algo: dict[str, Any], seed: int) -> dict[str, list[float]]:
-    """Per-client RF MSE on Z and the head's MSE (memoised: tables share their default rows)."""
-    key = repr((s, sorted(algo.items()), seed))
+def fdrmfl_scores(s: Setting, algo: dict[str, Any], seed: int, val: bool = False) -> dict[str, list[float]]:
+    """Per-client RF MSE on Z and the head's MSE (memoised: tables share their default rows).
+
+    ``val``: trained on the fit part, scored on the validation part of each client's training rows."""
+    algo = DEFAULT_ALGO | algo
+    key = repr((s, sorted(algo.items()), seed, val))
     if key not in _CACHE:
-        _CACHE[key] = _fdrmfl_scores(s, algo, seed)
+        _CACHE[key] = _fdrmfl_scores(s, algo, seed, val)
     return _CACHE[key]
 
 
-def _fdrmfl_scores(s: Setting, algo: dict[str, Any], seed: int) -> dict[str, list[float]]:
+def _fdrmfl_scores(s: Setting, algo: dict[str, Any], seed: int, val: bool) -> dict[str, list[float]]:
     fd = federation(s, seed)
+    if val:
+        fd = validation_split(fd, seed)
     fdr, arrays = train_fdrmfl(fd, s, algo, seed)
     rf, head = [], []
     for c in fd.clients:
@@ -252,15 +287,119 @@ def _header(first: str) -> list[str]:
     ]
 
 
-DEFAULT_ALGO: dict[str, Any] = {"mu": 0.1, "retention": 0.1, "tau": 0.5}
-ABLATIONS: list[tuple[str, dict[str, Any]]] = [
-    ("FDRMFL (all terms)", {}),
+DEFAULT_ALGO: dict[str, Any] = {"formulation": "notebook", "mu": 1e-3, "retention": 0.1, "tau": 0.5}
+FORMULATIONS = ("notebook", "described")
+MUS = (1e-3, 1e-2, 1e-1)
+REMOVAL_MU = 0.1  # terms are removed at the grid's largest mu, where they weigh most
+REMOVALS: list[tuple[str, dict[str, Any]]] = [
     ("without L_MI", {"mi_weight": 0.0}),
     ("without L_KL", {"kl_weight": 0.0}),
     ("without L_CL", {"cl_weight": 0.0}),
-    ("MSE only (mu = 0)", {"mu": 0.0}),
 ]
 RETENTIONS = (0.0, 0.1, 0.5, 0.9)
+
+
+def choose_mu(s: Setting, formulation: str, seed: int, metric: str) -> float:
+    """The grid's mu with the lowest validation MSE (mean over clients; ties: the smaller mu)."""
+    scores = [
+        np.mean(fdrmfl_scores(s, {"formulation": formulation, "mu": mu}, seed, val=True)[metric])
+        for mu in MUS
+    ]
+    return MUS[int(np.argmin(scores))]
+
+
+def _cell(values: list[float], base: list[float] | None, digits: int) -> str:
+    """mean ± std over seeds, and the paired difference to ``base`` (same seeds) if given."""
+    a = np.asarray(values, float)
+    out = f"{a.mean():.{digits}f} ± {a.std():.{digits}f}"
+    if base is not None:
+        d = a - np.asarray(base, float)
+        out += f" (Δ {d.mean():+.{digits}f} ± {d.std():.{digits}f})"
+    return out
+
+
+def ablation_table(s: Setting, seeds: list[int], digits: int) -> list[str]:
+    """Both formulations side by side: MSE only, the mu grid, mu chosen on validation, each term
+    removed. Cells: mean over clients per seed, then mean ± std over seeds; Δ is the paired
+    difference (same seeds) to MSE only for the mu rows, to all terms at the same mu for removals."""
+
+    def mean_over_clients(algo: dict[str, Any], metric: str) -> list[float]:
+        return [float(np.mean(fdrmfl_scores(s, algo, seed)[metric])) for seed in seeds]
+
+    lines = [
+        "| variant | notebook: RF on Z | notebook: head | described: RF on Z | described: head |",
+        "|---|---|---|---|---|",
+    ]
+    mse_only = {m: mean_over_clients({"mu": 0.0}, m) for m in ("rf", "head")}
+    chosen: dict[str, dict[str, list[float]]] = {}
+    table: dict[tuple[str, str], dict[str, str]] = {}
+    labels: list[str] = ["MSE only (mu = 0; the formulations coincide)"]
+    for f in FORMULATIONS:
+        table[(labels[0], f)] = {m: _cell(mse_only[m], None, digits) for m in ("rf", "head")}
+    for mu in MUS:
+        label = f"all terms, mu = {mu:g}" + (" (the authors')" if mu == 1e-3 else "")
+        labels.append(label)
+        for f in FORMULATIONS:
+            table[(label, f)] = {
+                m: _cell(mean_over_clients({"formulation": f, "mu": mu}, m), mse_only[m], digits)
+                for m in ("rf", "head")
+            }
+    label = "all terms, mu chosen on validation (per seed)"
+    labels.append(label)
+    for f in FORMULATIONS:
+        chosen[f] = {}
+        cells = {}
+        for m in ("rf", "head"):
+            mus = [choose_mu(s, f, seed, m) for seed in seeds]
+            chosen[f][m] = mus
+            vals = [
+                float(np.mean(fdrmfl_scores(s, {"formulation": f, "mu": mu}, sd)[m]))
+                for mu, sd in zip(mus, seeds, strict=True)
+            ]
+            cells[m] = _cell(vals, mse_only[m], digits)
+        table[(label, f)] = cells
+    for name, over in REMOVALS:
+        label = f"{name} (mu = {REMOVAL_MU:g})"
+        labels.append(label)
+        for f in FORMULATIONS:
+            full = {"formulation": f, "mu": REMOVAL_MU}
+            table[(label, f)] = {
+                m: _cell(mean_over_clients(full | over, m), mean_over_clients(full, m), digits)
+                for m in ("rf", "head")
+            }
+    for label in labels:
+        cells = [table[(label, f)][m] for f in FORMULATIONS for m in ("rf", "head")]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    lines += [
+        "",
+        "mu chosen per seed (seeds "
+        + ", ".join(map(str, seeds))
+        + "): "
+        + "; ".join(
+            f"{f} {'RF' if m == 'rf' else 'head'} [{', '.join(f'{mu:g}' for mu in chosen[f][m])}]"
+            for f in FORMULATIONS
+            for m in ("rf", "head")
+        ),
+        "",
+    ]
+    return lines
+
+
+def ablation_preamble() -> list[str]:
+    return [
+        f"Rule for the chosen mu: each client's training rows are split {1 - VAL_FRACTION:.0%} fit / "
+        f"{VAL_FRACTION:.0%} validation (seeded; test rows untouched); FDRMFL is trained on the fit parts "
+        f"for each mu in {{{', '.join(f'{m:g}' for m in MUS)}}}; the mu with the lowest validation MSE "
+        "(mean over clients; RF on Z for the RF column, the head for the head column; ties to the smaller "
+        "mu) is taken, and its row reports the test MSE of the run on the full training rows with that mu. "
+        "Δ: paired difference over the same seeds (negative = lower error), to MSE only for the mu rows, "
+        f"to all terms at mu = {REMOVAL_MU:g} for the removals. Removals use mu = {REMOVAL_MU:g}, the grid's "
+        "largest, where each term weighs most. notebook: L_KL aligns a client's modality embeddings with "
+        "each other, L_CL is MOON-style against older global models; described: L_KL is the symmetric KL "
+        "between the client's and the received global model's Z (batch Gaussians), L_CL contrasts two "
+        "modalities of one sample against the batch's other samples.",
+        "",
+    ]
 
 
 def main(argv: list[str]) -> Path:
@@ -273,8 +412,9 @@ def main(argv: list[str]) -> Path:
     ap.add_argument(
         "--sim-ablation",
         action="store_true",
-        help="only the loss-term ablation on the simulation (writes fdrmfl_sim_ablation.md; ~15 min)",
+        help="only the ablation on the simulations (fdrmfl_sim_ablation[_simN].md; ~10 min each)",
     )
+    ap.add_argument("--sims", nargs="+", default=["fdrmfl_sim1"], help="simulations of --sim-ablation")
     a = ap.parse_args(argv)
     seeds = [0] if a.quick else a.seeds
     if a.sim_ablation:
@@ -312,7 +452,7 @@ def main(argv: list[str]) -> Path:
     for s in (diabetes, sim):
         digits = 0 if s.dataset == "diabetes_mm" else 4
         lines += [f"## Feature extractors on {s.label()}", "", *_header("features")]
-        fd_runs = [fdrmfl_scores(s, DEFAULT_ALGO, seed) for seed in seeds]
+        fd_runs = [fdrmfl_scores(s, {}, seed) for seed in seeds]
         lines.append(_row("FDRMFL (Z, 16 dims) + RF", [x["rf"] for x in fd_runs], digits))
         for method in METHODS[1:]:
             epochs = vae_epochs if s is diabetes else vae_sim
@@ -330,14 +470,11 @@ def main(argv: list[str]) -> Path:
         print(f"fdrmfl bench: {s.dataset} main table done at {time.perf_counter() - t0:.0f}s", flush=True)
 
     lines += [
-        "## Ablation: each loss term (diabetes_mm, covariate split)",
+        "## Ablation: formulations, mu and each loss term (diabetes_mm, covariate split)",
         "",
-        *_header("variant (RF on Z / head)"),
+        *ablation_preamble(),
+        *ablation_table(diabetes, seeds, 0),
     ]
-    for label, over in ABLATIONS:
-        runs = [fdrmfl_scores(diabetes, DEFAULT_ALGO | over, seed) for seed in seeds]
-        lines.append(_row(f"{label}: RF", [x["rf"] for x in runs], 0))
-        lines.append(_row(f"{label}: head", [x["head"] for x in runs], 0))
     lines += [
         "",
         "## Retention sweep (diabetes_mm, covariate split)",
@@ -347,7 +484,7 @@ def main(argv: list[str]) -> Path:
         *_header("retention (RF on Z / head)"),
     ]
     for ret in RETENTIONS:
-        runs = [fdrmfl_scores(diabetes, DEFAULT_ALGO | {"retention": ret}, seed) for seed in seeds]
+        runs = [fdrmfl_scores(diabetes, {"retention": ret}, seed) for seed in seeds]
         lines.append(_row(f"{ret:g}: RF", [x["rf"] for x in runs], 0))
         lines.append(_row(f"{ret:g}: head", [x["head"] for x in runs], 0))
     print(f"fdrmfl bench: ablations done at {time.perf_counter() - t0:.0f}s", flush=True)
@@ -360,7 +497,7 @@ def main(argv: list[str]) -> Path:
     ]
     for split, missing in (("iid", ()), ("target", ()), ("covariate", ()), ("covariate", ((2, "serum"),))):
         s = Setting("diabetes_mm", split, diabetes.rounds, diabetes.epochs, diabetes.lr, 1.0, missing)
-        runs = [fdrmfl_scores(s, DEFAULT_ALGO, seed) for seed in seeds]
+        runs = [fdrmfl_scores(s, {}, seed) for seed in seeds]
         lines.append(_row(f"{s.label()}: FDRMFL RF", [x["rf"] for x in runs], 0))
         lines.append(_row(f"{s.label()}: FDRMFL head", [x["head"] for x in runs], 0))
         lines.append(
@@ -377,8 +514,9 @@ def main(argv: list[str]) -> Path:
         "",
         f"Wall time {wall / 60:.1f} min on the shared 2-core CPU machine (OMP_NUM_THREADS=1).",
         "",
-        f"Reproduce: `OMP_NUM_THREADS=1 fedmtl bench fdrmfl --seeds {' '.join(map(str, seeds))}`"
-        + (" --quick" if a.quick else ""),
+        f"Reproduce: `OMP_NUM_THREADS=1 fedmtl bench fdrmfl --seeds {' '.join(map(str, seeds))}"
+        + (" --quick" if a.quick else "")
+        + "`",
         "",
     ]
     out = Path(a.out)
@@ -388,31 +526,34 @@ def main(argv: list[str]) -> Path:
 
 
 def sim_ablation(a: argparse.Namespace, seeds: list[int]) -> Path:
-    """Each loss term removed on the simulation, where the features matter more than on diabetes."""
+    """The ablation on the simulations, where the features matter more than on diabetes."""
     t0 = time.perf_counter()
-    sim = Setting(a.sim, "covariate", 2 if a.quick else 8, 1, 1e-3, "sqrt")
+    rounds = 2 if a.quick else 8
     lines = [
-        f"# FDRMFL loss-term ablation on {a.sim} (covariate split)",
+        f"# FDRMFL ablation on the simulations ({', '.join(a.sims)}; covariate split)",
         "",
         f"Settings as in `fdrmfl.md`'s simulation table (image {'x'.join(map(str, SIM_IMAGE))}, "
-        f"{sim.rounds} rounds x 1 local epoch, Adam lr 0.001, 3 clients, forest max_features 'sqrt'); "
-        f"per-client test MSE, mean ± std over seeds {seeds}.",
+        f"{rounds} rounds x 1 local epoch, Adam lr 0.001, 3 clients, forest max_features 'sqrt'); "
+        f"per-client test MSE, mean over clients per seed, mean ± std over seeds {seeds}.",
         "",
-        *_header("variant (RF on Z / head)"),
     ]
-    for label, over in ABLATIONS:
-        runs = [fdrmfl_scores(sim, DEFAULT_ALGO | over, seed) for seed in seeds]
-        lines.append(_row(f"{label}: RF", [x["rf"] for x in runs], 4))
-        lines.append(_row(f"{label}: head", [x["head"] for x in runs], 4))
+    for i, name in enumerate(a.sims):
+        sim = Setting(name, "covariate", rounds, 1, 1e-3, "sqrt")
+        if i == 0:
+            lines += ablation_preamble()
+        lines += [f"## {sim.label()}", "", *ablation_table(sim, seeds, 4)]
+        print(f"fdrmfl bench: {name} ablation done at {time.perf_counter() - t0:.0f}s", flush=True)
     lines += [
-        "",
         f"Wall time {(time.perf_counter() - t0) / 60:.1f} min on the shared 2-core CPU machine.",
         "",
-        "Reproduce: `OMP_NUM_THREADS=1 fedmtl bench fdrmfl --sim-ablation --seeds "
-        f"{' '.join(map(str, seeds))}`",
+        f"Reproduce: `OMP_NUM_THREADS=1 fedmtl bench fdrmfl --sim-ablation --sims {' '.join(a.sims)} --seeds "
+        f"{' '.join(map(str, seeds))}" + (" --quick" if a.quick else "") + "`",
         "",
     ]
-    out = Path(a.out).with_name("fdrmfl_sim_ablation.md")
+    # fdrmfl_sim_ablation.md for the default (sim1); other simulations get their own file, so each
+    # invocation stays within ~15 min and none overwrites another's table
+    suffix = "" if a.sims == ["fdrmfl_sim1"] else "_" + "_".join(n.removeprefix("fdrmfl_") for n in a.sims)
+    out = Path(a.out).with_name(f"fdrmfl_sim_ablation{suffix}.md")
     out.write_text("\n".join(lines))
     return out
 

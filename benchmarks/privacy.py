@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import time
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ import numpy as np
 
 import fedmtl
 from _mnist_setting import mnist_config  # benchmarks/ is on sys.path under fedmtl bench
+from _provenance import stamp
 from fedmtl.privacy.accountant import epsilon
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -83,6 +83,7 @@ def _ms(xs: list[float], digits: int = 3) -> str:
 
 
 def main(argv: list[str]) -> Path:
+    started = time.perf_counter()
     ap = argparse.ArgumentParser(prog="fedmtl bench privacy")
     ap.add_argument("--rounds", type=int, default=30)
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -122,17 +123,11 @@ def main(argv: list[str]) -> Path:
         )
     wall = time.perf_counter() - t0
     big = {z: epsilon(z, rounds, DELTA, 1000, 100_000) for z in (0.5, 1.0)}
-    commit = subprocess.run(
-        ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=False
-    ).stdout.strip()
     n_runs = sum(
         len(seeds) * (2 if p is not None and p.get("level", "client") == "client" else 1) for _, p in SETTINGS
     )
     lines = [
         "# Accuracy vs privacy (MNIST)",
-        "",
-        f"Written by `fedmtl bench privacy{' --quick' if a.quick else ''}` on "
-        f"{time.strftime('%Y-%m-%d %H:%M')} at commit {commit or 'unknown'}.",
         "",
         f"MNIST, 100 clients (Dirichlet alpha = 0.5), 20 per round (q = 0.2), {rounds} rounds, "
         "MLP 784-64-10, 10 local SGD steps per round (batch 32, lr 0.05); seeds "
@@ -181,4 +176,4 @@ def main(argv: list[str]) -> Path:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines))
-    return out
+    return stamp(out, "privacy", argv, started)

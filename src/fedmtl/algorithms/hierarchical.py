@@ -122,6 +122,7 @@ class Hierarchical(FedAvg):
                 mean.update({f"{g}{SEP}{k}": v for k, v in heads.items()})
         updates = dict(server["updates"])
         ref = dict(server.get("ref_norm", {}))
+        fresh: list[str] = []  # groups whose reference scale is taken this round
         if self.p.grouping == "cluster":
             for c in cids:
                 sent = self.broadcast(server, c).arrays
@@ -131,6 +132,7 @@ class Hierarchical(FedAvg):
             for g, members in by_group.items():  # each group's update scale when first seen
                 if g not in ref:
                     ref[g] = float(np.mean([np.linalg.norm(updates[c].astype(np.float64)) for c in members]))
+                    fresh.append(g)
         params, opt = server_opt_step(self.p.server_optimizer, server["params"], mean, server["opt"])
         new = {
             **server,
@@ -141,7 +143,7 @@ class Hierarchical(FedAvg):
             "ref_norm": ref,
         }
         if self.p.grouping == "cluster" and round >= self.p.warmup_rounds:
-            new = self._maybe_split(new)
+            new = self._maybe_split(new, set(fresh))
         return new
 
     def _chain_mean(
@@ -195,7 +197,14 @@ class Hierarchical(FedAvg):
             and float(norms.max()) > p.split_pull * ref
         )
 
-    def _maybe_split(self, server: dict[str, Any]) -> dict[str, Any]:
+    def _maybe_split(
+        self, server: dict[str, Any], fresh: frozenset[str] | set[str] = frozenset()
+    ) -> dict[str, Any]:
+        """Bisect each group that meets the split rule. Under the relative rule a group is measured
+        against its own first round: both halves of a split start afresh (their reference scale is
+        taken the next round they report, and neither splits in that round), so a pure group that has
+        reached its own stationary point, where label skew alone makes updates cancel, is not split
+        again on the strength of the mixed parent's early, larger updates."""
         ref = dict(server.get("ref_norm", {}))
         group_of = dict(server["group_of"])
         updates = dict(server["updates"])
@@ -206,6 +215,8 @@ class Hierarchical(FedAvg):
                 break
             members = [c for c, gg in group_of.items() if gg == g and c in updates]
             if len(members) < 2 * self.p.min_group_size or len(members) < 2:
+                continue
+            if self.p.split_rule == "relative" and g in fresh:
                 continue
             vecs = np.stack([updates[c] for c in members]).astype(np.float64)
             norms = np.linalg.norm(vecs, axis=1)
@@ -236,8 +247,7 @@ class Hierarchical(FedAvg):
             )
             for c in second:
                 group_of[c] = new_g
-            if g in ref:
-                ref[new_g] = ref[g]
+            ref.pop(g, None)  # both halves are new groups: measured afresh
             for c in members:
                 updates.pop(c, None)
         opt = server["opt"]

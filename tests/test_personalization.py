@@ -237,3 +237,38 @@ def test_the_relative_split_rule_finds_concept_groups_whatever_the_update_scale(
     assert len(set(mixed[0::2])) == 1 and len(set(mixed[1::2])) == 1 and set(mixed[0::2]) != set(mixed[1::2])
     same = _concept_run(tmp_path, "same", ["parity", "parity"], lr, epochs)
     assert len(set(same)) == 1
+
+
+def test_both_halves_of_a_split_are_measured_afresh_before_they_may_split_again():
+    """Relative rule, through ``server_step``: a group whose head updates cancel splits in two; the
+    halves neither inherit the mixed parent's update scale nor split in the round they are first
+    seen, even when their own updates cancel and pull harder than the parent's first round did
+    (inheriting the scale split a pure group again in that round)."""
+    from fedmtl.algorithms.base import Message
+    from fedmtl.experiment.run import build_algorithm
+
+    raw = digits_config(
+        data__partition__num_clients=4,
+        algorithm={"name": "hierarchical", "grouping": "cluster", "warmup_rounds": 0},
+    )
+    _, algo, _ = build_algorithm(parse_config(raw))
+    server = algo.init_server()
+
+    def step(server, signs, round):
+        replies = {}
+        for c, s in signs.items():
+            sent = algo.broadcast(server, c).arrays
+            got = {k: (v + s if k.startswith("head.") else v.copy()) for k, v in sent.items()}
+            replies[c] = Message(arrays=got, scalars={"num_examples": 10.0})
+        return algo.server_step(server, replies, round)
+
+    cancel = {0: 1.0, 1: 1.0, 2: -1.0, 3: -1.0}
+    server = step(server, cancel, 1)  # first seen: its scale is taken, no split
+    assert len(set(server["group_of"].values())) == 1
+    server = step(server, cancel, 2)  # cancelling updates at the first round's scale: split
+    halves = server["group_of"]
+    assert halves[0] == halves[1] and halves[2] == halves[3] and halves[0] != halves[2]
+    assert not set(halves.values()) & set(server["ref_norm"])  # measured afresh
+    server = step(server, {0: 2.0, 1: -1.0, 2: 2.0, 3: -1.0}, 3)  # halves first seen: no split
+    assert server["group_of"] == halves
+    assert set(halves.values()) <= set(server["ref_norm"])

@@ -287,7 +287,7 @@ def _header(first: str) -> list[str]:
     ]
 
 
-DEFAULT_ALGO: dict[str, Any] = {"formulation": "notebook", "mu": 1e-3, "retention": 0.1, "tau": 0.5}
+DEFAULT_ALGO: dict[str, Any] = {"formulation": "described", "mu": 1e-3, "retention": 0.1, "tau": 0.5}
 FORMULATIONS = ("notebook", "described")
 MUS = (1e-3, 1e-2, 1e-1)
 REMOVAL_MU = 0.1  # terms are removed at the grid's largest mu, where they weigh most

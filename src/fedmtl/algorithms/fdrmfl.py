@@ -54,7 +54,7 @@ PROBE_SEED = 1234  # the MI probe is fixed data of the method, identical everywh
 class FDRMFLParams(AlgoParams):
     net: NetParams = NetParams()
     formulation: Literal["described", "notebook"] = Field(
-        "notebook",
+        "described",
         description="described: client-to-global KL + cross-modal InfoNCE (the paper's abstract); "
         "notebook: modality-to-modality KL + MOON-style contrast (the authors' notebooks)",
     )

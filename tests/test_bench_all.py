@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fedmtl.cli import main
-from fedmtl.experiment.bench_all import FOLDER_OUT, benchmarks, commands
+from fedmtl.experiment.bench_all import EXTRA, FOLDER_OUT, benchmarks, commands
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
 
@@ -19,6 +19,9 @@ def test_every_benchmark_runs_in_bench_all_with_its_own_output():
         assert out == (Path("/tmp/x") if name in FOLDER_OUT else Path("/tmp/x") / f"{name}.md")
         source = (ROOT / f"{name}.py").read_text()
         assert '"--quick"' in source and '"--out"' in source  # the flags bench all passes exist
+        for flag in cmd[6:-2]:  # a second invocation's own flags (EXTRA) exist too
+            assert not flag.startswith("--") or f'"{flag}"' in source
+    assert any(EXTRA["fdrmfl"][1] == c[6:-2] for c in commands(ROOT, Path("/tmp/x"), quick=True))
 
 
 def test_bench_all_refuses_unknown_arguments(capsys):

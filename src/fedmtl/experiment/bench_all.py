@@ -16,6 +16,10 @@ from pathlib import Path
 FOLDER_OUT = {"mocha", "throughput"}
 #: run first: the cheap ones, so a broken benchmark shows early
 FIRST = ("secagg", "scale", "mocha")
+#: tables a benchmark writes in a second invocation (its own flags), besides its main table
+EXTRA: dict[str, list[list[str]]] = {
+    "fdrmfl": [["--sim-ablation", "--sims", f"fdrmfl_sim{i}"] for i in (1, 2, 3)],
+}
 
 
 def benchmarks(root: Path) -> list[str]:
@@ -28,18 +32,20 @@ def commands(root: Path, out: Path, quick: bool) -> list[list[str]]:
     cmds = []
     for name in benchmarks(root):
         target = out if name in FOLDER_OUT else out / f"{name}.md"
-        cmds.append(
-            [
-                sys.executable,
-                "-m",
-                "fedmtl.cli",
-                "bench",
-                name,
-                *(["--quick"] if quick else []),
-                "--out",
-                str(target),
-            ]
-        )
+        for flags in [[], *EXTRA.get(name, [])]:
+            cmds.append(
+                [
+                    sys.executable,
+                    "-m",
+                    "fedmtl.cli",
+                    "bench",
+                    name,
+                    *(["--quick"] if quick else []),
+                    *flags,
+                    "--out",
+                    str(target),
+                ]
+            )
     return cmds
 
 

@@ -72,6 +72,22 @@ def test_tune_chooses_on_validation_within_the_budget(tmp_path):
     assert "The test column is shown, never used." in (tmp_path / "t" / "tune.md").read_text()
 
 
+def test_a_config_built_in_code_tunes_like_the_same_yaml_and_is_left_untouched(tmp_path):
+    """Benchmarks pass the dict they build: same trials as the YAML path, the caller's dict unchanged."""
+    import yaml
+
+    cfg = {"train": {"rounds": 2, "local_steps": 3}, "data": {"partition": {"num_clients": 4}}}
+    before = json.dumps(cfg, sort_keys=True)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    grid, quiet = ["train.lr=0.01,0.3"], (lambda _: None)
+    from_dict = tune(cfg, grid, 2, out=tmp_path / "d", log=quiet)
+    from_yaml = tune(tmp_path / "c.yaml", grid, 2, out=tmp_path / "y", log=quiet)
+    assert json.dumps(cfg, sort_keys=True) == before
+    assert from_dict["config"] is None and from_yaml["config"].endswith("c.yaml")
+    assert [t["val"] for t in from_dict["trials"]] == [t["val"] for t in from_yaml["trials"]]
+    assert from_dict["chosen"] == from_yaml["chosen"]
+
+
 def test_grids_parse_lists_and_bad_grids_are_one_line(tmp_path, capsys):
     assert split_values("a,[1, 2],{x: 1, y: 2}") == ["a", "[1, 2]", "{x: 1, y: 2}"]
     assert parse_grid(["model.hidden=[32],[64, 64]"]) == {"model.hidden": ["[32]", "[64, 64]"]}

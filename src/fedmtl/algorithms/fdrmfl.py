@@ -145,11 +145,10 @@ class FDRMFL(Algorithm):
         described = p.formulation == "described"
         use_cl = not described and p.mu > 0 and p.cl_weight > 0 and bool(history)
         use_consensus = described and p.mu > 0 and p.kl_weight > 0
-        with torch.no_grad():  # targets of the contrastive term: fixed models, one pass each
-            positive = encode(self.net, to_torch(start), x).z if use_cl else None
+        with torch.no_grad():  # fixed models' features, one pass each: the received global model's
+            # (notebook: the contrastive positive; described: the KL consensus) and older ones
+            z_global = encode(self.net, to_torch(start), x).z if use_cl or use_consensus else None
             negatives = [encode(self.net, to_torch(h), x).z for h in history] if use_cl else []
-            # described: the received global model's Z (frozen for the whole round), per row
-            z_global = encode(self.net, to_torch(start), x).z if use_consensus else None
         current = {k: v.clone() for k, v in to_torch(start).items()}
         opt_state = optim.init_state(spec.optimizer, current)
         sums = dict.fromkeys(("train_loss", "loss_mi", "loss_kl", "loss_cl", "loss_total"), 0.0)
@@ -172,7 +171,7 @@ class FDRMFL(Algorithm):
                 if p.mu > 0 and w_kl > 0:
                     l_kl = kl_alignment(enc.h, enc.mask, p.kl_sigma, p.kl_mean)
                 if use_cl and w_cl > 0:
-                    l_cl = contrastive_loss(enc.z, positive[idx], [n[idx] for n in negatives], p.tau)  # type: ignore[index]
+                    l_cl = contrastive_loss(enc.z, z_global[idx], [n[idx] for n in negatives], p.tau)  # type: ignore[index]
             total = mse + p.mu * (w_mi * l_mi + w_kl * l_kl + w_cl * l_cl)
             grads = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
             if p.clip_norm is not None:

@@ -3,7 +3,8 @@
 Clustered and hierarchical FL only earn their place when client populations want different
 models from similar data. This transform makes such a federation from any pooled dataset: clients
 are dealt into ``groups`` (round-robin after a seeded shuffle, so group sizes differ by at most one)
-and every group but group 0 changes its data the same way on train, validation and test rows:
+and every group but group 0 changes its data the same way on train and test rows (validation rows,
+carved from the training rows afterwards, inherit it):
 
 - ``label_permutation``: group g relabels class c as ``perm_g[c]``, a seeded permutation of the
   classes (group 0: the identity; no two groups share one). The inputs are untouched, so a shared
@@ -113,12 +114,7 @@ def apply_concepts(
             if k not in perms:
                 perms[k] = label_permutations(k, cfg.groups, seed)
             p = perms[k][group_of[c.cid]]
-            out[c.cid] = replace(
-                c,
-                y_train=p[c.y_train],
-                y_test=p[c.y_test],
-                y_val=None if c.y_val is None else p[c.y_val],
-            )
+            out[c.cid] = replace(c, y_train=p[c.y_train], y_test=p[c.y_test])
         info["permutations"] = {str(k): v.tolist() for k, v in sorted(perms.items())}
         for c, y in zip(out, _repack([c.y_train for c in out]), strict=True):
             out[c.cid] = replace(c, y_train=y)
@@ -128,12 +124,7 @@ def apply_concepts(
             a = angles[group_of[c.cid]]
             if a == 0:
                 continue
-            out[c.cid] = replace(
-                c,
-                x_train=rotate_images(c.x_train, a),
-                x_test=rotate_images(c.x_test, a),
-                x_val=None if c.x_val is None else rotate_images(c.x_val, a),
-            )
+            out[c.cid] = replace(c, x_train=rotate_images(c.x_train, a), x_test=rotate_images(c.x_test, a))
         info["degrees"] = angles
         for c, x in zip(out, _repack([c.x_train for c in out]), strict=True):
             out[c.cid] = replace(c, x_train=x)

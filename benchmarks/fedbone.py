@@ -162,8 +162,6 @@ def run_method(
     """One method, one seed: the last round's metrics per task (test, and validation when ``val``)."""
     t0 = time.perf_counter()
     tag = f"{_slug(algo)}-w{model['width']}-lr{lr}-v{val}-s{seed}"
-    if (kind, tag) in _DONE:  # Local at the reference lr is both the reference and a grid point
-        return _DONE[kind, tag]
     if kind == "groups":
         final: dict[str, float] = {}
         final_val: dict[str, float] = {}
@@ -201,22 +199,25 @@ def run_method(
     if "client_flops" not in out:
         out["client_flops"] = _client_flops(model, steps)
     out["wall"] = time.perf_counter() - t0
-    _DONE[kind, tag] = out
     return out
 
 
-_DONE: dict[tuple[str, str], dict[str, Any]] = {}
-
-
-def tune_lr(
-    kind: str, model: dict, algo: dict, seed: int, rounds: int, steps: int, runs: Path, ref: dict[str, float]
-) -> tuple[float, dict[float, float]]:
-    """The grid's lr with the best validation Δm against ``ref`` (Local's validation metrics)."""
-    scores = {
-        lr: delta_m(run_method(kind, model, algo, seed, rounds, steps, runs, lr, VAL_FRACTION)["val"], ref)
-        for lr in LR_GRID
+def tune_lrs(seed: int, rounds: int, steps: int, runs: Path) -> dict[str, tuple[float, dict[float, float]]]:
+    """Each method's lr: the grid point with the best validation Δm against Local at ``REF_LR``
+    (Local's own grid run at that lr is the reference), with every point's score."""
+    val = {
+        label: {
+            lr: run_method(kind, model, algo, seed, rounds, steps, runs, lr, VAL_FRACTION)["val"]
+            for lr in LR_GRID
+        }
+        for label, kind, model, algo in METHODS
     }
-    return max(scores, key=lambda lr: scores[lr]), scores
+    ref = val[METHODS[0][0]][REF_LR]
+    tuned = {}
+    for label, by_lr in val.items():
+        scores = {lr: delta_m(v, ref) for lr, v in by_lr.items()}
+        tuned[label] = (max(scores, key=lambda lr: scores[lr]), scores)
+    return tuned
 
 
 def _slug(algo: dict[str, Any]) -> str:
@@ -256,13 +257,9 @@ def main(argv: list[str]) -> Path:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     # tuning on seed 0's validation rows, the same grid for every method
-    _, ref_kind, ref_model, ref_algo = METHODS[0]
-    ref = run_method(ref_kind, ref_model, ref_algo, seeds[0], rounds, steps, runs, REF_LR, VAL_FRACTION)
-    ref = ref["val"]
-    tuned: dict[str, tuple[float, dict[float, float]]] = {}
-    for label, kind, model, algo in METHODS:
-        tuned[label] = tune_lr(kind, model, algo, seeds[0], rounds, steps, runs, ref)
-        print(f"tuned {label}: lr {tuned[label][0]} (val Δm {tuned[label][1]})", flush=True)
+    tuned = tune_lrs(seeds[0], rounds, steps, runs)
+    for label, (lr, scores) in tuned.items():
+        print(f"tuned {label}: lr {lr} (val Δm {scores})", flush=True)
     results: dict[str, list[dict[str, Any]]] = {}
     for seed in seeds:
         for label, kind, model, algo in METHODS:

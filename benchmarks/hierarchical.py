@@ -34,8 +34,9 @@ from sklearn.metrics import adjusted_rand_score
 import fedmtl
 from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.algorithms import hierarchical as hier_mod
+from fedmtl.config import apply_overrides
 from fedmtl.data.concepts import concept_groups
-from fedmtl.experiment.tune import tune
+from fedmtl.experiment.tune import chosen_overrides, tune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 GROUPS = 4
@@ -80,15 +81,6 @@ def config(setting: str, seed: int, rounds: int, algorithm: dict[str, Any]) -> d
     }
 
 
-def with_chosen(cfg: dict[str, Any], chosen: dict[str, str]) -> dict[str, Any]:
-    """The config with the tuned values written in (``train.lr`` -> cfg["train"]["lr"])."""
-    out = {k: dict(v) if isinstance(v, dict) else v for k, v in cfg.items()}
-    for key, value in chosen.items():
-        section, name = key.split(".", 1)
-        out[section] = {**out[section], name: float(value)}
-    return out
-
-
 @contextmanager
 def true_groups_as_tasks(group_of: list[int]) -> Iterator[None]:
     """The oracle row: ``grouping: task`` with the true concept group of each client as its group.
@@ -129,17 +121,17 @@ def run_one(cfg: dict[str, Any], out: Path) -> dict[str, Any]:
 
 def measure(setting: str, rounds: int, seeds: list[int], budget: int, runs: Path) -> list[dict[str, Any]]:
     out = []
-    hier_chosen: dict[str, str] = {}
+    hier: dict[str, Any] = {}  # Hierarchical's tuning record, reused by the oracle row
     for label, algo, grid in METHODS:
         slug = f"{SETTINGS[setting]}-{algo['name']}"
         base = config(setting, seeds[0], rounds, algo)
         record = tune(base, grid_items=grid, budget=budget, seeds=[seeds[0]], out=runs / f"tune-{slug}")
         chosen = dict(record["chosen"])
         if algo["name"] == "hierarchical":
-            hier_chosen = chosen
+            hier = record
         per_seed = []
         for seed in seeds:
-            cfg = with_chosen(config(setting, seed, rounds, algo), chosen)
+            cfg = apply_overrides(config(setting, seed, rounds, algo), chosen_overrides(record))
             per_seed.append(run_one(cfg, runs / f"{slug}-s{seed}"))
             print(f"[{setting}] {label} seed {seed}: {per_seed[-1]}", flush=True)
         out.append(
@@ -153,13 +145,12 @@ def measure(setting: str, rounds: int, seeds: list[int], budget: int, runs: Path
         )
     per_seed = []
     for seed in seeds:  # the oracle: Hierarchical's tuned values, the true groups given
-        cfg = with_chosen(
-            config(setting, seed, rounds, {"name": "hierarchical", "grouping": "task"}), hier_chosen
-        )
+        oracle = {"name": "hierarchical", "grouping": "task"}
+        cfg = apply_overrides(config(setting, seed, rounds, oracle), chosen_overrides(hier))
         with true_groups_as_tasks(concept_groups(CLIENTS, GROUPS, seed)):
             per_seed.append(run_one(cfg, runs / f"{SETTINGS[setting]}-oracle-s{seed}"))
         print(f"[{setting}] oracle seed {seed}: {per_seed[-1]}", flush=True)
-    out.append({"label": ORACLE, "chosen": hier_chosen, "grid": [], "trials": 0, "seeds": per_seed})
+    out.append({"label": ORACLE, "chosen": dict(hier["chosen"]), "grid": [], "trials": 0, "seeds": per_seed})
     return out
 
 

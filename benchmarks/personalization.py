@@ -29,7 +29,7 @@ import fedmtl
 from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.config import apply_overrides
 from fedmtl.experiment.records import RunDir
-from fedmtl.experiment.tune import tune
+from fedmtl.experiment.tune import chosen_overrides, tune
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -78,7 +78,7 @@ def tuned(kind: str, label: str, algo: dict[str, Any], rounds: int, seed: int, r
     cfg = {**federation(kind, rounds, seed), "name": f"tune-{label}", "algorithm": algo}
     folder = runs / f"tune-{kind.replace(' ', '_')}-{algo['name']}"
     record = tune(cfg, grid(label, kind), budget=BUDGET, seeds=[seed], out=folder, log=lambda *_: None)
-    chosen = [f"{k}={v}" for k, v in record["chosen"].items()]
+    chosen = chosen_overrides(record)
     print(f"[{kind}] {label}: tuned {chosen} ({record['trials_run']} trials)", flush=True)
     return chosen
 

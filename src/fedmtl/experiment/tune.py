@@ -176,7 +176,9 @@ def _markdown(record: dict[str, Any], metric: str) -> str:
     return "\n".join(lines) + "\n"
 
 
-def chosen_overrides(tune_json: str | Path) -> list[str]:
-    """The ``--set`` overrides a tuning run chose (for benchmarks that reuse them)."""
-    record = json.loads(Path(tune_json).read_text())
+def chosen_overrides(record: dict[str, Any] | str | Path) -> list[str]:
+    """The ``--set`` overrides a tuning run chose, from its record or its ``tune.json`` (benchmarks
+    apply them with ``fedmtl.config.apply_overrides``)."""
+    if not isinstance(record, dict):
+        record = json.loads(Path(record).read_text())
     return [f"{k}={v}" for k, v in record["chosen"].items()]

@@ -38,3 +38,11 @@ def stamp(path: Path, bench: str, argv: list[str], started: float) -> Path:
     title, _, rest = text.partition("\n")
     Path(path).write_text(f"{title}\n\n{line(bench, argv, started)}\n{rest}")
     return Path(path)
+
+
+def write_table(path: Path | str, lines: list[str], bench: str, argv: list[str], started: float) -> Path:
+    """Write a benchmark's table (its lines, title first) and stamp it: what every benchmark ends with."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n".join(lines))
+    return stamp(path, bench, argv, started)

@@ -35,7 +35,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
+from _provenance import stamp, write_table  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.algorithms import AlgoContext, ClientWork
 from fedmtl.algorithms.fdrmfl import FDRMFL, FDRMFLParams
 from fedmtl.data.federated import ClientData, FederatedData
@@ -519,10 +519,7 @@ def main(argv: list[str]) -> Path:
         + "`",
         "",
     ]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    return stamp(out, "fdrmfl", argv, started)
+    return write_table(a.out, lines, "fdrmfl", argv, started)
 
 
 def sim_ablation(a: argparse.Namespace, seeds: list[int]) -> Path:

@@ -32,7 +32,7 @@ import numpy as np
 from sklearn.metrics import adjusted_rand_score
 
 import fedmtl
-from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
+from _provenance import write_table  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.algorithms import hierarchical as hier_mod
 from fedmtl.config import apply_overrides
 from fedmtl.data.concepts import concept_groups
@@ -234,7 +234,4 @@ def main(argv: list[str]) -> Path:
         f"{' '.join(map(str, seeds))}`.",
         "",
     ]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    return stamp(out, "hierarchical", argv, started)
+    return write_table(a.out, lines, "hierarchical", argv, started)

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 
 import fedmtl
-from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
+from _provenance import write_table  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.experiment.records import RunDir
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -158,5 +158,4 @@ def main(argv: list[str]) -> Path:
         "(wall times on a shared 2-core CPU machine).",
         "",
     ]
-    out.write_text("\n".join(lines))
-    return stamp(out, "mnist_fedavg", argv, started)
+    return write_table(out, lines, "mnist_fedavg", argv, started)

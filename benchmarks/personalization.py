@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 import fedmtl
-from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
+from _provenance import write_table  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.config import apply_overrides
 from fedmtl.experiment.records import RunDir
 from fedmtl.experiment.tune import chosen_overrides, tune
@@ -253,7 +253,4 @@ def main(argv: list[str]) -> Path:
         f"Reproduce: `fedmtl bench personalization --rounds {rounds} --seeds {' '.join(map(str, seeds))}`.",
         "",
     ]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    return stamp(out, "personalization", argv, started)
+    return write_table(a.out, lines, "personalization", argv, started)

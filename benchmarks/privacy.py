@@ -22,7 +22,7 @@ import numpy as np
 
 import fedmtl
 from _mnist_setting import mnist_config  # benchmarks/ is on sys.path under fedmtl bench
-from _provenance import stamp
+from _provenance import write_table
 from fedmtl.privacy.accountant import epsilon
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -173,7 +173,4 @@ def main(argv: list[str]) -> Path:
         f"Reproduce: `fedmtl bench privacy --rounds {rounds} --seeds {' '.join(map(str, seeds))}`.",
         "",
     ]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    return stamp(out, "privacy", argv, started)
+    return write_table(a.out, lines, "privacy", argv, started)

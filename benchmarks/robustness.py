@@ -23,7 +23,7 @@ import numpy as np
 import fedmtl
 import fedmtl.experiment.run as run_mod
 from _mnist_setting import mnist_config  # benchmarks/ is on sys.path under fedmtl bench
-from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
+from _provenance import write_table  # benchmarks/ is on sys.path under fedmtl bench
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -178,7 +178,4 @@ def main(argv: list[str]) -> Path:
         f"--fractions {' '.join(str(f) for f in fractions)}`.",
         "",
     ]
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines))
-    return stamp(out, "robustness", argv, started)
+    return write_table(a.out, lines, "robustness", argv, started)

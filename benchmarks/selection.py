@@ -30,11 +30,12 @@ from typing import Any
 import numpy as np
 
 import fedmtl
-from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
+from _provenance import write_table  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl.config import parse_config
 from fedmtl.data.corrupt import apply_trigger, attack_success_rate
 from fedmtl.experiment.records import RunDir
 from fedmtl.experiment.run import build
+from fedmtl.experiment.tune import tune
 from fedmtl.training.local import predict
 from fedmtl.training.tensors import to_torch
 
@@ -57,7 +58,8 @@ LOCAL = {"mode": "local"}
 
 
 def _rate(selection: dict[str, Any]) -> str:
-    return "selection.nu" if selection["method"] == "ocsvm" else "selection.contamination"
+    """The detector's rate key: OCSVM's nu or IsolationForest's contamination."""
+    return "nu" if selection["method"] == "ocsvm" else "contamination"
 
 
 def _noise_rows(group: str, corrupt: dict[str, Any]) -> list[tuple[str, str, Any, Any]]:
@@ -195,9 +197,7 @@ def plot(results: list[tuple[str, str, str, list[dict[str, Any]]]], path: Path) 
 
 def tuned_rate(i: int, corrupt: Any, selection: dict[str, Any], rounds: int, seed: int, runs: Path) -> str:
     """The grid's nu / contamination with the best validation accuracy (first seed)."""
-    from fedmtl.experiment.tune import tune
-
-    key = _rate(selection)
+    key = f"selection.{_rate(selection)}"
     record = tune(
         config(corrupt, selection, rounds, seed),
         [f"{key}={RATE_GRID}"],
@@ -230,9 +230,9 @@ def main(argv: list[str]) -> Path:
             continue
         setting = ""
         if selection is not None and selection["method"] in ("ocsvm", "iforest"):
-            rate = tuned_rate(i, corrupt, selection, rounds, seeds[0], runs)
-            selection = {**selection, _rate(selection).split(".")[1]: float(rate)}
-            setting = f"{_rate(selection).split('.')[1]} {rate}"
+            rate, name = tuned_rate(i, corrupt, selection, rounds, seeds[0], runs), _rate(selection)
+            selection = {**selection, name: float(rate)}
+            setting = f"{name} {rate}"
         per_seed = []
         for seed in seeds:
             cfg = config(corrupt, selection, rounds, seed)
@@ -304,5 +304,4 @@ def main(argv: list[str]) -> Path:
         plot(results, out.with_suffix(".png"))
         caption = "test accuracy per round, mean over each row's seeds"
         lines.insert(-3, f"![{caption}]({out.with_suffix('.png').name})\n")
-    out.write_text("\n".join(lines))
-    return stamp(out, "selection", argv, started)
+    return write_table(out, lines, "selection", argv, started)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from fedmtl.cli import main
+from fedmtl.cli import benchmarks_dir, main
 from fedmtl.experiment.bench_all import EXTRA, FOLDER_OUT, benchmarks, commands
 
 ROOT = Path(__file__).resolve().parents[1] / "benchmarks"
@@ -27,3 +27,8 @@ def test_every_benchmark_runs_in_bench_all_with_its_own_output():
 def test_bench_all_refuses_unknown_arguments(capsys):
     assert main(["bench", "all", "--rounds", "3"]) == 2
     assert "bench all: unknown arguments ['--rounds', '3']; allowed: --quick" in capsys.readouterr().err
+
+
+def test_bench_all_finds_the_checkouts_benchmarks_from_anywhere(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no benchmarks/ here
+    assert benchmarks_dir() == ROOT

@@ -153,8 +153,21 @@ def _cmd_datasets(a: argparse.Namespace) -> int:
     return 0
 
 
+def _benchmark_roots() -> list[Path]:
+    """Where benchmarks live: the working directory's ``benchmarks/``, then the checkout's."""
+    return [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+
+
+def benchmarks_dir() -> Path:
+    """The folder ``fedmtl bench all`` runs (the first of the roots that holds benchmarks)."""
+    for root in _benchmark_roots():
+        if root.is_dir() and any(p for p in root.glob("*.py") if not p.stem.startswith("_")):
+            return root
+    raise FedmtlError("bench: no benchmarks/ folder here or in the fedmtl checkout; run from the repository")
+
+
 def find_benchmark(name: str) -> Path:
-    candidates = [Path.cwd() / "benchmarks", Path(__file__).resolve().parents[2] / "benchmarks"]
+    candidates = _benchmark_roots()
     for root in candidates:
         path = root / f"{name}.py"
         if path.is_file():
@@ -178,8 +191,7 @@ def _cmd_bench(a: argparse.Namespace) -> int:
         extra = set(a.args) - {"--quick"}
         if extra:
             raise ConfigError(f"bench all: unknown arguments {sorted(extra)}; allowed: --quick")
-        root = find_benchmark("mnist_fedavg").parent
-        print(f"tables: {run_all(root, '--quick' in a.args)}")
+        print(f"tables: {run_all(benchmarks_dir(), '--quick' in a.args)}")
         return 0
     path = find_benchmark(a.name)
     spec = importlib.util.spec_from_file_location(f"fedmtl_bench_{a.name}", path)

@@ -150,9 +150,9 @@ def main(argv: list[str]) -> Path:
         "that ran. With adaptive clipping the bound follows the median update norm from the noisy sum "
         "of centred clip bits (each client's bit minus 1/2, so one client moves it by at most 1/2) "
         "divided by the expected count, the estimate the accountant charges (Andrew et al. 2021), and "
-        "the update noise is raised so that both together cost z. Sample DP-SGD clips every per-sample gradient inside local training; "
-        "its epsilon is the largest over clients (per-client accountant over the local steps it did, "
-        "Poisson batches).",
+        "the update noise is raised so that both together cost z. Sample DP-SGD clips every "
+        "per-sample gradient inside local training; its epsilon is the largest over clients "
+        "(per-client accountant over the local steps it did, Poisson batches).",
         "",
         "The first three columns are the default run: Poisson clients under client DP; fixed-size "
         "client sampling for no DP and for DP-SGD, whose record-level guarantee comes from its Poisson "

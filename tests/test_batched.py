@@ -244,6 +244,8 @@ def _config(algorithm: dict[str, Any], execution: str, **kw: Any) -> dict[str, A
 
 
 TASKS = {"data__tasks": ["digit", "parity", "ge5", "ink"]}
+TWO_TASKS = {"data__tasks": [["digit", "ink"]]}
+MIXED_TASKS = {"data__tasks": [["digit", "ink"], ["parity"], ["digit", "ge5"]]}
 #: Registered algorithms the executors cannot batch, and why: each declares ``batchable = False``
 #: (checked below), so the simulator trains its clients one after another.
 NOT_BATCHABLE = {
@@ -271,12 +273,18 @@ VARIANTS = [
     ({"name": "lg_fedavg"}, {}),
     ({"name": "lg_fedavg"}, TASKS),
     ({"name": "fedbabu", "finetune_steps": 3}, {}),
+    # several tasks per client: the digit class and the ink regression on the same images, and a
+    # federation whose clients hold different sets of them
+    ({"name": "fedavg"}, TWO_TASKS),
+    ({"name": "apfl"}, TWO_TASKS),
+    ({"name": "fedper"}, MIXED_TASKS),
 ]
 _CHOSEN = {a["name"] for a, _ in VARIANTS}
 CLASSIC = VARIANTS + [
     ({"name": name}, {}) for name in algorithm_names() if name not in _CHOSEN and name not in NOT_BATCHABLE
 ]
-CLASSIC_IDS = [a["name"] + ("-tasks" if kw else "") for a, kw in CLASSIC]
+_KIND = {id(TASKS): "-tasks", id(TWO_TASKS): "-two-tasks", id(MIXED_TASKS): "-task-sets"}
+CLASSIC_IDS = [a["name"] + _KIND.get(id(kw), "") for a, kw in CLASSIC]
 
 
 def test_every_registered_algorithm_is_in_the_equality_grid_or_declares_why_not():

@@ -277,6 +277,14 @@ FLOWER_VARIANTS = [
         "algorithm": {"name": "hierarchical"},
     },
 ]
+FLOWER_VARIANTS.append(  # clients holding different sets of several tasks on the same samples
+    {
+        "data__partition__num_clients": 3,
+        "data__tasks": [["digit", "ink"], ["digit"], ["parity", "ink"]],
+        "train__rounds": 2,
+        "algorithm": {"name": "ditto"},
+    }
+)
 FLOWER_VARIANT_IDS = [
     "fedavg",
     "sampling-drops-momentum",
@@ -291,6 +299,7 @@ FLOWER_VARIANT_IDS = [
     "fedbabu",
     "fedavg-multitask",
     "hierarchical-multitask",
+    "ditto-task-sets",
 ]
 _ON_FLOWER = {v.get("algorithm", {"name": "fedavg"})["name"] for v in FLOWER_VARIANTS}
 _DEFAULTS = [n for n in algorithm_names() if n not in _ON_FLOWER and n not in OWN_FLOWER_TEST]

@@ -46,6 +46,9 @@ class TrainConfig(Strict):
     weight_decay: float = Field(0.0, ge=0)
     lr_schedule: Literal["constant", "exponential", "cosine"] = "constant"
     lr_decay: float = Field(0.99, gt=0, le=1)
+    #: clients with several tasks: fixed (each task's declared weight) or uncertainty (Kendall et
+    #: al. 2018: a learned log-variance per task, ``exp(-s) L / 2 + s / 2``)
+    task_weighting: Literal["fixed", "uncertainty"] = "fixed"
 
 
 class ClientsConfig(Strict):

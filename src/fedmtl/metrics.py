@@ -15,12 +15,23 @@ SUMMARY_STATS = ("mean", "std", "worst10", "best10")
 
 
 def primary_metric(task: TaskSpec) -> tuple[str, bool]:
-    """The metric used for 'best round' and the progress bar, and whether higher is better."""
+    """The metric used for 'best round' and the progress bar, and whether higher is better (a
+    client with several tasks: its first task's, under that task's name: ``<task>.accuracy``)."""
+    if task.is_multi:
+        first = task.parts[0]
+        metric, higher = primary_metric(first)
+        return f"{first.name}{PART}{metric}", higher
     if task.dense:
         from fedmtl.fedbone.metrics import dense_primary
 
         return dense_primary(task)
+    if task.kind == "multilabel":
+        return "f1_micro", True
     return ("accuracy", True) if task.is_classification else ("rmse", False)
+
+
+#: Separates a task's name from its metric in a multi-task client's row: ``ink.rmse``.
+PART = "."
 
 
 def classification_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
@@ -58,12 +69,59 @@ def regression_metrics(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> di
     }
 
 
+def multilabel_metrics(logits: torch.Tensor, y: torch.Tensor) -> dict[str, float]:
+    """Binary cross-entropy, subset accuracy, micro and macro F1 over the labels."""
+    y = y.to(logits.dtype)
+    loss = float(nn.functional.binary_cross_entropy_with_logits(logits, y)) if len(y) else float("nan")
+    pred = (logits > 0).numpy()
+    true = y.numpy() > 0.5
+    tp = (pred & true).sum(0).astype(float)
+    fp = (pred & ~true).sum(0).astype(float)
+    fn = (~pred & true).sum(0).astype(float)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        per = np.where(2 * tp + fp + fn > 0, 2 * tp / (2 * tp + fp + fn), 0.0)
+    micro = 2 * tp.sum() / max(2 * tp.sum() + fp.sum() + fn.sum(), 1.0)
+    return {
+        "loss": loss,
+        "subset_accuracy": float((pred == true).all(1).mean()) if len(y) else float("nan"),
+        "f1_micro": float(micro),
+        "f1_macro": float(per.mean()) if per.size else 0.0,
+    }
+
+
 def task_metrics(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> dict[str, float]:
+    if task.is_multi:  # each task on the samples labelled for it, under its name
+        return multi_task_metrics(out, y, task)  # type: ignore[arg-type]
     if task.dense:  # per-pixel outputs (segmentation mIoU, map RMSE, PSNR)
         from fedmtl.fedbone.metrics import dense_metrics
 
         return dense_metrics(out, y, task)
+    if task.kind == "multilabel":
+        return multilabel_metrics(out, y)
     return classification_metrics(out, y) if task.is_classification else regression_metrics(out, y, task)
+
+
+def multi_task_metrics(out: dict[str, torch.Tensor], y: torch.Tensor, task: TaskSpec) -> dict[str, float]:
+    """Each task's metrics on its labelled samples, as ``<task>.<metric>``; ``loss``: the client's
+    objective (the weighted sum of its task losses)."""
+    from fedmtl.training.objectives import multi_task_loss
+
+    metrics: dict[str, float] = {}
+    col = 0
+    for p in task.parts:
+        target = y[:, col : col + p.columns]
+        col += p.columns
+        labelled = ~torch.isnan(target).all(1) if p.kind == "multilabel" else ~torch.isnan(target[:, 0])
+        rows = labelled.nonzero().squeeze(1)
+        part_y = target[rows] if p.kind == "multilabel" else target[rows, 0]
+        if p.is_classification:
+            part_y = part_y.long()
+        elif p.kind == "multilabel":
+            part_y = torch.nan_to_num(part_y)
+        for k, v in task_metrics(out[p.name][rows], part_y, p).items():
+            metrics[f"{p.name}{PART}{k}"] = v
+    metrics["loss"] = float(multi_task_loss(out, y, task)) if len(y) else float("nan")
+    return metrics
 
 
 def summarize(values: list[float], higher_is_better: bool = True) -> dict[str, float]:
@@ -84,14 +142,18 @@ def summarize(values: list[float], higher_is_better: bool = True) -> dict[str, f
 LOWER_IS_BETTER = {"loss", "rmse"}
 
 
+def lower_is_better(key: str) -> bool:
+    """Whether a row's metric (``rmse``, ``shared_loss``, a task's ``ink.rmse``) is better lower."""
+    base = key.removeprefix("shared_").removeprefix("before_").removeprefix("after_").removeprefix("val_")
+    return base.rpartition(PART)[2] in LOWER_IS_BETTER
+
+
 def summarize_clients(rows: list[dict[str, float]]) -> dict[str, float]:
     """Flatten summaries of every numeric metric in ``rows`` into ``<metric>_<stat>`` keys."""
     out: dict[str, float] = {}
     keys = list(dict.fromkeys(k for r in rows for k, v in r.items() if isinstance(v, float) and k != "round"))
     for key in keys:
-        base = key.removeprefix("shared_").removeprefix("before_").removeprefix("after_").removeprefix("val_")
-        lower = base in LOWER_IS_BETTER
-        stats = summarize([r[key] for r in rows if key in r], higher_is_better=not lower)
+        stats = summarize([r[key] for r in rows if key in r], higher_is_better=not lower_is_better(key))
         out.update({f"{key}_{s}": v for s, v in stats.items()})
     if "gain" in keys:
         gains = [r["gain"] for r in rows if "gain" in r]

@@ -97,7 +97,14 @@ class APFL(FedAvg):
 
     def __init__(self, params: APFLParams, ctx: AlgoContext) -> None:
         super().__init__(params, ctx)
-        self.objective = Mixture(list(ctx.init_arrays))
+        #: one per task: the mixture is over that task's model arrays (its heads' names among them)
+        self.objectives: dict[str, Mixture] = {}
+
+    def objective(self, task: str) -> Mixture:
+        obj = self.objectives.get(task)
+        if obj is None:
+            obj = self.objectives[task] = Mixture(list(self.ctx.init_for(task)))
+        return obj
 
     def init_client(self, cid: int) -> dict[str, Any]:
         init = self.ctx.init_for(self.ctx.task_of(cid))
@@ -113,7 +120,12 @@ class APFL(FedAvg):
         start = {**msg.arrays, **{PERSONAL + k: v for k, v in personal.items()}, ALPHA: state["alpha"]}
         trainable = None if self.p.adaptive else [k for k in start if k != ALPHA]
         trained = yield self.ctx.train(
-            data, work, start, trainable=trainable, objective=self.objective, bounds=[(ALPHA, 0.0, 1.0)]
+            data,
+            work,
+            start,
+            trainable=trainable,
+            objective=self.objective(data.task.name),
+            bounds=[(ALPHA, 0.0, 1.0)],
         )
         out = trained.params
         reply = Message(arrays={k: out[k] for k in msg.arrays}, scalars=trained.scalars(data))

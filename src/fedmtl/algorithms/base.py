@@ -93,10 +93,44 @@ class AlgoContext:
     #: thousands of clients asks for a handful of distinct ones
     _specs: dict[tuple[float, float | None], LocalSpec] = field(default_factory=dict, repr=False)
     _steps: dict[tuple[int, float, float, float | None], int] = field(default_factory=dict, repr=False)
+    _views: dict[str, list[str]] = field(default_factory=dict, repr=False)
 
     @property
     def multi_task(self) -> bool:
         return len(self.task_init) > 1
+
+    @property
+    def named_heads(self) -> bool:
+        """Whether heads carry their task in their names (``head.<task>.*``): a federation with
+        clients holding several tasks. A task's head is then one key space for every client holding
+        that task, whatever else it holds, and no head is put under a task prefix on the server."""
+        return any(t.is_multi for t in self.task_specs.values())
+
+    def initial_params(self) -> Arrays:
+        """The server's starting point: the shared body plus every task's initial head, in server
+        names (``fedmtl.algorithms.heads``)."""
+        if not self.named_heads:
+            return initial_global(self.task_init, self.init_arrays)
+        out: Arrays = {}
+        for arrays in self.task_init.values():
+            for k, v in arrays.items():
+                out.setdefault(k, v.copy())
+        return out
+
+    def view(self, params: Arrays, task: str) -> Arrays:
+        """What a client of ``task`` uses of the server's arrays (the body and its own heads)."""
+        if not self.named_heads:
+            return for_task(params, task, self.multi_task)
+        keys = self._views.get(task)
+        if keys is None:
+            keys = self._views[task] = [k for k in self.init_for(task)]
+        return {k: params[k] for k in keys if k in params}
+
+    def server_view(self, params: Arrays, task: str) -> Arrays:
+        """The server names a client of ``task`` may see (the evaluation view)."""
+        if not self.named_heads:
+            return task_part(params, task, self.multi_task)
+        return self.view(params, task)
 
     def task_of(self, cid: int) -> str:
         return self.client_tasks.get(cid, self.task.name)
@@ -178,11 +212,11 @@ class Algorithm:
     # --- server side -------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
         """The shared body plus every task's initial head (server names: ``fedmtl.algorithms.heads``)."""
-        return {"params": initial_global(self.ctx.task_init, self.ctx.init_arrays)}
+        return {"params": self.ctx.initial_params()}
 
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:
         """The message a sampled client receives this round: the body and its task's head."""
-        return Message(arrays=for_task(server["params"], self.ctx.task_of(cid), self.ctx.multi_task))
+        return Message(arrays=self.ctx.view(server["params"], self.ctx.task_of(cid)))
 
     def broadcast_many(self, server: dict[str, Any], cids: list[int]) -> list[Message]:
         """``[self.broadcast(server, c) for c in cids]``: what the round calls. With the default
@@ -235,7 +269,7 @@ class Algorithm:
 
     def head_groups(self, replies: Mapping[int, Message]) -> dict[int, str] | None:
         """Each client's task, under which its head is reduced (None in a single-task federation)."""
-        if not self.ctx.multi_task:
+        if not self.ctx.multi_task or self.ctx.named_heads:  # one key space per head already
             return None
         task_of = self.ctx.task_of
         return {c: task_of(c) for c in replies}
@@ -312,7 +346,7 @@ class Algorithm:
         params = server.get("params")
         if not isinstance(params, dict):
             return {}
-        return {"params": task_part(params, self.ctx.task_of(cid), self.ctx.multi_task)}
+        return {"params": self.ctx.server_view(params, self.ctx.task_of(cid))}
 
     def evaluates_clients(self) -> bool:
         """Whether the training clients evaluate (client-level DP without a private evaluation

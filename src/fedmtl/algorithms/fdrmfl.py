@@ -81,6 +81,11 @@ class FDRMFL(Algorithm):
 
     def __init__(self, params: FDRMFLParams, ctx: AlgoContext) -> None:  # type: ignore[override]
         super().__init__(params, ctx)
+        if any(t.is_multi for t in ctx.task_specs.values()):
+            raise ConfigError(
+                "config: algorithm.name = 'fdrmfl': its network extracts multi-modal features for one "
+                "regression target, and clients here hold several tasks; give each client one target"
+            )
         if ctx.multi_task:
             raise ConfigError(
                 "config: data.tasks: algorithm 'fdrmfl' solves one regression task; remove data.tasks"

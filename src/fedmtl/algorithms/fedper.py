@@ -10,7 +10,7 @@ import numpy as np
 from fedmtl.aggregation import server_opt_init
 from fedmtl.algorithms.base import ClientWork, Message
 from fedmtl.algorithms.fedavg import FedAvg
-from fedmtl.algorithms.heads import body_of, head_of, initial_global
+from fedmtl.algorithms.heads import body_of, head_of
 from fedmtl.data.federated import ClientData
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import Train, Trained
@@ -22,7 +22,7 @@ class FedPer(FedAvg):
     name = "fedper"
 
     def init_server(self) -> dict[str, Any]:
-        body = body_of(initial_global(self.ctx.task_init, self.ctx.init_arrays))
+        body = body_of(self.ctx.initial_params())
         return {"params": body, "opt": server_opt_init(self.p.server_optimizer, body)}
 
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:

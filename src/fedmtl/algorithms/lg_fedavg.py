@@ -15,7 +15,7 @@ import numpy as np
 from fedmtl.aggregation import server_opt_init
 from fedmtl.algorithms.base import ClientWork, Message
 from fedmtl.algorithms.fedavg import FedAvg
-from fedmtl.algorithms.heads import body_of, initial_global
+from fedmtl.algorithms.heads import body_of
 from fedmtl.data.federated import ClientData
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import Train, Trained
@@ -25,7 +25,7 @@ class LGFedAvg(FedAvg):
     name = "lg_fedavg"
 
     def init_server(self) -> dict[str, Any]:
-        full = initial_global(self.ctx.task_init, self.ctx.init_arrays)
+        full = self.ctx.initial_params()
         body = body_of(full)
         heads = {k: v for k, v in full.items() if k not in body}
         return {"params": heads, "opt": server_opt_init(self.p.server_optimizer, heads)}

@@ -59,6 +59,13 @@ class Mocha(Algorithm):
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         super().__init__(params, ctx)
         p: MochaParams = self.p  # type: ignore[assignment]
+        several = sorted(t.name for t in ctx.task_specs.values() if t.is_multi)
+        if several:
+            raise ConfigError(
+                f"config: algorithm.name = 'mocha': each client is one linear task of MOCHA's model "
+                f"(one row of W), and clients here hold several tasks ({', '.join(several)}); give each "
+                "client one task, or use an algorithm with task heads (fedavg, fedper, ditto, ...)"
+            )
         keys = set(ctx.init_arrays)
         if type(ctx.model).__name__ != "Linear" or keys != {"head.weight", "head.bias"}:
             raise ConfigError(

@@ -122,7 +122,9 @@ class DataConfig(Strict):
     #: the shape of one sample, e.g. [1, 28, 28] for flattened LEAF images (image models need it)
     input_shape: list[int] | None = Field(None, min_length=1)
     max_clients: int | None = Field(None, ge=1)
-    tasks: list[str] | None = None
+    #: derived tasks, cycled over the clients: a name gives a client that task; a list of names
+    #: gives it all of them on the same samples (``[[digit, ink]]``: every client both)
+    tasks: list[str | list[str]] | None = None
     holdout_clients: int = Field(0, ge=0)
     corrupt: CorruptConfig = CorruptConfig()
     #: concept shift between seeded client groups (label_permutation / rotation); None: no shift

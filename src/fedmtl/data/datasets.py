@@ -26,7 +26,7 @@ from fedmtl.data.leaf import read_leaf
 from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
 from fedmtl.data.raw import Clients, ClientSplits, Pooled, Raw
 from fedmtl.data.resample import resample as resample_clients
-from fedmtl.data.tasks import assign_tasks
+from fedmtl.data.tasks import assign_tasks, entry_name
 from fedmtl.data.validation import carve_all
 from fedmtl.errors import ConfigError, DataError
 
@@ -705,7 +705,8 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     elif cfg.tasks:
         clients = assign_tasks(clients, list(cfg.tasks), layout.image, task.num_outputs)
         task, gx, gy = clients[0].task, None, None  # no single global test set across different tasks
-        info["tasks"] = {name: sum(c.task.name == name for c in clients) for name in dict.fromkeys(cfg.tasks)}
+        named = dict.fromkeys(entry_name(e) for e in cfg.tasks)
+        info["tasks"] = {name: sum(c.task.name == name for c in clients) for name in named}
     if cfg.missing_modalities:
         clients = _drop_modalities(clients, spec.name, cfg.missing_modalities)
         info["missing_modalities"] = {int(c): list(m) for c, m in sorted(cfg.missing_modalities.items())}

@@ -15,7 +15,7 @@ before they were written (``fedmtl flower split`` applies the config's normalisa
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -68,8 +68,8 @@ def describe(data: FederatedData, provenance: dict[str, Any] | None = None) -> d
         "num_clients": data.num_clients,
         "input_shape": list(data.input_shape),
         "x_dtype": str(first.x_train.dtype),
-        "task": asdict(data.task),
-        "tasks": [asdict(t) for t in tasks],
+        "task": data.task.to_dict(),
+        "tasks": [t.to_dict() for t in tasks],
         "y": {"dtype": str(first.y_train.dtype), "shape": list(first.y_train.shape[1:])},
         "client_tasks": [order[name] for name in data.task_names()] if len(tasks) > 1 else None,
         "names": [_name(clients, c) for c in range(data.num_clients)],
@@ -106,8 +106,8 @@ def federation(desc: dict[str, Any], where: str, base: Path | None = None) -> Fe
     n = int(_field(desc, "num_clients", where))
     shape = tuple(int(s) for s in _field(desc, "input_shape", where))
     try:
-        tasks = [TaskSpec(**t) for t in _field(desc, "tasks", where)]
-        task = TaskSpec(**_field(desc, "task", where))
+        tasks = [TaskSpec.from_dict(t) for t in _field(desc, "tasks", where)]
+        task = TaskSpec.from_dict(_field(desc, "task", where))
     except TypeError as exc:
         raise DataError(f"federation description {where}: a task is malformed ({exc})") from None
     which = desc.get("client_tasks") or [0] * n

@@ -14,9 +14,14 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What a client predicts. Regression targets are standardised for training; metrics undo it."""
+    """What a client predicts. Regression targets are standardised for training; metrics undo it.
 
-    kind: Literal["classification", "regression"]
+    A client with several tasks on the same samples has one ``TaskSpec`` of kind "multi" whose
+    ``parts`` are its tasks (``fedmtl.data.multitask``): its labels are one float array with a
+    column per part (multi-label parts: one per label), NaN where a sample has no label for a part;
+    its model has one head per part (``head.<part>.*``)."""
+
+    kind: Literal["classification", "regression", "multilabel", "multi"]
     num_outputs: int
     name: str = "default"
     target_mean: float = 0.0
@@ -24,10 +29,44 @@ class TaskSpec:
     #: "" for per-sample outputs; a dense task's name (e.g. "segment") when the output is a
     #: per-pixel map: classification then means per-pixel classes, regression a target image.
     dense: str = ""
+    #: kind "multi": the client's tasks, in label-column order
+    parts: tuple[TaskSpec, ...] = ()
+    #: as a part of a multi-task client: its weight in the client's objective
+    weight: float = 1.0
+    #: the per-sample loss ("" = the kind's default: cross_entropy, mse, bce)
+    loss: str = ""
+    #: as a part: widths of hidden layers of its head (an MLP on the body's features; () = the
+    #: model's own head)
+    head_hidden: tuple[int, ...] = ()
 
     @property
     def is_classification(self) -> bool:
         return self.kind == "classification"
+
+    @property
+    def is_multi(self) -> bool:
+        return self.kind == "multi"
+
+    @property
+    def columns(self) -> int:
+        """Label columns it takes in a multi-task label array (a multi-label task: one per label)."""
+        if self.is_multi:
+            return sum(p.columns for p in self.parts)
+        return self.num_outputs if self.kind == "multilabel" else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (a store's or a federation's metadata); ``from_dict`` reads it back."""
+        out = {k: getattr(self, k) for k in self.__dataclass_fields__ if k != "parts"}
+        out["parts"] = [p.to_dict() for p in self.parts]
+        out["head_hidden"] = list(self.head_hidden)
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: dict[str, Any]) -> TaskSpec:
+        fields = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__}
+        fields["parts"] = tuple(cls.from_dict(p) for p in raw.get("parts") or ())
+        fields["head_hidden"] = tuple(raw.get("head_hidden") or ())
+        return cls(**fields)
 
 
 @dataclass

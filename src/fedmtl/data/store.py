@@ -13,7 +13,6 @@ Layout (``FORMAT``): ``meta.json`` (shape, tasks, names, the normalisation appli
 from __future__ import annotations
 
 import json
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -71,8 +70,8 @@ def write_store(data: FederatedData, out: Path, provenance: dict[str, Any] | Non
         "name": data.name,
         "clients": n,
         "input_shape": list(data.input_shape),
-        "task": asdict(data.task),
-        "tasks": [asdict(t) for t in tasks],
+        "task": data.task.to_dict(),
+        "tasks": [t.to_dict() for t in tasks],
         "names": [
             clients.name_of(c) if isinstance(clients, ClientList) else clients[c].name for c in range(n)
         ],
@@ -122,7 +121,7 @@ def open_store(path: Path) -> FederatedData:
         if len(offsets) != meta["clients"] + 1 or offsets[-1] != len(x) or len(x) != len(y):
             raise DataError(f"client store {path}: {split} offsets do not match its {len(x)} rows")
         splits[split] = Rows(x, y, offsets)
-    tasks = [TaskSpec(**t) for t in meta["tasks"]]
+    tasks = [TaskSpec.from_dict(t) for t in meta["tasks"]]
     task_ids = _load(path / "task_ids.npy", mmap=False) if len(tasks) > 1 else None
     clients = ClientList(splits["train"], splits["test"], tasks, task_ids, names=meta["names"])
     gx = gy = None
@@ -135,7 +134,7 @@ def open_store(path: Path) -> FederatedData:
         meta["name"],
         clients,
         tuple(meta["input_shape"]),
-        TaskSpec(**meta["task"]),
+        TaskSpec.from_dict(meta["task"]),
         gx,
         gy,
         str(path.resolve()),

@@ -31,41 +31,74 @@ TASKS: dict[str, DerivedTask] = {
 }
 
 
+#: A client group's task(s): one derived task, or several on the same samples.
+TaskEntry = str | list[str]
+
+
+def entry_name(entry: TaskEntry) -> str:
+    return entry if isinstance(entry, str) else "+".join(entry)
+
+
 def assign_tasks(
-    clients: list[ClientData], names: list[str], image: bool, num_classes: int
+    clients: list[ClientData], names: list[TaskEntry], image: bool, num_classes: int
 ) -> list[ClientData]:
-    """Give client ``c`` the task ``names[c % len(names)]`` and relabel its data for that task."""
-    for name in names:
-        if name not in TASKS:
-            allowed = ", ".join(sorted(TASKS))
-            raise ConfigError(f"config: data.tasks = {names!r}: unknown task {name!r}; allowed: {allowed}")
+    """Give client ``c`` the task(s) ``names[c % len(names)]`` and relabel its data for them. An
+    entry that lists several tasks gives its clients all of them on the same samples (one label
+    column each, ``TaskSpec.parts``); once any entry does, every client's task is such a set (of one,
+    for a single task), so a task's head has one name whichever other tasks a client holds."""
+    for entry in names:
+        for name in [entry] if isinstance(entry, str) else entry:
+            if name not in TASKS:
+                allowed = ", ".join(sorted(TASKS))
+                raise ConfigError(
+                    f"config: data.tasks = {names!r}: unknown task {name!r}; allowed: {allowed}"
+                )
+        if not isinstance(entry, str) and (not entry or len(set(entry)) != len(entry)):
+            raise ConfigError(f"config: data.tasks = {names!r}: {entry!r} must list distinct tasks")
     if not image or num_classes != 10:
         raise ConfigError(
             f"config: data.tasks = {names!r}: derived tasks need a 10-class image dataset (digits, mnist)"
         )
-    groups: dict[str, list[int]] = {}
+    sets = any(not isinstance(e, str) for e in names)
+    entries = [([e] if isinstance(e, str) else list(e)) if sets else e for e in names]
+    groups: dict[int, list[int]] = {}
     for c in clients:
-        groups.setdefault(names[c.cid % len(names)], []).append(c.cid)
+        groups.setdefault(c.cid % len(entries), []).append(c.cid)
+    # every part is specified (and a regression part standardised) over all clients holding it
+    holders: dict[str, list[int]] = {}
+    for i, cids in groups.items():
+        for name in [entries[i]] if isinstance(entries[i], str) else entries[i]:
+            holders.setdefault(name, []).extend(cids)
+    specs = {name: _spec(name, [clients[c] for c in cids]) for name, cids in holders.items()}
     out = list(clients)
-    for name, cids in groups.items():
-        spec = TASKS[name]
-        targets = {
-            c: (
-                spec.target(clients[c].x_train, clients[c].y_train),
-                spec.target(clients[c].x_test, clients[c].y_test),
-            )
-            for c in cids
-        }
-        if spec.kind == "regression":
-            pooled = np.concatenate([targets[c][0] for c in cids]).astype(np.float64)
-            mean, std = float(pooled.mean()), float(pooled.std() or 1.0)
-            task = TaskSpec("regression", 1, name, mean, std)
-        else:
-            task = TaskSpec("classification", spec.num_outputs, name)
+    for i, cids in groups.items():
+        entry = entries[i]
+        if isinstance(entry, str):
+            task = specs[entry]
+            for c in cids:
+                tr, te = (_encode(TASKS[entry].target(x, y), task) for x, y in _splits(clients[c]))
+                out[c] = replace(clients[c], y_train=tr, y_test=te, task=task)
+            continue
+        task = TaskSpec("multi", len(entry), entry_name(entry), parts=tuple(specs[n] for n in entry))
         for c in cids:
-            tr, te = (_encode(t, task) for t in targets[c])
+            tr, te = (
+                np.stack([_encode(TASKS[n].target(x, y), specs[n]).astype(np.float32) for n in entry], 1)
+                for x, y in _splits(clients[c])
+            )
             out[c] = replace(clients[c], y_train=tr, y_test=te, task=task)
     return out
+
+
+def _splits(c: ClientData) -> list[tuple[np.ndarray, np.ndarray]]:
+    return [(c.x_train, c.y_train), (c.x_test, c.y_test)]
+
+
+def _spec(name: str, holders: list[ClientData]) -> TaskSpec:
+    spec = TASKS[name]
+    if spec.kind == "regression":
+        pooled = np.concatenate([spec.target(c.x_train, c.y_train) for c in holders]).astype(np.float64)
+        return TaskSpec("regression", 1, name, float(pooled.mean()), float(pooled.std() or 1.0))
+    return TaskSpec("classification", spec.num_outputs, name)
 
 
 def _encode(target: np.ndarray, task: TaskSpec) -> np.ndarray:

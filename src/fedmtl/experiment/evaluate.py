@@ -43,9 +43,16 @@ def _metrics_by_client(
         pred = predict(algo.ctx.model_for(task), to_torch(arrays), x)
         start = 0
         for c, (_, y) in zip(clients, parts, strict=True):
-            out[c.cid] = task_metrics(pred[start : start + len(y)], torch.as_tensor(y), c.task)
+            out[c.cid] = task_metrics(_rows(pred, start, start + len(y)), torch.as_tensor(y), c.task)
             start += len(y)
     return out
+
+
+def _rows(pred: torch.Tensor | dict[str, torch.Tensor], start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of a prediction (of every task's, for a model with a head per task)."""
+    if isinstance(pred, dict):
+        return {k: v[start:stop] for k, v in pred.items()}
+    return pred[start:stop]
 
 
 def evaluate_clients(

@@ -16,12 +16,13 @@ from tqdm import tqdm
 from fedmtl.algorithms import AlgoContext, Algorithm, get_algorithm
 from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
-from fedmtl.data.federated import FederatedData
+from fedmtl.data.federated import FederatedData, TaskSpec
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.records import RunDir
 from fedmtl.features import apply_features
 from fedmtl.metrics import primary_metric
 from fedmtl.models import build_model
+from fedmtl.models.multihead import multi_head_model
 from fedmtl.runtime import Simulator
 from fedmtl.runtime.client_states import open_states
 from fedmtl.runtime.loop import Progress, RunLoop
@@ -98,11 +99,14 @@ def build_algorithm(cfg: Config, data: FederatedData | None = None) -> tuple[Fed
     federation built elsewhere (a node's, from the server's description and its own files)."""
     data = load_federated(cfg.data, cfg.seed) if data is None else data
     vocab = len(data.vocab) + 1 if data.vocab is not None else None  # + the padding id
+
+    def model_for(t: TaskSpec) -> torch.nn.Module:
+        if t.is_multi:  # several tasks on the same samples: the body once, a head per task
+            return multi_head_model(t, model_for, cfg.train.task_weighting == "uncertainty")
+        return build_model(cfg.model, data.input_shape, t.num_outputs, cfg.seed, vocab)
+
     # One model per task: the same seed gives every task the same body, heads sized per task.
-    models = {
-        name: build_model(cfg.model, data.input_shape, t.num_outputs, cfg.seed, vocab)
-        for name, t in data.tasks.items()
-    }
+    models = {name: model_for(t) for name, t in data.tasks.items()}
     model = models[data.task.name]
     ctx = AlgoContext(
         model=model,

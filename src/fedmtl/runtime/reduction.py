@@ -110,9 +110,9 @@ class ChainReducer:
             return out, state
         if chain is None:
             arrays = [parts[c][0] for c in cids]
-            if request.groups is None:
+            if request.groups is None and all(a.keys() == arrays[0].keys() for a in arrays[1:]):
                 out.params = weighted_mean(arrays, weights)
-            else:
+            else:  # each key over the clients that carry it (a task's head over its own clients)
                 out.params = keywise_mean(arrays, weights)
         else:
             res = chain.run(

@@ -626,10 +626,7 @@ def _step_fn(
         y: torch.Tensor,
         mask: torch.Tensor,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        value, loss = objective.per_sample(model, {**(frozen or {}), **params}, x, y, task)
-        count = mask.sum()
-        mean = (value * mask).sum() / count
-        return mean, mean if loss is value else (loss * mask).sum() / count
+        return objective.masked(model, {**(frozen or {}), **params}, x, y, task, mask)
 
     losses_fn = vmap(client_loss, in_dims=(0, frozen_dims or None, 0, 0, 0))
 

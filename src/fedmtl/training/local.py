@@ -195,11 +195,10 @@ def predict(model: nn.Module, params: Params, x: np.ndarray, chunk: int = 4096) 
     xt = torch.as_tensor(x)
     if not on_cpu():
         params = {k: to_device(v) for k, v in params.items()}
-    outs = [
-        to_host(functional_call(model, params, (to_device(xt[i : i + chunk]),)))
-        for i in range(0, len(xt), chunk)
-    ]
-    return torch.cat(outs) if outs else torch.empty(0)
+    outs = [functional_call(model, params, (to_device(xt[i : i + chunk]),)) for i in range(0, len(xt), chunk)]
+    if outs and isinstance(outs[0], dict):  # a model with a head per task
+        return {k: torch.cat([to_host(o[k]) for o in outs]) for k in outs[0]}  # type: ignore[return-value]
+    return torch.cat([to_host(o) for o in outs]) if outs else torch.empty(0)
 
 
 def evaluate_params(model: nn.Module, params: Params, x: np.ndarray, y: np.ndarray, task: TaskSpec) -> dict:

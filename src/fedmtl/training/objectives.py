@@ -29,23 +29,98 @@ from fedmtl.data.federated import TaskSpec
 ArrayLike = np.ndarray | torch.Tensor
 
 
-def task_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
-    """The batch mean of the task's loss."""
+def task_loss(out: Any, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    """The batch mean of the task's loss (several tasks: ``multi_task_loss``)."""
+    if task.is_multi:
+        return multi_task_loss(out, y, task)
     if task.is_classification:
         return nn.functional.cross_entropy(out, y)
+    if task.kind == "multilabel" or task.loss not in ("", "mse"):
+        return per_sample_loss(out, y, task).mean()
     return nn.functional.mse_loss(out.reshape(y.shape), y)
 
 
-def per_sample_loss(out: torch.Tensor, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
-    """The summands of ``task_loss``: its mean over a batch is ``task_loss``.
+def per_sample_loss(out: Any, y: torch.Tensor, task: TaskSpec) -> torch.Tensor:
+    """The summands of ``task_loss``: its mean over a batch is ``task_loss`` (for several tasks
+    when every sample has every label; ``multi_task_loss`` says what a missing label does).
 
     Cross-entropy is written as log-softmax + gather, which is what ``cross_entropy`` computes;
     under vmap the fused op goes through a Python decomposition whose first call imports sympy."""
+    if task.is_multi:
+        parts, log_var = _part_losses(out, y, task)
+        total = torch.zeros_like(parts[0][0])
+        for i, (p, (loss, labelled)) in enumerate(zip(task.parts, parts, strict=True)):
+            total = total + _weighted(p, loss * labelled, log_var, i)
+        return total
     if task.is_classification:
         return -torch.log_softmax(out, dim=-1).gather(-1, y.unsqueeze(-1)).squeeze(-1)
+    if task.kind == "multilabel":
+        bce = nn.functional.binary_cross_entropy_with_logits(out, y.to(out.dtype), reduction="none")
+        return bce.reshape(len(y), -1).mean(1)
     diff = out.reshape(y.shape) - y
-    sq = diff * diff
-    return sq.reshape(len(y), -1).mean(1) if sq.dim() > 1 else sq
+    if task.loss == "l1":
+        err = diff.abs()
+    elif task.loss == "huber":
+        err = nn.functional.huber_loss(out.reshape(y.shape), y, reduction="none")
+    else:
+        err = diff * diff
+    return err.reshape(len(y), -1).mean(1) if err.dim() > 1 else err
+
+
+def multi_task_loss(
+    out: dict[str, torch.Tensor], y: torch.Tensor, task: TaskSpec, rows: torch.Tensor | None = None
+) -> torch.Tensor:
+    """The objective of a client with several tasks: the weighted sum over its tasks of each task's
+    mean loss over the samples labelled for it (a missing label is masked, never imputed), among
+    ``rows`` (1 for a real sample, 0 for padding) when given. With uncertainty weighting (Kendall
+    et al. 2018) each task's term is ``exp(-s) L / 2 + s / 2`` with its learned log-variance ``s``."""
+    parts, log_var = _part_losses(out, y, task)
+    total = torch.zeros((), dtype=parts[0][0].dtype, device=parts[0][0].device)
+    for i, (p, (loss, labelled)) in enumerate(zip(task.parts, parts, strict=True)):
+        weight = labelled if rows is None else labelled * rows
+        mean = (loss * weight).sum() / weight.sum().clamp_min(1.0)
+        total = total + _weighted(p, mean, log_var, i)
+    return total
+
+
+def _weighted(part: TaskSpec, loss: torch.Tensor, log_var: torch.Tensor | None, i: int) -> torch.Tensor:
+    if log_var is None:
+        return part.weight * loss
+    s = log_var[..., i]  # one row per sample, all equal: the task's learned log-variance
+    if loss.dim() == 0:
+        s = s.mean()
+    return 0.5 * torch.exp(-s) * loss + 0.5 * s
+
+
+def _part_losses(
+    out: dict[str, torch.Tensor], y: torch.Tensor, task: TaskSpec
+) -> tuple[list[tuple[torch.Tensor, torch.Tensor]], torch.Tensor | None]:
+    """Per part: (each sample's loss, 1 where the sample is labelled for it), and the log-variances."""
+    from fedmtl.models.multihead import LOG_VAR
+
+    parts = []
+    col = 0
+    for p in task.parts:
+        width = p.columns
+        target = y[..., col : col + width]
+        col += width
+        if p.kind == "multilabel":
+            labelled = ~torch.isnan(target)
+            clean = torch.where(labelled, target, torch.zeros_like(target))
+            bce = nn.functional.binary_cross_entropy_with_logits(out[p.name], clean, reduction="none")
+            counts = labelled.sum(-1)
+            loss = (bce * labelled).sum(-1) / counts.clamp_min(1)
+            parts.append((loss, (counts > 0).to(loss.dtype)))
+            continue
+        target = target[..., 0]
+        labelled = ~torch.isnan(target)
+        clean = torch.where(labelled, target, torch.zeros_like(target))
+        if p.is_classification:
+            clean = clean.long()
+        loss = per_sample_loss(out[p.name], clean, p)
+        parts.append((loss, labelled.to(loss.dtype)))
+    log_var = out.get(LOG_VAR) if isinstance(out, dict) else None
+    return parts, log_var
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,6 +197,25 @@ class Objective:
             return loss, loss
         objective, loss = self.per_sample(model, params, x, y, task)
         return objective.mean(), loss.mean()
+
+    def masked(
+        self,
+        model: nn.Module,
+        params: Mapping[str, torch.Tensor],
+        x: torch.Tensor,
+        y: torch.Tensor,
+        task: TaskSpec,
+        rows: torch.Tensor,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``batch`` over the real rows of a padded batch (``rows``: 1 real, 0 padding), what the
+        batched executor minimises for each client."""
+        if self.is_task_loss and task.is_multi:
+            loss = multi_task_loss(functional_call(model, dict(params), (x,)), y, task, rows)
+            return loss, loss
+        value, loss = self.per_sample(model, params, x, y, task)
+        count = rows.sum()
+        mean = (value * rows).sum() / count
+        return mean, mean if loss is value else (loss * rows).sum() / count
 
 
 #: The task loss: what every method but a few minimises.

@@ -1,0 +1,145 @@
+"""Several tasks per client: one body, a head per task, the weighted sum of the task losses with
+missing labels masked, per-task metrics everywhere, per-task aggregation of heads in the contract."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+import fedmtl
+from fedmtl.config import parse_config
+from fedmtl.data.federated import TaskSpec
+from fedmtl.errors import ConfigError
+from fedmtl.experiment.run import build
+from fedmtl.metrics import task_metrics
+from fedmtl.models.multihead import LOG_VAR
+from fedmtl.training.objectives import multi_task_loss, per_sample_loss
+from tests.conftest import digits_config
+
+DIGIT = TaskSpec("classification", 10, "digit")
+INK = TaskSpec("regression", 1, "ink", 0.1, 0.05)
+BOTH = TaskSpec(
+    "multi", 2, "digit+ink", parts=(DIGIT, TaskSpec("regression", 1, "ink", 0.1, 0.05, weight=0.5))
+)
+TWO_TASKS = {"data__tasks": [["digit", "ink"]]}
+
+
+def _outputs(seed: int = 0, n: int = 6) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    out = {"digit": torch.randn(n, 10, generator=g), "ink": torch.randn(n, 1, generator=g)}
+    y = torch.stack([torch.randint(0, 10, (n,), generator=g).float(), torch.randn(n, generator=g)], 1)
+    return out, y
+
+
+def test_the_objective_is_the_weighted_sum_of_each_tasks_mean_over_its_labelled_samples():
+    out, y = _outputs()
+    y[1, 0] = y[4, 0] = float("nan")  # two samples without a digit label, one without ink
+    y[2, 1] = float("nan")
+    digit_rows, ink_rows = [0, 2, 3, 5], [0, 1, 3, 4, 5]
+    ce = torch.nn.functional.cross_entropy(out["digit"][digit_rows], y[digit_rows, 0].long())
+    mse = torch.nn.functional.mse_loss(out["ink"][ink_rows, 0], y[ink_rows, 1])
+    got = multi_task_loss(out, y, BOTH)
+    assert float(got) == pytest.approx(float(ce + 0.5 * mse), rel=1e-6)
+    # a missing label is masked, never imputed: any value in its place leaves the loss as it was
+    y2 = y.clone()
+    y2[1, 0], y2[2, 1] = 3.0, 100.0
+    assert float(multi_task_loss(out, y2, BOTH)) != pytest.approx(float(got))
+    # with every label present, the per-sample terms average to the objective
+    full = _outputs(1)
+    assert float(per_sample_loss(*full, BOTH).mean()) == pytest.approx(float(multi_task_loss(*full, BOTH)))
+
+
+def test_uncertainty_weighting_learns_a_log_variance_per_task():
+    out, y = _outputs()
+    task = TaskSpec("multi", 2, "both", parts=(DIGIT, INK))  # the log-variances come with the outputs
+    s = torch.tensor([0.3, -0.7])
+    out[LOG_VAR] = s.expand(len(y), 2)
+    ce = torch.nn.functional.cross_entropy(out["digit"], y[:, 0].long())
+    mse = torch.nn.functional.mse_loss(out["ink"][:, 0], y[:, 1])
+    want = 0.5 * math.exp(-0.3) * ce + 0.15 + 0.5 * math.exp(0.7) * mse - 0.35
+    assert float(multi_task_loss(out, y, task)) == pytest.approx(float(want), rel=1e-6)
+    _, algo, sim = build(
+        parse_config(digits_config(**TWO_TASKS, train__rounds=1, train__task_weighting="uncertainty"))
+    )
+    server = sim.run_round(1, algo.init_server(), {}).server
+    log_vars = {k: v for k, v in server["params"].items() if k.startswith("head.log_var.")}
+    assert set(log_vars) == {"head.log_var.digit", "head.log_var.ink"}
+    assert all(float(v[0]) != 0.0 for v in log_vars.values())  # they trained
+
+
+def test_per_task_metrics_are_computed_on_each_tasks_labelled_samples():
+    out, y = _outputs(n=8)
+    y[0, 1] = float("nan")
+    m = task_metrics(out, y, BOTH)
+    assert m["digit.accuracy"] == pytest.approx(
+        float((out["digit"].argmax(1) == y[:, 0].long()).float().mean())
+    )
+    resid = out["ink"][1:, 0] - y[1:, 1]
+    assert m["ink.rmse"] == pytest.approx(float(resid.pow(2).mean().sqrt()) * 0.05, rel=1e-5)
+    assert m["loss"] == pytest.approx(float(multi_task_loss(out, y, BOTH)))
+
+
+def test_a_two_task_federation_reports_each_task_per_client_and_per_round(tmp_path):
+    res = fedmtl.run(digits_config(**TWO_TASKS, train__rounds=3), out=tmp_path / "r")
+    assert res.summary["primary_metric"] == "digit.accuracy"
+    for c in res.clients:
+        assert {"digit.accuracy", "digit.f1", "ink.rmse", "ink.r2", "loss"} <= set(c)
+    final = res.final
+    for key in ("digit.accuracy_mean", "digit.accuracy_worst10", "ink.rmse_mean", "ink.rmse_worst10"):
+        assert key in final
+    # rmse is lower-is-better: its worst 10% is the high tail
+    assert final["ink.rmse_worst10"] >= final["ink.rmse_mean"] >= final["ink.rmse_best10"]
+    assert final["digit.accuracy_mean"] > res.rounds[0]["digit.accuracy_mean"]
+
+
+def test_a_tasks_head_is_one_key_for_every_client_holding_it_whatever_else_it_holds():
+    """Clients with {digit, ink} and clients with {digit} alone share the digit head; the ink head
+    is averaged over its own clients only."""
+    _, algo, sim = build(
+        parse_config(digits_config(data__tasks=[["digit", "ink"], ["digit"]], train__rounds=1))
+    )
+    server = algo.init_server()
+    heads = sorted(k for k in server["params"] if k.startswith("head."))
+    assert heads == ["head.digit.bias", "head.digit.weight", "head.ink.bias", "head.ink.weight"]
+    views = {c: set(algo.broadcast(server, c).arrays) for c in (0, 1)}
+    assert "head.ink.weight" in views[0] and "head.ink.weight" not in views[1]
+    res = sim.run_round(1, server, {})
+    new = res.server["params"]
+    both = [c for c in res.replies if c % 2 == 0]
+    n = {c: float(res.replies[c].scalars["num_examples"]) for c in res.replies}
+    want = sum(n[c] * res.replies[c].arrays["head.ink.bias"] for c in both) / sum(n[c] for c in both)
+    np.testing.assert_allclose(new["head.ink.bias"], want, rtol=1e-5)
+    want = sum(n[c] * r.arrays["head.digit.bias"] for c, r in res.replies.items()) / sum(n.values())
+    np.testing.assert_allclose(new["head.digit.bias"], want, rtol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "name, model, why",
+    [
+        ("mocha", {"name": "linear"}, "each client is one linear task of MOCHA's model"),
+        ("fdrmfl", None, "multi-modal features for one regression target"),
+    ],
+)
+def test_methods_of_one_task_per_client_refuse_several(name, model, why):
+    raw = digits_config(**TWO_TASKS, algorithm={"name": name})
+    if model is not None:
+        raw["model"] = model
+    with pytest.raises(ConfigError, match=why):
+        build(parse_config(raw))
+
+
+def test_sequential_and_batched_agree_on_a_two_task_client_step(tmp_path):
+    runs = {
+        e: fedmtl.run(
+            digits_config(**TWO_TASKS, train__rounds=2, runtime__execution=e, algorithm={"name": "ditto"}),
+            out=tmp_path / e,
+        )
+        for e in ("sequential", "batched")
+    }
+    assert runs["batched"].rounds[-1]["execution"] == "batched"
+    for a, b in zip(runs["sequential"].clients, runs["batched"].clients, strict=True):
+        for k in ("digit.accuracy", "ink.rmse", "loss"):
+            assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6)

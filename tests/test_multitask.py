@@ -4,6 +4,7 @@ missing labels masked, per-task metrics everywhere, per-task aggregation of head
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 import pytest
@@ -143,3 +144,140 @@ def test_sequential_and_batched_agree_on_a_two_task_client_step(tmp_path):
     for a, b in zip(runs["sequential"].clients, runs["batched"].clients, strict=True):
         for k in ("digit.accuracy", "ink.rmse", "loss"):
             assert b[k] == pytest.approx(a[k], rel=1e-4, abs=1e-6)
+
+
+# ----------------------------------------------------------------------- tasks declared on any data
+DIABETES_TASKS = {
+    "declare": [
+        {"name": "progression", "kind": "regression", "label": "y"},
+        {"name": "high", "kind": "classification", "label": "y", "threshold": 140},
+    ]
+}
+
+
+def _diabetes(**over: Any) -> dict[str, Any]:
+    cfg: dict[str, Any] = {
+        "seed": 0,
+        "data": {
+            "dataset": "diabetes",
+            "partition": {"kind": "iid", "num_clients": 6},
+            "tasks": DIABETES_TASKS,
+        },
+        "model": {"name": "mlp", "hidden": [32]},
+        "train": {"rounds": 30, "lr": 0.2},
+        "output": {"progress": False},
+    }
+    cfg.update(over)
+    return cfg
+
+
+def test_diabetes_gets_a_regression_and_a_thresholded_class_on_the_same_patients(tmp_path):
+    """scikit-learn's diabetes: disease progression (regression) and progression > 140 (a class),
+    declared on the one label the data has; measured 0.48 -> 0.71 accuracy, R^2 0.41 in 30 rounds."""
+    from fedmtl.data import load_federated
+    from fedmtl.data.config import DataConfig
+
+    data = load_federated(DataConfig.model_validate(_diabetes()["data"]), 0)
+    task = data.clients[0].task
+    assert task.is_multi and [p.name for p in task.parts] == ["high", "progression"]  # class first
+    c = data.clients[0]
+    raw_target = c.y_train[:, 1] * task.parts[1].target_std + task.parts[1].target_mean
+    np.testing.assert_array_equal(c.y_train[:, 0], (raw_target > 140).astype(np.float32))
+    res = fedmtl.run(_diabetes(algorithm={"name": "fedavg"}), out=tmp_path / "r")
+    assert res.final["high.accuracy_mean"] > res.rounds[0]["high.accuracy_mean"] + 0.15
+    assert res.final["high.accuracy_mean"] > 0.65 and res.final["progression.r2_mean"] > 0.3
+    assert res.summary["primary_metric"] == "high.accuracy"
+
+
+def test_who_holds_which_task_follows_the_assign_rules():
+    from fedmtl.data import load_federated
+    from fedmtl.data.config import DataConfig
+
+    tasks = {
+        **DIABETES_TASKS,
+        "assign": [
+            {"tasks": ["progression"]},  # everyone, unless a later rule says otherwise
+            {"every": 3, "tasks": ["high", "progression"]},
+            {"clients": [4], "tasks": ["high"]},
+        ],
+    }
+    data = load_federated(DataConfig.model_validate({**_diabetes()["data"], "tasks": tasks}), 0)
+    held = [c.task.name for c in data.clients]
+    assert held == [
+        "high+progression",
+        "progression",
+        "progression",
+        "high+progression",
+        "high",
+        "progression",
+    ]
+    assert data.clients[4].y_train.shape[1] == 1 and data.clients[0].y_train.shape[1] == 2
+    assert data.y_global_test is None  # clients hold different sets: no one global test set
+
+
+def test_a_leaf_file_may_carry_a_dict_of_labels_per_user(tmp_path):
+    import json
+
+    rng = np.random.default_rng(0)
+    users = [f"u{i}" for i in range(4)]
+    doc: dict[str, Any] = {"users": users, "num_samples": [30] * 4, "user_data": {}}
+    for u in users:
+        x = rng.normal(size=(30, 5))
+        doc["user_data"][u] = {
+            "x": x.tolist(),
+            "y": {"sign": (x[:, 0] > 0).astype(int).tolist(), "level": (2 * x[:, 1]).tolist()},
+        }
+    (tmp_path / "all.json").write_text(json.dumps(doc))
+    cfg = {
+        "seed": 0,
+        "data": {"dataset": "leaf", "file": str(tmp_path / "all.json")},
+        "train": {"rounds": 20},
+    }
+    res = fedmtl.run({**cfg, "output": {"progress": False}}, out=tmp_path / "r")
+    assert res.summary["primary_metric"] == "sign.accuracy"  # integer labels: classification, first
+    assert res.final["sign.accuracy_mean"] > 0.8 and res.final["level.r2_mean"] > 0.8
+
+
+def test_a_packed_store_keeps_every_clients_tasks(tmp_path):
+    from fedmtl.data import load_federated
+    from fedmtl.data.config import DataConfig
+    from fedmtl.data.store import open_store, write_store
+
+    data = load_federated(DataConfig.model_validate(digits_config(**TWO_TASKS)["data"]), 0)
+    write_store(data, tmp_path / "store")
+    stored = open_store(tmp_path / "store")
+    assert stored.tasks == data.tasks and stored.tasks["digit+ink"].parts[1].name == "ink"
+    for a, b in zip(data.clients, stored.clients, strict=True):
+        assert np.array_equal(a.y_train, b.y_train, equal_nan=True) and a.task == b.task
+
+
+@pytest.mark.parametrize(
+    "tasks, message",
+    [
+        (
+            {"declare": [{"name": "p", "kind": "regression", "label": "y", "loss": "bce"}]},
+            "loss 'bce' does not fit kind 'regression'; allowed: mse, l1, huber",
+        ),
+        (
+            {"declare": [{"name": "p", "kind": "regression", "label": "y"}], "assign": [{"tasks": ["q"]}]},
+            "assign: unknown task 'q'; declared: p",
+        ),
+        (
+            {"declare": [{"name": "p", "kind": "regression", "label": "outcome"}]},
+            "config: data.tasks: task 'p' reads label 'outcome', which no client has; labels: y",
+        ),
+        (
+            {"declare": [{"name": "c", "kind": "classification", "label": "y", "classes": 3}]},
+            "dataset 'diabetes': client 0 (client_000): task 'c': label 97 outside the declared classes; "
+            "allowed: 0..2",
+        ),
+    ],
+)
+def test_bad_task_declarations_are_one_line(tasks, message):
+    from fedmtl.data import load_federated
+    from fedmtl.data.config import DataConfig
+    from fedmtl.errors import DataError
+
+    with pytest.raises((ConfigError, DataError, ValueError)) as err:
+        load_federated(DataConfig.model_validate({**_diabetes()["data"], "tasks": tasks}), 0)
+    assert message in str(err.value)

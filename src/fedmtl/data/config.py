@@ -8,6 +8,7 @@ touched, so accuracy stays honest."""
 
 from __future__ import annotations
 
+import fnmatch
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -104,6 +105,78 @@ class PartitionConfig(Strict):
         return self
 
 
+#: the losses each task kind allows (the first is its default)
+LOSSES = {"classification": ("cross_entropy",), "regression": ("mse", "l1", "huber"), "multilabel": ("bce",)}
+
+
+class TaskDecl(Strict):
+    """One task: ``data.tasks.declare`` entry (or a reader's ``tasks``)."""
+
+    name: str = Field(min_length=1)
+    kind: Literal["classification", "regression", "multilabel"]
+    #: the label array it reads (default: the one named like the task; 'y' when there is one)
+    label: str | None = None
+    #: classification: the number of classes (default: the largest label + 1)
+    classes: int | None = Field(None, ge=2)
+    #: classification from a numeric label: class 1 where label > threshold, else 0
+    threshold: float | None = None
+    loss: str | None = None
+    weight: float = Field(1.0, gt=0)
+    #: widths of hidden layers of its head (an MLP on the body's features); [] = the model's head
+    head: list[int] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _fits(self) -> TaskDecl:
+        allowed = LOSSES[self.kind]
+        if self.loss is not None and self.loss not in allowed:
+            raise ValueError(
+                f"loss {self.loss!r} does not fit kind {self.kind!r}; allowed: {', '.join(allowed)}"
+            )
+        if self.threshold is not None and self.kind != "classification":
+            raise ValueError("threshold derives a 2-class label: it needs kind 'classification'")
+        if "." in self.name or "+" in self.name or self.name == "log_var":
+            raise ValueError(f"name {self.name!r}: '.' and '+' are reserved, and so is 'log_var'")
+        return self
+
+
+class TaskAssign(Strict):
+    """Which clients hold ``tasks``: by id, by name pattern (``fnmatch``), or every ``every``-th
+    client from ``offset``; an entry naming none of them holds for every client. Later entries win."""
+
+    tasks: list[str] = Field(min_length=1)
+    clients: list[int] | None = None
+    names: str | None = None
+    every: int | None = Field(None, ge=1)
+    offset: int = Field(0, ge=0)
+
+    def holds(self, cid: int, name: str) -> bool:
+        if self.clients is not None:
+            return cid in self.clients
+        if self.names is not None:
+            return fnmatch.fnmatchcase(name, self.names)
+        if self.every is not None:
+            return cid >= self.offset and (cid - self.offset) % self.every == 0
+        return True
+
+
+class TasksConfig(Strict):
+    """``data.tasks`` as declarations: the tasks of a dataset whose samples carry several labels."""
+
+    declare: list[TaskDecl] = Field(default_factory=list)
+    assign: list[TaskAssign] = Field(default_factory=list)
+
+    @model_validator(mode="after")
+    def _known(self) -> TasksConfig:
+        names = [d.name for d in self.declare]
+        if len(set(names)) != len(names):
+            raise ValueError(f"declare: task names must be distinct, got {names}")
+        for a in self.assign:
+            for t in a.tasks:
+                if names and t not in names:
+                    raise ValueError(f"assign: unknown task {t!r}; declared: {', '.join(names)}")
+        return self
+
+
 class DataConfig(Strict):
     dataset: str = "digits"
     dir: str | None = None
@@ -122,9 +195,10 @@ class DataConfig(Strict):
     #: the shape of one sample, e.g. [1, 28, 28] for flattened LEAF images (image models need it)
     input_shape: list[int] | None = Field(None, min_length=1)
     max_clients: int | None = Field(None, ge=1)
-    #: derived tasks, cycled over the clients: a name gives a client that task; a list of names
-    #: gives it all of them on the same samples (``[[digit, ink]]``: every client both)
-    tasks: list[str | list[str]] | None = None
+    #: the tasks: derived ones on 10-class images as a list, cycled over the clients (a name gives
+    #: a client that task; a list of names all of them on the same samples: ``[[digit, ink]]``); or,
+    #: for samples that carry several labels, declarations and who holds which (``TasksConfig``)
+    tasks: list[str | list[str]] | TasksConfig | None = None
     holdout_clients: int = Field(0, ge=0)
     corrupt: CorruptConfig = CorruptConfig()
     #: concept shift between seeded client groups (label_permutation / rotation); None: no shift

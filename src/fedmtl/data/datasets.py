@@ -7,6 +7,7 @@ comes from ``np.random.default_rng([seed, purpose, ...])`` streams so a seed rep
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
@@ -15,14 +16,15 @@ from typing import Any, Literal
 
 import numpy as np
 
-from fedmtl.data import partition
+from fedmtl.data import multilabel, partition
 from fedmtl.data.clients import ClientList, Rows
 from fedmtl.data.concepts import apply_concepts
-from fedmtl.data.config import DataConfig, PartitionConfig
+from fedmtl.data.config import DataConfig, PartitionConfig, TasksConfig
 from fedmtl.data.corrupt import corrupt_clients
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
 from fedmtl.data.formats import file_error, read_idx_gz, read_mat_tasks
 from fedmtl.data.leaf import read_leaf
+from fedmtl.data.multilabel import LabelPlan
 from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
 from fedmtl.data.raw import Clients, ClientSplits, Pooled, Raw
 from fedmtl.data.resample import resample as resample_clients
@@ -394,9 +396,19 @@ def _rng(seed: int, *purpose: int) -> np.random.Generator:
     return np.random.default_rng([seed, *purpose])
 
 
-def _partition_labels(y: np.ndarray, classification: bool) -> np.ndarray:
-    if classification:
+def _key(y: np.ndarray) -> np.ndarray:
+    """The labels partitioning and stratified splits follow: a multi-task label matrix's first
+    column (a classification task's where there is one), a missing label as a class of its own."""
+    if y.ndim != 2 or y.dtype.kind != "f":
         return y
+    col = y[:, 0]
+    return np.where(np.isnan(col), -1.0, col)
+
+
+def _partition_labels(y: np.ndarray, classification: bool) -> np.ndarray:
+    y = _key(y)
+    if classification:
+        return y.astype(np.int64) if y.dtype.kind == "f" else y
     edges = np.quantile(y, np.linspace(0, 1, REGRESSION_BINS + 1)[1:-1])
     return np.digitize(y, edges)
 
@@ -434,7 +446,7 @@ def _split_clients(
     out: list[Split] = []
     for cid, (name, x, y) in enumerate(groups):
         tr, te = partition.split_train_test(
-            y, cfg.test_fraction, _rng(seed, RNG_SPLIT, cid), stratify=classification
+            _key(y), cfg.test_fraction, _rng(seed, RNG_SPLIT, cid), stratify=classification
         )
         out.append((name, x[tr], y[tr], x[te], y[te]))
     return out
@@ -445,7 +457,7 @@ def _pooled_groups(
 ) -> tuple[list[tuple[str, np.ndarray, np.ndarray]], np.ndarray, np.ndarray]:
     if raw.x_test is None or raw.y_test is None:
         tr, te = partition.split_train_test(
-            raw.y, cfg.global_test_fraction, _rng(seed, RNG_HOLDOUT), classification
+            _key(raw.y), cfg.global_test_fraction, _rng(seed, RNG_HOLDOUT), classification
         )
         x, y, gx, gy = raw.x[tr], raw.y[tr], raw.x[te], raw.y[te]
     else:
@@ -526,8 +538,10 @@ def _finalise(
     spec: DatasetSpec,
     layout: Layout,
     num_classes: int | None,
+    plan: LabelPlan | None = None,
 ) -> tuple[list[Split], np.ndarray | None, np.ndarray | None, TaskSpec, dict[str, Any]]:
-    """Scale features/targets with pooled client-train statistics, shape samples, fix dtypes."""
+    """Scale features/targets with pooled client-train statistics, shape samples, fix dtypes
+    (several tasks: each label column by its task, ``multilabel.encode``)."""
     info: dict[str, Any] = {}
     fmean: Any = 0.0
     fstd: Any = 1.0
@@ -536,7 +550,12 @@ def _finalise(
         fmean, fstd = _standardiser(np.concatenate([s[1] for s in splits]))
     train_y = np.concatenate([s[2] for s in splits])
     all_y = np.concatenate([train_y, *(s[4] for s in splits)])
-    if spec.task == "regression":
+    encode_labels: Any = None
+    if plan is not None:
+        task, encode_labels = multilabel.encode(plan, train_y, all_y, spec.name)
+        tmean, tstd = 0.0, 1.0
+        info["tasks"] = [p.name for p in task.parts]
+    elif spec.task == "regression":
         tmean, tstd = (float(v) for v in _standardiser(train_y.astype(np.float64)))
         task = TaskSpec("regression", 1, spec.name, tmean, tstd)
     else:
@@ -554,6 +573,8 @@ def _finalise(
         return x.astype(np.float32, copy=not x.flags.writeable).reshape(len(x), *shape)
 
     def fy(y: np.ndarray) -> np.ndarray:
+        if encode_labels is not None:
+            return encode_labels(y)
         if task.is_classification:
             return y.astype(np.int64, copy=False)
         return ((y - tmean) / tstd).astype(np.float32)
@@ -577,8 +598,13 @@ def _natural_splits(
 ) -> list[Split]:
     """Per-client train/test: split by ``data.test_fraction``, or as the data gives them."""
     tokens = raw.vocab is not None
+    matrix = (
+        bool(raw.ys if isinstance(raw, Clients) else raw.y_train)
+        and np.ndim((raw.ys if isinstance(raw, Clients) else raw.y_train)[0]) == 2
+    )  # several tasks: encoded per task later (``multilabel.encode``)
+    joint = classification and not tokens and not matrix
     if isinstance(raw, Clients):
-        ys = _joint_labels(raw.ys, where) if classification and not tokens else raw.ys
+        ys = _joint_labels(raw.ys, where) if joint else raw.ys
         groups = [(n, x, y) for n, x, y in zip(raw.names, raw.xs, ys, strict=True) if len(y)]
         return _split_clients(groups[: cfg.max_clients], cfg, seed, classification)
     n = len(raw.names)
@@ -586,9 +612,9 @@ def _natural_splits(
     if len({len(v) for v in lists}) != 1:
         raise file_error(where, "client splits: names, x_train, y_train, x_test and y_test differ in length")
     y_tr, y_te = raw.y_train, raw.y_test
-    if classification and not tokens:
-        joint = _joint_labels(list(y_tr) + list(y_te), where)
-        y_tr, y_te = joint[:n], joint[n:]
+    if joint:
+        mapped = _joint_labels(list(y_tr) + list(y_te), where)
+        y_tr, y_te = mapped[:n], mapped[n:]
     out = list(zip(raw.names, raw.x_train, y_tr, raw.x_test, y_te, strict=True))
     return out[: cfg.max_clients]
 
@@ -667,6 +693,38 @@ def _features(x: np.ndarray) -> tuple[int, ...]:
     return tuple(int(d) for d in x.shape[1:])
 
 
+def _label_plan(raw: Raw, cfg: DataConfig, spec: DatasetSpec, where: str) -> tuple[Raw, LabelPlan | None]:
+    """Samples that carry several labels (a dict of label arrays) or ``data.tasks`` declarations:
+    the label matrices of ``fedmtl.data.multilabel`` in place of the labels, and the plan."""
+    declared = cfg.tasks if isinstance(cfg.tasks, TasksConfig) else None
+    sets = _label_sets(raw)
+    if declared is None and not any(isinstance(y, dict) for y in sets):
+        return raw, None
+    dicts = [y if isinstance(y, dict) else {"y": y} for y in sets]
+    plan = multilabel.plan_labels(declared, raw.tasks, dicts, f"dataset {spec.name!r} ({where})")
+
+    def m(y: Any, n: int, who: str) -> np.ndarray:
+        return plan.matrix(y if isinstance(y, dict) else {"y": y}, n, f"dataset {spec.name!r}: {who}")
+
+    if isinstance(raw, Pooled):
+        y_test = None if raw.y_test is None else m(raw.y_test, len(raw.x_test), "the test pool")
+        return dataclasses.replace(raw, y=m(raw.y, len(raw.x), "the pool"), y_test=y_test), plan
+    if isinstance(raw, Clients):
+        ys = [m(y, len(x), f"client {n!r}") for n, x, y in zip(raw.names, raw.xs, raw.ys, strict=True)]
+        return dataclasses.replace(raw, ys=ys), plan
+    tr = [m(y, len(x), f"client {n!r}") for n, x, y in zip(raw.names, raw.x_train, raw.y_train, strict=True)]
+    te = [m(y, len(x), f"client {n!r}") for n, x, y in zip(raw.names, raw.x_test, raw.y_test, strict=True)]
+    return dataclasses.replace(raw, y_train=tr, y_test=te), plan
+
+
+def _label_sets(raw: Raw) -> list[Any]:
+    if isinstance(raw, Pooled):
+        return [raw.y] + ([] if raw.y_test is None else [raw.y_test])
+    if isinstance(raw, Clients):
+        return list(raw.ys)
+    return list(raw.y_train) + list(raw.y_test)
+
+
 def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     """Load ``cfg.dataset`` and split it into clients, reproducibly for a given ``seed``."""
     spec = get_spec(cfg.dataset)
@@ -676,9 +734,16 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if spec.name == "federation":
         return _described(cfg, seed)
     raw, source = _load_raw(spec, cfg)
-    classification = spec.task == "classification"
+    raw, plan = _label_plan(raw, cfg, spec, source)
+    classification = spec.task == "classification" if plan is None else plan.key_is_class
     vocab = None if isinstance(raw, Pooled) else raw.vocab
     if cfg.partition.kind == "resample" and isinstance(raw, Pooled):
+        if plan is not None:
+            raise ConfigError(
+                "config: data.partition.kind = 'resample': its clients are views into one pool of "
+                "single-label samples, and this dataset's samples carry several tasks; use another "
+                "partition kind"
+            )
         _no_validation(cfg, "partition.kind 'resample'")
         listed, gx, gy, task, layout, info = _resampled(raw, spec, cfg, seed)
         info.update(partition="resample", seed=seed, normalize=layout.normalize)
@@ -695,14 +760,28 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
         gx = np.concatenate([s[3] for s in splits])
         gy = np.concatenate([s[4] for s in splits])
     layout = _layout(spec, cfg, _features(splits[0][1]), vocab is not None)
-    splits, gx, gy, task, info = _finalise(splits, gx, gy, spec, layout, len(vocab) if vocab else None)
+    splits, gx, gy, task, info = _finalise(splits, gx, gy, spec, layout, len(vocab) if vocab else None, plan)
     clients = [ClientData(cid, a, b, c, d, task, name) for cid, (name, a, b, c, d) in enumerate(splits)]
     shape = layout.shape
-    if spec.derive is not None:
-        clients, extra = spec.derive(clients, list(cfg.tasks) if cfg.tasks else None, seed)
+    if plan is not None:
+        rules = cfg.tasks.assign if isinstance(cfg.tasks, TasksConfig) else []
+        clients = multilabel.assign(clients, task, rules, spec.name)
+        held = {c.task.name for c in clients}
+        info["tasks"] = {name: sum(c.task.name == name for c in clients) for name in sorted(held)}
+        if len(held) > 1 or len(clients[0].task.parts) < len(task.parts):
+            gx, gy = None, None  # clients hold other sets than every task: no one global test set
+        task = clients[0].task
+        if spec.derive is not None:
+            raise ConfigError(
+                f"config: data.dataset = {spec.name!r}: derives its own tasks, and its samples carry "
+                "several labels; declare them in one place"
+            )
+    elif spec.derive is not None:
+        derived = list(cfg.tasks) if isinstance(cfg.tasks, list) and cfg.tasks else None
+        clients, extra = spec.derive(clients, derived, seed)
         task, gx, gy = clients[0].task, None, None  # no single global test set across tasks
         info.update(extra)
-    elif cfg.tasks:
+    elif isinstance(cfg.tasks, list) and cfg.tasks:
         clients = assign_tasks(clients, list(cfg.tasks), layout.image, task.num_outputs)
         task, gx, gy = clients[0].task, None, None  # no single global test set across different tasks
         named = dict.fromkeys(entry_name(e) for e in cfg.tasks)

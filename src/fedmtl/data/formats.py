@@ -198,9 +198,22 @@ def _leaf_x(path: str, user: str, x: Any) -> tuple[np.ndarray, bool]:
     return arr.reshape(len(arr), -1), False
 
 
-def _leaf_y(path: str, user: str, y: Any) -> np.ndarray:
+def _leaf_y(path: str, user: str, y: Any) -> np.ndarray | dict[str, np.ndarray]:
+    if isinstance(y, dict):  # several labels on the same samples: one list per task
+        out = {}
+        for name, labels in y.items():
+            if isinstance(labels, list) and labels and all(isinstance(v, list) for v in labels):
+                try:  # a multi-label task: one 0/1 row per sample
+                    out[str(name)] = np.asarray(labels, dtype=np.float64)
+                except (ValueError, TypeError):
+                    raise file_error(path, f"user '{user}': y[{name!r}] is not numeric") from None
+                continue
+            out[str(name)] = _leaf_y(path, f"{user}' label '{name}", labels)  # type: ignore[assignment]
+        if not out:
+            raise file_error(path, f"user '{user}': y is an empty dict")
+        return out
     if not isinstance(y, list):
-        raise file_error(path, f"user '{user}': y must be a list of labels")
+        raise file_error(path, f"user '{user}': y must be a list of labels, or a dict of them by task")
     if y and all(isinstance(s, str) for s in y):
         if any(len(s) != 1 for s in y):
             raise file_error(path, f"user '{user}': text labels in y must be single characters")
@@ -249,10 +262,12 @@ def _leaf_cached(path: str, mtime_ns: int, size: int) -> tuple[tuple[LeafUser, .
             raise file_error(path, f"user '{user}' has no x/y entry in 'user_data'")
         x, text = _leaf_x(path, str(user), entry["x"])
         y = _leaf_y(path, str(user), entry["y"])
-        if not (len(x) == len(y) == count):
-            raise file_error(
-                path, f"user '{user}': num_samples says {count} but x has {len(x)} and y {len(y)}"
-            )
+        for name, labels in y.items() if isinstance(y, dict) else [("y", y)]:
+            if not (len(x) == len(labels) == count):
+                raise file_error(
+                    path,
+                    f"user '{user}': num_samples says {count} but x has {len(x)} and {name} {len(labels)}",
+                )
         if len(x):
             kinds.add(text)
             if not text and width is not None and x.shape[1] != width:
@@ -267,7 +282,11 @@ def _leaf_cached(path: str, mtime_ns: int, size: int) -> tuple[tuple[LeafUser, .
         raise file_error(path, "x mixes text and numeric samples")
     # Text rows are padded to the longest string in the whole file; empty users get that width too.
     widest = max(x.shape[1] for _, x, _ in out)
-    return tuple((u, _frozen(_pad_to(x, widest)), _frozen(y)) for u, x, y in out), kinds.pop()
+    return tuple((u, _frozen(_pad_to(x, widest)), _frozen_labels(y)) for u, x, y in out), kinds.pop()
+
+
+def _frozen_labels(y: np.ndarray | dict[str, np.ndarray]) -> Any:
+    return {k: _frozen(v) for k, v in y.items()} if isinstance(y, dict) else _frozen(y)
 
 
 def read_leaf_json(path: str | Path) -> list[LeafUser]:

@@ -95,10 +95,10 @@ def read_leaf_dir(path: Path) -> ClientSplits:
     for user, (_, _, f) in test.items():
         if user not in train:
             raise file_error(f, f"user '{user}' has test samples but no training data (in no file of train/)")
-    for user, (_, y, f) in train.items():
-        if len(y) == 0:
+    for user, (x, _, f) in train.items():
+        if len(x) == 0:
             raise file_error(f, f"user '{user}' has no training samples")
-        if user not in test or len(test[user][1]) == 0:
+        if user not in test or len(test[user][0]) == 0:
             raise file_error(
                 f, f"user '{user}' has no test samples in test/ (LEAF's split gives every user both)"
             )
@@ -110,6 +110,7 @@ def read_leaf_dir(path: Path) -> ClientSplits:
     if not text:
         _check_widths([(train[u][0], train[u][2]) for u in names] + [(test[u][0], test[u][2]) for u in names])
         return ClientSplits(names, x_tr, y_tr, x_te, y_te)
+    _one_label(y_tr, train_files[0])
     xs, ys, vocab = tokenise(x_tr + x_te, y_tr + y_te)
     n = len(names)
     return ClientSplits(names, xs[:n], ys[:n], xs[n:], ys[n:], vocab)
@@ -124,8 +125,14 @@ def read_leaf_single(path: Path) -> Clients:
     ys = [y for _, _, y in rows]
     if not text:
         return Clients(names, xs, ys)
+    _one_label(ys, path)
     ids, labels, vocab = tokenise(xs, ys)
     return Clients(names, ids, labels, vocab)
+
+
+def _one_label(ys: list, path: Path) -> None:
+    if any(isinstance(y, dict) for y in ys):
+        raise file_error(path, "text samples with several labels per sample are not supported")
 
 
 def read_leaf(path: Path) -> Clients | ClientSplits:

@@ -37,6 +37,7 @@ import numpy as np
 
 import fedmtl
 from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
+from fedmtl import metrics
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ["digit", "segment", "edge", "denoise"]
@@ -225,12 +226,8 @@ def _slug(algo: dict[str, Any]) -> str:
 
 
 def delta_m(values: dict[str, float], ref: dict[str, float]) -> float:
-    """Mean relative change over tasks against ``ref`` (%), signed so that higher is better."""
-    terms = []
-    for task, _, higher, _ in METRICS:
-        rel = (values[task] - ref[task]) / abs(ref[task])
-        terms.append(rel if higher else -rel)
-    return 100.0 * float(np.mean(terms))
+    """Mean relative change over the four tasks against ``ref`` (%), higher is better."""
+    return metrics.delta_m(values, ref, {task: higher for task, _, higher, _ in METRICS})
 
 
 def _ms(values: list[float], digits: int = 3) -> str:

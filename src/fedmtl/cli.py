@@ -112,6 +112,10 @@ def _print_result(res) -> None:  # noqa: ANN001
         + (f"  global {fin['global_' + m]:.4f}" if "global_" + m in fin else "")
     )
     print(f"best  (round {best['round']}): {m} mean {best.get(m + '_mean', float('nan')):.4f}")
+    from fedmtl.metrics import per_task
+
+    for task, values in per_task(fin).items():  # a federation of several tasks: each on its own
+        print(f"  task {task}: " + "  ".join(f"{k} {v:.4f}" for k, v in values.items() if k != "loss"))
 
 
 def _cmd_resume(a: argparse.Namespace) -> int:

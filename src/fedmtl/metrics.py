@@ -167,3 +167,32 @@ def summarize_clients(rows: list[dict[str, float]]) -> dict[str, float]:
                 if vals:
                     out[f"task_{task}_{key}_mean"] = float(np.mean(vals))
     return out
+
+
+def per_task(row: dict[str, float], stat: str = "mean") -> dict[str, dict[str, float]]:
+    """A round row's ``<task>.<metric>_<stat>`` values by task, then metric (clients with several
+    tasks), or ``task_<task>_<metric>_mean`` (one task per client, several in the federation)."""
+    out: dict[str, dict[str, float]] = {}
+    suffix = f"_{stat}"
+    for key, value in row.items():
+        if not isinstance(value, float) or not key.endswith(suffix):
+            continue
+        name = key[: -len(suffix)]
+        if PART in name and not name.startswith(("shared_", "val_", "new_", "before_", "after_")):
+            task, _, metric = name.rpartition(PART)
+            out.setdefault(task, {})[metric] = value
+        elif name.startswith("task_") and stat == "mean":
+            for metric in ("accuracy", "rmse", "r2", "gain", "miou", "psnr"):
+                if name.endswith(f"_{metric}"):
+                    out.setdefault(name[len("task_") : -len(metric) - 1], {})[metric] = value
+    return out
+
+
+def delta_m(values: dict[str, float], reference: dict[str, float], higher: dict[str, bool]) -> float:
+    """Δm (Maninis et al. 2019, as FedBone reports it): the mean over tasks of each task's relative
+    change of its metric against ``reference``, in %, signed so that higher is better."""
+    terms = []
+    for key, up in higher.items():
+        rel = (values[key] - reference[key]) / abs(reference[key])
+        terms.append(rel if up else -rel)
+    return 100.0 * float(np.mean(terms))

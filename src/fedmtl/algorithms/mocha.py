@@ -21,6 +21,7 @@ from pydantic import Field
 from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError, ProtocolError
+from fedmtl.mocha._jit import require as require_numba
 from fedmtl.mocha.losses import Loss, get_loss
 from fedmtl.mocha.omega import initial_structure, quad
 from fedmtl.mocha.server import DEFAULT_LAMBDA, apply_update, relearn_omega
@@ -56,6 +57,7 @@ class Mocha(Algorithm):
 
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         super().__init__(params, ctx)
+        require_numba()
         p: MochaParams = self.p  # type: ignore[assignment]
         keys = set(ctx.init_arrays)
         if type(ctx.model).__name__ != "Linear" or keys != {"head.weight", "head.bias"}:

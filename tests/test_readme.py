@@ -88,3 +88,15 @@ def test_shell_commands_run_as_written_in_order(tmp_path):
         assert proc.returncode == 0, f"{cmd}\n{proc.stderr[-3000:]}"
     assert (work / "runs" / "report" / "report.html").is_file()
     assert "± " in (work / "runs" / "compare.md").read_text()
+
+
+def test_the_error_messages_the_docs_show_are_the_ones_fedmtl_prints(capsys):
+    from fedmtl.cli import main
+
+    pairs = re.findall(
+        r"^\$ (fedmtl .+)\n(fedmtl: error: .+)$", (REPO / "docs" / "configuration.md").read_text(), re.M
+    )
+    assert len(pairs) >= 2
+    for cmd, message in pairs:
+        assert main(shlex.split(cmd)[1:]) == 2
+        assert capsys.readouterr().err.strip() == message

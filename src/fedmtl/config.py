@@ -102,7 +102,7 @@ class OutputConfig(Strict):
     checkpoint_every: int = Field(1, ge=1)
     #: a bar on a terminal, else one line per evaluated round on stderr (the ``fedmtl`` logger)
     progress: bool = True
-    #: round rows as TensorBoard scalars in ``<run>/tensorboard`` (``pip install 'fedmtl[tensorboard]'``)
+    #: round rows as TensorBoard scalars in ``<run>/tensorboard`` (the ``tensorboard`` extra)
     tensorboard: bool = False
     #: client states left once the run is complete: all (as checkpointed), final (each client's
     #: last state only) or none

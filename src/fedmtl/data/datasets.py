@@ -505,9 +505,7 @@ def _layout(spec: DatasetSpec, cfg: DataConfig, features: tuple[int, ...], text:
     image = not text and len(shape) > 1
     norm = cfg.normalize
     if norm == "auto":
-        # the corruption harness writes [0, 1] pixels (open-set substitutes, backdoor triggers)
-        harness = "scale" if image and cfg.corrupt.enabled else None
-        norm = spec.auto or harness or auto_normalize(image, text)
+        norm = spec.auto or auto_normalize(image, text)
     elif text and norm != "none":
         raise ConfigError(
             f"config: data.normalize = {norm!r}: dataset {spec.name!r} holds text as token ids; "
@@ -729,7 +727,11 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if cfg.corrupt.enabled:
         held = set(holdout)
         clients, info["corrupt"] = corrupt_clients(
-            clients, cfg.corrupt, seed, [c.cid for c in clients if c.cid not in held]
+            clients,
+            cfg.corrupt,
+            seed,
+            [c.cid for c in clients if c.cid not in held],
+            _pixels_as_samples(spec, layout, info.get("normalization")) if layout.image else None,
         )
     info.update(
         partition=cfg.partition.kind,
@@ -740,6 +742,21 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if vocab is not None:
         info["vocab"] = "".join(vocab)
     return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout, vocab=vocab)
+
+
+def _pixels_as_samples(
+    spec: DatasetSpec, layout: Layout, stats: dict[str, Any] | None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """[0, 1] pixels (what the corruption harness makes) as this dataset's samples are normalised."""
+
+    def to_model(x01: np.ndarray) -> np.ndarray:
+        raw = np.asarray(x01, dtype=np.float64) * spec.pixel_max
+        if stats is not None:
+            return normalise(raw, stats, layout.shape)
+        scale = 1.0 if layout.normalize == "scale" else spec.pixel_max
+        return (np.asarray(x01, dtype=np.float32) * np.float32(scale)).reshape(len(raw), *layout.shape)
+
+    return to_model
 
 
 def _no_validation(cfg: DataConfig, what: str) -> None:

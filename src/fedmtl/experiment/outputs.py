@@ -79,7 +79,7 @@ def check(cfg: Config) -> None:
         except ImportError:
             raise ConfigError(
                 "config: output.tensorboard = true needs the tensorboard package; install it with "
-                "pip install 'fedmtl[tensorboard]'"
+                "pip install tensorboard (fedmtl's extra 'tensorboard': pip install '.[tensorboard]')"
             ) from None
 
 

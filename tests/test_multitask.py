@@ -299,3 +299,23 @@ def test_the_two_task_numpy_example_runs_as_written(tmp_path, monkeypatch):
     for r in results.values():  # both tasks learn: well above 1/3, well below the stay's spread
         assert r["diagnosis accuracy"] > 0.7
         assert r["stay rmse (days)"] < 0.75 * float(np.nanstd(stays))
+
+
+def test_compare_and_the_report_show_every_task_with_its_own_direction(tmp_path):
+    from fedmtl.experiment.report import write_report
+    from fedmtl.experiment.tables import compare_runs
+
+    runs = [
+        fedmtl.run(
+            digits_config(**TWO_TASKS, train__rounds=2, algorithm={"name": a}), out=tmp_path / a
+        ).run_dir
+        for a in ("fedavg", "fedper")
+    ]
+    table = compare_runs(runs)
+    header = table.splitlines()[0]
+    assert "digit accuracy ↑" in header and "ink rmse ↓" in header
+    page = write_report(runs, tmp_path / "report").read_text()
+    section = page[page.index("Per task at the final round") :]
+    assert "rmse ↓" in section and "accuracy ↑" in section and "report_tasks.png" in section
+    assert section.count("<td>ink</td>") == 2 and section.count("<td>digit</td>") == 2
+    assert (tmp_path / "report" / "report_tasks.png").stat().st_size > 10_000

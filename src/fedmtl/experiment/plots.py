@@ -299,3 +299,45 @@ def plot_personal(entries: Sequence[Entry], path: Path) -> None:
         _no_data(right)
     right.grid(alpha=0.3, axis="y")
     fig.savefig(path, dpi=100)
+
+
+#: which of a task's metrics its panel shows, in order of preference
+TASK_PANEL = ("accuracy", "f1_micro", "rmse", "miou", "psnr", "r2")
+
+
+def has_tasks(entries: Sequence[Entry]) -> bool:
+    from fedmtl.metrics import per_task
+
+    return any(per_task(r.final) for e in entries for r in e.runs)
+
+
+def plot_tasks(entries: Sequence[Entry], path: Path) -> None:
+    """One panel per task: its metric (client mean) per round, each with its own axis and
+    direction (a task's accuracy up, another's error down)."""
+    from fedmtl.metrics import lower_is_better, per_task
+
+    panels: list[tuple[str, str]] = []
+    for e in entries:
+        for task, values in per_task(e.runs[0].final).items():
+            metric = next(
+                (m for m in ("accuracy", "f1_micro", "rmse", "miou", "psnr", "r2") if m in values), None
+            )
+            if metric is not None and (task, metric) not in panels:
+                panels.append((task, metric))
+    st = styles(entries)
+    fig, axes = _figure(max(1, len(panels)))
+    for ax, (task, metric) in zip(axes, panels, strict=False):
+        drawn = False
+        for e, s in zip(entries, st, strict=True):
+            curve = e.curve(f"{task}.{metric}_mean") or e.curve(f"task_{task}_{metric}_mean")
+            if curve is None:
+                continue
+            drawn = True
+            x, mean, std = curve
+            if e.experiment:
+                _band(ax, x, mean - std, mean + std, s)
+            _line(ax, x, mean, s, e.name)
+        ax.set_xlabel("round")
+        ax.set_ylabel(f"{task}: {metric} ({'lower' if lower_is_better(metric) else 'higher'} is better)")
+        _finish(ax, drawn)
+    fig.savefig(path, dpi=100)

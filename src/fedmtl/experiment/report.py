@@ -7,7 +7,6 @@ legend also as text beside it, so the page says which series is which without re
 from __future__ import annotations
 
 import html
-import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -26,6 +25,7 @@ from fedmtl.experiment.tables import (
     table,
     write_compare,
 )
+from fedmtl.metrics import lower_is_better, per_task
 
 __all__ = ["SUMMARY_COLUMNS", "Run", "compare_runs", "load_run", "write_compare", "write_report"]
 
@@ -34,6 +34,7 @@ PNG_CLIENTS = "report_clients.png"
 PNG_BYTES = "report_bytes.png"
 PNG_LOSS = "report_loss.png"
 PNG_PERSONAL = "report_personal.png"
+PNG_TASKS = "report_tasks.png"
 
 _CSS = """
 body { font-family: system-ui, sans-serif; margin: 2em; color: #222; }
@@ -80,34 +81,32 @@ def _client_section(e: Entry) -> str:
     return "".join(parts)
 
 
-_TASK_KEY = re.compile(r"^task_(?P<task>.+)_(?P<metric>accuracy|rmse|r2|gain|miou|psnr)_mean$")
-
-
-def _task_section(entries: Sequence[Entry]) -> str:
-    """Per-task client means at the final round, for multi-task federations (empty otherwise): the
-    primary-metric summary only covers the tasks that share the primary metric."""
+def _task_section(entries: Sequence[Entry], figure: str | None) -> str:
+    """Each task's metrics at the final round, for federations of several tasks (empty otherwise):
+    the primary metric covers one task, these every task, each with its own direction."""
     rows: list[list[str]] = []
     metrics: list[str] = []
-    found: list[tuple[Entry, dict[str, list[str]]]] = []
     for e in entries:
-        per_task: dict[str, list[str]] = {}
-        for key in e.runs[0].final:
-            m = _TASK_KEY.match(key)
-            if m is not None:
-                per_task.setdefault(m["task"], []).append(m["metric"])
-                if m["metric"] not in metrics:
-                    metrics.append(m["metric"])
-        if per_task:
-            found.append((e, per_task))
-    if not found:
+        for values in per_task(e.runs[0].final).values():
+            for m in values:
+                if m not in metrics and m != "loss":
+                    metrics.append(m)
+    if not metrics:
         return ""
-    for e, per_task in found:
-        for task, have in per_task.items():
-            cells = [
-                spread(e.finals(f"task_{task}_{k}_mean"), fmt_metric) if k in have else "—" for k in metrics
-            ]
+    for e in entries:
+        for task, values in per_task(e.runs[0].final).items():
+            cells = []
+            for m in metrics:
+                key = f"{task}.{m}_mean" if f"{task}.{m}_mean" in e.runs[0].final else f"task_{task}_{m}_mean"
+                cells.append(spread(e.finals(key), fmt_metric) if m in values else "—")
             rows.append([e.name, task, *cells])
-    return "<h2>Per task at the final round</h2>" + _html_table(["run", "task", *metrics], rows)
+    header = ["run", "task", *(f"{m} {'↓' if lower_is_better(m) else '↑'}" for m in metrics)]
+    parts = ["<h2>Per task at the final round</h2>", _html_table(header, rows)]
+    if figure is not None:
+        parts.append(
+            _figure(figure, "Each task's metric (client mean) per round, one panel per task", entries)
+        )
+    return "".join(parts)
 
 
 def _personal_section(entries: Sequence[Entry], figure: str | None) -> str:
@@ -168,11 +167,14 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | None = None) ->
         (PNG_LOSS, plots.plot_loss, "Loss per round: the models each run reports, and local training"),
     ]
     personal = plots.has_personal(entries)
+    tasks = plots.has_tasks(entries)
     try:
         for filename, plot, _ in figures:
             plot(entries, out / filename)
         if personal:
             plots.plot_personal(entries, out / PNG_PERSONAL)
+        if tasks:
+            plots.plot_tasks(entries, out / PNG_TASKS)
     except OSError as exc:
         raise RunDirError(f"cannot write plots into {out}: {exc.strerror or exc}") from exc
 
@@ -199,7 +201,7 @@ def write_report(run_dirs: Sequence[Path | str], out_dir: Path | None = None) ->
         "<h2>Plots</h2>",
     ]
     parts += [_figure(filename, caption, entries) for filename, _, caption in figures]
-    parts.append(_task_section(entries))
+    parts.append(_task_section(entries, PNG_TASKS if tasks else None))
     parts.append("<h2>Clients at the final round</h2>")
     parts += [_client_section(e) for e in entries]
     parts.append("</body></html>\n")

@@ -134,12 +134,40 @@ def client_columns(rows: Sequence[dict[str, Any]]) -> list[str]:
     return known + sorted(present - set(known))
 
 
+def task_columns(entries: Sequence[Entry]) -> list[tuple[str, str]]:
+    """A federation of several tasks: (header, final-row key) of each task's primary metric, with
+    its direction, for every task some entry has."""
+    from fedmtl.metrics import lower_is_better, per_task
+
+    out: list[tuple[str, str]] = []
+    for e in entries:
+        for task, metrics in per_task(e.runs[0].final).items():
+            metric = next((m for m in TASK_PRIMARY if m in metrics), None)
+            if metric is None:
+                continue
+            key = f"{task}.{metric}_mean" if f"{task}.{metric}_mean" in e.runs[0].final else None
+            key = key or f"task_{task}_{metric}_mean"
+            header = f"{task} {metric} {'↓' if lower_is_better(metric) else '↑'}"
+            if (header, key) not in out:
+                out.append((header, key))
+    return out
+
+
+#: which of a task's metrics stands for it in a table, in order of preference
+TASK_PRIMARY = ("accuracy", "f1_micro", "rmse", "miou", "psnr")
+
+
 def table(entries: Sequence[Entry], personal: bool = True) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the summary: the fixed columns, then (``personal``) the personalisation
-    columns where any entry has them."""
+    columns where any entry has them, then each task's metric (federations of several tasks)."""
     extra = personal_columns(entries) if personal else []
-    header = [*SUMMARY_COLUMNS, *(h for h, _ in extra)]
-    return header, [summary_row(e) + personal_cells(e, extra) for e in entries]
+    tasks = task_columns(entries)
+    header = [*SUMMARY_COLUMNS, *(h for h, _ in extra), *(h for h, _ in tasks)]
+    rows = [
+        summary_row(e) + personal_cells(e, extra) + [spread(e.finals(k), _metric) for _, k in tasks]
+        for e in entries
+    ]
+    return header, rows
 
 
 def compare_runs(run_dirs: Sequence[Path | str]) -> str:

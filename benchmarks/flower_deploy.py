@@ -112,6 +112,12 @@ def resume_timing(work: Path) -> dict[str, float]:
     return {"checkpoint": done, "first_round_s": first, "finish_s": end, "rounds": len(rows)}
 
 
+def _flwr_version() -> str:
+    import flwr
+
+    return str(flwr.__version__)
+
+
 def main(argv: list[str]) -> Path:
     ap = argparse.ArgumentParser(prog="fedmtl bench flower_deploy")
     ap.add_argument("--rounds", type=int, default=5)
@@ -140,7 +146,7 @@ def main(argv: list[str]) -> Path:
         "",
         f"Written by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} at commit "
         f"{commit.stdout.strip() or 'unknown'}; {platform.machine()} machine, {os.cpu_count()} cores, "
-        f"CPU only, shared with other jobs; flwr 1.41; {wall / 60:.1f} min wall.",
+        f"CPU only, shared with other jobs; flwr {_flwr_version()}; {wall / 60:.1f} min wall.",
         "",
         f"FedAvg on digits, {a.rounds} rounds of 2 local steps, one SuperNode per client holding only its "
         "own `client.npz` (`fedmtl flower split`), the ServerApp reading only `federation.json`. `exchange` "

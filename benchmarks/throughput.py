@@ -270,7 +270,7 @@ def run_flower(work: Workload, tmp: Path) -> RunnerResult:
         import flwr
         from flwr.simulation import run_simulation
     except ImportError:
-        res.note = "skipped: flwr is not installed (pip install 'flwr[simulation]>=1.41,<1.42')"
+        res.note = "skipped: flwr is not installed (pip install 'flwr[simulation]>=1.42,<1.43')"
         return res
     res.name = f"Flower {flwr.__version__} run_simulation"
     data_path, init_path = tmp / "federation.npz", tmp / "init.npz"

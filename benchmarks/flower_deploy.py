@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pickle
 import platform
 import statistics
 import subprocess
@@ -78,6 +77,7 @@ def deployment(work: Path, nodes: int, warm: bool, rounds: int) -> dict[str, Any
 
 def resume_timing(work: Path) -> dict[str, float]:
     """Kill the SuperLink + ServerApp after checkpoint 2 of 4 (Ditto, 2 nodes), restart, resume."""
+    from fedmtl.experiment.records import RunDir
     from fedmtl.flower.local import LocalFederation
 
     run_dir = work / "run-resume"
@@ -88,13 +88,13 @@ def resume_timing(work: Path) -> dict[str, float]:
     with LocalFederation(work / "flower-resume", configs, database=True) as fed:
         fed.start()
         proc = fed.submit(APP, rc)
-        ckpt = run_dir / "checkpoint.pkl"
+        ckpt = run_dir / "checkpoint.tree"
         deadline = time.monotonic() + 900
-        while not (ckpt.is_file() and pickle.loads(ckpt.read_bytes())["round"] >= 2):
+        while not (ckpt.is_file() and RunDir(run_dir).load_checkpoint()["round"] >= 2):
             if time.monotonic() > deadline or proc.popen.poll() is not None:
                 raise RuntimeError(f"resume: round 2 never checkpointed\n{fed.logs()}")
             time.sleep(0.1)
-        done = pickle.loads(ckpt.read_bytes())["round"]
+        done = RunDir(run_dir).load_checkpoint()["round"]
         fed.kill_superlink()
         proc.popen.kill()
         proc.popen.wait(timeout=30)

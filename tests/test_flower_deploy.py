@@ -145,7 +145,7 @@ def test_a_killed_superlink_and_serverapp_resume_to_the_uninterrupted_metrics(tm
     """Kill the SuperLink (with its ServerApp) once round 2 is checkpointed, start it again, submit
     the run with resume = true: it finishes with the metrics of an uninterrupted run. Ditto, so the
     nodes' personal models must survive on their disks and repeated rounds start where they did."""
-    import pickle
+    from fedmtl.experiment.records import RunDir
 
     overrides = ["train.rounds=4", "train.local_steps=10", "algorithm.name=ditto"]
     expected = fedmtl.run(load_config(EXAMPLE, overrides), out=tmp_path / "inproc")
@@ -153,8 +153,8 @@ def test_a_killed_superlink_and_serverapp_resume_to_the_uninterrupted_metrics(tm
     run_dir = tmp_path / "flower-run"
     rc = _run_config(tmp_path, overrides, **{"round-timeout": 150.0})
     proc = fed.submit(APP, rc)
-    ckpt, deadline = run_dir / "checkpoint.pkl", time.monotonic() + 300
-    while not (ckpt.is_file() and pickle.loads(ckpt.read_bytes())["round"] >= 2):
+    ckpt, deadline = run_dir / "checkpoint.tree", time.monotonic() + 300
+    while not (ckpt.is_file() and RunDir(run_dir).load_checkpoint()["round"] >= 2):
         assert time.monotonic() < deadline and proc.popen.poll() is None, fed.logs()
         time.sleep(0.2)
     fed.kill_superlink()  # the ServerApp dies with it, mid-round 3 or 4

@@ -52,7 +52,7 @@ def test_a_killed_server_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path
     first.on_push = _kill_at(killed_at)
     with pytest.raises(ServerKilled):
         FlowerServer(first, parse_config(raw), _fast()).run(out=out)
-    assert (out / "checkpoint.pkl").is_file()
+    assert (out / "checkpoint.tree").is_file()
     # a new ServerApp (a new Flower run: the nodes' context.state is empty), the same node disks
     second = LoopbackGrid(_nodes(3), state_dir=first.state_dir)
     res = run_on_grid(second, {"resume": True, "out": str(out), "round-timeout": 5.0, "node-timeout": 1.0,

@@ -40,6 +40,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resume", help="continue a killed run from its last checkpoint")
     s.add_argument("run_dir")
     s.add_argument("--quiet", action="store_true")
+    s.add_argument(
+        "--accept-mismatch",
+        action="store_true",
+        help="continue although config.yaml or the data no longer match the checkpoint (recorded in "
+        "the run folder's resumes.jsonl)",
+    )
 
     rep = sub.add_parser("report", help="write report.html with plots for one or more runs")
     rep.add_argument("run_dirs", nargs="+")
@@ -117,7 +123,7 @@ def _print_result(res) -> None:  # noqa: ANN001
 def _cmd_resume(a: argparse.Namespace) -> int:
     from fedmtl.experiment.run import resume
 
-    res = resume(a.run_dir)
+    res = resume(a.run_dir, accept_mismatch=a.accept_mismatch)
     _print_result(res)
     return 0
 

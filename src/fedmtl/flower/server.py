@@ -44,7 +44,7 @@ from fedmtl.runtime.round import Delivered, Planner, RoundPlan, RoundRunner, rou
 
 K = TypeVar("K")
 EVENTS = "flower.jsonl"
-RUN_META = "flower-run.json"  # the run's key on the nodes' disks, kept for a resume
+RUN_META = "flower-run.json"  # the run's key on the nodes' disks and its Flower run ids, for a resume
 # A client that raised is a bug to report, not a fault to ride out.
 _FATAL = {ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
 
@@ -261,8 +261,16 @@ class FlowerTransport:
 class FlowerServer:
     """Runs one fedmtl config over a Grid: handshake, then the run loop over a ``FlowerTransport``."""
 
-    def __init__(self, grid: Grid, cfg: Config, settings: Settings, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: Config,
+        settings: Settings,
+        log: Callable[[str], None] | None = None,
+        flower_run_id: int | None = None,
+    ):
         self.grid = grid
+        self.flower_run_id = flower_run_id  # Flower's id of the run this ServerApp serves
         self.cfg = cfg
         self.s = settings
         self.log = log or (lambda text: print(f"[fedmtl] {text}", flush=True))
@@ -461,6 +469,7 @@ class FlowerServer:
                     "it is not a Flower run to continue"
                 )
             self.run_key = str(meta["run_key"])
+            self._record_flower_run(meta)
             ckpt = self.rd.load_checkpoint()
             self.rd.identity = identity
             accepted = check_resume(
@@ -484,8 +493,19 @@ class FlowerServer:
         self.rd.identity = identity
         self.rd.write_config(cfg.to_dict())
         self.run_key = f"{self.rd.path.name}-{uuid.uuid4().hex[:12]}"
-        atomic_write_bytes(self.rd.path / RUN_META, json.dumps({"run_key": self.run_key}).encode())
+        self._record_flower_run({"run_key": self.run_key})
         return None
+
+    def _record_flower_run(self, meta: dict[str, Any]) -> None:
+        """Add this ServerApp's Flower run id to ``flower-run.json``: the last one listed is the run
+        to stop (``flwr stop ID``) before resubmitting after a crash, so the SuperLink drops its
+        queued messages instead of the nodes working them off first."""
+        assert self.rd is not None
+        ids = [int(i) for i in meta.get("flower_run_ids", [])]
+        if self.flower_run_id is not None:
+            ids.append(int(self.flower_run_id))
+        meta = {**meta, "flower_run_ids": ids}
+        atomic_write_bytes(self.rd.path / RUN_META, json.dumps(meta).encode())
 
     def run(self, out: str | Path | None = None) -> RunResult:
         """Run (or resume) the config; a new run's folder is created only once every node has
@@ -573,7 +593,12 @@ def _who(key: Any, node: int) -> str:
     return f"node {node}" if key == node else f"client {key} (node {node})"
 
 
-def run_on_grid(grid: Grid, run_config: Mapping[str, Any], app_dir: str | Path | None = None) -> RunResult:
+def run_on_grid(
+    grid: Grid,
+    run_config: Mapping[str, Any],
+    app_dir: str | Path | None = None,
+    flower_run_id: int | None = None,
+) -> RunResult:
     """Run the fedmtl config named in ``run_config`` on the nodes behind ``grid``; with ``resume``,
     continue the run in ``out`` with the config it was started with."""
     settings = Settings.from_run_config(run_config)
@@ -583,7 +608,7 @@ def run_on_grid(grid: Grid, run_config: Mapping[str, Any], app_dir: str | Path |
         cfg = parse_config(RunDir.open(settings.out).read_config())
     else:
         cfg = settings.load(app_dir)
-    return FlowerServer(grid, cfg, settings).run()
+    return FlowerServer(grid, cfg, settings, flower_run_id=flower_run_id).run()
 
 
 def server_app(app_dir: str | Path | None = None) -> ServerApp:
@@ -593,7 +618,7 @@ def server_app(app_dir: str | Path | None = None) -> ServerApp:
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         try:
-            res = run_on_grid(grid, context.run_config, app_dir)
+            res = run_on_grid(grid, context.run_config, app_dir, int(context.run_id))
         except FedmtlError as exc:  # the one line ``fedmtl flower run`` shows (Flower logs the rest)
             print(f"[fedmtl] error: {exc}", flush=True)
             raise

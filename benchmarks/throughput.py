@@ -265,7 +265,7 @@ def run_plain(work: Workload, loader: bool = False, dnn: bool = False) -> Runner
 
 def run_flower(work: Workload, tmp: Path) -> RunnerResult:
     """Flower's in-process simulation (Ray backend, one CPU per ClientApp) on the same workload."""
-    res = RunnerResult("Flower 1.41 run_simulation", clients=work.data.num_clients)
+    res = RunnerResult("Flower run_simulation", clients=work.data.num_clients)
     try:
         import flwr
         from flwr.simulation import run_simulation

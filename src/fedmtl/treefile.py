@@ -42,42 +42,43 @@ def is_pickle(data: bytes | bytearray | memoryview) -> bool:
 
 
 # ------------------------------------------------------------------------------------ encode
-def _check_dtype(dtype: np.dtype, where: str) -> None:
-    if dtype.hasobject or dtype.fields is not None or dtype.subdtype is not None:
-        raise TreeFormatError(f"array at '{where or '/'}' has dtype {dtype}; only plain dtypes are stored")
+def _where(path: tuple[Any, ...]) -> str:
+    return "/" + "/".join(str(p) for p in path)
 
 
 class _Encoder:
     def __init__(self) -> None:
         self.arrays: list[np.ndarray] = []
 
-    def _array(self, a: np.ndarray, where: str) -> int:
-        _check_dtype(a.dtype, where)
+    def _array(self, a: np.ndarray, path: tuple[Any, ...]) -> int:
+        if a.dtype.hasobject or a.dtype.fields is not None or a.dtype.subdtype is not None:
+            raise TreeFormatError(
+                f"array at '{_where(path)}' has dtype {a.dtype}; only plain dtypes are stored"
+            )
         self.arrays.append(a)
         return len(self.arrays) - 1
 
-    def node(self, obj: Any, where: str) -> Any:
+    def node(self, obj: Any, path: tuple[Any, ...]) -> Any:
+        """The skeleton of ``obj``; ``path`` (where it is, for an error) is only formatted on one."""
         t = type(obj)
         if obj is None or t is bool or t is int or t is str:
             return obj
         if t is float:
             return obj if math.isfinite(obj) else {"x": repr(obj)}
         if isinstance(obj, np.ndarray):
-            return {"a": self._array(obj, where)}
+            return {"a": self._array(obj, path)}
         if isinstance(obj, np.generic):
-            return {"n": self._array(np.asarray(obj), where)}
+            return {"n": self._array(np.asarray(obj), path)}
         if isinstance(obj, dict):  # dict subclasses (a row view) are stored as the dict they are
-            return {
-                "d": [[self.node(k, f"{where}/{k!r}"), self.node(v, f"{where}/{k}")] for k, v in obj.items()]
-            }
+            return {"d": [[self.node(k, (*path, "(key)")), self.node(v, (*path, k))] for k, v in obj.items()]}
         if t is list or t is tuple:
-            return {"l" if t is list else "t": [self.node(v, f"{where}/{i}") for i, v in enumerate(obj)]}
+            return {"l" if t is list else "t": [self.node(v, (*path, i)) for i, v in enumerate(obj)]}
         if t is set or t is frozenset:
-            return {"s" if t is set else "f": [self.node(v, f"{where}/{i}") for i, v in enumerate(obj)]}
+            return {"s" if t is set else "f": [self.node(v, (*path, i)) for i, v in enumerate(obj)]}
         if t is bytes:
-            return {"b": self._array(np.frombuffer(obj, dtype=np.uint8), where)}
+            return {"b": self._array(np.frombuffer(obj, dtype=np.uint8), path)}
         raise TreeFormatError(
-            f"value at '{where or '/'}' has type {t.__name__}; a stored state holds dicts, lists, tuples, "
+            f"value at '{_where(path)}' has type {t.__name__}; a stored state holds dicts, lists, tuples, "
             "sets, numpy arrays and scalars, None, bool, int, float, str and bytes"
         )
 
@@ -85,7 +86,7 @@ class _Encoder:
 def encode(tree: Any) -> bytes:
     """``tree`` as bytes (``decode`` gives it back exactly)."""
     enc = _Encoder()
-    skeleton = enc.node(tree, "")
+    skeleton = enc.node(tree, ())
     specs, chunks, offset = [], [], 0
     for a in enc.arrays:
         data = np.ascontiguousarray(a).tobytes()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -17,7 +18,7 @@ import yaml
 
 from fedmtl import treefile
 from fedmtl.errors import RunDirError
-from fedmtl.experiment.lock import RunLock
+from fedmtl.experiment.lock import LOCK, RunLock
 
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
@@ -83,7 +84,7 @@ class RunDir:
         """A fresh directory, locked for this process; never reuses one that holds anything."""
         if out is not None:
             path = Path(out)
-            if path.exists() and (not path.is_dir() or any(path.iterdir())):
+            if path.exists() and (not path.is_dir() or any(p.name != LOCK for p in path.iterdir())):
                 raise RunDirError(
                     f"run directory {path} already exists and is not empty; choose another --out"
                 )
@@ -124,8 +125,6 @@ class RunDir:
 
     def record_resume(self, accepted: list[str]) -> None:
         """A resume that went on despite differences from the checkpoint (``--accept-mismatch``)."""
-        import sys
-
         line = {"t": time.time(), "accepted_mismatch": accepted, "command": " ".join(sys.argv)}
         with open(self.path / RESUMES, "a") as fh:
             fh.write(dumps(line) + "\n")

@@ -88,8 +88,12 @@ def private_dir() -> Path:
     runtime = os.environ.get("XDG_RUNTIME_DIR")
     base = Path(runtime) if runtime and Path(runtime).is_dir() else Path(tempfile.gettempdir())
     path = base / ("fedmtl" if runtime and base == Path(runtime) else f"fedmtl-{os.getuid()}")
-    with contextlib.suppress(FileExistsError):
+    try:
         os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as exc:
+        raise WorkerTrustError(f"worker directory {path}: cannot create it ({exc.strerror})") from None
     return check_private(path)
 
 

@@ -150,6 +150,7 @@ def main(argv: list[str]) -> Path:
         a.rounds, a.nodes = 2, [2]
     work = Path(tempfile.mkdtemp(prefix="fedmtl-flower-bench-"))
     t_start = time.perf_counter()
+    load_start = os.getloadavg()[0]
     measured: dict[tuple[int, bool], dict[str, Any]] = {}
     for nodes in [] if a.resume_only else a.nodes:
         for warm in (False, True):
@@ -169,7 +170,9 @@ def main(argv: list[str]) -> Path:
         "",
         f"Written by `{cmd}` on {time.strftime('%Y-%m-%d %H:%M')} at commit "
         f"{commit.stdout.strip() or 'unknown'}; {platform.machine()} machine, {os.cpu_count()} cores, "
-        f"CPU only, shared with other jobs; flwr {_flwr_version()}; {wall / 60:.1f} min wall.",
+        f"CPU only, shared with other jobs (1-minute load average {load_start:.1f} at the start, "
+        f"{os.getloadavg()[0]:.1f} at the end: above the core count, every time here stretches); "
+        f"flwr {_flwr_version()}; {wall / 60:.1f} min wall.",
         "",
         f"FedAvg on digits, {a.rounds} rounds of 2 local steps, one SuperNode per client holding only its "
         "own `client.npz` (`fedmtl flower split`), the ServerApp reading only `federation.json`. `exchange` "

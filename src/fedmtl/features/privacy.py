@@ -7,9 +7,10 @@ minus the arrays received) to the bound the server sent (``dp_clip``, fixed or a
 quantile of update norms, Andrew et al. 2021) and reports whether it was within it (``clip_bit``);
 with ``noise_at: client`` it also adds its share N(0, sigma^2 / m) of the noise, so the m shares
 sum to N(0, sigma^2) and nothing un-noised leaves it (``privatize_update``, which secure
-aggregation composes with). The feature contributes the server's aggregation chain: clip, uniform
-mean, Gaussian noise of std ``z * C / m`` on the mean (``noise_at: server``), or only the uniform
-mean and the adaptive bound (``noise_at: client``); adaptive clipping raises the update noise as
+aggregation composes with). The feature contributes the round's aggregation chain, which the round
+runs on every algorithm's reduction (``fedmtl.runtime.reduction``): clip, uniform mean, Gaussian
+noise of std ``z * C / m`` on the mean (``noise_at: server``), or only the uniform mean and the
+adaptive bound (``noise_at: client``); adaptive clipping raises the update noise as
 Andrew et al. prescribe so that both together cost ``noise_multiplier``. The accountant composes
 one subsampled Gaussian per round; epsilon goes into every round row, and ``max_epsilon`` stops the
 run before a round that would exceed it. DP-aggregated evaluation releases noisy metric means only.
@@ -33,13 +34,15 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from fedmtl.aggregation.config import ClipStep, GaussianNoiseStep, MeanStep
-from fedmtl.aggregation.pipeline import Batch, Pipeline, Step
+from fedmtl.aggregation.pipeline import Batch, Step
 from fedmtl.aggregation.steps import CLIP_BIT, Clip, GaussianNoise, Mean, adapt_bound
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
+from fedmtl.algorithms.reduce import Aggregate
 from fedmtl.algorithms.wrapper import AlgorithmWrapper, ReplyWrapper
 from fedmtl.config_base import Strict
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.errors import ConfigError
+from fedmtl.runtime.reduction import CHAIN_STATE
 from fedmtl.runtime.round import sample_size
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import DPSGD, Train, Trained, map_requests
@@ -216,7 +219,8 @@ def aggregation_steps(
     server``), or the adaptive bound and the uniform mean (``noise_at: client``: the clients clipped
     and noised already). Under Poisson sampling (``expected``: the expected clients per round, and
     per task) the mean divides each sum by that fixed count, so one client's share is public and the
-    noise is calibrated to it (McMahan et al. 2018's fixed-denominator estimate)."""
+    noise is calibrated to it (McMahan et al. 2018's fixed-denominator estimate). The clip step is
+    always first (``ClientDP.clip_bound`` reads its state)."""
     count, noise = update_noise(cfg, per_round)
     clip = ClipStep(
         max_norm=cfg.clip_norm,
@@ -232,8 +236,9 @@ def aggregation_steps(
 
 
 class ClientDP(ReplyWrapper):
-    """Client-level DP around an algorithm whose server aggregates updates through the chain
-    ``aggregation_steps`` put in its context (``fedmtl.experiment.run.build``)."""
+    """Client-level DP around an algorithm whose server reduces its updates to a mean: the round
+    runs the chain of ``aggregation_steps`` on that reduction; this keeps the accountant, sends the
+    clip bound and clips (and noises) each client's update before it leaves the client."""
 
     def __init__(
         self,
@@ -256,8 +261,6 @@ class ClientDP(ReplyWrapper):
         #: ``noise_at: client``: the fewest clients whose noise shares reach the sum (each adds
         #: 1/noise_shares of the noise variance; more clients only add noise)
         self.noise_shares = noise_shares or per_round
-        #: the server's chain (clip, mean, noise), read for the current clip bound
-        self.chain: Pipeline = self.ctx.aggregator
 
     # --- accounting ---------------------------------------------------------------------------
     def epsilon_after(self, releases: int, evaluations: int = 0) -> float:
@@ -309,8 +312,9 @@ class ClientDP(ReplyWrapper):
         return out
 
     def clip_bound(self, server: dict[str, Any]) -> float:
-        state = self.chain.state_of(server.get("agg"), "clip")
-        return float(state.get("bound", self.cfg.clip_norm)) if state else self.cfg.clip_norm
+        """The bound the round's chain holds now: its first step is the clip (``aggregation_steps``)."""
+        state = (server.get(CHAIN_STATE) or {}).get("0") or {}
+        return float(state.get("bound", self.cfg.clip_norm))
 
     # --- server side --------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
@@ -320,14 +324,12 @@ class ClientDP(ReplyWrapper):
         msg = self.inner.broadcast(server, cid)
         return Message(arrays=msg.arrays, scalars={**msg.scalars, CLIP_KEY: self.clip_bound(server)})
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        """Under Poisson sampling every round is a release (an empty round releases the noise
-        alone, ``Pipeline.releases_when_empty``); under fixed-size sampling a round nobody replied
-        to releases nothing."""
-        releases = server["dp"]["releases"]
-        new = self.inner.server_step(server, replies, round)
-        if replies or self.cfg.sampling == "poisson":
-            releases += 1
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        """Counts the round's release: under Poisson sampling every round is one (an empty round
+        releases the noise alone, ``Pipeline.releases_when_empty``); under fixed-size sampling a
+        round with no accepted reply releases nothing."""
+        releases = server["dp"]["releases"] + int(aggregate.released)
+        new = self.inner.server_update(server, aggregate, round)
         return {**new, "dp": {"releases": releases, "round": round}}
 
     def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
@@ -408,11 +410,13 @@ class SampleDP(AlgorithmWrapper):
     def init_server(self) -> dict[str, Any]:
         return {**self.inner.init_server(), "dp": {"steps": {}}}
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        """Each client's DP-SGD steps, as every train reply that reached the server reports them (a
+        refused reply was trained and sent all the same; its own accountant agrees)."""
         steps = dict(server["dp"]["steps"])
-        for cid, r in replies.items():  # what each client reports it did (its own accountant agrees)
-            steps[cid] = steps.get(cid, 0) + int(r.scalars.get("steps", 0))
-        return {**self.inner.server_step(server, replies, round), "dp": {"steps": steps}}
+        for cid, scalars in aggregate.reported.items():
+            steps[cid] = steps.get(cid, 0) + int(scalars.get("steps", 0))
+        return {**self.inner.server_update(server, aggregate, round), "dp": {"steps": steps}}
 
     def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
         steps = server["dp"]["steps"]
@@ -484,8 +488,9 @@ def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
                 f"declares; algorithm {algo.name!r} trains with its own solver"
             )
         return SampleDP(algo, p, data)
-    if algo.no_aggregation_chain is not None or not algo.sends_update:
-        why = algo.no_aggregation_chain or "its replies are not model updates"
+    chain(cfg, data)  # the round's chain, built here too: its config errors come first
+    if algo.reduces != "mean":
+        why = algo.reduces_why or f"its server combines replies as {algo.reduces!r}, not as a mean"
         raise ConfigError(
             f"config: privacy.level = 'client': clips and noises the model updates the server "
             f"aggregates, but algorithm {algo.name!r} cannot ({why})"

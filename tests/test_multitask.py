@@ -319,3 +319,39 @@ def test_compare_and_the_report_show_every_task_with_its_own_direction(tmp_path)
     assert "rmse ↓" in section and "accuracy ↑" in section and "report_tasks.png" in section
     assert section.count("<td>ink</td>") == 2 and section.count("<td>digit</td>") == 2
     assert (tmp_path / "report" / "report_tasks.png").stat().st_size > 10_000
+
+
+def test_a_label_of_the_wrong_length_stops_the_cli_in_one_line_and_writes_nothing(tmp_path):
+    """A user's label list one entry short: exit 2, the client and the task named, no run folder."""
+    import json
+    import subprocess
+    import sys
+
+    rng = np.random.default_rng(0)
+    users = ["u0", "u1"]
+    doc: dict[str, Any] = {"users": users, "num_samples": [20, 20], "user_data": {}}
+    for u in users:
+        x = rng.normal(size=(20, 3))
+        doc["user_data"][u] = {
+            "x": x.tolist(),
+            "y": {"sign": (x[:, 0] > 0).astype(int).tolist(), "level": x[:, 1].tolist()},
+        }
+    doc["user_data"]["u1"]["y"]["level"] = doc["user_data"]["u1"]["y"]["level"][:-1]
+    (tmp_path / "all.json").write_text(json.dumps(doc))
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(
+        f"data: {{dataset: leaf, file: {tmp_path / 'all.json'}}}\ntrain: {{rounds: 2}}\n"
+        "output: {progress: false}\n"
+    )
+    out = tmp_path / "run"
+    proc = subprocess.run(
+        [sys.executable, "-m", "fedmtl.cli", "run", str(cfg), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].endswith("user 'u1': num_samples says 20 but x has 20 and level 19")
+    assert not out.exists()

@@ -8,13 +8,13 @@ client with different clients' tasks related.
 - **School** (ILEA exam scores): 139 schools, each a client with its own regression task, the
   federation MOCHA's paper benchmarks; an MLP 28-32 with the score head.
 
-Methods: Local, FedAvg, FedPer, Ditto, hierarchical (grouping by task) and, on the image tasks,
-FedBone. Each method's learning rate is chosen from the same 4-point grid on validation rows carved
-from the clients' training data (``data.val_fraction`` 0.1), by the validation Δm against Local at
-the grid's second point (Δm: the mean over tasks of the relative change of each task's metric,
-signed so that higher is better, ``fedmtl.metrics.delta_m``); a choice at the edge of the grid is
-marked. The chosen setting then runs on each seed and the table reports test metrics and Δm against
-Local (tuned the same way) as mean ± std over seeds.
+Methods: Local, FedAvg, FedPer, Ditto, hierarchical (grouping by task) and, with ``--fedbone``,
+FedBone on the image tasks. Each method's learning rate is chosen from the same 4-point grid on
+validation rows carved from the clients' training data (``data.val_fraction`` 0.1), by the
+validation Δm against Local at the grid's second point (Δm: the mean over tasks of the relative
+change of each task's metric, signed so that higher is better, ``fedmtl.metrics.delta_m``); a choice
+at the edge of the grid is marked. The chosen setting then runs on each seed and the table reports
+test metrics and Δm against Local (tuned the same way) as mean ± std over seeds.
 
 The timing row compares one two-task round of FedAvg trained batched across clients with the same
 round trained one client after another (same numbers; ratio of seconds per round, best of repeats).
@@ -25,6 +25,7 @@ Run with ``fedmtl bench multitask [--quick]``; writes ``benchmarks/results/multi
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
 from pathlib import Path
@@ -77,7 +78,7 @@ SETTINGS: dict[str, tuple[Any, list[str], list[str]]] = {
     "MNIST, digit class + ink regression on every client": (
         mnist_two_tasks,
         ["digit.accuracy", "ink.rmse"],
-        ["local", "fedavg", "fedper", "ditto", "hierarchical", "fedbone"],
+        ["local", "fedavg", "fedper", "ditto", "hierarchical"],
     ),
     "School, one exam-score regression per school": (
         school,
@@ -99,6 +100,21 @@ def config(builder: Any, method: str, seed: int, rounds: int, lr: float, val: bo
     return cfg
 
 
+class _Finished:
+    """A completed run read back from its summary (``--reuse``): what the table needs of a result."""
+
+    def __init__(self, summary: dict[str, Any]) -> None:
+        self.summary, self.final = summary, summary["final"]
+
+
+def _finished(path: Path) -> _Finished | None:
+    summary = path / "summary.json"
+    if not summary.is_file():
+        return None
+    doc = json.loads(summary.read_text())
+    return _Finished(doc) if doc.get("complete") else None
+
+
 def values(row: dict[str, Any], keys: list[str], prefix: str = "") -> dict[str, float]:
     return {k: float(row[f"{prefix}{k}_mean"]) for k in keys}
 
@@ -111,19 +127,31 @@ def main(argv: list[str]) -> Path:
     ap.add_argument("--quick", action="store_true", help="3 rounds, one seed, two grid points")
     ap.add_argument("--runs", default="runs/bench/multitask")
     ap.add_argument("--out", default=str(RESULTS / "multitask.md"))
+    ap.add_argument(
+        "--fedbone",
+        action="store_true",
+        help="add FedBone to the MNIST setting (its server-side model makes a round ~20x a FedAvg round)",
+    )
+    ap.add_argument(
+        "--reuse", default=None, help="an earlier cut run's folder: its finished runs are read back"
+    )
     a = ap.parse_args(argv)
     rounds, seeds = (3, [0]) if a.quick else (a.rounds, a.seeds)
-    runs = Path(a.runs) / time.strftime("%Y%m%d-%H%M%S")
+    runs = Path(a.reuse) if a.reuse else Path(a.runs) / time.strftime("%Y%m%d-%H%M%S")
     sections: list[str] = []
     done: dict[str, Any] = {}
     for label, (builder, keys, methods) in SETTINGS.items():
+        if a.fedbone and builder is mnist_two_tasks:
+            methods = [*methods, "fedbone"]
         higher = {k: not lower_is_better(k) for k in keys}
         tag = label.split(",")[0].lower()
 
         def run(method: str, seed: int, lr: float, val: bool, tag: str = tag, builder: Any = builder) -> Any:
             name = f"{tag}-{method}-lr{lr}-s{seed}{'-val' if val else ''}"
             if name not in done:  # the reference's run is also a tuning trial of Local
-                done[name] = fedmtl.run(config(builder, method, seed, rounds, lr, val), out=runs / name)
+                done[name] = _finished(runs / name) or fedmtl.run(
+                    config(builder, method, seed, rounds, lr, val), out=runs / name
+                )
             return done[name]
 
         def grid_of(method: str) -> list[float]:
@@ -172,7 +200,13 @@ def main(argv: list[str]) -> Path:
         "",
         f"{rounds} rounds; seeds {' '.join(map(str, seeds))}; lr grid {LRS['default']} "
         f"(FedBone {LRS['fedbone']}), chosen on seed {seeds[0]}'s validation rows. "
-        "MOCHA's School numbers (its own linear models) are in docs/mocha.md.",
+        + (
+            ""
+            if a.fedbone
+            else "FedBone is left out of this run (`--fedbone` adds it; a FedBone round with its server-side "
+            "model costs about 20 FedAvg rounds here); its multi-task Δm is in fedbone.md. "
+        )
+        + "MOCHA's School numbers (linear models, the same 75/25 per-school split) are in mocha.md.",
         "",
         *sections,
         "## Two-task client step: batched vs sequential",
@@ -182,7 +216,8 @@ def main(argv: list[str]) -> Path:
         f"| sequential | {speed['sequential']:.3f} | 1.0x |",
         f"| batched | {speed['batched']:.3f} | {speed['sequential'] / speed['batched']:.1f}x faster |",
         "",
-        f"Reproduce: `fedmtl bench multitask --rounds {rounds} --seeds {' '.join(map(str, seeds))}`.",
+        f"Reproduce: `fedmtl bench multitask --rounds {rounds} --seeds {' '.join(map(str, seeds))}"
+        f"{' --fedbone' if a.fedbone else ''}`.",
         "",
     ]
     return write_table(a.out, lines, "multitask", argv, started)

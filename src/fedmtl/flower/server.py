@@ -694,6 +694,9 @@ def server_app(app_dir: str | Path | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedmtl.flower import pulls
+
+        pulls.tune()  # the replies' objects: retried after 0.02 s, not 1 s
         try:
             res = run_on_grid(grid, context.run_config, app_dir, int(context.run_id))
         except FedmtlError as exc:  # the one line ``fedmtl flower run`` shows (Flower logs the rest)

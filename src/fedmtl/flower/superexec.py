@@ -134,7 +134,11 @@ def serve(requests: IO[bytes]) -> None:
     from flwr.supernode.runtime.run_clientapp import run_clientapp
 
     import fedmtl.flower.client  # noqa: F401  (the app's imports, shared by every fork)
-    from fedmtl.flower import timing
+    from fedmtl.flower import pulls, timing
+
+    pulls.tune()  # a ClientApp starts before its SuperNode holds the message's objects
+    with contextlib.suppress(ImportError):  # else imported by each ClientApp's Runtime API client
+        import httpcore  # noqa: F401
 
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # finished ClientApps are reaped by the kernel
     for line in requests:

@@ -1,7 +1,7 @@
 """fedmtl's SuperNode: Flower's own ``flower-supernode``, polling at the pace of a federation and
 starting each ClientApp as a fork of a warm process.
 
-Two of Flower 1.42's fixed costs per message dominate a warm exchange on loopback (docs/flower.md,
+Three of Flower 1.42's fixed costs per message dominate a warm exchange on loopback (docs/flower.md,
 "Where an exchange's seconds go"):
 
 - **Polling.** The SuperNode sleeps 3 s after every pull that finds no message, so a message waits
@@ -14,6 +14,10 @@ Two of Flower 1.42's fixed costs per message dominate a warm exchange on loopbac
   of them per exchange compete for the cores). With ``--fork`` (the default) the SuperNode runs in
   Flower's ``--isolation process`` mode beside fedmtl's SuperExec (``fedmtl.flower.superexec``),
   which forks each ClientApp from a process that has imported flwr and fedmtl's ClientApp once.
+
+- **Object pulls.** A message's objects are often not there yet when they are first asked for
+  (``fedmtl.flower.pulls``): Flower retries after 1 s, here after 0.02 s (in the SuperNode and
+  its ClientApps; the ServerApp does the same for the replies).
 
 Everything else is Flower's own code (registration, TLS, node authentication, the Fleet and Runtime
 APIs, ``run_clientapp``). The polling change replaces three fixed sleeps of Flower's SuperNode loop
@@ -171,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
             file=sys.stderr,
             flush=True,
         )
+    from fedmtl.flower import pulls
+
+    pulls.tune()  # the objects of a message the server is still pushing: retried after 0.02 s
     if ours.fork:
         env = dict(os.environ)
         env.setdefault(TASK_POLL_ENV, "0.1")  # Flower's default: a task waits up to 1 s

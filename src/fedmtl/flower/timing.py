@@ -38,7 +38,8 @@ SEGMENTS: dict[str, str] = {
     "picking the task up and starting the process",
     "clientapp": "ClientApp process: Python and flwr (or a fork), pulling and inflating the message, "
     "loading the app",
-    "hop_in": "ClientApp: fedmtl decoding and handing the request to the warm worker",
+    "hop_in": "ClientApp: fedmtl decoding and handing the request to the warm worker (warm=false: "
+    "importing torch and the training code in the ClientApp)",
     "compute": "the node's computation: evaluation, training, state file, encoding the answer",
     "hop_out": "the answer back from the worker into the reply message",
     "return": "ClientApp pushes the reply to the SuperNode, which pushes it to the SuperLink; "

@@ -41,12 +41,44 @@ def _rows(run_dir: Path) -> list[dict[str, Any]]:
     return [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
 
 
-def deployment(work: Path, nodes: int, warm: bool, rounds: int) -> dict[str, Any]:
+#: The configurations measured per node count: (name, warm worker, SuperNode); ``flower``: Flower's
+#: ``flower-supernode`` as it is (3 s idle polls, a new ``flwr-clientapp`` per message), ``fedmtl``:
+#: ``fedmtl flower supernode`` (fast polls while busy, ClientApps forked from a warm process).
+MODES: dict[str, tuple[bool, str]] = {
+    "cold": (False, "flower"),
+    "warm": (True, "flower"),
+    "warm+node": (True, "fedmtl"),
+}
+
+
+def breakdown(run_dir: Path) -> dict[str, float]:
+    """Where a round exchange's seconds go (median over the rounds after the first), from the
+    ``exchange`` events of ``flower.jsonl``: the server's parts, and the parts of the round trip of
+    the reply that came last (the one the exchange waited for; ``fedmtl.flower.timing.SEGMENTS``)."""
+    events = [json.loads(x) for x in (run_dir / "flower.jsonl").read_text().splitlines()]
+    train = [e for e in events if e.get("event") == "exchange" and "." not in str(e["group"])]
+    parts: dict[str, list[float]] = {}
+    for e in train[1:] or train:
+        last = max(e["clients"].values(), key=lambda c: c["pulled"], default=None)
+        values = {"total": e["total"], **{f"server {k}": v for k, v in e["server"].items()}}
+        values["server work between"] = sum(e["server_work"].values())
+        if last is not None:
+            values.update({f"last reply: {k}": v for k, v in last["segments"].items()})
+            values.update({f"compute: {k}": v for k, v in last["compute"].items()})
+        values["KB down"] = e["bytes_down"] / 1e3
+        values["KB up"] = e["bytes_up"] / 1e3
+        for k, v in values.items():
+            parts.setdefault(k, []).append(float(v))
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def deployment(work: Path, nodes: int, mode: str, rounds: int) -> dict[str, Any]:
     """One run on ``nodes`` SuperNodes with only their own files; exchange and wall times."""
     from fedmtl.cli import main
     from fedmtl.flower.local import LocalFederation
 
-    tag = f"{nodes}-{'warm' if warm else 'cold'}"
+    warm, node = MODES[mode]
+    tag = f"{nodes}-{mode}"
     sites = work / f"sites-{nodes}"
     data = [f"data.partition.num_clients={nodes}"]
     if not sites.exists():
@@ -58,7 +90,8 @@ def deployment(work: Path, nodes: int, warm: bool, rounds: int) -> dict[str, Any
         f"data={{dataset: federation, file: {sites / 'federation.json'}}}",
     ]
     run_dir = work / f"run-{tag}"
-    with LocalFederation(work / f"flower-{tag}", configs) as fed:
+    tuned = () if node == "fedmtl" else None
+    with LocalFederation(work / f"flower-{tag}", configs, tuned=tuned) as fed:
         fed.start()
         rc = {"config": str(EXAMPLE), "overrides": "; ".join(overrides), "out": str(run_dir),
               "poll-interval": 0.1, "round-timeout": 300.0}  # fmt: skip
@@ -74,6 +107,7 @@ def deployment(work: Path, nodes: int, warm: bool, rounds: int) -> dict[str, Any
         "first_s": exchanges[0],
         "wall_s": wall,
         "accuracy": rounds_rows[-1]["accuracy_mean"],
+        "breakdown": breakdown(run_dir),
     }
 
 
@@ -130,6 +164,12 @@ def resume_timing(work: Path, stop_dead: bool) -> dict[str, float]:
     }
 
 
+def _part_order(name: str) -> int:
+    """The breakdown's rows in groups (the sort is stable: within a group, the order recorded)."""
+    heads = ["total", "server", "last reply", "compute", "KB"]
+    return next((i for i, h in enumerate(heads) if name.startswith(h)), len(heads))
+
+
 def _flwr_version() -> str:
     import flwr
 
@@ -140,31 +180,40 @@ def main(argv: list[str]) -> Path:
     ap = argparse.ArgumentParser(prog="fedmtl bench flower_deploy")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--nodes", type=int, nargs="+", default=[2, 8])
+    ap.add_argument("--modes", nargs="+", choices=list(MODES), default=list(MODES))
     ap.add_argument("--quick", action="store_true", help="2 nodes, 2 rounds, no resume: a smoke test")
+    ap.add_argument("--no-resume", action="store_true", help="leave the resume measurements out")
     ap.add_argument(
         "--resume-only", action="store_true", help="only the resume measurements, printed (no table written)"
     )
     ap.add_argument("--out", default=str(RESULTS / "flower_deploy.md"))
     a = ap.parse_args(argv)
     if a.quick:
-        a.rounds, a.nodes = 2, [2]
+        a.rounds, a.nodes, a.no_resume = 2, [2], True
     work = Path(tempfile.mkdtemp(prefix="fedmtl-flower-bench-"))
     t_start = time.perf_counter()
     load_start = os.getloadavg()[0]
-    measured: dict[tuple[int, bool], dict[str, Any]] = {}
+    measured: dict[tuple[int, str], dict[str, Any]] = {}
     for nodes in [] if a.resume_only else a.nodes:
-        for warm in (False, True):
-            measured[(nodes, warm)] = m = deployment(work, nodes, warm, a.rounds)
-            print(f"{nodes} nodes, {'warm' if warm else 'cold'}: {m}", flush=True)
-    resume = None if a.quick else {stop: resume_timing(work, stop) for stop in (False, True)}
+        for mode in a.modes:
+            measured[(nodes, mode)] = m = deployment(work, nodes, mode, a.rounds)
+            print(f"{nodes} nodes, {mode}: {m}", flush=True)
+    resume = None if a.no_resume else {stop: resume_timing(work, stop) for stop in (False, True)}
     print(f"resume: {resume}", flush=True)
     if a.resume_only:
         return Path(a.out)
     wall = time.perf_counter() - t_start
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, cwd=ROOT)
     cmd = "fedmtl bench flower_deploy" + (
-        " --quick" if a.quick else f" --rounds {a.rounds} --nodes " + " ".join(map(str, a.nodes))
+        " --quick"
+        if a.quick
+        else f" --rounds {a.rounds} --nodes "
+        + " ".join(map(str, a.nodes))
+        + " --modes "
+        + " ".join(a.modes)
+        + (" --no-resume" if a.no_resume else "")
     )
+    base = a.modes[0]
     lines = [
         "# Flower deployment on loopback: per-exchange floor, warm nodes, resume",
         "",
@@ -179,20 +228,51 @@ def main(argv: list[str]) -> Path:
         "is the median round exchange after the first (train messages carrying the previous round's "
         "evaluation), `first` the first round's (it also starts the warm workers), `run` the wall time of "
         "`flwr run`. `cold`: `node_config warm=false`, each message computed in the fresh ClientApp "
-        "process; `warm`: the node's long-lived worker computes it.",
+        "process; `warm`: the node's long-lived worker computes it; both on Flower's `flower-supernode` "
+        "as it is. `warm+node`: the warm worker on `fedmtl flower supernode` (Flower's SuperNode polling "
+        "every 0.2 s while busy instead of 3 s, and each ClientApp forked from a process that imported "
+        "Flower and fedmtl's ClientApp once instead of a new `flwr-clientapp`). Targets for a warm "
+        "exchange: under 3 s with 2 SuperNodes, under 5 s with 8.",
         "",
-        "| SuperNodes | mode | exchange s | vs cold | first round s | run s | accuracy |",
+        f"| SuperNodes | mode | exchange s | vs {base} | first round s | run s | accuracy |",
         "|---|---|---|---|---|---|---|",
     ]
     for nodes in a.nodes:
-        cold = measured[(nodes, False)]
-        for warm in (False, True):
-            m = measured[(nodes, warm)]
+        ref = measured[(nodes, base)]
+        for mode in a.modes:
+            m = measured[(nodes, mode)]
             lines.append(
-                f"| {nodes} | {'warm' if warm else 'cold'} | {m['exchange_s']:.1f} "
-                f"| {m['exchange_s'] / cold['exchange_s']:.2f}x | {m['first_s']:.1f} | {m['wall_s']:.0f} "
+                f"| {nodes} | {mode} | {m['exchange_s']:.1f} "
+                f"| {m['exchange_s'] / ref['exchange_s']:.2f}x | {m['first_s']:.1f} | {m['wall_s']:.0f} "
                 f"| {m['accuracy']:.4f} |"
             )
+    from fedmtl.flower.timing import SEGMENTS
+
+    cols = [(n, mode) for n in a.nodes for mode in a.modes if MODES[mode][0]]
+    names = sorted(dict.fromkeys(k for c in cols for k in measured[c]["breakdown"]), key=_part_order)
+    lines += [
+        "",
+        "## Where a warm exchange's seconds go",
+        "",
+        "From the timestamps both sides record (`flower.jsonl` in the run folder, one `exchange` event "
+        "per exchange; `fedmtl.flower.timing`), median over the rounds after the first. `total`: the "
+        "ServerApp's exchange from building the messages to decoding the last reply; `server encode` "
+        "fedmtl's records, `server push` Flower's serialisation and the push to the SuperLink, `server "
+        "wait` until the last reply was pulled, `server decode` the replies; `server work between`: the "
+        "ServerApp's own work between two exchanges (aggregation, evaluation rows, records, checkpoint). "
+        "`last reply: ...`: the round trip of the reply the exchange waited for, in consecutive parts "
+        "that add up to it: "
+        + "; ".join(f"`{k}` {v}" for k, v in SEGMENTS.items())
+        + ". `compute: ...`: inside the node's computation (`build_s` the node's side, cached when warm; "
+        "`eval_s` the previous round's evaluation; `train_s` the client step; `state_s` the client's "
+        "state file). `KB down`/`KB up`: the largest message's payload each way.",
+        "",
+        "| part | " + " | ".join(f"{n} nodes, {mode}" for n, mode in cols) + " |",
+        "|---|" + "---|" * len(cols),
+    ]
+    for name in names:
+        values = [measured[c]["breakdown"].get(name) for c in cols]
+        lines.append(f"| {name} | " + " | ".join("" if v is None else f"{v:.2f}" for v in values) + " |")
     if resume is not None:
         lines += [
             "",

@@ -32,7 +32,7 @@ from fedmtl.algorithms import Message, algorithm_names  # noqa: E402
 from fedmtl.algorithms.fedavg import FedAvg  # noqa: E402
 from fedmtl.config import parse_config  # noqa: E402
 from fedmtl.errors import ConfigError, ProtocolError  # noqa: E402
-from fedmtl.flower import client_app, codec, protocol  # noqa: E402
+from fedmtl.flower import client_app, codec, protocol, timing  # noqa: E402
 from fedmtl.flower.server import FlowerRunError, FlowerServer, Settings, run_on_grid  # noqa: E402
 from tests.conftest import digits_config  # noqa: E402
 
@@ -510,3 +510,34 @@ def test_app_defaults_match_settings_defaults():
     project = tomllib.loads((ROOT / "flower_app" / "pyproject.toml").read_text())
     defaults = project["tool"]["flwr"]["app"]["config"]
     assert Settings.from_run_config(defaults) == Settings()
+
+
+# ------------------------------------------------------------------------------------ timing
+def test_each_exchange_records_where_its_seconds_went(tmp_path):
+    raw = _cfg(data__partition__num_clients=2, train__rounds=2)
+    got = _flower_run(tmp_path, raw, LoopbackGrid(_nodes(2)))
+    events = [json.loads(x) for x in (got.run_dir / "flower.jsonl").read_text().splitlines()]
+    exchanges = [e for e in events if e["event"] == "exchange"]
+    assert [e["group"] for e in exchanges] == ["1", "2", "2.eval"]
+    for e in exchanges:
+        assert set(e["clients"]) == {"0", "1"} and e["bytes_down"] > 0 and e["bytes_up"] > 0
+        server = e["server"]
+        assert sum(server.values()) == pytest.approx(e["total"], abs=1e-6)
+        for c in e["clients"].values():
+            # the consecutive parts of a reply's round trip add up to when it was pulled
+            assert list(c["segments"]) == list(timing.SEGMENTS)
+            assert all(v >= 0 for v in c["segments"].values())
+            assert sum(c["segments"].values()) == pytest.approx(c["pulled"], abs=1e-6)
+            assert c["pulled"] <= e["total"] + 1e-6
+    train = exchanges[1]["clients"]["0"]["compute"]
+    assert train["train_s"] > 0 and train["eval_s"] > 0  # round 2 trains and evaluates round 1
+    assert "train_s" not in exchanges[2]["clients"]["0"]["compute"]  # evaluation only
+    assert set(exchanges[1]["server_work"]) >= {"plan", "update"}  # the server's work of round 1
+
+
+def test_timing_segments_never_go_negative_and_merge_missing_stamps():
+    stamps = {timing.PROC_START: 5.0, timing.ENTER: 4.0, timing.END: 7.0, timing.EXIT: 12.0}
+    parts = timing.segments(0.0, 1.0, 10.0, stamps)
+    assert parts == {"push": 1.0, "queue": 4.0, "clientapp": 0.0, "hop_in": 0.0, "compute": 2.0,
+                     "hop_out": 3.0, "return": 0.0}  # fmt: skip
+    assert sum(parts.values()) == 10.0

@@ -37,7 +37,8 @@ def test_local_prints_every_command_of_a_loopback_deployment(tmp_path, capsys):
     link = next(x for x in lines if " flower-superlink " in x)
     assert "--host 127.0.0.1 --port 8100" in link and "--insecure" in link
     assert "--disable-runtime-dependency-installation" in link
-    nodes = [x for x in lines if " flower-supernode " in x]
+    # fedmtl's SuperNode: Flower's, polling at a federation's pace, ClientApps forked warm
+    nodes = [x for x in lines if " fedmtl flower supernode " in x]
     assert len(nodes) == 2  # one per client of the config
     for i, node in enumerate(nodes):
         args = shlex.split(node)
@@ -102,3 +103,44 @@ def test_the_core_and_the_cli_import_nothing_from_flwr():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=False)
     assert proc.returncode == 0, proc.stderr
+
+
+class _FakeTime:
+    """A clock for NodeClock: records the sleeps it is asked for."""
+
+    def __init__(self) -> None:
+        self.now, self.slept = 0.0, []
+
+    def monotonic(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += seconds
+
+
+def test_the_supernode_polls_fast_while_busy_and_at_flowers_pace_when_idle():
+    from fedmtl.flower.supernode import NodeClock
+
+    fake = _FakeTime()
+    clock = NodeClock(poll=0.2, window=10.0, reply=0.02, clock=fake)
+    clock.sleep(3)  # no message pulled, the node just started: busy
+    clock.sleep(0.5)  # no reply from the ClientApp yet
+    clock.sleep(1.25)  # any other sleep is Flower's own
+    fake.now = 20.0  # nothing for longer than the window: Flower's 3 s again
+    clock.sleep(3)
+    clock.busy()
+    clock.sleep(3)
+    assert fake.slept == [0.2, 0.02, 1.25, 3, 0.2]
+    assert clock.monotonic() == fake.now  # everything else is the time module's
+
+
+def test_supernode_options_out_of_range_are_refused_naming_the_range(capsys):
+    from fedmtl.flower.supernode import parser
+
+    with pytest.raises(SystemExit) as exc:
+        parser().parse_known_args(["--poll-interval", "0", "--superlink", "x:1"])
+    assert exc.value.code == 2
+    assert "--poll-interval 0: must be between 0.01 and 3.0 seconds" in capsys.readouterr().err
+    ours, rest = parser().parse_known_args(["--no-fork", "--superlink", "x:1", "--insecure"])
+    assert (ours.fork, ours.poll_interval, rest) == (False, 0.2, ["--superlink", "x:1", "--insecure"])

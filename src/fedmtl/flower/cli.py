@@ -25,7 +25,7 @@ ENV_LINE = "export FLWR_TELEMETRY_ENABLED=0 FLWR_DISABLE_UPDATE_CHECK=1 FLWR_SUP
 def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     """Register ``fedmtl flower {local,run}`` on the main CLI's subparsers."""
     f = subparsers.add_parser("flower", help="run a config on the Flower deployment engine (fedmtl[flower])")
-    sub = f.add_subparsers(dest="flower_cmd", required=True, metavar="{local,run,split}")
+    sub = f.add_subparsers(dest="flower_cmd", required=True, metavar="{local,run,split,supernode}")
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
         "config", nargs="?", help="fedmtl YAML config (default: the Flower app's fedmtl.yaml)"
@@ -61,12 +61,23 @@ def add_parser(subparsers: Any) -> argparse.ArgumentParser:
     sp.add_argument("out", help="directory to create: federation.json, node-<i>/client.npz")
     sp.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     sp.add_argument("--data-dir", help="where the dataset's files are (default: data.dir, FEDMTL_DATA)")
+
+    # every argument goes to fedmtl.flower.supernode (its own, then flower-supernode's): '+' is no
+    # prefix anyone uses, so argparse hands '--superlink ...' through untouched
+    sn = sub.add_parser(
+        "supernode",
+        add_help=False,
+        prefix_chars="+",
+        help="Flower's SuperNode with fedmtl's polling and forked ClientApps (--help for its options)",
+    )
+    sn.add_argument("args", nargs=argparse.REMAINDER)
     return f
 
 
 def handle(a: argparse.Namespace) -> int:
     """Entry point for ``fedmtl flower ...`` (the main CLI maps the ``flower`` command here)."""
-    return {"local": _cmd_local, "run": _cmd_run, "split": _cmd_split}[a.flower_cmd](a)
+    commands = {"local": _cmd_local, "run": _cmd_run, "split": _cmd_split, "supernode": _cmd_supernode}
+    return commands[a.flower_cmd](a)
 
 
 # ------------------------------------------------------------------------------------ helpers
@@ -264,6 +275,15 @@ def _cmd_run(a: argparse.Namespace) -> int:
     print(f"run: {rc['out']}")
     print(f"final (round {fin['round']}): {m} mean {fin.get(m + '_mean', float('nan')):.4f}"
           + (f"  global {fin['global_' + m]:.4f}" if "global_" + m in fin else ""))  # fmt: skip
+    return 0
+
+
+def _cmd_supernode(a: argparse.Namespace) -> int:
+    if importlib.util.find_spec("flwr") is None:
+        raise FedmtlError("flower: Flower is not installed; install fedmtl's 'flower' extra")
+    from fedmtl.flower import supernode
+
+    supernode.main(list(a.args))
     return 0
 
 

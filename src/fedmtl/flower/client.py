@@ -27,7 +27,7 @@ from flwr.app import Message as FlowerMessage
 from flwr.clientapp import ClientApp
 
 from fedmtl.errors import ConfigError, FedmtlError, ProtocolError
-from fedmtl.flower import codec, protocol, worker
+from fedmtl.flower import codec, protocol, timing, worker
 from fedmtl.flower.node_state import NodeStates, state_root
 
 if TYPE_CHECKING:
@@ -201,48 +201,71 @@ def compute(
     further action of a multi-step protocol), and its client's new state as records (or None).
 
     A pure function of the message, the node's config and the node's disk, so the ClientApp
-    process and the node's warm worker (``fedmtl.flower.worker``) give the same answer."""
+    process and the node's warm worker (``fedmtl.flower.worker``) give the same answer. The answer's
+    ``fedmtl.timing`` record says when the computation started and ended and what it spent on what
+    (``fedmtl.flower.timing``)."""
+    from fedmtl.runtime.laps import Laps
     from fedmtl.training import device
 
+    start, laps = time.time(), Laps()
     side = _side(content, node_config)
     if action == protocol.CHECK:  # the handshake: the node side builds, so its files fit the run
         return RecordDict(), None
+    laps.lap(timing.BUILD)
     store = _store(content, node_config, run_id, side.client.cid)
+    laps.lap(timing.STATE)
     out = RecordDict()
     with device.using(side.device):
         _evaluate_into(out, content, side, store)
-    if action is None:
-        return out, None
-    cid, work = _work(content, side)
-    w = content.config_records[protocol.WORK]
-    first = int(w.get("exchange", 0)) == 0  # type: ignore[arg-type]
-    state = store.before(work.round) if first else store.upto(work.round)
-    incoming = codec.get_message(content, protocol.MSG)
-    if state is None:
-        state = side.algo.init_client(cid)
-    from fedmtl.training.executors import run_local
+    laps.lap(timing.EVAL)
+    latest = None
+    if action is not None:
+        cid, work = _work(content, side)
+        w = content.config_records[protocol.WORK]
+        first = int(w.get("exchange", 0)) == 0  # type: ignore[arg-type]
+        state = store.before(work.round) if first else store.upto(work.round)
+        incoming = codec.get_message(content, protocol.MSG)
+        if state is None:
+            state = side.algo.init_client(cid)
+        from fedmtl.training.executors import run_local
 
-    step = _step_fn(side, action)
-    t0 = time.perf_counter()
-    with device.using(side.device):
-        new_state, reply = run_local(step(state, side.client, incoming, work))
-    wall = time.perf_counter() - t0
-    store.put(work.round, new_state, int(w.get("committed", 0)))  # type: ignore[arg-type]
-    codec.put_message(out, protocol.REPLY, reply)
-    out[protocol.META] = MetricRecord({"cid": cid, "compute_wall": wall})
-    latest = RecordDict()
-    codec.put_tree(latest, protocol.STATE, new_state)
+        step = _step_fn(side, action)
+        laps.lap(timing.TRAIN)
+        t0 = time.perf_counter()
+        with device.using(side.device):
+            new_state, reply = run_local(step(state, side.client, incoming, work))
+        wall = time.perf_counter() - t0
+        laps.lap(timing.TRAIN)
+        store.put(work.round, new_state, int(w.get("committed", 0)))  # type: ignore[arg-type]
+        laps.lap(timing.STATE)
+        codec.put_message(out, protocol.REPLY, reply)
+        out[protocol.META] = MetricRecord({"cid": cid, "compute_wall": wall})
+        latest = RecordDict()
+        codec.put_tree(latest, protocol.STATE, new_state)
+    stamps = {timing.START: start, **laps.take(), timing.END: time.time()}
+    out[protocol.TIMING] = MetricRecord(stamps)  # type: ignore[arg-type]
     return out, latest
 
 
 def _step(msg: FlowerMessage, context: Context, action: str | None) -> FlowerMessage:
+    enter = time.time()
     node_config = dict(context.node_config)
     request = (msg.content, node_config, int(context.run_id), action)
     out, latest = worker.call(node_config, request) if worker.enabled(node_config) else compute(*request)
     if latest is not None:  # the latest state also in context.state, for Flower's own tools
         for key, record in latest.items():
             context.state[key] = record
+    _stamp(out, enter)
     return FlowerMessage(out, reply_to=msg)
+
+
+def _stamp(out: RecordDict, enter: float) -> None:
+    """This process's side of the reply's timing record (``fedmtl.flower.timing``)."""
+    stamps = dict(out.metric_records.get(protocol.TIMING, {}))
+    stamps[timing.PROC_START] = timing.process_start()
+    stamps[timing.ENTER] = enter
+    stamps[timing.EXIT] = time.time()
+    out[protocol.TIMING] = MetricRecord(stamps)  # type: ignore[arg-type]
 
 
 def handle_query(msg: FlowerMessage, context: Context) -> FlowerMessage:

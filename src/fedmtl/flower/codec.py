@@ -68,6 +68,18 @@ def has_message(content: RecordDict, prefix: str) -> bool:
     return f"{prefix}.{_ARRAYS}" in content.array_records
 
 
+def nbytes(content: RecordDict) -> int:
+    """A content's payload: its arrays' bytes and its strings' lengths (Flower adds a little framing)."""
+    total = 0
+    for record in content.array_records.values():
+        total += sum(len(array.data) for array in record.values())
+    for record in content.config_records.values():
+        total += sum(len(v) if isinstance(v, str | bytes) else 8 for v in record.values())
+    for record in content.metric_records.values():
+        total += 8 * len(record)
+    return total
+
+
 # ------------------------------------------------------------------------------------ states
 def _encode(obj: Any, arrays: dict[str, np.ndarray], path: str) -> Any:
     if isinstance(obj, np.ndarray):

@@ -81,10 +81,17 @@ def superlink_cmd(
 
 
 def supernode_cmd(
-    superlink: str, port: int, node_config: Mapping[str, Any], root_cert: str | None = None
+    superlink: str,
+    port: int,
+    node_config: Mapping[str, Any],
+    root_cert: str | None = None,
+    tuned: Iterable[str] | None = (),
 ) -> list[str]:
-    """``flower-supernode`` connecting to ``superlink`` with its runtime API on ``127.0.0.1:port``."""
-    cmd = ["flower-supernode", "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port)]
+    """A SuperNode connecting to ``superlink`` with its runtime API on ``127.0.0.1:port``:
+    ``fedmtl flower supernode`` (Flower's, with fedmtl's polling and forked ClientApps; ``tuned``: its
+    options) or, with ``tuned=None``, Flower's ``flower-supernode`` as it is."""
+    head = ["flower-supernode"] if tuned is None else ["fedmtl", "flower", "supernode", *tuned]
+    cmd = [*head, "--superlink", superlink, "--host", "127.0.0.1", "--port", str(port)]
     cmd += ["--insecure"] if root_cert is None else ["--root-certificates", root_cert]
     return [*cmd, "--node-config", node_config_arg(node_config)]
 
@@ -228,8 +235,10 @@ class LocalFederation:
         node_configs: list[dict[str, Any]],
         federation: str = FEDERATION,
         database: bool = False,
+        tuned: Iterable[str] | None = (),
     ):
         self.root = Path(root)
+        self.tuned = None if tuned is None else list(tuned)  # supernode_cmd's: how the nodes run
         self.database = str(self.root / "superlink.db") if database else None
         self.node_configs = node_configs
         self.federation = federation
@@ -280,7 +289,8 @@ class LocalFederation:
         """Start one more SuperNode (it retries until the SuperLink answers)."""
         i = len(self.nodes)
         port = free_port()
-        proc = self._start(f"supernode-{i}", supernode_cmd(self.address, port, node_config), port)
+        cmd = supernode_cmd(self.address, port, node_config, tuned=self.tuned)
+        proc = self._start(f"supernode-{i}", cmd, port)
         self.nodes.append(proc)
         if wait is not None:
             _wait_port(proc, wait)
@@ -312,7 +322,8 @@ class LocalFederation:
         self.kill_node(i)
         port = free_port()
         link = self.address
-        proc = self._start(f"supernode-{i}", supernode_cmd(link, port, self.node_configs[i]), port)
+        cmd = supernode_cmd(link, port, self.node_configs[i], tuned=self.tuned)
+        proc = self._start(f"supernode-{i}", cmd, port)
         self.nodes[i] = proc
         _wait_port(proc, wait)
         return proc

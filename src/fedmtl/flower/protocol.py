@@ -18,6 +18,7 @@ EVAL = "fedmtl.eval"  # ConfigRecord: {"round"}; plus the server view under EVAL
 EVAL_VIEW = "fedmtl.eval.server"
 EVAL_ROW = "fedmtl.eval.rows"  # codec tree: this client's evaluation rows (as evaluate_clients gives)
 META = "fedmtl.meta"  # MetricRecord: {"cid", "compute_wall"}
+TIMING = "fedmtl.timing"  # MetricRecord: the reply's timestamps and durations (fedmtl.flower.timing)
 NODE = "fedmtl.node"  # MetricRecord/ConfigRecord in the handshake reply
 CHECK = "fedmtl.check"  # ConfigRecord in a handshake: build the run's node side now (checks its files)
 NODE_ERROR = "fedmtl.node.error"  # ConfigRecord {"reason": one line}: why this node cannot run it

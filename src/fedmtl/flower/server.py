@@ -21,7 +21,7 @@ import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -38,8 +38,9 @@ from fedmtl.experiment.identity import check_resume, run_identity
 from fedmtl.experiment.outputs import write_csv
 from fedmtl.experiment.records import RunDir, atomic_write_bytes, dumps
 from fedmtl.experiment.run import RunResult, build_algorithm, runs_a_round
-from fedmtl.flower import codec, protocol
+from fedmtl.flower import codec, protocol, timing
 from fedmtl.metrics import primary_metric
+from fedmtl.runtime.laps import Laps
 from fedmtl.runtime.loop import Progress, RunLoop
 from fedmtl.runtime.round import Delivered, Planner, RoundPlan, RoundRunner, round_lr
 
@@ -93,6 +94,20 @@ class Settings:
         if not path.is_absolute() and app_dir is not None:
             path = Path(app_dir) / path
         return load_config(path, self.override_list())
+
+
+@dataclass
+class ExchangeClock:
+    """The server's stamps of one exchange (wall clock, comparable with the nodes' stamps)."""
+
+    start: float  # the transport got the exchange (encoding starts)
+    server_work: dict[str, float] = field(default_factory=dict)  # the server's laps before it
+    group: str = ""
+    push_start: float = 0.0
+    push_end: float = 0.0
+    last_pull: float = 0.0
+    decoded: float = 0.0
+    pulled: dict[Any, float] = field(default_factory=dict)  # key -> when its reply was pulled
 
 
 class FlowerEvaluation:
@@ -160,6 +175,7 @@ class FlowerTransport:
         return RecordDict({protocol.RUN: self.srv.run_record(), protocol.WORK: ConfigRecord(work)})  # type: ignore[arg-type]
 
     def exchange(self, action: str, messages: dict[int, Message], plan: RoundPlan) -> Delivered:
+        clock = self.srv.clock()
         node_of = self.srv.node_of
         items: dict[int, tuple[int, str, RecordDict]] = {}
         missing: dict[int, str] = {}
@@ -180,7 +196,7 @@ class FlowerTransport:
             self._attach_eval(items, pending, plan.round, plan.lr)
         group = str(plan.round) if action == TRAIN else f"{plan.round}.{action}"
         t = time.perf_counter()
-        replies, lost = self.srv.roundtrip(items, group)
+        replies, lost = self.srv.roundtrip(items, group, clock=clock)
         self.exchange_time += time.perf_counter() - t
         if pending is not None:
             pending.resolve(replies, {c: lost.get(c, "no node holds this client") for c in pending.clients})
@@ -196,6 +212,7 @@ class FlowerTransport:
             wall[cid] = float(content.metric_records[protocol.META]["compute_wall"])  # type: ignore[arg-type]
         if action != TRAIN:
             missing = {c: f"{action}: {why}" for c, why in missing.items()}
+        self.srv.exchanged(clock, items, replies)
         return Delivered(got, missing, wall)
 
     def _attach_eval(
@@ -215,10 +232,12 @@ class FlowerTransport:
         """The evaluation on its own exchange (after the last round, or when nothing came after)."""
         if self.pending is ev:
             self.pending = None
+        clock = self.srv.clock()
         items: dict[int, tuple[int, str, RecordDict]] = {}
         self._attach_eval(items, ev, ev.round, round_lr(self.srv.cfg, ev.round))
-        replies, lost = self.srv.roundtrip(items, f"{ev.round}.eval")
+        replies, lost = self.srv.roundtrip(items, f"{ev.round}.eval", clock=clock)
         ev.resolve(replies, {c: lost.get(c, "no node holds this client") for c in ev.clients})
+        self.srv.exchanged(clock, items, replies)
 
     def evaluate(self, server: dict[str, Any], round: int, clients: list[int]) -> FlowerEvaluation:
         """Eval records per client: the algorithm's ``eval_view`` of the server state (only what
@@ -278,6 +297,7 @@ class FlowerServer:
         self.data, self.algo, flops = build_algorithm(cfg)
         self.planner = Planner(cfg, self.data.train_clients)
         self.runner = RoundRunner(self.algo, cfg, self.planner, flops, self.data)
+        self.laps = self.runner.laps = Laps()  # the server's own work between exchanges
         self.transport = FlowerTransport(self)
         self.config_json = json.dumps(cfg.to_dict())
         # What a node with only its own files builds the federation from (no samples in it).
@@ -300,11 +320,62 @@ class FlowerServer:
                 fh.write("".join(self._events))
             self._events.clear()
 
+    def clock(self) -> ExchangeClock:
+        """Start timing an exchange: the server's work since the last one ends here."""
+        work = self.laps.take()
+        work.pop("exchange", None)  # the previous exchange itself (reported on its own)
+        return ExchangeClock(start=time.time(), server_work=work)
+
+    def exchanged(
+        self,
+        clock: ExchangeClock,
+        items: Mapping[int, tuple[int, str, RecordDict]],
+        replies: dict[int, RecordDict],
+    ) -> None:
+        """Record where the exchange's seconds went (``fedmtl.flower.timing``) in ``flower.jsonl``."""
+        clock.decoded = time.time()
+        clients: dict[str, Any] = {}
+        for key, content in replies.items():
+            stamps = content.metric_records.get(protocol.TIMING)
+            pulled = clock.pulled.get(key)
+            if stamps is None or pulled is None:
+                continue
+            stamps = {k: float(v) for k, v in stamps.items()}  # type: ignore[arg-type]
+            clients[str(key)] = {
+                "segments": timing.segments(clock.start, clock.push_end, pulled, stamps),
+                "compute": timing.summary(stamps),
+                "pulled": pulled - clock.start,
+            }
+        sizes = [codec.nbytes(content) for _, _, content in items.values()]
+        up = [codec.nbytes(content) for content in replies.values()]
+        self._event(
+            "exchange",
+            group=clock.group,
+            total=clock.decoded - clock.start,
+            server={
+                "encode": clock.push_start - clock.start,
+                "push": clock.push_end - clock.push_start,
+                "wait": clock.last_pull - clock.push_end,
+                "decode": clock.decoded - clock.last_pull,
+            },
+            server_work=clock.server_work,
+            bytes_down=max(sizes, default=0),
+            bytes_up=max(up, default=0),
+            clients=clients,
+        )
+
     def roundtrip(
-        self, items: Mapping[K, tuple[int, str, RecordDict]], group: str, timeout: float | None = None
+        self,
+        items: Mapping[K, tuple[int, str, RecordDict]],
+        group: str,
+        timeout: float | None = None,
+        clock: ExchangeClock | None = None,
     ) -> tuple[dict[K, RecordDict], dict[K, str]]:
         """Send ``key -> (node, message type, content)``; return replies and reasons for the missing
-        (waiting ``timeout`` seconds at most, else ``round-timeout``)."""
+        (waiting ``timeout`` seconds at most, else ``round-timeout``); ``clock`` records when the
+        push started and ended and when each reply was pulled."""
+        clock = clock or ExchangeClock(start=time.time())
+        clock.group = group
         limit = self.s.round_timeout if timeout is None else timeout
         missing: dict[K, str] = {}
         online = set(self.grid.get_node_ids())
@@ -317,7 +388,9 @@ class FlowerServer:
                 continue
             keys.append(key)
             msgs.append(FlowerMessage(content, node, kind, ttl=ttl, group_id=group))
+        clock.push_start = time.time()
         ids = list(self.grid.push_messages(msgs)) if msgs else []
+        clock.push_end = clock.last_pull = time.time()
         pending: dict[str, K] = {}
         for key, mid in zip(keys, ids, strict=True):
             if mid:
@@ -334,6 +407,7 @@ class FlowerServer:
                 key = pending.pop(reply.metadata.reply_to_message_id, None)
                 if key is None:
                     continue
+                clock.pulled[key] = clock.last_pull = time.time()
                 if reply.has_error():
                     err = reply.error
                     if err.code in _FATAL:
@@ -548,6 +622,7 @@ class FlowerServer:
             "engine": "flower",
             "nodes": self.node_map,
         }
+        loop.laps = self.laps
         if progress is None:
             progress = Progress(server=self.algo.init_server(), elapsed=time.perf_counter() - t0)
         summary = loop.run(progress)
@@ -619,6 +694,9 @@ def server_app(app_dir: str | Path | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
+        from fedmtl.flower import pulls
+
+        pulls.tune()  # the replies' objects: retried after 0.02 s, not 1 s
         try:
             res = run_on_grid(grid, context.run_config, app_dir, int(context.run_id))
         except FedmtlError as exc:  # the one line ``fedmtl flower run`` shows (Flower logs the rest)

@@ -29,6 +29,7 @@ from fedmtl.experiment.evaluate import (
 )
 from fedmtl.experiment.records import RunDir
 from fedmtl.metrics import primary_metric, summarize_clients
+from fedmtl.runtime.laps import NO_LAPS, Laps
 from fedmtl.runtime.round import RoundResult, Transport
 
 if TYPE_CHECKING:
@@ -130,6 +131,8 @@ class RunLoop:
         self.stopped: str | None = None
         #: what the runtime adds to the summary (Flower: the engine and which node holds which client)
         self.extra_summary: dict[str, Any] = {}
+        #: where the server's own time goes (the Flower ServerApp reports it per exchange)
+        self.laps: Laps = NO_LAPS
 
     def run(self, progress: Progress) -> dict[str, Any]:
         """Run to the end (or a stop reason); returns the summary, also written to the run dir."""
@@ -148,6 +151,7 @@ class RunLoop:
                 break
             if self.before_round is not None:
                 self.before_round(r)
+                self.laps.lap("plan")
             res = self.run_round(r, server)
             server = res.server
             self._flush(force=False)  # a deferred evaluation may have come back with this round
@@ -162,6 +166,7 @@ class RunLoop:
                     )
                 entry.evaluation = self.transport.evaluate(server, r, entry.eval_clients)
                 entry.server_rows, entry.server_metrics = self._server_side(server, r)
+                self.laps.lap("evaluate")
             self.pending.append(entry)
             self._flush(force=False)
         self._flush(force=True)
@@ -211,9 +216,11 @@ class RunLoop:
             if lost:
                 row["eval_missing_clients"] = lost
                 row["eval_missing_reasons"] = {str(c): missing.get(c, "no reply") for c in lost}
+        self.laps.lap("evaluate")  # the clients' rows released and summarised
         row["wall_time"] = time.perf_counter() - self.t0
         rows.append(row)
         self.rd.append(rows)
+        self.laps.lap("records")
         p = self.progress
         # The best round is chosen on validation rows (data.val_fraction), never on test rows; without
         # a validation split it is the last evaluated round.
@@ -251,8 +258,10 @@ class RunLoop:
             if segments is not None:
                 states.committed(segments)  # type: ignore[union-attr]
             self.transport.checkpointed(r)
+            self.laps.lap("checkpoint")
         if self.on_row is not None:
             self.on_row(row)
+        self.laps.lap("records")
 
     def _summary(self) -> dict[str, Any]:
         last = self.progress.last

@@ -29,6 +29,7 @@ import numpy as np
 from fedmtl.algorithms.base import TRAIN, Algorithm, ClientWork, Exchange, Message
 from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.errors import ProtocolError
+from fedmtl.runtime.laps import NO_LAPS, Laps
 from fedmtl.runtime.reduction import CHAIN_STATE, Reducer
 from fedmtl.runtime.seeds import derived_rng, derived_rngs
 from fedmtl.runtime.validation import check_replies
@@ -205,12 +206,15 @@ class RoundRunner:
 
             reducer = round_reducer(algo, cfg, data)
         self.reducer = reducer
+        #: where the server's own time goes (the Flower ServerApp reports it per exchange)
+        self.laps: Laps = NO_LAPS
 
     def comm_seconds(self, up: int, down: int) -> float:
         rt = self.cfg.runtime
         return up * 8 / (rt.uplink_mbps * 1e6) + down * 8 / (rt.downlink_mbps * 1e6)
 
     def run(self, round: int, server: dict[str, Any], transport: Transport) -> RoundResult:
+        laps = self.laps
         plan = self.planner.plan(round)
         live = plan.live
         dropped = [c for c, d in zip(plan.sampled, plan.dropped, strict=True) if d]
@@ -231,6 +235,7 @@ class RoundRunner:
                     item = steps.send(self._deliver(item, plan, transport, ledger))
         except StopIteration as stop:
             server, records = stop.value
+        laps.lap("update")
         guarantees = self.reducer.guarantees
         if guarantees and not ledger.reduced and any(m.arrays for m in ledger.trained.values()):
             raise ProtocolError(
@@ -241,7 +246,9 @@ class RoundRunner:
         if chain_state is not None:
             server = {**server, CHAIN_STATE: chain_state}
         extra = transport.finish(plan, set(ledger.rejected))
-        return self._finish(plan, server, records, ledger, transport, extra)
+        result = self._finish(plan, server, records, ledger, transport, extra)
+        laps.lap("rows")
+        return result
 
     def _deliver(
         self, exchange: Exchange, plan: RoundPlan, transport: Transport, ledger: _Ledger
@@ -259,7 +266,9 @@ class RoundRunner:
             if msg is not last:
                 last, size = msg, msg.nbytes
             down[cid] += size
+        self.laps.lap("plan")  # sampling, the algorithm's messages, counting their bytes
         got = transport.exchange(exchange.action, messages, plan)
+        self.laps.lap("exchange")
         up, wall = ledger.up, ledger.wall
         for cid, reply in got.replies.items():
             up[cid] += reply.nbytes
@@ -272,6 +281,7 @@ class RoundRunner:
         for cid, problem in refused.items():
             ledger.rejected[cid] = problem
             gone.setdefault(cid, f"reply refused: {problem}")
+        self.laps.lap("checks")
         return ok
 
     def _reduce(
@@ -285,6 +295,7 @@ class RoundRunner:
         """Carry out a reduction, delivering any exchanges of its own (secure aggregation's stages)."""
         if request.kind == "mean" and set(request.replies) <= set(ledger.trained):
             ledger.reduced = True
+        self.laps.lap("update")  # the algorithm's own work before it asked for the reduction
         work = self.reducer.reduce(request, state, plan.round)
         try:
             exchange = next(work)
@@ -294,6 +305,7 @@ class RoundRunner:
             aggregate, state = stop.value
         aggregate.reported = {c: m.scalars for c, m in ledger.trained.items()}
         ledger.facts.update(aggregate.info)
+        self.laps.lap("reduction")
         return aggregate, state
 
     def _finish(

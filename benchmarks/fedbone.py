@@ -344,7 +344,7 @@ def report(
         fl = _ms([r["client_flops"] / 1e6 for r in rs], 0)
         conflict = _ms([r.get("conflict", float("nan")) for r in rs], 2)
         lr, scores = tuned[label]
-        shown = f"{lr:g}" + (" **edge**" if at_edge(scores, lr) else "")
+        shown = f"{lr:.3g}" + (" **edge**" if at_edge(scores, lr) else "")
         lines.append(f"| {label} | {shown} | {' | '.join(cells)} | {dm} | {mb} | {fl} | {conflict} |")
     every = sorted({lr for _, scores in tuned.values() for lr in scores})
     lines += [
@@ -353,7 +353,7 @@ def report(
         + str(seeds[0])
         + "; the grid, then bracketing; — = not tried):",
         "",
-        "| Method | " + " | ".join(f"lr {lr:g}" for lr in every) + " |",
+        "| Method | " + " | ".join(f"lr {lr:.3g}" for lr in every) + " |",
         "|---" * (len(every) + 1) + "|",
     ]
     for label, _, _, _ in METHODS:

@@ -44,6 +44,7 @@ def scale_config(pop: int, algo: str, rounds: int, cache_mib: float = 1024.0) ->
         "data": {
             "dataset": "digits",
             "partition": {"kind": "resample", "num_clients": pop, "samples": [20, 50]},
+            "normalize": "scale",
         },
         "model": {"name": "mlp", "hidden": [32]},
         "algorithm": {"name": algo},

@@ -126,7 +126,7 @@ def fedmtl_config(execution: str, hidden: list[int], rounds: int) -> dict[str, A
     return {
         "name": f"throughput-{execution}",
         "seed": SEED,
-        "data": {"dataset": "mnist", "test_fraction": TEST_FRACTION},
+        "data": {"dataset": "mnist", "test_fraction": TEST_FRACTION, "normalize": "scale"},
         "model": {"name": "mlp", "hidden": hidden} if hidden else {"name": "linear"},
         "algorithm": {"name": "fedavg"},
         "train": {"rounds": rounds, "local_epochs": 1, "batch_size": BATCH, "lr": LR},

@@ -231,7 +231,7 @@ def test_wrong_shape_key_or_nan_replies_are_rejected_with_a_logged_reason(tmp_pa
         (
             [{"name": "clip", "max_nrm": 1}],
             "config: aggregation.0 = {'name': 'clip', 'max_nrm': 1}: unknown key 'max_nrm' for step 'clip'; "
-            "allowed keys: adaptive, count_noise_std, lr, max_norm, name, target_quantile",
+            "allowed keys: adaptive, count_noise_std, expected_count, lr, max_norm, name, target_quantile",
         ),
         (
             [{"name": "trimmed_mean", "trim": 0.5}],

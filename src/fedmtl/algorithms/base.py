@@ -230,6 +230,11 @@ class Algorithm:
         values of ``server["params"]``, heads per task in a multi-task federation."""
         return Reduce(replies, server["params"], groups=self.head_groups(replies))
 
+    def keeps_updates(self) -> bool:
+        """Whether its reduction asks for each client's update (``Reduce.keep_updates``), which
+        client-level DP and secure aggregation, releasing only a mean, refuse."""
+        return False
+
     def head_groups(self, replies: Mapping[int, Message]) -> dict[int, str] | None:
         """Each client's task, under which its head is reduced (None in a single-task federation)."""
         if not self.ctx.multi_task:
@@ -310,6 +315,11 @@ class Algorithm:
         if not isinstance(params, dict):
             return {}
         return {"params": task_part(params, self.ctx.task_of(cid), self.ctx.multi_task)}
+
+    def evaluates_clients(self) -> bool:
+        """Whether the training clients evaluate (client-level DP without a private evaluation
+        releases nothing of theirs, so they are not asked)."""
+        return True
 
     def release_eval(self, client_rows: list[dict[str, Any]], round: int) -> dict[str, Any] | None:
         """What an evaluation round publishes instead of the per-client rows, or None to publish

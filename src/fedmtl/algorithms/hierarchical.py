@@ -99,7 +99,7 @@ class Hierarchical(FedAvg):
         group_of = server["group_of"]
         weights = None
         if self.p.body_weighting == "groups":
-            n = {c: float(r.scalars["num_examples"]) for c, r in replies.items()}
+            n = {c: float(r.scalars.get("num_examples", 1.0)) for c, r in replies.items()}
             totals: dict[str, float] = {}
             for c, k in n.items():
                 totals[group_of[c]] = totals.get(group_of[c], 0.0) + k
@@ -109,8 +109,12 @@ class Hierarchical(FedAvg):
             server["params"],
             groups={c: group_of[c] for c in replies},
             weights=weights,
-            keep_updates=self.p.grouping == "cluster",
+            keep_updates=self.keeps_updates(),
         )
+
+    def keeps_updates(self) -> bool:
+        """Discovered groups split on the cosine similarity of each member's update."""
+        return self.p.grouping == "cluster"
 
     def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
         """The server step on the aggregate, less the heads of groups below ``min_group_size`` this

@@ -79,6 +79,9 @@ class AlgorithmWrapper(Algorithm):
     def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce | None:
         return self.inner.reduction(server, replies, round)
 
+    def keeps_updates(self) -> bool:
+        return self.inner.keeps_updates()
+
     def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
         return self.inner.server_update(server, aggregate, round)
 
@@ -113,6 +116,9 @@ class AlgorithmWrapper(Algorithm):
 
     def eval_view(self, server: dict[str, Any], cid: int) -> dict[str, Any]:
         return self.inner.eval_view(server, cid)
+
+    def evaluates_clients(self) -> bool:
+        return self.inner.evaluates_clients()
 
     def release_eval(self, client_rows: list[dict[str, Any]], round: int) -> dict[str, Any] | None:
         return self.inner.release_eval(client_rows, round)

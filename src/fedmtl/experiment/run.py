@@ -5,20 +5,20 @@ same computation, so a killed and resumed run ends with the metrics of an uninte
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fedmtl.algorithms import AlgoContext, Algorithm, get_algorithm
 from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError
+from fedmtl.experiment import outputs
 from fedmtl.experiment.evaluate import check_serve
+from fedmtl.experiment.progress import Watch, log
 from fedmtl.experiment.records import RunDir
 from fedmtl.features import apply_features
 from fedmtl.metrics import primary_metric
@@ -154,11 +154,18 @@ def _as_config(config: Config | dict[str, Any] | str | Path) -> Config:
 def run(config: Config | dict[str, Any] | str | Path, out: str | Path | None = None) -> RunResult:
     """Run a config end to end in a new run directory (``out`` or ``output.dir/<name>-<time>``)."""
     cfg = _as_config(config)
+    outputs.check(cfg)
     data, algo, sim = build(cfg)  # fail on bad data before creating any directory
     cfg = as_ran(cfg, data)
-    rd = RunDir.create(cfg.output.dir, cfg.name, cfg.seed, out)
+    rd = RunDir.create(cfg.output.dir, folder_name(cfg), cfg.seed, out)
     rd.write_config(cfg.to_dict())
     return _loop(cfg, rd, data, algo, sim, checkpoint=None)
+
+
+def folder_name(cfg: Config) -> str:
+    """An auto-named run folder says which algorithm ran (``fedmtl-digits-ditto-<time>-s0``)."""
+    algo = cfg.algorithm.name
+    return cfg.name if algo in cfg.name.split("-") else f"{cfg.name}-{algo}"
 
 
 def resume(run_dir: str | Path) -> RunResult:
@@ -207,31 +214,28 @@ def _loop(
         )
     sim.transport.states = states
     metric, _ = primary_metric(data.task)
-    bar = tqdm(
-        total=cfg.train.rounds,
-        initial=progress.start - 1,
-        desc=cfg.name,
-        unit="round",
-        file=sys.stderr,
-        disable=not cfg.output.progress or not sys.stderr.isatty(),
-        dynamic_ncols=True,
-        leave=False,
-    )
+    verb = "continuing" if checkpoint is not None else "run folder"
+    log.info(f"{verb} {rd.path}" + (f" after round {progress.start - 1}" if checkpoint else ""))
+    watch = Watch(cfg.name, metric, progress.start, cfg.train.rounds, progress.elapsed, cfg.output.progress)
+    board = outputs.board(cfg, rd.path, progress.start)
 
     def on_row(row: dict[str, Any]) -> None:
-        bar.update(1)
-        if f"{metric}_mean" in row:
-            bar.set_postfix({metric: f"{row[f'{metric}_mean']:.4f}"})
+        watch.row(row)
+        if board is not None:
+            board.row(row)
 
-    def log(text: str) -> None:
-        print(f"fedmtl: {cfg.name}: {text}", file=sys.stderr)
+    def say(text: str) -> None:
+        log.warning(f"{cfg.name}: {text}")
 
     loop = RunLoop(
-        cfg, algo, data, lambda r, server: sim.run_round(r, server, states), sim.transport, rd, log, on_row
+        cfg, algo, data, lambda r, server: sim.run_round(r, server, states), sim.transport, rd, say, on_row
     )
     try:
         with device.using(sim.device):  # evaluations too, not only the rounds
             summary = loop.run(progress)
     finally:
-        bar.close()
+        watch.close()
+        if board is not None:
+            board.close()
+    outputs.finish(rd, cfg, states)
     return _result(rd, summary)

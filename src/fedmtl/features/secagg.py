@@ -136,6 +136,10 @@ class SecureUpdates(ReplyWrapper):
         self.sa = cfg.secagg
         self.seed = cfg.seed
         self.data = data
+        #: metrics in the clear are exact values of one client: none under client-level DP
+        self.send_metrics = self.sa.send_metrics and not (
+            cfg.privacy.enabled and cfg.privacy.level == "client"
+        )
         self.sampled = sample_size(cfg, len(data.train_clients))
         self.threshold = threshold_for(cfg, self.sampled)
         train = [data.clients[c] for c in data.train_clients]
@@ -156,7 +160,7 @@ class SecureUpdates(ReplyWrapper):
         return self.layout(msg).delta(reply.arrays, msg.arrays, f"client {cid}")
 
     def clear_scalars(self, reply: Message) -> dict[str, Any]:
-        if not self.sa.send_metrics:
+        if not self.send_metrics:
             return {}
         return {k: reply.scalars[k] for k in METRICS if k in reply.scalars}
 
@@ -200,7 +204,7 @@ class SecAggWrapper(SecureUpdates):
         x, clipped = self.codec.encode(delta, self.weight_of(reply), rng)
         session, adv = client_advertise(cid, work.round, x)
         adv.scalars.update(self.clear_scalars(reply))
-        if self.sa.send_metrics:  # how many coordinates hit the clip range: tuning feedback
+        if self.send_metrics:  # how many coordinates hit the clip range: tuning feedback
             adv.scalars["secagg_clipped"] = clipped
         return {**state, "secagg": session}, adv
 
@@ -465,7 +469,7 @@ def unsupported(algo: Algorithm, cfg: Config) -> str | None:
     name = algo.name
     if not algo.has_global_model:
         return f"algorithm {name!r} has no global model to aggregate"
-    if algo.reduces != "mean" or not algo.mean_of_updates:
+    if algo.reduces != "mean" or not algo.mean_of_updates or algo.keeps_updates():
         return (
             f"algorithm {name!r} needs more than the weighted mean of client updates, which is all "
             "secure aggregation reveals"

@@ -233,7 +233,10 @@ def _cmd_local(a: argparse.Namespace) -> int:
 
 def _cmd_run(a: argparse.Namespace) -> int:
     if importlib.util.find_spec("flwr") is None:
-        raise FedmtlError("flower: Flower is not installed; pip install 'fedmtl[flower]'")
+        raise FedmtlError(
+            "flower: Flower is not installed; install fedmtl's 'flower' extra (pip install '.[flower]' in "
+            "the fedmtl clone)"
+        )
     app = find_app(a.app)
     rc = _run_config(a)
     nodes = _num_nodes(a, app)

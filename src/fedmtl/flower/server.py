@@ -33,6 +33,7 @@ from fedmtl.algorithms.base import TRAIN, Message
 from fedmtl.config import Config, load_config
 from fedmtl.data.description import describe, plain
 from fedmtl.errors import ConfigError, FedmtlError
+from fedmtl.experiment.outputs import write_csv
 from fedmtl.experiment.records import RunDir, atomic_write_bytes, dumps
 from fedmtl.experiment.run import RunResult, build_algorithm
 from fedmtl.flower import codec, protocol
@@ -487,6 +488,7 @@ class FlowerServer:
         if progress is None:
             progress = Progress(server=self.algo.init_server(), elapsed=time.perf_counter() - t0)
         summary = loop.run(progress)
+        write_csv(self.rd.path)  # metrics.csv beside metrics.jsonl, as a simulated run leaves it
         return self._result(summary)
 
     def _result(self, summary: dict[str, Any]) -> RunResult:

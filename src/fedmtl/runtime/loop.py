@@ -156,9 +156,10 @@ class RunLoop:
             row = {"round": r, "kind": "round", **res.info, **algo.round_info(server)}
             entry = _Pending(r, list(res.train_rows), row, last, server)
             if r % self.cfg.eval.every == 0 or last:
-                entry.eval_clients = eval_sample(
-                    self.data.train_clients, self.cfg.eval.clients, self.cfg.seed, r
-                )
+                if algo.evaluates_clients():
+                    entry.eval_clients = eval_sample(
+                        self.data.train_clients, self.cfg.eval.clients, self.cfg.seed, r
+                    )
                 entry.evaluation = self.transport.evaluate(server, r, entry.eval_clients)
                 entry.server_rows, entry.server_metrics = self._server_side(server, r)
             self.pending.append(entry)

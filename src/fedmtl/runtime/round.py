@@ -339,13 +339,16 @@ class RoundRunner:
                     row.update(missing=True, reason=gone[cid])
                 row["sim_time"] = self.comm_seconds(u, d)
                 continue
+            # what the client reported of its training (under client-level DP: nothing)
             scalars = (reply or empty).scalars
             samples = float(scalars.get("samples", 0))
             loss = float(scalars.get("train_loss", nan))
             flops = float(scalars.get("client_flops", samples * per_flop))
             row["compute_wall"] = wall[cid]
-            row["steps"] = int(scalars.get("steps", 0))
-            row["train_loss"] = loss
+            if "steps" in scalars:
+                row["steps"] = int(scalars["steps"])
+            if "train_loss" in scalars:
+                row["train_loss"] = loss
             row["sim_time"] = flops / flop_rate + (u * 8 / up_bps + d * 8 / down_bps)
             if cid in rejected:  # update and new state discarded, as for a malformed message
                 row["rejected"] = rejected[cid]

@@ -102,6 +102,7 @@ def test_tune_picks_the_validation_best_where_it_is_not_the_test_best(tmp_path):
     """On this grid the two disagree (val best lr 0.5: 0.961 against 0.948 for 0.3 and 0.6; test
     best lr 0.4: 0.907 against 0.902 for 0.5): a tuner that looked at the test column fails here."""
     base = ["train.rounds=10", "data.partition.num_clients=4", "train.local_steps=5", "data.val_fraction=0.1"]
+    base.append("data.normalize=scale")  # calibrated on digits scaled to [0, 1]
     rec = tune(None, ["train.lr=0.2,0.3,0.4,0.5,0.6"], 5, base, out=tmp_path / "t", log=lambda _: None)
     by_val = max(rec["trials"], key=lambda t: t["val"])
     by_test = max(rec["trials"], key=lambda t: t["test"])
@@ -123,7 +124,7 @@ def test_the_value_beyond_an_edge_is_geometric_and_keeps_integers_integers():
 
 
 def test_tune_flags_an_edge_choice_and_bracket_extends_it_until_interior(tmp_path):
-    base = ["train.rounds=3", "data.partition.num_clients=4", "train.local_steps=5"]
+    base = ["train.rounds=3", "data.partition.num_clients=4", "train.local_steps=5", "data.normalize=scale"]
     said: list[str] = []
     plain = tune(None, ["train.lr=0.01,0.02"], 6, base, out=tmp_path / "p", log=said.append)
     assert plain["chosen"] == {"train.lr": "0.02"} and plain["edge"] == {"train.lr": "high"}

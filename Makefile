@@ -41,8 +41,8 @@ bench: $(VENV)/.base
 	$(VENV)/bin/fedmtl bench mnist_fedavg
 
 lint: $(VENV)/.dev
-	$(VENV)/bin/ruff check src tests benchmarks flower_app
-	$(VENV)/bin/ruff format --check src tests benchmarks flower_app
+	$(VENV)/bin/ruff check src tests benchmarks flower_app tools
+	$(VENV)/bin/ruff format --check src tests benchmarks flower_app tools
 
 clean:
 	rm -rf $(VENV) $(RUNS) .pytest_cache

@@ -350,8 +350,15 @@ def test_mocha_without_numba_is_one_line_naming_the_extra(tmp_path, monkeypatch,
     assert not (tmp_path / "r").exists()
 
 
-def test_registering_again_replaces_and_registered_model_keys_are_checked(tmp_path):
+def test_registering_again_replaces_and_registered_model_keys_are_checked(tmp_path, monkeypatch):
     from pydantic import BaseModel
+
+    from fedmtl.data.datasets import REGISTRY
+    from fedmtl.models.registry import _MODELS
+
+    # what this test registers is gone after it (other tests list the registries)
+    monkeypatch.setattr("fedmtl.data.datasets.REGISTRY", dict(REGISTRY))
+    monkeypatch.setattr("fedmtl.models.registry._MODELS", dict(_MODELS))
     from torch import nn
 
     from fedmtl.data import Clients, register_dataset

@@ -51,6 +51,12 @@ def _parser() -> argparse.ArgumentParser:
     s = sub.add_parser("resume", help="continue a killed run (or experiment) from its last checkpoint")
     s.add_argument("run_dir")
     s.add_argument("--quiet", action="store_true", help="no progress bar or per-round lines")
+    s.add_argument(
+        "--accept-mismatch",
+        action="store_true",
+        help="continue although config.yaml or the data no longer match the checkpoint (recorded in "
+        "the run folder's resumes.jsonl)",
+    )
 
     rep = sub.add_parser("report", help="write report.html with plots for one or more runs")
     rep.add_argument("run_dirs", nargs="+")
@@ -195,9 +201,9 @@ def _cmd_resume(a: argparse.Namespace) -> int:
     from fedmtl.experiment.seeds import is_experiment, resume_seeds
 
     if is_experiment(a.run_dir):
-        _print_experiment(resume_seeds(a.run_dir))
+        _print_experiment(resume_seeds(a.run_dir, accept_mismatch=a.accept_mismatch))
         return 0
-    _print_result(resume(a.run_dir))
+    _print_result(resume(a.run_dir, accept_mismatch=a.accept_mismatch))
     return 0
 
 

@@ -112,8 +112,9 @@ class DataConfig(Strict):
     partition: PartitionConfig = PartitionConfig()
     test_fraction: float = Field(0.25, gt=0, lt=1)
     #: each client's validation rows, carved from its training data (0: none); hyper-parameters and the
-    #: best round are chosen on them (``fedmtl tune``)
-    val_fraction: float = Field(0.0, ge=0, lt=1)
+    #: best round are chosen on them (``fedmtl tune``). At most half: beyond that a client trains on
+    #: fewer rows than it validates on (0.99 leaves one or two training rows per client)
+    val_fraction: float = Field(0.0, ge=0, le=0.5)
     global_test_fraction: float = Field(0.2, gt=0, lt=1)
     #: standardize: per-feature (x - mean) / std; channel: the same per image channel (both from the
     #: clients' federated mean and variance, never pooled rows); scale: images divided by the

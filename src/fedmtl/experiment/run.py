@@ -18,6 +18,7 @@ from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError
 from fedmtl.experiment import outputs
 from fedmtl.experiment.evaluate import check_serve
+from fedmtl.experiment.identity import check_resume, run_identity
 from fedmtl.experiment.progress import Watch, log
 from fedmtl.experiment.records import RunDir
 from fedmtl.features import apply_features
@@ -151,15 +152,28 @@ def _as_config(config: Config | dict[str, Any] | str | Path) -> Config:
     return parse_config(config)
 
 
+def runs_a_round(algo: Algorithm) -> None:
+    """Refuse (one line, before any folder exists) a config whose run would stop before round 1,
+    e.g. a privacy budget below what the first round spends."""
+    why = algo.stop_reason(algo.init_server(), 1)
+    if why is not None:
+        raise ConfigError(f"config: the run would stop before round 1: {why}")
+
+
 def run(config: Config | dict[str, Any] | str | Path, out: str | Path | None = None) -> RunResult:
     """Run a config end to end in a new run directory (``out`` or ``output.dir/<name>-<time>``)."""
     cfg = _as_config(config)
     outputs.check(cfg)
     data, algo, sim = build(cfg)  # fail on bad data before creating any directory
+    runs_a_round(algo)
     cfg = as_ran(cfg, data)
     rd = RunDir.create(cfg.output.dir, folder_name(cfg), cfg.seed, out)
-    rd.write_config(cfg.to_dict())
-    return _loop(cfg, rd, data, algo, sim, checkpoint=None)
+    try:
+        rd.identity = run_identity(cfg, data, algo)
+        rd.write_config(cfg.to_dict())
+        return _loop(cfg, rd, data, algo, sim, checkpoint=None)
+    finally:
+        rd.release()
 
 
 def folder_name(cfg: Config) -> str:
@@ -168,17 +182,26 @@ def folder_name(cfg: Config) -> str:
     return cfg.name if algo in cfg.name.split("-") else f"{cfg.name}-{algo}"
 
 
-def resume(run_dir: str | Path) -> RunResult:
-    """Continue a run from its last checkpoint; a finished run is returned as it is."""
-    rd = RunDir.open(run_dir)
-    cfg = parse_config(rd.read_config())
-    summary = rd.read_summary()
-    if summary is not None and summary.get("complete"):
-        return _result(rd, summary)
-    data, algo, sim = build(cfg)
-    ckpt = rd.load_checkpoint()
-    rd.truncate_metrics(ckpt["round"] if ckpt else 0)
-    return _loop(cfg, rd, data, algo, sim, checkpoint=ckpt)
+def resume(run_dir: str | Path, accept_mismatch: bool = False) -> RunResult:
+    """Continue a run from its last checkpoint; a finished run is returned as it is. A folder whose
+    config, data or model no longer match its checkpoint is refused unless ``accept_mismatch``
+    (recorded in the folder)."""
+    rd = RunDir.open(run_dir, lock=True)
+    try:
+        cfg = parse_config(rd.read_config())
+        summary = rd.read_summary()
+        if summary is not None and summary.get("complete"):
+            return _result(rd, summary)
+        ckpt = rd.load_checkpoint()
+        data, algo, sim = build(cfg)
+        rd.identity = run_identity(cfg, data, algo)
+        accepted = check_resume(str(rd.path), ckpt and ckpt.get("identity"), rd.identity, accept_mismatch)
+        if accepted:
+            rd.record_resume(accepted)
+        rd.truncate_metrics(ckpt["round"] if ckpt else 0)
+        return _loop(cfg, rd, data, algo, sim, checkpoint=ckpt)
+    finally:
+        rd.release()
 
 
 def _result(rd: RunDir, summary: dict[str, Any]) -> RunResult:

@@ -107,9 +107,9 @@ def run_seeds(config: Config | dict[str, Any] | str | Path, seeds: list[int], ou
     return _finish(folder, doc, results)
 
 
-def resume_seeds(path: str | Path) -> ExperimentResult:
-    """Continue an experiment: finished seeds as they are, the interrupted one from its checkpoint,
-    the ones not started from the first seed's config."""
+def resume_seeds(path: str | Path, accept_mismatch: bool = False) -> ExperimentResult:
+    """Continue an experiment: finished seeds as they are, the interrupted one from its checkpoint
+    (``accept_mismatch``: as ``resume``), the ones not started from the first seed's config."""
     from fedmtl.experiment.run import resume, run
 
     folder = Path(path)
@@ -120,7 +120,7 @@ def resume_seeds(path: str | Path) -> ExperimentResult:
     for seed in doc["seeds"]:
         sub = folder / doc["runs"][str(seed)]
         if (sub / "config.yaml").is_file():
-            results.append(resume(sub))
+            results.append(resume(sub, accept_mismatch=accept_mismatch))
         else:
             log.info(f"experiment {folder}: seed {seed}")
             results.append(run(base.model_copy(update={"seed": seed}), out=sub))

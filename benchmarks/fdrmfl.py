@@ -13,9 +13,12 @@ Protocol (spec section 4, with the public notebooks' flaws fixed):
 4. Mean over the 3 clients per seed; mean ± std over seeds.
 
 Ablation (``ablation_table``): both formulations (``described``: client-to-global KL +
-cross-modal InfoNCE; ``notebook``: modality-to-modality KL + MOON-style contrast), MSE only,
-mu in {1e-3, 1e-2, 1e-1}, each term removed, and mu chosen per seed on a validation part carved
-from each client's training rows (never on test).
+cross-modal InfoNCE, the seed's description; ``notebook``: modality-to-modality KL + MOON-style
+contrast, the paper abstract's reading), MSE only, mu in {1e-3, 1e-2, 1e-1}, each term removed,
+the seed's mutual information between modalities (added, or in place of I(Z; Y)), the seed's
+retention (``contribution``), and mu chosen per seed on a validation part carved from each
+client's training rows (never on test), the grid bracketed within ``MU_BUDGET`` points (x10 above
+its top, mu = 0 below its bottom).
 
 Run with ``fedmtl bench fdrmfl [--quick]``; writes ``benchmarks/results/fdrmfl.md``;
 ``--sim-ablation`` writes the simulation ablation ``fdrmfl_sim_ablation.md``.
@@ -39,6 +42,7 @@ from _provenance import stamp, write_table  # benchmarks/ is on sys.path under f
 from fedmtl.algorithms import AlgoContext, ClientWork
 from fedmtl.algorithms.fdrmfl import FDRMFL, FDRMFLParams
 from fedmtl.data.federated import ClientData, FederatedData
+from fedmtl.experiment.tune import beyond
 from fedmtl.fdrmfl import data as mm
 from fedmtl.fdrmfl.model import extract_features
 from fedmtl.runtime.round import server_step
@@ -69,8 +73,12 @@ class Setting:
 # ------------------------------------------------------------------------------------ FDRMFL
 
 
-def train_fdrmfl(fd: FederatedData, s: Setting, algo: dict[str, Any], seed: int) -> tuple[FDRMFL, dict]:
-    """Plain in-process rounds over every client (the same steps ``fedmtl run`` takes)."""
+def train_fdrmfl(
+    fd: FederatedData, s: Setting, algo: dict[str, Any], seed: int
+) -> tuple[FDRMFL, dict[int, dict[str, np.ndarray]]]:
+    """Plain in-process rounds over every client (the same steps ``fedmtl run`` takes); returns the
+    algorithm and the model each client uses (the global model, plus its own offset when it
+    contributes only part of its update)."""
     params = FDRMFLParams.model_validate(algo)
     spec = LocalSpec(OptimizerSpec(name="adam", lr=s.lr), batch_size=32, epochs=s.epochs)
     ctx = AlgoContext(nn.Identity(), {}, fd.task, spec, seed, fd.num_clients)
@@ -85,7 +93,7 @@ def train_fdrmfl(fd: FederatedData, s: Setting, algo: dict[str, Any], seed: int)
                 states.get(c.cid, {}), c, fdr.broadcast(server, c.cid), work
             )
         server, _ = server_step(fdr, server, replies, r)
-    return fdr, server["params"]
+    return fdr, {c.cid: fdr.eval_arrays(server, states.get(c.cid, {}), c.cid) for c in fd.clients}
 
 
 def head_mse(fdr: FDRMFL, arrays: dict, c: ClientData) -> float:
@@ -247,9 +255,10 @@ def _fdrmfl_scores(s: Setting, algo: dict[str, Any], seed: int, val: bool) -> di
     fd = federation(s, seed)
     if val:
         fd = validation_split(fd, seed)
-    fdr, arrays = train_fdrmfl(fd, s, algo, seed)
+    fdr, models = train_fdrmfl(fd, s, algo, seed)
     rf, head = [], []
     for c in fd.clients:
+        arrays = models[c.cid]
         z_tr = extract_features(fdr.net, arrays, c.x_train)
         z_te = extract_features(fdr.net, arrays, c.x_test)
         rf.append(rf_mse(z_tr, z_te, c, seed, s.rf_max_features))
@@ -297,16 +306,40 @@ REMOVALS: list[tuple[str, dict[str, Any]]] = [
     ("without L_KL", {"kl_weight": 0.0}),
     ("without L_CL", {"cl_weight": 0.0}),
 ]
+#: the seed's terms, at the mu where terms weigh most, against all terms at that mu
+SEED_TERMS: list[tuple[str, dict[str, Any]]] = [
+    ("+ L_MI between modalities", {"mi_cross_weight": 1.0}),
+    ("L_MI between modalities in place of I(Z; Y)", {"mi_weight": 0.0, "mi_cross_weight": 1.0}),
+]
+#: the seed's retention (``contribution``), at the authors' mu, against the authors' protocol (1)
+CONTRIBUTIONS = (0.5, 0.0)
 RETENTIONS = (0.0, 0.1, 0.5, 0.9)
+MU_BUDGET = 5  # validation trainings per (seed, formulation): the grid, then bracketing steps
 
 
-def choose_mu(s: Setting, formulation: str, seed: int, metric: str) -> float:
-    """The grid's mu with the lowest validation MSE (mean over clients; ties: the smaller mu)."""
-    scores = [
-        np.mean(fdrmfl_scores(s, {"formulation": formulation, "mu": mu}, seed, val=True)[metric])
-        for mu in MUS
-    ]
-    return MUS[int(np.argmin(scores))]
+def choose_mu(s: Setting, formulation: str, seed: int, metric: str) -> tuple[float, bool]:
+    """The mu with the lowest validation MSE (mean over clients; ties: the smaller mu), the grid
+    bracketed within ``MU_BUDGET`` validation trainings: a choice at the top of the mus tried tries
+    the next one up (x10); at the bottom, mu = 0 (no auxiliary term, the bound below). Returns
+    (mu, still at the open top edge when the budget ended)."""
+
+    def score(mu: float) -> float:
+        return float(
+            np.mean(fdrmfl_scores(s, {"formulation": formulation, "mu": mu}, seed, val=True)[metric])
+        )
+
+    scores = {mu: score(mu) for mu in MUS}
+    while True:
+        best = min(scores, key=lambda m: (scores[m], m))
+        if best == max(scores):
+            nxt = float(beyond([repr(m) for m in scores], "high"))
+        elif best == min(scores) and best > 0:
+            nxt = 0.0
+        else:
+            return best, False
+        if len(scores) >= MU_BUDGET:
+            return best, best == max(scores)
+        scores[nxt] = score(nxt)
 
 
 def _cell(values: list[float], base: list[float] | None, digits: int) -> str:
@@ -345,14 +378,18 @@ def ablation_table(s: Setting, seeds: list[int], digits: int) -> list[str]:
                 m: _cell(mean_over_clients({"formulation": f, "mu": mu}, m), mse_only[m], digits)
                 for m in ("rf", "head")
             }
-    label = "all terms, mu chosen on validation (per seed)"
+    label = "all terms, mu chosen on validation (per seed, bracketed)"
     labels.append(label)
+    edges: dict[str, dict[str, list[bool]]] = {}
     for f in FORMULATIONS:
         chosen[f] = {}
+        edges[f] = {}
         cells = {}
         for m in ("rf", "head"):
-            mus = [choose_mu(s, f, seed, m) for seed in seeds]
+            picks = [choose_mu(s, f, seed, m) for seed in seeds]
+            mus = [mu for mu, _ in picks]
             chosen[f][m] = mus
+            edges[f][m] = [edge for _, edge in picks]
             vals = [
                 float(np.mean(fdrmfl_scores(s, {"formulation": f, "mu": mu}, sd)[m]))
                 for mu, sd in zip(mus, seeds, strict=True)
@@ -368,6 +405,24 @@ def ablation_table(s: Setting, seeds: list[int], digits: int) -> list[str]:
                 m: _cell(mean_over_clients(full | over, m), mean_over_clients(full, m), digits)
                 for m in ("rf", "head")
             }
+    for name, over in SEED_TERMS:
+        label = f"{name} (mu = {REMOVAL_MU:g})"
+        labels.append(label)
+        for f in FORMULATIONS:
+            full = {"formulation": f, "mu": REMOVAL_MU}
+            table[(label, f)] = {
+                m: _cell(mean_over_clients(full | over, m), mean_over_clients(full, m), digits)
+                for m in ("rf", "head")
+            }
+    for c in CONTRIBUTIONS:
+        label = f"contribution = {c:g}" + (" (local training)" if c == 0 else "") + " (mu = 1e-3)"
+        labels.append(label)
+        for f in FORMULATIONS:
+            full = {"formulation": f, "mu": 1e-3}
+            table[(label, f)] = {
+                m: _cell(mean_over_clients(full | {"contribution": c}, m), mean_over_clients(full, m), digits)
+                for m in ("rf", "head")
+            }
     for label in labels:
         cells = [table[(label, f)][m] for f in FORMULATIONS for m in ("rf", "head")]
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -375,9 +430,13 @@ def ablation_table(s: Setting, seeds: list[int], digits: int) -> list[str]:
         "",
         "mu chosen per seed (seeds "
         + ", ".join(map(str, seeds))
-        + "): "
+        + "; * = still the highest mu tried when the budget ended): "
         + "; ".join(
-            f"{f} {'RF' if m == 'rf' else 'head'} [{', '.join(f'{mu:g}' for mu in chosen[f][m])}]"
+            f"{f} {'RF' if m == 'rf' else 'head'} ["
+            + ", ".join(
+                f"{mu:g}" + ("*" if e else "") for mu, e in zip(chosen[f][m], edges[f][m], strict=True)
+            )
+            + "]"
             for f in FORMULATIONS
             for m in ("rf", "head")
         ),
@@ -393,12 +452,21 @@ def ablation_preamble() -> list[str]:
         f"for each mu in {{{', '.join(f'{m:g}' for m in MUS)}}}; the mu with the lowest validation MSE "
         "(mean over clients; RF on Z for the RF column, the head for the head column; ties to the smaller "
         "mu) is taken, and its row reports the test MSE of the run on the full training rows with that mu. "
+        f"The grid is bracketed, up to {MU_BUDGET} mus per seed and formulation: while the choice is the "
+        "highest mu tried, the next one up (x10) is tried; when it is the lowest, mu = 0 (no auxiliary "
+        "term, the bound below) is. "
         "Δ: paired difference over the same seeds (negative = lower error), to MSE only for the mu rows, "
-        f"to all terms at mu = {REMOVAL_MU:g} for the removals. Removals use mu = {REMOVAL_MU:g}, the grid's "
-        "largest, where each term weighs most. notebook: L_KL aligns a client's modality embeddings with "
-        "each other, L_CL is MOON-style against older global models; described: L_KL is the symmetric KL "
-        "between the client's and the received global model's Z (batch Gaussians), L_CL contrasts two "
-        "modalities of one sample against the batch's other samples.",
+        f"to all terms at mu = {REMOVAL_MU:g} for the removals and the seed's MI rows, to all terms at "
+        "mu = 1e-3 (contribution 1, the authors' protocol) for the contribution rows. Removals use "
+        f"mu = {REMOVAL_MU:g}, the grid's largest, where each term weighs most. notebook (the paper "
+        "abstract's reading, as the authors' notebooks implement it): L_KL aligns a client's modality "
+        "embeddings with each other, L_CL is MOON-style against older global models; described (the "
+        "seed's description): L_KL is the symmetric KL between the client's and the received global "
+        "model's Z (batch Gaussians), L_CL contrasts two modalities of one sample against the batch's "
+        "other samples. L_MI between modalities (`mi_cross_weight`): the seed's mutual information "
+        "between modalities, -log |corr| of probed modality embeddings. contribution (the seed's "
+        "retention): each client sends that share of its update and keeps the rest as its own offset; "
+        "its features and head are then those of its own model (global + offset).",
         "",
     ]
 

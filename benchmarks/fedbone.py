@@ -16,10 +16,12 @@ Capacity is held equal where the comparison is about aggregation: every method b
 - **PCGrad aggregation (no rescaling)**: split learning, PCGrad's conflict projection, then the mean.
 - **FedBone (GP)**: GPAggregation: history attention rescaling + conflict projection.
 
-Tuning, equal for every method: the learning rate (client Adam, and the server's for the split
-methods) is chosen from the same grid on seed 0's *validation* rows (10% of each client's training
-images), by the validation Δm of the last round against Local at lr 0.003; test rows are never
-read to choose anything. Every method does the same local steps with the same batch size per round.
+Tuning, equal for every method (Local, the reference of every Δm, included): the learning rate
+(client Adam, and the server's for the split methods) is chosen from the same grid on seed 0's
+*validation* rows (10% of each client's training images), by the validation Δm of the last round
+against Local at lr 0.003, the grid bracketed: while a method's choice is the lowest or highest lr
+it tried, the next lr beyond (geometric) is tried, up to ``LR_BUDGET`` lrs per method; test rows are
+never read to choose anything. Every method does the same local steps with the same batch size per round.
 Bytes are up + down per round (split learning: activations and gradients; FedAvg: parameters);
 client FLOPs are training FLOPs per round per client (3 x forward). Run with
 ``fedmtl bench fedbone``."""
@@ -38,6 +40,7 @@ import numpy as np
 import fedmtl
 from _provenance import stamp  # benchmarks/ is on sys.path under fedmtl bench
 from fedmtl import metrics
+from fedmtl.experiment.tune import beyond, edge_of
 
 RESULTS = Path(__file__).resolve().parent / "results"
 TASKS = ["digit", "segment", "edge", "denoise"]
@@ -72,6 +75,7 @@ METHODS: list[tuple[str, str, dict[str, Any], dict[str, Any]]] = [
     ("FedBone (GP)", "joint", LARGE, {"name": "fedbone", "aggregation": "gp"}),
 ]
 LR_GRID = [0.001, 0.003, 0.01]
+LR_BUDGET = 5  # lrs tried per method: the grid, then bracketing
 REF_LR = 0.003  # Local at this lr is the fixed reference of the validation Δm
 VAL_FRACTION = 0.1
 
@@ -204,21 +208,37 @@ def run_method(
 
 
 def tune_lrs(seed: int, rounds: int, steps: int, runs: Path) -> dict[str, tuple[float, dict[float, float]]]:
-    """Each method's lr: the grid point with the best validation Δm against Local at ``REF_LR``
-    (Local's own grid run at that lr is the reference), with every point's score."""
-    val = {
-        label: {
-            lr: run_method(kind, model, algo, seed, rounds, steps, runs, lr, VAL_FRACTION)["val"]
-            for lr in LR_GRID
-        }
-        for label, kind, model, algo in METHODS
-    }
-    ref = val[METHODS[0][0]][REF_LR]
+    """Each method's lr: the one with the best validation Δm against Local at ``REF_LR`` (Local's own
+    grid run at that lr is the reference), the grid bracketed within ``LR_BUDGET`` lrs, with every
+    tried lr's score."""
+
+    done: dict[tuple[str, float], dict[str, float]] = {}
+
+    def val_of(label: str, kind: str, model: dict, algo: dict, lr: float) -> dict[str, float]:
+        if (label, lr) not in done:
+            done[label, lr] = run_method(kind, model, algo, seed, rounds, steps, runs, lr, VAL_FRACTION)[
+                "val"
+            ]
+        return done[label, lr]
+
+    ref = val_of(*METHODS[0], REF_LR)
     tuned = {}
-    for label, by_lr in val.items():
-        scores = {lr: delta_m(v, ref) for lr, v in by_lr.items()}
-        tuned[label] = (max(scores, key=lambda lr: scores[lr]), scores)
+    for label, kind, model, algo in METHODS:
+        scores = {lr: delta_m(val_of(label, kind, model, algo, lr), ref) for lr in LR_GRID}
+        while True:
+            best = max(scores, key=lambda lr: scores[lr])
+            side = edge_of([repr(lr) for lr in scores], repr(best))
+            if side is None or len(scores) >= LR_BUDGET:
+                break
+            nxt = float(beyond([repr(lr) for lr in scores], side))
+            scores[nxt] = delta_m(val_of(label, kind, model, algo, nxt), ref)
+        tuned[label] = (best, scores)
     return tuned
+
+
+def at_edge(scores: dict[float, float], lr: float) -> bool:
+    """Whether ``lr`` is still the lowest or highest lr tried (bracketing ran out of budget)."""
+    return edge_of([repr(x) for x in scores], repr(lr)) is not None
 
 
 def _slug(algo: dict[str, Any]) -> str:
@@ -292,10 +312,14 @@ def report(
         "the client's own test split. Δm is the mean relative change over the four tasks against Local "
         "(signed, higher is better).",
         "",
-        f"**Tuning (equal budget).** Each method's lr from the grid {LR_GRID} (client and server lr "
-        f"together), chosen on seed {seeds[0]}'s validation rows ({VAL_FRACTION:.0%} of each client's "
-        f"training images, held out of training for the tuning runs only) by the last round's validation "
-        f"Δm against Local at lr {REF_LR}; the test split is not read to choose.",
+        f"**Tuning (equal budget).** Each method's lr (client and server lr together; Local, the "
+        f"reference of every Δm, tuned the same way) from the grid {LR_GRID}, bracketed: while the "
+        "choice is the lowest or highest lr the method tried, the next lr beyond it (geometric, the edge "
+        f"times its ratio to its neighbour) is tried, up to {LR_BUDGET} lrs per method; chosen on seed "
+        f"{seeds[0]}'s validation rows ({VAL_FRACTION:.0%} of each client's training images, held out of "
+        f"training for the tuning runs only) by the last round's validation Δm against Local at lr "
+        f"{REF_LR}; the test split is not read to choose. **edge**: a choice still at the lowest or "
+        "highest lr tried when the budget ended.",
         "",
         "**Parameters.** Large network: general model "
         f"{large['general']:,} + client part (embedding + adapter + head) {large['client_min']:,}–"
@@ -316,17 +340,23 @@ def report(
         mb = _ms([r["bytes"] / 1e6 for r in rs], 2)
         fl = _ms([r["client_flops"] / 1e6 for r in rs], 0)
         conflict = _ms([r.get("conflict", float("nan")) for r in rs], 2)
-        lr = tuned[label][0]
-        lines.append(f"| {label} | {lr:g} | {' | '.join(cells)} | {dm} | {mb} | {fl} | {conflict} |")
+        lr, scores = tuned[label]
+        shown = f"{lr:.3g}" + (" **edge**" if at_edge(scores, lr) else "")
+        lines.append(f"| {label} | {shown} | {' | '.join(cells)} | {dm} | {mb} | {fl} | {conflict} |")
+    every = sorted({lr for _, scores in tuned.values() for lr in scores})
     lines += [
         "",
-        "Validation Δm of each grid point (seed " + str(seeds[0]) + "):",
+        "Validation Δm of each lr tried (seed "
+        + str(seeds[0])
+        + "; the grid, then bracketing; — = not tried):",
         "",
-        "| Method | " + " | ".join(f"lr {lr:g}" for lr in LR_GRID) + " |",
-        "|---" * (len(LR_GRID) + 1) + "|",
+        "| Method | " + " | ".join(f"lr {lr:.3g}" for lr in every) + " |",
+        "|---" * (len(every) + 1) + "|",
     ]
     for label, _, _, _ in METHODS:
-        lines.append(f"| {label} | " + " | ".join(f"{tuned[label][1][lr]:.1f}" for lr in LR_GRID) + " |")
+        scores = tuned[label][1]
+        cells = [f"{scores[lr]:.1f}" if lr in scores else "—" for lr in every]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     split = results[METHODS[-1][0]]
     lines += [
         "",

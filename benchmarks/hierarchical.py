@@ -10,7 +10,8 @@
 Rows: Local, FedAvg, FedPer, Hierarchical (``grouping: cluster``: the server is not told the groups and
 must discover them) and, for reference only, Hierarchical given the true groups (an oracle upper bound
 for the grouping, run at Hierarchical's tuned values, not tuned itself). Every tuned method gets the
-same model and the same tuning budget (6 grid points, validation rows of seed 0, ``fedmtl tune``);
+same model and the same tuning budget (``BUDGET`` trials: 6 grid points, then bracketing of a choice
+at the edge of its grid; validation rows of seed 0, ``fedmtl tune --bracket``);
 reported numbers are test accuracies over the other seeds' runs as well (mean ± std over seeds). The
 discovered grouping is read from the last round's ``group_of`` and compared with the true groups
 (number of groups, purity, adjusted Rand index).
@@ -58,6 +59,7 @@ METHODS: list[tuple[str, dict[str, Any], list[str]]] = [
     ),
 ]
 ORACLE = "Hierarchical given the true groups (oracle, not tuned)"
+BUDGET = len(LRS) + 2  # trials per method: the 6-point grid, then up to 2 bracketing steps
 
 
 def config(setting: str, seed: int, rounds: int, algorithm: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +128,9 @@ def measure(setting: str, rounds: int, seeds: list[int], budget: int, runs: Path
     for label, algo, grid in METHODS:
         slug = f"{SETTINGS[setting]}-{algo['name']}"
         base = config(setting, seeds[0], rounds, algo)
-        record = tune(base, grid_items=grid, budget=budget, seeds=[seeds[0]], out=runs / f"tune-{slug}")
+        record = tune(
+            base, grid_items=grid, budget=budget, seeds=[seeds[0]], out=runs / f"tune-{slug}", bracket=True
+        )
         chosen = dict(record["chosen"])
         if algo["name"] == "hierarchical":
             hier = record
@@ -141,6 +145,8 @@ def measure(setting: str, rounds: int, seeds: list[int], budget: int, runs: Path
                 "chosen": chosen,
                 "grid": grid,
                 "trials": record["trials_run"],
+                "extended": record["extended"],
+                "edge": record["edge"],
                 "seeds": per_seed,
             }
         )
@@ -151,7 +157,17 @@ def measure(setting: str, rounds: int, seeds: list[int], budget: int, runs: Path
         with true_groups_as_tasks(concept_groups(CLIENTS, GROUPS, seed)):
             per_seed.append(run_one(cfg, runs / f"{SETTINGS[setting]}-oracle-s{seed}"))
         print(f"[{setting}] oracle seed {seed}: {per_seed[-1]}", flush=True)
-    out.append({"label": ORACLE, "chosen": dict(hier["chosen"]), "grid": [], "trials": 0, "seeds": per_seed})
+    out.append(
+        {
+            "label": ORACLE,
+            "chosen": dict(hier["chosen"]),
+            "grid": [],
+            "trials": 0,
+            "extended": {},
+            "edge": {},
+            "seeds": per_seed,
+        }
+    )
     return out
 
 
@@ -170,7 +186,18 @@ def table(rows: list[dict[str, Any]]) -> list[str]:
         s = r["seeds"]
         tuned = ", ".join(f"`{k}` {v}" for k, v in r["chosen"].items())
         grid = "; ".join(g.replace("=", " in {") + "}" for g in r["grid"])
-        tuned = f"{tuned} ({grid}; {r['trials']} trials)" if r["grid"] else f"{tuned} (Hierarchical's)"
+        ext = "; ".join(f"`{k}` bracketed to {', '.join(v)}" for k, v in r["extended"].items())
+        edge = ", ".join(
+            f"`{k}` at its {'lowest' if v == 'low' else 'highest'}" for k, v in r["edge"].items()
+        )
+        tuned = (
+            f"{tuned} ({grid}"
+            + (f"; {ext}" if ext else "")
+            + f"; {r['trials']} trials)"
+            + (f" **edge: {edge}**" if edge else "")
+            if r["grid"]
+            else f"{tuned} (Hierarchical's)"
+        )
         if "ari" in s[0]:
             found = ", ".join(str(int(x["groups"])) for x in s)
             extra = f"{found} | {_ms([x['purity'] for x in s], 2)} | {_ms([x['ari'] for x in s], 2)} | "
@@ -197,7 +224,7 @@ def main(argv: list[str]) -> Path:
     ap.add_argument("--runs", default="runs/bench/hierarchical")
     ap.add_argument("--out", default=str(RESULTS / "hierarchical.md"))
     a = ap.parse_args(argv)
-    rounds, seeds, budget = (12, [0], 2) if a.quick else (a.rounds, a.seeds, len(LRS))
+    rounds, seeds, budget = (12, [0], 2) if a.quick else (a.rounds, a.seeds, BUDGET)
     runs = Path(a.runs) / time.strftime("%Y%m%d-%H%M%S")
     sections = {setting: measure(setting, rounds, seeds, budget, runs) for setting in SETTINGS}
     lines = [
@@ -212,8 +239,11 @@ def main(argv: list[str]) -> Path:
         "",
         f"Tuning: each method's values were chosen by `fedmtl tune` on validation rows (10% of each "
         f"client's training rows) of seed {seeds[0]}, best round's mean validation accuracy, "
-        f"{budget} grid points for every method (Hierarchical spends them on lr x `split_ratio`, the "
-        "others on lr); the test split chose nothing. The chosen values are then run on every seed.",
+        f"at most {budget} trials for every method (6 grid points: Hierarchical spends them on lr x "
+        "`split_ratio`, the others on lr; then bracketing: a choice at the lowest or highest value of a "
+        "numeric axis extends that axis geometrically, the other keys at their choice, until the choice "
+        "is interior or the budget is spent; **edge** marks a choice still at the edge when it ended); "
+        "the test split chose nothing. The chosen values are then run on every seed.",
         "",
         "Hierarchical (cluster) is not told the groups: it starts with one group and bisects groups by "
         "the cosine similarity of the clients' head updates (relative split rule, warm-up 10 rounds). "

@@ -182,3 +182,19 @@ def test_near_duplicates_are_noisy_copies_of_the_samples_they_name():
         rms = float(np.sqrt((diff**2).mean()))
         assert 0.2 * 0.05 * a.x_train[:n].std() < rms < 0.05 * a.x_train[:n].std() * 1.01  # ...but close
         assert b.x_train.min() >= a.x_train.min() and b.x_train.max() <= a.x_train.max()
+
+
+def test_validation_rows_are_carved_before_corruption():
+    """The selection benchmark's "no oracle" claim rests on this order: validation rows are a trusted
+    part of each client's clean training rows; the harness corrupts what is left, never them."""
+    clean = _data(None, val_fraction=0.2)
+    noisy = _data(CORRUPT, val_fraction=0.2)
+    corrupted = 0
+    for a, b in zip(clean.clients, noisy.clients, strict=True):
+        np.testing.assert_array_equal(a.x_val, b.x_val)  # same rows, untouched by open-set images
+        np.testing.assert_array_equal(a.y_val, b.y_val)  # and by label flips or the backdoor
+        np.testing.assert_array_equal(a.x_test, b.x_test)
+        if b.corruption is not None:
+            assert len(b.corruption.kind) == len(b.y_train)  # the record covers training rows only
+            corrupted += int(np.sum(b.corruption.kind != 0))
+    assert corrupted > 0

@@ -20,6 +20,7 @@ from fedmtl.fdrmfl.losses import (
     consensus_kl,
     contrastive_loss,
     cross_modal_infonce,
+    cross_modal_mi_loss,
     gaussian_symmetric_kl,
     kl_alignment,
     mi_loss,
@@ -121,6 +122,24 @@ def test_cross_modal_infonce_contrasts_the_modalities_of_one_sample():
     assert float(cross_modal_infonce(h3, torch.tensor([[True, False]] * 3), 0.5)) == 0.0
 
 
+def test_cross_modal_mi_is_minus_log_abs_correlation_between_modalities():
+    """The seed's mutual information between modalities: the I(Z; Y) surrogate applied to two
+    modalities' probed embeddings, over the rows holding both."""
+    first = lambda e: e[:, 0]  # noqa: E731 - a probe that reads the first embedding coordinate
+    a = [[1.0, 0.0], [-1.0, 0.0], [0.0, 0.0], [0.0, 0.0]]
+    b = [[1.0, 5.0], [-1.0, 5.0], [1.0, 5.0], [-1.0, 5.0]]
+    h = torch.tensor([[x, y] for x, y in zip(a, b, strict=True)])  # (4 rows, 2 modalities, 2 dims)
+    both = torch.ones(4, 2, dtype=torch.bool)
+    # corr([1, -1, 0, 0], [1, -1, 1, -1]) = 1/sqrt(2): -log = log(2) / 2, as mi_loss
+    assert float(cross_modal_mi_loss(h, both, first)) == pytest.approx(0.5 * math.log(2))
+    # a row missing modality 1 drops out (its values never enter, NaN included)
+    h2 = torch.cat([h, torch.tensor([[[7.0, 7.0], [float("nan"), 0.0]]])])
+    mask = torch.cat([both, torch.tensor([[True, False]])])
+    assert float(cross_modal_mi_loss(h2, mask, first)) == pytest.approx(0.5 * math.log(2))
+    # one modality (or fewer than two shared rows): nothing to correlate
+    assert float(cross_modal_mi_loss(h, torch.tensor([[True, False]] * 4), first)) == 0.0
+
+
 def test_phase_schedule_reproduces_the_authors_halves():
     assert phase_weights(1.0, 1.0, 1.0, "constant", 0, 10) == (1.0, 1.0, 1.0)
     assert phase_weights(1.0, 1.0, 1.0, "halves", 4, 10) == (1.0, 0.5, 0.5)
@@ -154,6 +173,65 @@ def test_each_term_enters_the_objective_with_its_weight_and_switches_off():
         assert s["loss_total"] == pytest.approx(s["train_loss"] + 0.5 * aux, rel=1e-5)
     assert on[0]["loss_cl"] == 0.0 and on[1]["loss_cl"] > 0.0  # negatives exist from round 2 on
     assert on[0]["loss_mi"] > 0.0 and on[0]["loss_kl"] > 0.0
+
+
+def test_cross_modal_mi_enters_the_objective_beside_i_z_y():
+    off = _client_step({"formulation": "described", "mu": 0.5})
+    assert all("loss_mi_cross" not in s for s in off)  # off by default
+    on = _client_step(
+        {"mu": 0.5, "mi_weight": 1.0, "kl_weight": 0.0, "cl_weight": 0.0, "mi_cross_weight": 2.0}
+    )
+    for s in on:
+        assert s["loss_mi_cross"] > 0.0 and s["loss_mi"] > 0.0
+        want = s["train_loss"] + 0.5 * (s["loss_mi"] + 2.0 * s["loss_mi_cross"])
+        assert s["loss_total"] == pytest.approx(want, rel=1e-5)
+
+
+def _one_step(contribution: float):
+    _, algo, _ = build(parse_config(_cfg(contribution=contribution, retention=0.0)))
+    data = mm.load("diabetes_mm", 3, "iid", 0)
+    server = algo.init_server()
+    work = ClientWork(round=1, fraction=1.0, rng=np.random.default_rng(0), lr=0.003)
+    new_state, reply = algo.client_step({}, data.clients[0], algo.broadcast(server, 0), work)
+    return algo, server, new_state, reply
+
+
+def test_contribution_sends_its_share_of_the_update_and_keeps_the_rest():
+    """What the seed calls retention: a client's update reaches the global model in proportion
+    ``contribution``; the rest stays with it as its own offset, which it trains and predicts from."""
+    _, server, full_state, full = _one_step(1.0)
+    assert "offset" not in full_state  # the authors' protocol: the whole update goes up
+    algo, _, state, part = _one_step(0.3)
+    g = server["params"]
+    for k, v in g.items():
+        update = full.arrays[k].astype(np.float64) - v
+        np.testing.assert_allclose(part.arrays[k], v + 0.3 * update, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(state["offset"][k], 0.7 * update, rtol=1e-5, atol=1e-6)
+    after, _ = server_step(algo, server, {0: part}, 1)  # the global model moved by 0.3 of the update
+    mine = algo.eval_arrays(after, state, 0)  # the client predicts with global + its offset
+    for k in g:
+        np.testing.assert_allclose(mine[k], full.arrays[k], rtol=1e-5, atol=1e-6)
+    assert algo.shared_eval_arrays(server, state, 0) is not None
+
+
+def test_contribution_zero_is_local_training(tmp_path):
+    """The local end: the global model never moves and each client keeps training its own model."""
+    _, algo, sim = build(parse_config(_cfg(contribution=0.0)))
+    server, states = algo.init_server(), {}
+    before = {k: v.copy() for k, v in server["params"].items()}
+    previous = None
+    for r in (1, 2):
+        server = sim.run_round(r, server, states).server
+        for k, v in before.items():
+            np.testing.assert_array_equal(server["params"][k], v)
+        mine = algo.eval_arrays(server, states[0], 0)
+        if previous is not None:  # round 2 started from the client's own round-1 model
+            assert any(not np.array_equal(mine[k], previous[k]) for k in mine)
+        previous = mine
+    res = fedmtl.run(
+        {**_cfg(contribution=0.0), "train": {**_cfg()["train"], "rounds": 2}}, out=tmp_path / "r"
+    )
+    assert "gain_mean" in res.final and "shared_r2_mean" in res.final  # personal and shared both reported
 
 
 def test_described_formulation_trains_with_its_own_terms():
@@ -392,7 +470,7 @@ def test_flower_run_equals_in_process_run(tmp_path):
 
     from tests.test_flower import LoopbackGrid, _flower_run, _nodes, assert_same_metrics
 
-    raw = _cfg(retention=0.2)
+    raw = _cfg(retention=0.2, contribution=0.5)  # the offset lives in the node's client state
     raw["data"]["partition"]["num_clients"] = 2
     raw["train"].update(rounds=3, local_steps=4)
     expected = fedmtl.run(raw, out=tmp_path / "inproc")

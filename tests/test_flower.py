@@ -263,6 +263,20 @@ FLOWER_VARIANTS = [
         "algorithm": {"name": "lg_fedavg"},
     },
     {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedbabu"}},
+    # the authors' LG-FedAvg: a FedAvg round, then the split (the warm layers travel once per node)
+    {
+        "data__partition__num_clients": 2,
+        "train__rounds": 3,
+        "algorithm": {"name": "lg_fedavg", "warmup_rounds": 1},
+    },
+    # each node serves the better of its personal and shared model on its validation rows
+    {
+        "data__partition__num_clients": 2,
+        "data__val_fraction": 0.2,
+        "eval__serve": "better_on_val",
+        "train__rounds": 2,
+        "algorithm": {"name": "ditto", "lam": 0.1},
+    },
     # evaluation views hold only the client's task (or group) head
     {
         "data__partition__num_clients": 4,
@@ -297,6 +311,8 @@ FLOWER_VARIANT_IDS = [
     "apfl",
     "lg-fedavg-multitask",
     "fedbabu",
+    "lg-fedavg-warm-start",
+    "ditto-serve-better-on-val",
     "fedavg-multitask",
     "hierarchical-multitask",
     "ditto-task-sets",

@@ -105,6 +105,76 @@ def test_personalised_methods_report_gain_against_their_shared_model(tmp_path):
     assert ft.final["gain_mean"] > 0
 
 
+def test_a_client_whose_personal_model_is_worse_on_its_validation_rows_serves_the_shared_one():
+    """eval.serve: better_on_val (issue 36): personalisation that does not hurt a client where its
+    own validation rows can tell. Client 0's personal model is made worse than its shared one; it
+    serves the shared model, every other client serves what its validation rows prefer, and rows
+    keep the personal model's metrics beside the served one's."""
+    from fedmtl.experiment.evaluate import evaluate_clients
+    from fedmtl.experiment.run import build
+
+    cfg = digits_config(algorithm={"name": "ditto", "lam": 0.1}, data__val_fraction=0.2, train__rounds=3)
+    data, algo, sim = build(parse_config(cfg))
+    server, states = algo.init_server(), {}
+    for r in (1, 2, 3):
+        server = sim.run_round(r, server, states).server
+    # the trained client whose shared model does best on its validation rows
+    c = max(states, key=lambda k: _shared_val_accuracy(algo, server, states, data, k))
+    assert _shared_val_accuracy(algo, server, states, data, c) > 0.3
+    bad = {k: v.copy() for k, v in states[c]["personal"].items()}
+    rare = int(np.argmin(np.bincount(data.clients[c].y_val, minlength=10)))  # a class it hardly has
+    bad["head.weight"] = np.zeros_like(bad["head.weight"])
+    bad["head.bias"] = np.where(np.arange(10) == rare, 10.0, 0.0).astype(bad["head.bias"].dtype)
+    states[c] = {**states[c], "personal": bad}  # predicts that class for every row
+    plain = {r["client"]: r for r in evaluate_clients(algo, server, states, data, 3)}
+    assert plain[c]["gain"] < 0 and "served_personal" not in plain[c]
+    algo.ctx.serve = "better_on_val"
+    served = {r["client"]: r for r in evaluate_clients(algo, server, states, data, 3)}
+    assert served[c]["served_personal"] == 0.0
+    assert served[c]["accuracy"] == served[c]["shared_accuracy"] and served[c]["gain"] == 0.0
+    assert served[c]["personal_accuracy"] == plain[c]["accuracy"]  # the personal model, still reported
+    assert served[c]["personal_gain"] == plain[c]["gain"]
+    for cid, row in served.items():
+        assert row["val_accuracy"] >= plain[cid]["val_accuracy"] or row["served_personal"] == 1.0
+        keep = plain[cid]["val_accuracy"] >= _shared_val_accuracy(algo, server, states, data, cid)
+        assert row["served_personal"] == float(keep)
+        same = row["accuracy"] == (plain[cid]["accuracy"] if keep else plain[cid]["shared_accuracy"])
+        assert same
+
+
+def _shared_val_accuracy(algo, server, states, data, cid):
+    from fedmtl.training.local import evaluate_params
+    from fedmtl.training.tensors import to_torch
+
+    c = data.clients[cid]
+    arrays = algo.shared_eval_arrays(server, states.get(cid, {}), cid)
+    return evaluate_params(algo.ctx.model, to_torch(arrays), c.x_val, c.y_val, c.task)["accuracy"]
+
+
+def test_serving_the_better_model_is_reported_in_a_run_and_refused_where_it_cannot_choose(tmp_path):
+    cfg = digits_config(
+        algorithm={"name": "fedavg_ft", "finetune_steps": 20},
+        data__val_fraction=0.2,
+        data__holdout_clients=2,
+        eval__serve="better_on_val",
+        train__rounds=3,
+    )
+    f = fedmtl.run(cfg, out=tmp_path / "r").final
+    assert 0.0 <= f["served_personal_mean"] <= 1.0
+    assert "personal_accuracy_mean" in f and "personal_gain_negative_frac" in f and "gain_negative_frac" in f
+    assert 0.0 <= f["new_served_adapted_mean"] <= 1.0 and "new_served_accuracy_mean" in f
+    with pytest.raises(ConfigError) as exc:
+        fedmtl.run({**cfg, "algorithm": {"name": "fedper"}}, out=tmp_path / "p")
+    assert str(exc.value).startswith(
+        "config: eval.serve = 'better_on_val': algorithm 'fedper' has no shared model to fall back to; "
+        "allowed with: apfl, ditto, fdrmfl, fedavg_ft, fedbabu"
+    )
+    no_val = {**cfg, "data": {**cfg["data"], "val_fraction": 0.0}}
+    with pytest.raises(ConfigError, match=r"eval.serve = 'better_on_val': needs data.val_fraction > 0"):
+        fedmtl.run(no_val, out=tmp_path / "v")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "v").exists()
+
+
 def test_new_clients_are_never_trained_and_gain_from_head_finetuning(tmp_path):
     cfg = digits_config(
         data__holdout_clients=3,

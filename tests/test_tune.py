@@ -13,7 +13,7 @@ from fedmtl.config import parse_config
 from fedmtl.data import load_federated
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.records import RunDir
-from fedmtl.experiment.tune import parse_grid, split_values, tune
+from fedmtl.experiment.tune import beyond, edge_of, numeric_axes, parse_grid, split_values, tune
 from tests.conftest import digits_config
 
 
@@ -96,3 +96,54 @@ def test_grids_parse_lists_and_bad_grids_are_one_line(tmp_path, capsys):
     assert main(["tune", "--grid", "train.lr", "--budget", "2"]) == 2
     assert "--grid: expected key=v1,v2,..., got 'train.lr'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # nothing written before every point is valid
+
+
+def test_tune_picks_the_validation_best_where_it_is_not_the_test_best(tmp_path):
+    """On this grid the two disagree (val best lr 0.5: 0.961 against 0.948 for 0.3 and 0.6; test
+    best lr 0.4: 0.907 against 0.902 for 0.5): a tuner that looked at the test column fails here."""
+    base = ["train.rounds=10", "data.partition.num_clients=4", "train.local_steps=5", "data.val_fraction=0.1"]
+    base.append("data.normalize=scale")  # calibrated on digits scaled to [0, 1]
+    rec = tune(None, ["train.lr=0.2,0.3,0.4,0.5,0.6"], 5, base, out=tmp_path / "t", log=lambda _: None)
+    by_val = max(rec["trials"], key=lambda t: t["val"])
+    by_test = max(rec["trials"], key=lambda t: t["test"])
+    assert by_val["params"] != by_test["params"]  # the premise: the grid separates the two rules
+    assert rec["chosen"] == by_val["params"] == {"train.lr": "0.5"}
+
+
+def test_the_value_beyond_an_edge_is_geometric_and_keeps_integers_integers():
+    assert beyond(["0.02", "0.05", "0.1"], "high") == "0.2"
+    assert beyond(["0.02", "0.05", "0.1"], "low") == "0.008"
+    assert beyond(["10", "30"], "high") == "90" and beyond(["10", "30"], "low") == "3"
+    assert beyond(["0", "1"], "low") == "-1"  # not positive: one arithmetic step
+    assert (
+        edge_of(["0.02", "0.05", "0.1"], "0.1") == "high" and edge_of(["0.02", "0.05", "0.1"], "0.05") is None
+    )
+    assert numeric_axes({"train.lr": ["0.1", "0.2"], "algorithm.body_weighting": ["samples", "groups"]}) == [
+        "train.lr"
+    ]
+
+
+def test_tune_flags_an_edge_choice_and_bracket_extends_it_until_interior(tmp_path):
+    base = ["train.rounds=3", "data.partition.num_clients=4", "train.local_steps=5", "data.normalize=scale"]
+    said: list[str] = []
+    plain = tune(None, ["train.lr=0.01,0.02"], 6, base, out=tmp_path / "p", log=said.append)
+    assert plain["chosen"] == {"train.lr": "0.02"} and plain["edge"] == {"train.lr": "high"}
+    assert plain["trials_run"] == 2 and not plain["extended"]
+    assert any("train.lr = 0.02 is the highest value tried" in line and "--bracket" in line for line in said)
+    assert (
+        "Edge choice: `train.lr` at the highest value tried (not bracketed)"
+        in (tmp_path / "p" / "tune.md").read_text()
+    )
+    # the budget ends first: 0.04 still wins, so the choice stays at the (extended) edge
+    short = tune(None, ["train.lr=0.01,0.02"], 3, base, out=tmp_path / "s", log=lambda _: None, bracket=True)
+    assert [t["params"]["train.lr"] for t in short["trials"]] == ["0.01", "0.02", "0.04"]
+    assert short["chosen"] == {"train.lr": "0.04"} and short["edge"] == {"train.lr": "high"}
+    assert short["extended"] == {"train.lr": ["0.04"]} and short["trials"][2]["extension"]
+    # interior: 0.4 tops the grid, 0.8 (geometric, x2) is tried and loses, so 0.4 is bracketed
+    rec = tune(None, ["train.lr=0.2,0.4"], 5, base, out=tmp_path / "b", log=lambda _: None, bracket=True)
+    assert [t["params"]["train.lr"] for t in rec["trials"]] == ["0.2", "0.4", "0.8"]
+    assert rec["chosen"] == {"train.lr": "0.4"} and rec["edge"] == {}
+    assert (
+        "Interior choice on every numeric axis (`train.lr` extended to 0.8)."
+        in (tmp_path / "b" / "tune.md").read_text()
+    )

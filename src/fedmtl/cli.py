@@ -92,6 +92,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seeds", type=int, nargs="+", help="seeds each point runs with (default: the config's)")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     t.add_argument("--out", help="directory for the trials, tune.json and tune.md")
+    t.add_argument(
+        "--bracket", action="store_true", help="extend an axis whose choice is at its edge (within --budget)"
+    )
 
     b = sub.add_parser(
         "bench",
@@ -374,7 +377,7 @@ def _cmd_pack(a: argparse.Namespace) -> int:
 def _cmd_tune(a: argparse.Namespace) -> int:
     from fedmtl.experiment.tune import tune
 
-    tune(a.config, a.grid, a.budget, a.overrides, a.seeds, a.out)
+    tune(a.config, a.grid, a.budget, a.overrides, a.seeds, a.out, bracket=a.bracket)
     return 0
 
 

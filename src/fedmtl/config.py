@@ -98,6 +98,10 @@ class EvalConfig(Strict):
     global_test: bool = True
     new_client_steps: int = Field(10, ge=0)
     new_client_lr: float | None = Field(None, gt=0)
+    #: personal: each client serves its personal model; better_on_val: whichever of its personal
+    #: and its shared model scores better on its own validation rows (new clients: on the rows they
+    #: adapt on); both are reported (``fedmtl.experiment.evaluate.serve_better_on_val``)
+    serve: Literal["personal", "better_on_val"] = "personal"
 
 
 class OutputConfig(Strict):

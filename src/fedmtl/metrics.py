@@ -144,7 +144,9 @@ LOWER_IS_BETTER = {"loss", "rmse"}
 
 def lower_is_better(key: str) -> bool:
     """Whether a row's metric (``rmse``, ``shared_loss``, a task's ``ink.rmse``) is better lower."""
-    base = key.removeprefix("shared_").removeprefix("before_").removeprefix("after_").removeprefix("val_")
+    base = key
+    for prefix in ("shared_", "before_", "after_", "served_", "personal_", "val_"):
+        base = base.removeprefix(prefix)
     return base.rpartition(PART)[2] in LOWER_IS_BETTER
 
 
@@ -155,9 +157,10 @@ def summarize_clients(rows: list[dict[str, float]]) -> dict[str, float]:
     for key in keys:
         stats = summarize([r[key] for r in rows if key in r], higher_is_better=not lower_is_better(key))
         out.update({f"{key}_{s}": v for s, v in stats.items()})
-    if "gain" in keys:
-        gains = [r["gain"] for r in rows if "gain" in r]
-        out["gain_negative_frac"] = float(np.mean([g < 0 for g in gains]))
+    for gain in ("gain", "personal_gain"):  # the share of clients what they use (or the personal
+        if gain in keys:  # model, where another is served) did worse for than the shared model
+            gains = [r[gain] for r in rows if gain in r]
+            out[f"{gain}_negative_frac"] = float(np.mean([g < 0 for g in gains]))
     tasks = {r.get("task") for r in rows}
     if len(tasks) > 1:
         for task in sorted(t for t in tasks if t is not None):

@@ -89,6 +89,8 @@ class AlgoContext:
     task_init: dict[str, Arrays] = field(default_factory=dict)
     client_tasks: dict[int, str] = field(default_factory=dict)
     task_specs: dict[str, TaskSpec] = field(default_factory=dict)
+    #: which model a client serves at evaluation (``eval.serve``): "personal", or "better_on_val"
+    serve: str = "personal"
     #: (lr, epochs) -> optimizer spec, and (samples, work fraction, lr, epochs) -> steps: a round of
     #: thousands of clients asks for a handful of distinct ones
     _specs: dict[tuple[float, float | None], LocalSpec] = field(default_factory=dict, repr=False)

@@ -1,22 +1,38 @@
 """FDRMFL (Wu 2025, arXiv 2512.02076): federated multi-modal feature extraction for regression.
 
 Clients train the whole network (modality encoders, fusion, regression head) on
-``MSE + mu * (w_mi L_MI + w_kl L_KL + w_cl L_CL)`` (``fedmtl.fdrmfl.losses``), starting from the
-global model; the round reduces the clients' models to their (sample-weighted) mean, through any
-chain the run configures, and the server blends it with the previous global model:
+``MSE + mu * (w_mi L_MI + w_mx L_MI_cross + w_kl L_KL + w_cl L_CL)`` (``fedmtl.fdrmfl.losses``),
+starting from the global model (plus, with ``contribution`` below 1, their own kept share of
+earlier updates); the round reduces the clients' replies to their (sample-weighted) mean, through
+any chain the run configures, and the server blends it with the previous global model:
 ``new = retention * previous + (1 - retention) * mean`` (``fedmtl.aggregation.retention``).
 
 Two readings of the KL and contrastive terms (``formulation``):
 
-- ``described`` (the paper's abstract): L_KL is the symmetric KL between the client's Z
-  distribution and the received global model's Z distribution on the same batch (client-to-global
-  consensus), L_CL an InfoNCE between two modalities of the same sample against the batch's other
-  samples (``consensus_kl``, ``cross_modal_infonce``).
-- ``notebook`` (the authors' notebooks, this project's first implementation): L_KL aligns the
-  modality embeddings of one client with each other, L_CL is MOON-style against older global models
-  (``kl_alignment``, ``contrastive_loss``). It needs older global models: each client keeps the last
-  ``negatives`` global models it received in its own state (they never travel back), so the
-  algorithm talks only through ``Message``s and runs unchanged on the Flower runtime.
+- ``notebook``: the paper's abstract (a symmetric KL for aligning modalities, a contrastive term
+  against representation drift and forgetting) as the authors' notebooks implement it: L_KL aligns
+  the modality embeddings of one client with each other, L_CL is MOON-style against older global
+  models (``kl_alignment``, ``contrastive_loss``). It needs older global models: each client keeps
+  the last ``negatives`` global models it received in its own state (they never travel back).
+- ``described`` (the default): this project's seed description: L_KL is the symmetric KL between the
+  client's Z distribution and the received global model's Z distribution on the same batch
+  (client-to-global consensus), L_CL an InfoNCE between two modalities of the same sample against
+  the batch's other samples (``consensus_kl``, ``cross_modal_infonce``).
+
+L_MI is I(Z; Y) in both (the abstract's "mutual information preservation"); ``mi_cross_weight``
+adds the seed's mutual information *between modalities* beside it (``cross_modal_mi_loss``).
+
+Two knobs on how much a round moves the global model:
+
+- ``retention`` (the authors' real-data notebooks): the share of the previous global model kept in
+  the server's blend (0.1 there);
+- ``contribution`` (what the seed calls retention: how much each client's learned features
+  contribute to the global update, low values favouring local learning): a client replies
+  ``global + contribution * (its model - global)`` and keeps the rest of its update as its own
+  offset, which it trains from and predicts with (global + offset). 1 (the default) is the authors'
+  protocol; 0 is local training (the global model never moves, every client trains its own model).
+  The reply is still new values of the server's arrays, so every chain (DP, robust, secure
+  aggregation) applies.
 
 The algorithm builds its network from the dataset's modality layout (``fedmtl.fdrmfl.data``) and
 puts it in the context, so evaluation and the Flower apps use it like any other model; sizes are
@@ -27,6 +43,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from pydantic import Field
 
@@ -40,6 +57,7 @@ from fedmtl.fdrmfl.losses import (
     consensus_kl,
     contrastive_loss,
     cross_modal_infonce,
+    cross_modal_mi_loss,
     kl_alignment,
     mi_loss,
     phase_weights,
@@ -48,18 +66,23 @@ from fedmtl.fdrmfl.model import MIProbe, NetParams, build_net, encode, head
 from fedmtl.training import batch_schedule, num_local_steps, optim, to_numpy, to_torch
 from fedmtl.training.tensors import Arrays, Params, model_arrays
 
-PROBE_SEED = 1234  # the MI probe is fixed data of the method, identical everywhere
+PROBE_SEED = 1234  # the MI probes are fixed data of the method, identical everywhere
+MODAL_PROBE_SEED = 1235
 
 
 class FDRMFLParams(AlgoParams):
     net: NetParams = NetParams()
     formulation: Literal["described", "notebook"] = Field(
         "described",
-        description="described: client-to-global KL + cross-modal InfoNCE (the paper's abstract); "
-        "notebook: modality-to-modality KL + MOON-style contrast (the authors' notebooks)",
+        description="described: client-to-global KL + cross-modal InfoNCE (this project's seed "
+        "description); notebook: modality-to-modality KL + MOON-style contrast against older global "
+        "models (the paper abstract's reading, as the authors' notebooks implement it)",
     )
     mu: float = Field(1e-3, ge=0, description="weight of all auxiliary terms together (authors: 1e-3)")
-    mi_weight: float = Field(1.0, ge=0, description="mutual-information preservation term (0: off)")
+    mi_weight: float = Field(1.0, ge=0, description="mutual information I(Z; Y) (0: off)")
+    mi_cross_weight: float = Field(
+        0.0, ge=0, description="mutual information between modalities, the seed's reading (0: off)"
+    )
     kl_weight: float = Field(1.0, ge=0, description="symmetric-KL term (0: off)")
     cl_weight: float = Field(1.0, ge=0, description="contrastive term (0: off)")
     schedule: Literal["constant", "halves"] = "constant"
@@ -68,7 +91,16 @@ class FDRMFLParams(AlgoParams):
     kl_var_floor: float = Field(1e-4, gt=0, description="described: added to each batch variance of Z")
     tau: float = Field(0.5, gt=0, description="contrastive temperature")
     negatives: int = Field(3, ge=1, description="notebook: older global models kept as negatives")
-    retention: float = Field(0.1, ge=0, le=1, description="share of the previous global model kept")
+    retention: float = Field(
+        0.1, ge=0, le=1, description="share of the previous global model kept by the server's blend"
+    )
+    contribution: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="share of each client's update sent to the global model, the rest kept as its "
+        "own offset (the seed's 'retention'; 0: local training, 1: all of it)",
+    )
     weighting: Literal["samples", "uniform"] = "samples"
     clip_norm: float | None = Field(5.0, gt=0, description="gradient norm clip (null: none)")
     layout: str | None = Field(None, description="dataset whose modality layout to use (default: the data's)")
@@ -103,6 +135,7 @@ class FDRMFL(Algorithm):
         ctx.models = {name: self.net for name in (ctx.models or {ctx.task.name: None})}
         ctx.task_init = {name: init for name in ctx.models}
         self.probe = MIProbe(params.net.feature_dim, seed=PROBE_SEED)
+        self.modal_probe = MIProbe(params.net.embed_dim, seed=MODAL_PROBE_SEED)
 
     # --- server ---------------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
@@ -123,9 +156,19 @@ class FDRMFL(Algorithm):
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
     ) -> tuple[dict[str, Any], Message]:
         history: list[Arrays] = list(state.get("history", []))
-        params, stats, steps = self.local_train(msg.arrays, history, data, work)
+        offset: Arrays | None = state.get("offset")
+        start = msg.arrays if offset is None else _plus(msg.arrays, offset)
+        params, stats, steps = self.local_train(start, msg.arrays, history, data, work)
+        mine = to_numpy(params)
+        state = dict(state)
+        if self.p.contribution < 1.0:
+            # send the contributed share of the update, keep the rest as this client's offset
+            c = self.p.contribution
+            update = {k: mine[k].astype(np.float64) - msg.arrays[k].astype(np.float64) for k in mine}
+            mine = {k: (msg.arrays[k] + c * u).astype(msg.arrays[k].dtype) for k, u in update.items()}
+            state["offset"] = {k: ((1.0 - c) * u).astype(msg.arrays[k].dtype) for k, u in update.items()}
         reply = Message(
-            arrays=to_numpy(params),
+            arrays=mine,
             scalars={"num_examples": data.n_train, "steps": steps, "samples": stats.pop("samples"), **stats},
         )
         # The global model just received becomes the newest negative for the next round (only the
@@ -134,10 +177,23 @@ class FDRMFL(Algorithm):
             history = [{k: v.copy() for k, v in msg.arrays.items()}, *history][: self.p.negatives]
         return {**state, "history": history}, reply
 
+    def eval_arrays(
+        self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
+    ) -> Arrays:
+        """The global model, plus the client's kept offset when it contributes only part of it."""
+        shared = self.broadcast(server, cid).arrays
+        offset = state.get("offset") if state else None
+        return shared if offset is None else _plus(shared, offset)
+
+    def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
+        return self.broadcast(server, cid).arrays if self.p.contribution < 1.0 else None
+
     def local_train(
-        self, start: Arrays, history: list[Arrays], data: ClientData, work: ClientWork
+        self, start: Arrays, received: Arrays, history: list[Arrays], data: ClientData, work: ClientWork
     ) -> tuple[Params, dict[str, float], int]:
-        """Local steps on the FDRMFL objective; returns (params, mean loss terms, steps)."""
+        """Local steps on the FDRMFL objective from ``start``, with ``received`` (the global model of
+        this round) as the consensus and the contrastive positive; returns (params, mean loss terms,
+        steps)."""
         p = self.p
         spec = self.ctx.local.with_lr(work.lr)
         steps = num_local_steps(data.n_train, spec, work.fraction)
@@ -148,11 +204,15 @@ class FDRMFL(Algorithm):
         use_consensus = described and p.mu > 0 and p.kl_weight > 0
         with torch.no_grad():  # fixed models' features, one pass each: the received global model's
             # (notebook: the contrastive positive; described: the KL consensus) and older ones
-            z_global = encode(self.net, to_torch(start), x).z if use_cl or use_consensus else None
+            z_global = encode(self.net, to_torch(received), x).z if use_cl or use_consensus else None
             negatives = [encode(self.net, to_torch(h), x).z for h in history] if use_cl else []
         current = {k: v.clone() for k, v in to_torch(start).items()}
         opt_state = optim.init_state(spec.optimizer, current)
-        sums = dict.fromkeys(("train_loss", "loss_mi", "loss_kl", "loss_cl", "loss_total"), 0.0)
+        use_mx = p.mu > 0 and p.mi_cross_weight > 0
+        keys = ("train_loss", "loss_mi", "loss_kl", "loss_cl", "loss_total") + (
+            ("loss_mi_cross",) if use_mx else ()
+        )
+        sums = dict.fromkeys(keys, 0.0)
         seen = 0
         for i, idx in enumerate(batch_schedule(len(y), spec.batch_size, steps, work.rng)):
             leaves = {k: v.requires_grad_(True) for k, v in current.items()}
@@ -173,7 +233,13 @@ class FDRMFL(Algorithm):
                     l_kl = kl_alignment(enc.h, enc.mask, p.kl_sigma, p.kl_mean)
                 if use_cl and w_cl > 0:
                     l_cl = contrastive_loss(enc.z, z_global[idx], [n[idx] for n in negatives], p.tau)  # type: ignore[index]
-            total = mse + p.mu * (w_mi * l_mi + w_kl * l_kl + w_cl * l_cl)
+            aux = w_mi * l_mi + w_kl * l_kl + w_cl * l_cl
+            l_mx = zero
+            if use_mx:  # the phase schedule weighs it as I(Z; Y): both are mutual-information terms
+                l_mx = cross_modal_mi_loss(enc.h, enc.mask, self.modal_probe)
+                phase = phase_weights(1.0, 1.0, 1.0, p.schedule, i, steps)[0]
+                aux = aux + p.mi_cross_weight * phase * l_mx
+            total = mse + p.mu * aux
             grads = dict(zip(leaves, torch.autograd.grad(total, list(leaves.values())), strict=True))
             if p.clip_norm is not None:
                 norm = torch.sqrt(sum((g * g).sum() for g in grads.values()))
@@ -181,9 +247,13 @@ class FDRMFL(Algorithm):
                     grads = {k: g * (p.clip_norm / float(norm)) for k, g in grads.items()}
             current = optim.step(spec.optimizer, leaves, grads, opt_state)
             n = len(idx)
-            for key, val in zip(sums, (mse, l_mi, l_kl, l_cl, total), strict=True):
+            for key, val in zip(sums, (mse, l_mi, l_kl, l_cl, total, l_mx)[: len(sums)], strict=True):
                 sums[key] += float(val.detach()) * n
             seen += n
         stats = {k: v / max(seen, 1) for k, v in sums.items()}
         stats["samples"] = seen
         return {k: v.detach() for k, v in current.items()}, stats, steps
+
+
+def _plus(a: Arrays, b: Arrays) -> Arrays:
+    return {k: (v.astype(np.float64) + b[k].astype(np.float64)).astype(v.dtype) for k, v in a.items()}

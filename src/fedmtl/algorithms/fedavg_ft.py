@@ -36,21 +36,31 @@ class FedAvgFT(FedAvg):
         start = self.broadcast(server, cid).arrays
         if data is None:
             return start
-        return finetuned(self.ctx, data, start, self.p.finetune_steps, self.p.finetune)
+        return finetuned(self.ctx, data, start, self.p.finetune, steps=self.p.finetune_steps)
 
     def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
         return self.broadcast(server, cid).arrays
 
 
-def finetuned(ctx: AlgoContext, data: ClientData, start: Arrays, steps: int, which: str) -> Arrays:
-    """``start`` after ``steps`` local steps on the client's training split (``which``: "all" or
-    "head"), at the run's learning rate, with mini-batches from (seed, FINETUNE, client): the same
-    tuned model whenever and wherever it is evaluated."""
+def finetuned(
+    ctx: AlgoContext,
+    data: ClientData,
+    start: Arrays,
+    which: str,
+    *,
+    steps: int | None = None,
+    epochs: float | None = None,
+    lr: float | None = None,
+) -> Arrays:
+    """``start`` after local training on the client's training split (``which``: "all" or "head"):
+    exactly ``steps`` steps, else ``epochs`` passes, at ``lr`` (default: the run's learning rate),
+    with mini-batches from (seed, FINETUNE, client): the same tuned model whenever and wherever it
+    is evaluated."""
     work = ClientWork(
         round=0,
         fraction=1.0,
         rng=np.random.default_rng([ctx.seed, FINETUNE, data.cid]),
-        lr=ctx.local.optimizer.lr,
+        lr=ctx.local.optimizer.lr if lr is None else lr,
     )
     trainable = head_of(start) if which == "head" else None
-    return train_one(ctx.train(data, work, start, trainable=trainable, steps=steps)).params
+    return train_one(ctx.train(data, work, start, trainable=trainable, steps=steps, epochs=epochs)).params

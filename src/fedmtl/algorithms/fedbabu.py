@@ -1,7 +1,13 @@
 """FedBABU (Oh, Kim & Yun 2022, "Body Aggregation and Body Update"): the head stays at its random
 initialisation during federated training; only the body trains and is averaged. At evaluation each
-client fine-tunes from the global body and that fixed head for a few steps on its own training
-data (the head by default, ``finetune: all`` for the whole model).
+client fine-tunes from the global body and that fixed head on its own training data.
+
+Fine-tuning runs for epochs, as the authors' (``finetune_epochs``, 5 as in the public Flower copy
+of their code), at its own learning rate (``finetune_lr``, default the run's): a head learned from
+random weights on features the body scaled for a fixed head can need a smaller step than the
+body's training. ``finetune_steps`` fine-tunes for exactly that many steps instead. The part it
+tunes is the head by default (the paper's "the head is fine-tuned"); ``finetune: all`` tunes the
+whole model, as that public copy does.
 
 The fixed head is the seeded initial one, which every client builds itself, so it never travels:
 the server sends and averages the body alone."""
@@ -24,7 +30,9 @@ from fedmtl.training.work import Train, Trained
 
 
 class FedBABUParams(FedAvgParams):
-    finetune_steps: int = Field(10, ge=1, description="local steps before each evaluation")
+    finetune_epochs: float = Field(5.0, gt=0, description="passes over the training split before evaluation")
+    finetune_steps: int | None = Field(None, ge=1, description="exactly this many steps instead of epochs")
+    finetune_lr: float | None = Field(None, gt=0, description="fine-tuning learning rate (default: train.lr)")
     finetune: Literal["head", "all"] = "head"
 
 
@@ -56,7 +64,11 @@ class FedBABU(FedPer):
         start = self._start(server, cid)
         if data is None:
             return start
-        return finetuned(self.ctx, data, start, self.p.finetune_steps, self.p.finetune)
+        p = self.p
+        epochs = None if p.finetune_steps is not None else p.finetune_epochs
+        return finetuned(
+            self.ctx, data, start, p.finetune, steps=p.finetune_steps, epochs=epochs, lr=p.finetune_lr
+        )
 
     def shared_eval_arrays(self, server: dict[str, Any], state: dict[str, Any], cid: int) -> Arrays | None:
         return self._start(server, cid)

@@ -3,7 +3,11 @@
 Clients that use the same parameters (every client under FedAvg) share one forward pass. Where an
 algorithm has both a personalised and a shared model, both are evaluated on the same split and the
 difference is the client's personalisation gain. Held-out clients never train: they are evaluated
-after a few head fine-tuning steps from what they would receive (new-client evaluation)."""
+after a few head fine-tuning steps from what they would receive (new-client evaluation).
+
+With ``eval.serve: better_on_val`` a client serves whichever of its personal and shared model
+scores better on its own validation rows (``serve_better_on_val``); rows then hold the served
+model's metrics, the personal model's (``personal_*``) and which one was served."""
 
 from __future__ import annotations
 
@@ -15,6 +19,7 @@ import torch
 from fedmtl.algorithms.base import Algorithm, ClientWork
 from fedmtl.algorithms.heads import head_of
 from fedmtl.data.federated import ClientData, FederatedData
+from fedmtl.errors import ConfigError
 from fedmtl.metrics import primary_metric, summarize_clients, task_metrics
 from fedmtl.training.executors import train_one
 from fedmtl.training.local import predict
@@ -76,6 +81,11 @@ def evaluate_clients(
             shared.append((c, other))
     mine = _metrics_by_client(algo, personal)
     theirs = _metrics_by_client(algo, shared) if shared else {}
+    own: dict[int, dict[str, float]] = {}  # the personal model's metrics, where another is served
+    kept: dict[int, bool] = {}
+    if algo.ctx.serve == "better_on_val" and shared:
+        personal, kept = serve_better_on_val(algo, personal, shared)
+        own, mine = mine, _metrics_by_client(algo, personal)
     # validation rows (data.val_fraction): the same models, for choosing the best round and tuning
     valued = [(c, a) for c, a in personal if c.y_val is not None and len(c.y_val)]
     val = _metrics_by_client(algo, valued, "val") if valued else {}
@@ -96,8 +106,62 @@ def evaluate_clients(
             row.update({f"shared_{k}": v for k, v in theirs[c.cid].items()})
             gain = mine[c.cid][metric] - theirs[c.cid][metric]
             row["gain"] = float(gain if higher else -gain)
+            if c.cid in kept:
+                row.update({f"personal_{k}": v for k, v in own[c.cid].items()})
+                gain = own[c.cid][metric] - theirs[c.cid][metric]
+                row["personal_gain"] = float(gain if higher else -gain)
+                row["served_personal"] = float(kept[c.cid])
         rows.append(row)
     return rows
+
+
+def check_serve(serve: str, algo_cls: type[Algorithm], val_fraction: float) -> None:
+    """``eval.serve: better_on_val`` needs two models to choose between and rows to choose on."""
+    if serve != "better_on_val":
+        return
+    if _only_personal(algo_cls):
+        from fedmtl.algorithms import algorithm_names, get_algorithm
+
+        both = [n for n in algorithm_names() if not _only_personal(get_algorithm(n))]
+        raise ConfigError(
+            f"config: eval.serve = 'better_on_val': algorithm {algo_cls.name!r} has no shared model to "
+            f"fall back to; allowed with: {', '.join(both)}"
+        )
+    if val_fraction <= 0:
+        raise ConfigError(
+            "config: eval.serve = 'better_on_val': needs data.val_fraction > 0 (each client's own "
+            "validation rows are what it chooses on)"
+        )
+
+
+def _only_personal(algo_cls: type[Algorithm]) -> bool:
+    return algo_cls.shared_eval_arrays is Algorithm.shared_eval_arrays
+
+
+def serve_better_on_val(
+    algo: Algorithm, personal: list[tuple[ClientData, Arrays]], shared: list[tuple[ClientData, Arrays]]
+) -> tuple[list[tuple[ClientData, Arrays]], dict[int, bool]]:
+    """Each client's served model: its personal one unless its shared one scores better on the
+    client's own validation rows (the task's primary metric; a tie keeps the personal model; a
+    client without validation rows or without a shared model keeps it too). Returns the served
+    (client, arrays) pairs and, per client that had the choice, whether it kept the personal one.
+
+    The choice is made on validation rows only, so it never looks at the test rows it is scored on:
+    a client can still lose on test where its validation rows misled it (the rows report it)."""
+    other = {c.cid: a for c, a in shared}
+    able = [(c, a) for c, a in personal if c.cid in other and c.y_val is not None and len(c.y_val)]
+    mine = _metrics_by_client(algo, able, "val") if able else {}
+    theirs = _metrics_by_client(algo, [(c, other[c.cid]) for c, _ in able], "val") if able else {}
+    served, kept = [], {}
+    for c, arrays in personal:
+        if c.cid not in mine:
+            served.append((c, arrays))
+            continue
+        metric, higher = primary_metric(c.task)
+        p, q = mine[c.cid][metric], theirs[c.cid][metric]
+        kept[c.cid] = bool(p >= q if higher else p <= q)
+        served.append((c, arrays if kept[c.cid] else other[c.cid]))
+    return served, kept
 
 
 def evaluate_new_clients(
@@ -117,18 +181,34 @@ def evaluate_new_clients(
         tuned = train_one(algo.ctx.train(c, work, start, trainable=head_of(start), steps=steps)).params
         before = _metrics_by_client(algo, [(c, start)])[cid]
         after = _metrics_by_client(algo, [(c, tuned)])[cid]
-        rows.append(
-            {
-                "round": round,
-                "kind": "new_client",
-                "client": cid,
-                "task": c.task.name,
-                "n_test": c.n_test,
-                **{f"before_{k}": v for k, v in before.items()},
-                **{f"after_{k}": v for k, v in after.items()},
-            }
-        )
+        row = {
+            "round": round,
+            "kind": "new_client",
+            "client": cid,
+            "task": c.task.name,
+            "n_test": c.n_test,
+            **{f"before_{k}": v for k, v in before.items()},
+            **{f"after_{k}": v for k, v in after.items()},
+        }
+        if algo.ctx.serve == "better_on_val" and steps > 0:
+            adapted = serve_adapted_on_train(algo, c, start, tuned)
+            row.update({f"served_{k}": v for k, v in (after if adapted else before).items()})
+            row["served_adapted"] = float(adapted)
+        rows.append(row)
     return rows
+
+
+def serve_adapted_on_train(algo: Algorithm, c: ClientData, start: Arrays, tuned: Arrays) -> bool:
+    """A new client has no validation rows of its own: it keeps its adapted model unless the model
+    it received scores better on the rows it adapted on (its training rows); ties keep the adapted."""
+    metric, higher = primary_metric(c.task)
+    x, y = c.x_train, c.y_train
+    model = algo.ctx.model_for(c.task.name)
+    scores = [
+        task_metrics(predict(model, to_torch(a), x), torch.as_tensor(y), c.task)[metric]
+        for a in (tuned, start)
+    ]
+    return bool(scores[0] >= scores[1] if higher else scores[0] <= scores[1])
 
 
 def evaluate_global(algo: Algorithm, server: dict[str, Any], data: FederatedData) -> dict[str, float]:

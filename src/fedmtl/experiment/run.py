@@ -17,6 +17,7 @@ from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData, TaskSpec
 from fedmtl.errors import ConfigError
 from fedmtl.experiment import outputs
+from fedmtl.experiment.evaluate import check_serve
 from fedmtl.experiment.identity import check_resume, run_identity
 from fedmtl.experiment.progress import Watch, log
 from fedmtl.experiment.records import RunDir
@@ -120,8 +121,10 @@ def build_algorithm(cfg: Config, data: FederatedData | None = None) -> tuple[Fed
         task_init={name: model_arrays(m) for name, m in models.items()},
         client_tasks=dict(enumerate(data.task_names())),
         task_specs=data.tasks,
+        serve=cfg.eval.serve,
     )
     algo_cls = get_algorithm(cfg.algorithm.name)
+    check_serve(cfg.eval.serve, algo_cls, cfg.data.val_fraction)
     if cfg.aggregation and algo_cls.reduces != "mean":
         why = algo_cls.reduces_why or f"its server combines replies as {algo_cls.reduces!r}"
         raise ConfigError(

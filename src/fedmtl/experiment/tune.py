@@ -6,7 +6,14 @@ runs at most ``--budget`` of its points (all of them when the grid is that small
 without replacement), scores each by its best round's mean validation metric (``data.val_fraction``
 rows, carved from the clients' training data; the test split is never read to choose anything),
 averaged over ``--seeds``, and writes what it tried and chose (``tune.json``, ``tune.md``). The test
-metric of each trial is recorded beside it, for reading, not for choosing."""
+metric of each trial is recorded beside it, for reading, not for choosing.
+
+A choice at the edge of a numeric axis (the lowest or highest value tried) may only say the optimum
+lies beyond the grid: the record names every such axis (``edge``) and the log says so. With
+``--bracket`` the tuner extends that axis, one value at a time, geometrically beyond the edge (by the
+ratio of the edge to its neighbour; arithmetically where a value is not positive), the other keys at
+their chosen values, until the choice is interior or the budget (all trials, extensions included)
+is spent."""
 
 from __future__ import annotations
 
@@ -64,6 +71,41 @@ class Trial:
     test: float
     best_round: int
     runs: list[str]
+    extension: bool = False
+
+
+def _number(text: str) -> float | None:
+    try:
+        return float(text)
+    except ValueError:
+        return None
+
+
+def numeric_axes(grid: dict[str, list[str]]) -> list[str]:
+    """Axes whose values are all numbers (two or more of them): the ones a choice can sit at the edge of."""
+    return [k for k, vs in grid.items() if len(set(vs)) > 1 and all(_number(v) is not None for v in vs)]
+
+
+def edge_of(values: list[str], chosen: str) -> str | None:
+    """ "low" or "high" when ``chosen`` is the smallest or largest of ``values``, else None."""
+    nums = sorted({float(v) for v in values})
+    x = float(chosen)
+    if len(nums) < 2:
+        return None
+    return "low" if x == nums[0] else "high" if x == nums[-1] else None
+
+
+def beyond(values: list[str], side: str) -> str:
+    """The next value past the ``side`` edge of ``values``: geometric (the edge times its ratio to
+    its neighbour) when both are positive, else arithmetic; integers stay integers."""
+    nums = sorted({float(v) for v in values})
+    edge, inner = (nums[-1], nums[-2]) if side == "high" else (nums[0], nums[1])
+    nxt = edge * (edge / inner) if edge > 0 and inner > 0 else edge + (edge - inner)
+    if all(float(v).is_integer() and "." not in v and "e" not in v.lower() for v in values):
+        step = 1 if side == "high" else -1
+        nxt = float(round(nxt)) if round(nxt) != edge else edge + step
+        return str(int(nxt))
+    return f"{nxt:.6g}"
 
 
 def _points(grid: dict[str, list[str]], budget: int, seed: int) -> list[dict[str, str]]:
@@ -84,8 +126,9 @@ def tune(
     seeds: list[int] | None = None,
     out: str | Path | None = None,
     log: Any = print,
+    bracket: bool = False,
 ) -> dict[str, Any]:
-    """Run the trials and return what ``tune.json`` holds."""
+    """Run the trials and return what ``tune.json`` holds (``bracket``: extend an edge choice's axis)."""
     if budget < 1:
         raise ConfigError(f"--budget = {budget}: must be at least 1")
     if isinstance(config, dict):  # benchmarks tune the config they build in code
@@ -112,8 +155,10 @@ def tune(
     trials: list[Trial] = []
     import fedmtl
 
-    for i, (point, cfgs) in enumerate(zip(points, configs, strict=True)):
+    def run_point(point: dict[str, str], cfgs: list[Config], extension: bool = False) -> None:
+        nonlocal metric, higher
         vals, tests, rounds, runs = [], [], [], []
+        i = len(trials)
         for cfg in cfgs:
             res = fedmtl.run(cfg, out=folder / f"trial-{i:03d}-s{cfg.seed}")
             metric, higher = res.summary["primary_metric"], res.summary["higher_is_better"]
@@ -122,11 +167,56 @@ def tune(
             tests.append(float(best.get(f"{metric}_mean", float("nan"))))
             rounds.append(int(best["round"]))
             runs.append(str(res.run_dir))
-        trial = Trial(point, float(np.mean(vals)), float(np.mean(tests)), rounds[0], runs)
+        trial = Trial(point, float(np.mean(vals)), float(np.mean(tests)), rounds[0], runs, extension)
         trials.append(trial)
-        log(f"[tune] {i + 1}/{len(points)} {point}: val_{metric} {trial.val:.4f}")
-    pick = (max if higher else min)(range(len(trials)), key=lambda j: trials[j].val)
-    chosen = trials[pick].params
+        where = "bracket" if extension else f"{i + 1}/{len(points)}"
+        log(f"[tune] {where} {point}: val_{metric} {trial.val:.4f}")
+
+    def pick() -> dict[str, str]:
+        """The validation-best trial; a trial without a finite score (diverged) is never chosen."""
+        worst = -np.inf if higher else np.inf
+        scores = [t.val if np.isfinite(t.val) else worst for t in trials]
+        best = int(np.argmax(scores) if higher else np.argmin(scores))
+        return trials[best].params
+
+    metric, higher = "", True
+    for point, cfgs in zip(points, configs, strict=True):
+        run_point(point, cfgs)
+    axes = numeric_axes(grid)
+    tried = {k: list(grid[k]) for k in axes}  # each numeric axis's values, extensions included
+    extended: dict[str, list[str]] = {}
+    blocked: set[str] = set()  # axes the next value would take out of what the key allows
+    chosen = pick()
+    while bracket and len(trials) < budget:
+        edges = {k: edge_of(tried[k], chosen[k]) for k in axes}
+        key = next((k for k in axes if edges[k] and k not in blocked), None)
+        if key is None:
+            break
+        value = beyond(tried[key], edges[key])  # type: ignore[arg-type]
+        tried[key].append(value)
+        extended.setdefault(key, []).append(value)
+        point = {**chosen, key: value}
+        sets = [f"{k}={v}" for k, v in point.items()]
+        try:
+            cfgs = [parse_config(apply_overrides(raw, [*sets, f"seed={s}"])) for s in seeds]
+        except ConfigError as exc:  # beyond what the key allows (a rate above 1): the edge stays
+            log(f"[tune] cannot extend {key} to {value}: {exc}")
+            tried[key].remove(value)
+            extended[key].remove(value)
+            if not extended[key]:
+                del extended[key]
+            blocked.add(key)
+            continue
+        run_point(point, cfgs, extension=True)
+        chosen = pick()
+    edge = {k: side for k in axes if (side := edge_of(tried[k], chosen[k]))}
+    for k, side in edge.items():
+        where = "lowest" if side == "low" else "highest"
+        values = ", ".join(sorted(tried[k], key=float))
+        log(
+            f"[tune] {k} = {chosen[k]} is the {where} value tried ({values}): "
+            + ("the budget ended before the choice was interior" if bracket else "--bracket extends it")
+        )
     record = {
         "config": None if config is None or isinstance(config, dict) else str(Path(config).resolve()),
         "overrides": list(overrides or []),
@@ -134,11 +224,15 @@ def tune(
         "budget": budget,
         "points_in_grid": int(np.prod([len(v) for v in grid.values()])),
         "trials_run": len(trials),
+        "grid_trials": len(points),
         "seeds": seeds,
         "val_fraction": val_fraction,
         "selection": f"best round's mean val_{metric} ({'max' if higher else 'min'}), mean over seeds",
         "trials": [trial.__dict__ for trial in trials],
         "chosen": chosen,
+        "bracket": bracket,
+        "extended": extended,
+        "edge": edge,
         "date": time.strftime("%Y-%m-%d %H:%M"),
     }
     (folder / "tune.json").write_text(json.dumps(record, indent=1))
@@ -165,20 +259,45 @@ def _markdown(record: dict[str, Any], metric: str) -> str:
         "",
         f"Written by `fedmtl tune` on {record['date']}; config {record['config']}; grid "
         + "; ".join(f"`{k}` in {v}" for k, v in record["grid"].items())
-        + f"; budget {record['budget']} ({record['trials_run']} of {record['points_in_grid']} points run); "
+        + f"; budget {record['budget']} ({record['grid_trials']} of {record['points_in_grid']} grid points"
+        + " run"
+        + (f", {record['trials_run'] - record['grid_trials']} bracketing" if record["extended"] else "")
+        + "); "
         f"seeds {record['seeds']}; `data.val_fraction` {record['val_fraction']}; chosen by "
         f"{record['selection']}. The test column is shown, never used.",
         "",
-        "| " + " | ".join(keys) + f" | val_{metric} | test {metric} (read only) | best round | chosen |",
-        "|" + "---|" * (len(keys) + 4),
+        "| "
+        + " | ".join(keys)
+        + f" | val_{metric} | test {metric} (read only) | best round | from | chosen |",
+        "|" + "---|" * (len(keys) + 5),
     ]
     for t in record["trials"]:
         mark = "yes" if t["params"] == record["chosen"] else ""
         cells = [str(t["params"][k]) for k in keys]
+        origin = "bracket" if t.get("extension") else "grid"
         lines.append(
-            "| " + " | ".join(cells) + f" | {t['val']:.4f} | {t['test']:.4f} | {t['best_round']} | {mark} |"
+            "| "
+            + " | ".join(cells)
+            + f" | {t['val']:.4f} | {t['test']:.4f} | {t['best_round']} | {origin} | {mark} |"
         )
+    lines.append("")
+    lines.append(edge_note(record))
     return "\n".join(lines) + "\n"
+
+
+def edge_note(record: dict[str, Any]) -> str:
+    """One sentence on edge choices: where the choice sits at the edge of what was tried, and whether
+    bracketing extended the axis (what every results table states beside a tuned choice)."""
+    edge = record.get("edge") or {}
+    ext = record.get("extended") or {}
+    done = "; ".join(f"`{k}` extended to {', '.join(v)}" for k, v in ext.items())
+    if not edge:
+        return "Interior choice on every numeric axis" + (f" ({done})." if done else ".")
+    where = ", ".join(
+        f"`{k}` at the {'lowest' if s == 'low' else 'highest'} value tried" for k, s in edge.items()
+    )
+    how = "the budget ended before it was interior" if record.get("bracket") else "not bracketed"
+    return f"Edge choice: {where} ({how}" + (f"; {done}" if done else "") + ")."
 
 
 def chosen_overrides(record: dict[str, Any] | str | Path) -> list[str]:

@@ -17,8 +17,11 @@ Each term is a pure function of tensors, so its value can be checked by hand (te
   global models' Z for it (the authors' code took positives from other samples of the server's test
   set; not reproduced). With no negatives yet (first rounds) the term is 0.
 
-The two terms above are the authors' notebooks' reading (``formulation: notebook``). The paper's
-abstract describes them differently (``formulation: described``); these two replace them there:
+The two terms above are the ``notebook`` formulation: the authors' notebooks, and the paper
+abstract's reading (KL for aligning modalities, the contrastive term against representation drift
+from earlier global models). The ``described`` formulation follows this project's seed description
+instead (a client-to-global KL and a contrastive term across modalities); these two replace them
+there:
 
 - ``consensus_kl``: symmetric KL between the *client's* feature distribution and the *global*
   model's on the same batch, each a diagonal Gaussian from the batch mean and (biased) variance of
@@ -30,6 +33,15 @@ abstract describes them differently (``formulation: described``); these two repl
   embedding of the same sample, the negatives modality n's embeddings of the batch's other samples
   (cosine similarity / tau). Only samples holding both m and n are anchors, only samples holding n
   are candidates; a missing modality never enters, and with one modality the term is 0.
+
+Beside ``mi_loss`` (I(Z; Y), the abstract's and the notebooks' term), the seed describes mutual
+information *between modalities*:
+
+- ``cross_modal_mi_loss``: for each pair of modalities (m, n), ``-log max(|corr(g(h_m), g(h_n))|, eps)``
+  over the rows holding both, g one frozen random MLP applied to every modality's embedding: the
+  same Gaussian-style correlation surrogate as ``mi_loss`` (for jointly Gaussian scalars
+  I = -1/2 log(1 - corr^2), which grows with |corr|), averaged over the pairs with at least two such
+  rows; 0 with one modality.
 """
 
 from __future__ import annotations
@@ -134,6 +146,25 @@ def cross_modal_infonce(h: torch.Tensor, mask: torch.Tensor, tau: float) -> torc
             # the anchor's own row among the candidates
             pos = torch.searchsorted(cand, torch.nonzero(anchors).reshape(-1))
             terms.append(nn.functional.cross_entropy(logits, pos))
+    if not terms:
+        return h.new_zeros(())
+    return torch.stack(terms).mean()
+
+
+def cross_modal_mi_loss(
+    h: torch.Tensor, mask: torch.Tensor, probe: nn.Module, eps: float = 1e-6
+) -> torch.Tensor:
+    """Mean over modality pairs of ``-log max(|corr(g(h_m), g(h_n))|, eps)`` on rows holding both.
+
+    ``h``: (B, M, E) modality embeddings; ``mask``: (B, M) bool; ``probe``: the frozen g, E -> scalar."""
+    m = h.shape[1]
+    terms = []
+    for a in range(m):
+        for b in range(a + 1, m):
+            both = mask[:, a] & mask[:, b]
+            if int(both.sum()) < 2:  # a correlation needs two rows
+                continue
+            terms.append(mi_loss(probe(h[both, a]), probe(h[both, b]), eps))
     if not terms:
         return h.new_zeros(())
     return torch.stack(terms).mean()

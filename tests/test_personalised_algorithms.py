@@ -352,3 +352,26 @@ def test_each_personalised_method_gains_from_its_personal_part_under_label_skew(
     ]
     without_acc = [_accuracy(alg, without[c], data.clients[c]) for c in states]
     assert np.mean(with_acc) > np.mean(without_acc) + 0.2
+
+
+def test_lg_fedavg_global_layers_hold_every_tasks_head_when_clients_hold_several_tasks():
+    """Several tasks per client: the heads sit side by side as the top layer, so every task's head
+    is global and ``global_layers: 2`` adds the body's top layer; nothing below it leaves a client."""
+    algorithm = {"name": "lg_fedavg", "global_layers": 2}
+    data, algo, sim = _setup(
+        algorithm, data__tasks=[["digit", "ink"]], model__hidden=[32, 16], train__rounds=2
+    )
+    upper = {
+        "body.3.weight",
+        "body.3.bias",
+        "head.digit.weight",
+        "head.digit.bias",
+        "head.ink.weight",
+        "head.ink.bias",
+    }
+    assert algo.global_keys == upper
+    server, states = algo.init_server(), {}
+    assert set(server["params"]) == upper
+    res = sim.run_round(1, server, states)
+    assert res.replies and all(set(m.arrays) == upper for m in res.replies.values())
+    assert all(set(s["body"]) == {"body.1.weight", "body.1.bias"} for s in states.values())

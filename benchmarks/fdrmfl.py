@@ -41,6 +41,7 @@ from fedmtl.algorithms.fdrmfl import FDRMFL, FDRMFLParams
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.fdrmfl import data as mm
 from fedmtl.fdrmfl.model import extract_features
+from fedmtl.runtime.round import server_step
 from fedmtl.training import LocalSpec
 from fedmtl.training.optim import OptimizerSpec
 
@@ -83,7 +84,7 @@ def train_fdrmfl(fd: FederatedData, s: Setting, algo: dict[str, Any], seed: int)
             states[c.cid], replies[c.cid] = fdr.client_step(
                 states.get(c.cid, {}), c, fdr.broadcast(server, c.cid), work
             )
-        server = fdr.server_step(server, replies, r)
+        server, _ = server_step(fdr, server, replies, r)
     return fdr, server["params"]
 
 

@@ -295,7 +295,7 @@ def ckks_round(clients: int) -> dict[str, Any]:
     t0 = time.perf_counter()
     pres = psim.run_round(1, palgo.init_server(), {})
     plain_wall = time.perf_counter() - t0
-    info = algo.round_info(res.server)
+    info = {**res.info, **algo.round_info(res.server)}  # what the round row holds
     diff = max(
         float(np.abs(res.server["params"][k] - pres.server["params"][k]).max()) for k in pres.server["params"]
     )

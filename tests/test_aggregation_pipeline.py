@@ -18,6 +18,7 @@ from fedmtl.config import parse_config
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.run import build
 from fedmtl.features import FEATURES, Feature
+from fedmtl.runtime.round import server_step
 from fedmtl.training.work import local_work
 from tests.conftest import digits_config
 
@@ -182,11 +183,12 @@ def test_wrong_shape_key_or_nan_replies_are_rejected_with_a_logged_reason(tmp_pa
     cfg = digits_config(train__rounds=2, clients__per_round=8, runtime__execution="sequential")
     res = fedmtl.run(cfg, out=tmp_path / "r")
     row = res.rounds[0]
-    # NaN is caught by the runtime, shape/key problems by the server step; one list holds both
+    # the round checks every reply in one place: one list, one reason each
     assert row["rejected_clients"] == [0, 1, 2, 3]
     assert row["rejected_reasons"] == {
         "0": "key 'body.1.weight' has shape (3, 3), expected (32, 64)",
         "1": "unexpected key 'evil.w'",
+        "2": "non-finite values in 'body.1.weight'",
         "3": "missing key 'body.1.weight'",
     }
     assert np.isfinite(res.final["global_loss"])
@@ -208,11 +210,11 @@ def test_wrong_shape_key_or_nan_replies_are_rejected_with_a_logged_reason(tmp_pa
             scalars={"num_examples": 5},
         ),
     }
-    with_bad = algo.server_step(server, {**good, **bad}, 1)
-    only_good = algo.server_step(server, good, 1)
+    with_bad, facts = server_step(algo, server, {**good, **bad}, 1)
+    only_good, _ = server_step(algo, server, good, 1)
     for k in server["params"]:
         assert np.array_equal(with_bad["params"][k], only_good["params"][k])
-    assert algo.round_info(with_bad)["rejected_reasons"] == {
+    assert facts["rejected_reasons"] == {
         "0": "key 'body.1.weight' has shape (3, 3), expected (32, 64)",
         "1": "non-finite values in 'body.1.weight'",
     }
@@ -229,7 +231,7 @@ def test_wrong_shape_key_or_nan_replies_are_rejected_with_a_logged_reason(tmp_pa
         (
             [{"name": "clip", "max_nrm": 1}],
             "config: aggregation.0 = {'name': 'clip', 'max_nrm': 1}: unknown key 'max_nrm' for step 'clip'; "
-            "allowed keys: adaptive, count_noise_std, lr, max_norm, name, target_quantile",
+            "allowed keys: adaptive, count_noise_std, expected_count, lr, max_norm, name, target_quantile",
         ),
         (
             [{"name": "trimmed_mean", "trim": 0.5}],

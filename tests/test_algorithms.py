@@ -141,18 +141,16 @@ def test_an_algorithm_written_once_runs_sequential_and_batched(tmp_path, monkeyp
     """The README's example: a client step that declares its training, nothing batched written."""
     from fedmtl import algorithms
     from fedmtl.algorithms import Algorithm, Message
-    from fedmtl.algorithms.fedavg import aggregate_replies
 
     class MyFedAvg(Algorithm):
         name = "my_fedavg"
-        sends_update = mean_of_updates = True
 
         def client_step(self, state, data, msg, work):  # noqa: ANN001, ANN202
             trained = yield self.ctx.train(data, work, msg.arrays)
             return state, Message(arrays=trained.params, scalars=trained.scalars(data))
 
-        def server_step(self, server, replies, round):  # noqa: ANN001, ANN202
-            return {"params": aggregate_replies(self.ctx, replies)} if replies else server
+        def server_update(self, server, aggregate, round):  # noqa: ANN001, ANN202
+            return {**server, "params": {**server["params"], **aggregate.params}}
 
     monkeypatch.setitem(algorithms._REGISTRY, "my_fedavg", MyFedAvg)
     runs = {

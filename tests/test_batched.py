@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 import fedmtl
+from fedmtl.algorithms import algorithm_names, get_algorithm
 from fedmtl.config import parse_config
 from fedmtl.data.federated import TaskSpec
 from fedmtl.errors import ConfigError
@@ -243,9 +244,17 @@ def _config(algorithm: dict[str, Any], execution: str, **kw: Any) -> dict[str, A
 
 
 TASKS = {"data__tasks": ["digit", "parity", "ge5", "ink"]}
-#: Every classic algorithm, the multi-task federations of the personalised ones, and the three
-#: written on the client contract (APFL, LG-FedAvg, FedBABU): written once, run by both executors.
-CLASSIC = [
+#: Registered algorithms the executors cannot batch, and why: each declares ``batchable = False``
+#: (checked below), so the simulator trains its clients one after another.
+NOT_BATCHABLE = {
+    "mocha": "its clients run SDCA on their dual subproblem, a solver of their own, not declared training",
+    "fedbone": "its clients train in split steps driven by the server's exchanges",
+    "fdrmfl": "its clients train on a multi-modal objective with a loop of their own",
+}
+#: Chosen settings and the multi-task federations of the personalised algorithms; every other
+#: registered algorithm joins the grid below with its defaults, so a new one is checked the day
+#: it is registered: written once, run by both executors.
+VARIANTS = [
     ({"name": "fedavg"}, {}),
     ({"name": "fedprox", "mu": 0.1}, {}),
     ({"name": "local"}, {}),
@@ -263,7 +272,17 @@ CLASSIC = [
     ({"name": "lg_fedavg"}, TASKS),
     ({"name": "fedbabu", "finetune_steps": 3}, {}),
 ]
+_CHOSEN = {a["name"] for a, _ in VARIANTS}
+CLASSIC = VARIANTS + [
+    ({"name": name}, {}) for name in algorithm_names() if name not in _CHOSEN and name not in NOT_BATCHABLE
+]
 CLASSIC_IDS = [a["name"] + ("-tasks" if kw else "") for a, kw in CLASSIC]
+
+
+def test_every_registered_algorithm_is_in_the_equality_grid_or_declares_why_not():
+    for name in algorithm_names():
+        assert get_algorithm(name).batchable == (name not in NOT_BATCHABLE), name
+        assert name in NOT_BATCHABLE or any(a["name"] == name for a, _ in CLASSIC), name
 
 
 def _array_dicts(state: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:

@@ -105,7 +105,7 @@ def test_yaml_file_errors(tmp_path):
     [
         ({"name": "local"}, "clients never send an update"),
         ({"name": "mocha"}, "Sigma Delta B / lambda"),
-        ({"name": "fdrmfl"}, "algorithm.retention"),
+        ({"name": "fedbone"}, "gradients inside their own exchanges"),
     ],
 )
 def test_an_aggregation_chain_an_algorithm_cannot_use_is_a_config_error(algorithm, why):
@@ -116,10 +116,19 @@ def test_an_aggregation_chain_an_algorithm_cannot_use_is_a_config_error(algorith
     raw = {"algorithm": algorithm, "aggregation": ["median"], "data": {"dataset": "digits"}}
     if algorithm["name"] == "mocha":
         raw.update(model={"name": "linear"}, data={"dataset": "digits", "tasks": ["parity"]})
-    if algorithm["name"] == "fdrmfl":
-        raw.update(data={"dataset": "diabetes"})
+    if algorithm["name"] == "fedbone":
+        raw.update(model={"name": "fedbone_net", "width": 16, "depth": 1})
     name = algorithm["name"]
     with pytest.raises(
         ConfigError, match=rf"aggregation: algorithm '{name}' cannot use an aggregation chain \(.*{why}"
     ):
         build(parse_config(raw))
+
+
+def test_fdrmfls_retention_blend_takes_the_rounds_chain():
+    """FDRMFL's server blends the round's mean with its previous model: the mean may be robust."""
+    from fedmtl.experiment.run import build
+
+    raw = {"algorithm": {"name": "fdrmfl"}, "aggregation": ["median"], "data": {"dataset": "diabetes_mm"}}
+    _, _, sim = build(parse_config(raw))
+    assert [s.name for s in sim.runner.reducer.chain.steps] == ["median"]

@@ -27,6 +27,7 @@ from fedmtl.fdrmfl.losses import (
 )
 from fedmtl.fdrmfl.model import NetParams, build_net, extract_features
 from fedmtl.runtime.client_states import read_states
+from fedmtl.runtime.round import server_step
 from tests.conftest import copy_checkpoint
 
 
@@ -136,7 +137,7 @@ def _client_step(over: dict, rounds: int = 2) -> list[dict]:
     for r in range(rounds):
         work = ClientWork(round=r + 1, fraction=1.0, rng=np.random.default_rng(r), lr=0.003)
         state, reply = algo.client_step(state, data.clients[0], algo.broadcast(server, 0), work)
-        server = algo.server_step(server, {0: reply}, r + 1)
+        server, _ = server_step(algo, server, {0: reply}, r + 1)
         out.append(reply.scalars)
     return out
 

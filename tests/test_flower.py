@@ -28,7 +28,7 @@ from flwr.supercore.inflatable.inflatable_utils import inflate_object_from_conte
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 import fedmtl  # noqa: E402
-from fedmtl.algorithms import Message  # noqa: E402
+from fedmtl.algorithms import Message, algorithm_names  # noqa: E402
 from fedmtl.algorithms.fedavg import FedAvg  # noqa: E402
 from fedmtl.config import parse_config  # noqa: E402
 from fedmtl.errors import ConfigError, ProtocolError  # noqa: E402
@@ -210,81 +210,104 @@ def test_codec_names_the_path_of_a_value_it_cannot_send():
 
 
 # ------------------------------------------------------------------------------------ equality
-@pytest.mark.parametrize(
-    "over",
-    [
-        {"data__partition__num_clients": 2, "train__rounds": 2},
-        # sampling, stragglers, simulated drops, eval every 2 rounds, lr schedule, server momentum
-        {
-            "data__partition__num_clients": 4,
-            "clients__per_round": 2,
-            "train__rounds": 3,
-            "runtime__work_fraction": [0.5, 1.0],
-            "runtime__drop_prob": 0.3,
-            "eval__every": 2,
-            "train__lr_schedule": "exponential",
-            "algorithm": {"name": "fedavg", "server_optimizer": {"name": "momentum", "lr": 0.5}},
-        },
-        # stateful clients: every client's model lives in context.state between messages
-        {
-            "data__partition__num_clients": 3,
-            "clients__per_round": 2,
-            "train__rounds": 2,
-            "algorithm": {"name": "local"},
-        },
-        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedprox", "mu": 0.1}},
-        # personalised multi-task: heads of different sizes stay on the nodes, only the body travels
-        {
-            "data__partition__num_clients": 2,
-            "data__tasks": ["digit", "parity"],
-            "train__rounds": 2,
-            "algorithm": {"name": "fedper"},
-        },
-        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "ditto", "lam": 0.1}},
-        {
-            "data__partition__num_clients": 2,
-            "train__rounds": 2,
-            "algorithm": {"name": "fedavg_ft", "finetune_steps": 3},
-        },
-        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedrep"}},
-        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "apfl"}},
-        {
-            "data__partition__num_clients": 2,
-            "data__tasks": ["digit", "parity"],
-            "train__rounds": 2,
-            "algorithm": {"name": "lg_fedavg"},
-        },
-        {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedbabu"}},
-        # evaluation views hold only the client's task (or group) head
-        {
-            "data__partition__num_clients": 4,
-            "data__tasks": ["digit", "parity"],
-            "train__rounds": 2,
-            "algorithm": {"name": "fedavg"},
-        },
-        {
-            "data__partition__num_clients": 4,
-            "data__tasks": ["digit", "parity"],
-            "train__rounds": 2,
-            "algorithm": {"name": "hierarchical"},
-        },
-    ],
-    ids=[
-        "fedavg",
-        "sampling-drops-momentum",
-        "local-stateful",
-        "fedprox",
-        "fedper-multitask",
-        "ditto",
-        "fedavg-ft",
-        "fedrep",
-        "apfl",
-        "lg-fedavg-multitask",
-        "fedbabu",
-        "fedavg-multitask",
-        "hierarchical-multitask",
-    ],
-)
+#: Registered algorithms whose Flower-vs-in-process equality needs data or a model of their own,
+#: and where that test lives (each runs the full round trip through LoopbackGrid).
+OWN_FLOWER_TEST = {
+    "mocha": "tests/test_mocha_flower.py (Land Mine, a linear model per task)",
+    "fedbone": "tests/test_fedbone.py (the split model; its multi-step round)",
+    "fdrmfl": "tests/test_fdrmfl.py (the multi-modal diabetes federation)",
+}
+#: Chosen settings (sampling, drops, multi-task, stateful clients); every other registered algorithm
+#: joins the grid with its defaults on two digits clients, so a new one is checked the day it is
+#: registered.
+FLOWER_VARIANTS = [
+    {"data__partition__num_clients": 2, "train__rounds": 2},
+    # sampling, stragglers, simulated drops, eval every 2 rounds, lr schedule, server momentum
+    {
+        "data__partition__num_clients": 4,
+        "clients__per_round": 2,
+        "train__rounds": 3,
+        "runtime__work_fraction": [0.5, 1.0],
+        "runtime__drop_prob": 0.3,
+        "eval__every": 2,
+        "train__lr_schedule": "exponential",
+        "algorithm": {"name": "fedavg", "server_optimizer": {"name": "momentum", "lr": 0.5}},
+    },
+    # stateful clients: every client's model lives in context.state between messages
+    {
+        "data__partition__num_clients": 3,
+        "clients__per_round": 2,
+        "train__rounds": 2,
+        "algorithm": {"name": "local"},
+    },
+    {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedprox", "mu": 0.1}},
+    # personalised multi-task: heads of different sizes stay on the nodes, only the body travels
+    {
+        "data__partition__num_clients": 2,
+        "data__tasks": ["digit", "parity"],
+        "train__rounds": 2,
+        "algorithm": {"name": "fedper"},
+    },
+    {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "ditto", "lam": 0.1}},
+    {
+        "data__partition__num_clients": 2,
+        "train__rounds": 2,
+        "algorithm": {"name": "fedavg_ft", "finetune_steps": 3},
+    },
+    {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedrep"}},
+    {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "apfl"}},
+    {
+        "data__partition__num_clients": 2,
+        "data__tasks": ["digit", "parity"],
+        "train__rounds": 2,
+        "algorithm": {"name": "lg_fedavg"},
+    },
+    {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": "fedbabu"}},
+    # evaluation views hold only the client's task (or group) head
+    {
+        "data__partition__num_clients": 4,
+        "data__tasks": ["digit", "parity"],
+        "train__rounds": 2,
+        "algorithm": {"name": "fedavg"},
+    },
+    {
+        "data__partition__num_clients": 4,
+        "data__tasks": ["digit", "parity"],
+        "train__rounds": 2,
+        "algorithm": {"name": "hierarchical"},
+    },
+]
+FLOWER_VARIANT_IDS = [
+    "fedavg",
+    "sampling-drops-momentum",
+    "local-stateful",
+    "fedprox",
+    "fedper-multitask",
+    "ditto",
+    "fedavg-ft",
+    "fedrep",
+    "apfl",
+    "lg-fedavg-multitask",
+    "fedbabu",
+    "fedavg-multitask",
+    "hierarchical-multitask",
+]
+_ON_FLOWER = {v.get("algorithm", {"name": "fedavg"})["name"] for v in FLOWER_VARIANTS}
+_DEFAULTS = [n for n in algorithm_names() if n not in _ON_FLOWER and n not in OWN_FLOWER_TEST]
+FLOWER_GRID = FLOWER_VARIANTS + [
+    {"data__partition__num_clients": 2, "train__rounds": 2, "algorithm": {"name": n}} for n in _DEFAULTS
+]
+FLOWER_GRID_IDS = FLOWER_VARIANT_IDS + _DEFAULTS
+
+
+def test_every_registered_algorithm_is_in_the_flower_grid_or_has_its_own_test():
+    for name in algorithm_names():
+        assert name in OWN_FLOWER_TEST or any(
+            v.get("algorithm", {"name": "fedavg"})["name"] == name for v in FLOWER_GRID
+        ), name
+
+
+@pytest.mark.parametrize("over", FLOWER_GRID, ids=FLOWER_GRID_IDS)
 def test_flower_run_equals_in_process_run(tmp_path, over):
     raw = _cfg(**over)
     n = raw["data"]["partition"]["num_clients"]

@@ -13,11 +13,12 @@ from fedmtl.algorithms import AlgoContext, ClientWork, Message, get_algorithm
 from fedmtl.config import parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import ClientData, TaskSpec
-from fedmtl.errors import ConfigError, ProtocolError
+from fedmtl.errors import ConfigError
 from fedmtl.experiment.records import RunDir
 from fedmtl.mocha.data import Tasks, load_tasks
 from fedmtl.mocha.engine import MochaOptions, run_mocha
 from fedmtl.models import build_model
+from fedmtl.runtime.round import server_step
 from fedmtl.training.tensors import model_arrays
 
 
@@ -97,7 +98,7 @@ def _round(algo, server, states, clients, r, present):
         states[cid], replies[cid] = algo.client_step(
             states.get(cid, {}), clients[cid], algo.broadcast(server, cid), work
         )
-    return algo.server_step(server, replies, r)
+    return server_step(algo, server, replies, r)[0]
 
 
 def test_algorithm_and_engine_reach_the_same_solution(shared_data):
@@ -144,8 +145,9 @@ def test_dropped_clients_are_untouched_and_a_silent_one_is_reported(shared_data,
     assert "client 2 has sent nothing for 5 rounds" in caplog.text
     assert not server["objective_exact"] and server["omega_updates"] == 2  # rounds 3 and 6
     bad = Message(arrays={"delta_b": np.zeros(3)}, scalars={"train_loss": 0.0, "dual_term": 0.0})
-    with pytest.raises(ProtocolError, match="client 0 sent delta_b of shape"):
-        algo.server_step(server, {0: bad}, 8)
+    after, facts = server_step(algo, server, {0: bad}, 8)  # refused by the round: W untouched
+    assert facts["rejected_reasons"] == {"0": f"key 'delta_b' has shape (3,), expected ({toy.d},)"}
+    np.testing.assert_array_equal(after["W"], server["W"])
 
 
 def test_always_dropping_client_is_reported_in_round_rows(tmp_path, shared_data):

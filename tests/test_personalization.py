@@ -182,6 +182,7 @@ def test_hierarchical_body_is_the_sample_mean_or_the_mean_of_group_means(weighti
     """Through ``server_step``: replacing either weighting by the plain mean of the bodies fails."""
     from fedmtl.algorithms.base import Message
     from fedmtl.experiment.run import build_algorithm
+    from fedmtl.runtime.round import server_step
 
     raw = digits_config(
         data__partition__num_clients=4, data__tasks=["digit", "parity"], algorithm={"name": "hierarchical"}
@@ -195,7 +196,7 @@ def test_hierarchical_body_is_the_sample_mean_or_the_mean_of_group_means(weighti
     for c in range(4):
         arrays = {k: np.full_like(v, float(c + 1)) for k, v in algo.broadcast(server, c).arrays.items()}
         replies[c] = Message(arrays=arrays, scalars={"num_examples": sizes[c]})
-    new = algo.server_step(server, replies, 1)
+    new, _ = server_step(algo, server, replies, 1)
     body_key = next(k for k in new["params"] if SEP not in k and not k.startswith("head."))
     value = float(new["params"][body_key].ravel()[0])
     by_group: dict[str, list[int]] = {}
@@ -246,6 +247,7 @@ def test_both_halves_of_a_split_are_measured_afresh_before_they_may_split_again(
     (inheriting the scale split a pure group again in that round)."""
     from fedmtl.algorithms.base import Message
     from fedmtl.experiment.run import build_algorithm
+    from fedmtl.runtime.round import server_step
 
     raw = digits_config(
         data__partition__num_clients=4,
@@ -260,7 +262,7 @@ def test_both_halves_of_a_split_are_measured_afresh_before_they_may_split_again(
             sent = algo.broadcast(server, c).arrays
             got = {k: (v + s if k.startswith("head.") else v.copy()) for k, v in sent.items()}
             replies[c] = Message(arrays=got, scalars={"num_examples": 10.0})
-        return algo.server_step(server, replies, round)
+        return server_step(algo, server, replies, round)[0]
 
     cancel = {0: 1.0, 1: 1.0, 2: -1.0, 3: -1.0}
     server = step(server, cancel, 1)  # first seen: its scale is taken, no split

@@ -167,7 +167,7 @@ def _params_after(cfg: dict[str, Any], rounds: int) -> tuple[dict[str, np.ndarra
     for r in range(1, rounds + 1):
         res = sim.run_round(r, server, states)
         server = res.server
-        infos.append(algo.round_info(server))
+        infos.append({**res.info, **algo.round_info(server)})  # what the round row holds
     return server["params"], infos
 
 

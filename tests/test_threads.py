@@ -48,14 +48,14 @@ def test_openblas_runs_on_one_thread_inside_and_gets_its_limit_back(two_of_each)
 def test_a_simulated_round_aggregates_with_openblas_on_one_thread(two_of_each):
     _, algo, sim = build(parse_config(digits_config()))
     seen: list[list[int]] = []
-    step = algo.server_step
+    step = algo.server_update
 
     def spy(*args, **kwargs):
         seen.append(_openblas_threads())
         np.ones((64, 64)) @ np.ones((64, 64))  # a server-side product, as Krum's distances are
         return step(*args, **kwargs)
 
-    algo.server_step = spy  # type: ignore[method-assign]
+    algo.server_update = spy  # type: ignore[method-assign]
     sim.run_round(1, algo.init_server(), {})
     assert seen and set(seen[0]) == {1}
     assert set(_openblas_threads()) == {2}

@@ -137,7 +137,8 @@ class Config(Strict):
         from fedmtl.algorithms import get_algorithm
         from fedmtl.features.privacy import resolve_sampling
 
-        mean_only = get_algorithm(self.algorithm.name).mean_of_updates
+        algo = get_algorithm(self.algorithm.name)
+        mean_only = algo.reduces == "mean" and algo.mean_of_updates
         self.clients.__dict__["sampling"], privacy = resolve_sampling(
             self.clients.sampling, self.privacy, mean_only
         )

@@ -36,6 +36,10 @@ class ClipStep(StepConfig):
     lr: float = Field(0.2, gt=0, description="geometric step of the adaptive bound")
     #: std of Gaussian noise on the count of unclipped updates (DP for the adaptive bound)
     count_noise_std: float = Field(0.0, ge=0)
+    #: the private estimate of Andrew et al.: the clip bits are centred (b - 1/2, sensitivity 1/2),
+    #: noised, and divided by this public count (the expected clients per round) instead of by the
+    #: number of updates, which is private under add/remove neighbours (None: that number)
+    expected_count: float | None = Field(None, gt=0)
 
 
 class MeanStep(StepConfig):

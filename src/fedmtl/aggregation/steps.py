@@ -23,12 +23,21 @@ def clip_factors(norms: np.ndarray, bound: float) -> np.ndarray:
 
 
 def adapt_bound(bound: float, unclipped: float, count: int, cfg: Any, rng: np.random.Generator) -> float:
-    """Andrew et al. (2021): ``C <- C * exp(-lr * (b - target))`` with ``b`` the (noised) fraction of
-    updates whose norm was within ``C``: the bound tracks the ``target`` quantile of update norms."""
-    if count == 0:
+    """Andrew et al. (2021): ``C <- C * exp(-lr * (b - target))`` with ``b`` the fraction of updates
+    whose norm was within ``C``: the bound tracks the ``target`` quantile of update norms.
+
+    Private (``cfg.expected_count`` set, as client-level DP sets it): ``b`` is estimated from the sum
+    of centred bits (each ``bit - 1/2``, so one client moves it by at most 1/2, the sensitivity the
+    accountant charges), noised, over the expected count (public), plus 1/2; it is updated every
+    round, an empty one included, so neither the count of replies nor an empty round shows in the
+    released bound. Otherwise ``b`` is the (optionally noised) count over the updates of the round."""
+    if cfg.expected_count is None and count == 0:
         return bound
-    noisy = unclipped + (rng.normal(0.0, cfg.count_noise_std) if cfg.count_noise_std > 0 else 0.0)
-    frac = noisy / count
+    noise = rng.normal(0.0, cfg.count_noise_std) if cfg.count_noise_std > 0 else 0.0
+    if cfg.expected_count is not None:
+        frac = (unclipped - count / 2.0 + noise) / cfg.expected_count + 0.5
+    else:
+        frac = (unclipped + noise) / count
     return float(bound * np.exp(-cfg.lr * (frac - cfg.target_quantile)))
 
 

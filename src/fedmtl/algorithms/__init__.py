@@ -16,6 +16,7 @@ from fedmtl.algorithms.hierarchical import Hierarchical
 from fedmtl.algorithms.lg_fedavg import LGFedAvg
 from fedmtl.algorithms.local import Local
 from fedmtl.algorithms.mocha import Mocha
+from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.errors import ConfigError
 
 _REGISTRY: dict[str, type[Algorithm]] = {
@@ -61,11 +62,13 @@ def algorithm_params(name: str) -> type[AlgoParams]:
 
 
 __all__ = [
+    "Aggregate",
     "AlgoContext",
     "AlgoParams",
     "Algorithm",
     "ClientWork",
     "Message",
+    "Reduce",
     "algorithm_names",
     "algorithm_params",
     "get_algorithm",

@@ -29,6 +29,7 @@ from torch.func import functional_call
 
 from fedmtl.algorithms.base import AlgoContext, ClientWork, Message
 from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
+from fedmtl.algorithms.reduce import Aggregate
 from fedmtl.data.federated import ClientData, TaskSpec
 from fedmtl.training.fused import MixtureChainStep
 from fedmtl.training.objectives import Objective, per_sample_loss
@@ -121,9 +122,9 @@ class APFL(FedAvg):
         mine = {k: np.array(out[PERSONAL + k]) for k in personal}
         return {"personal": mine, "alpha": alpha}, reply
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        new = super().server_step(server, replies, round)
-        alphas = [float(r.scalars["alpha"]) for r in replies.values() if "alpha" in r.scalars]
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        new = super().server_update(server, aggregate, round)
+        alphas = [float(r.scalars["alpha"]) for r in aggregate.replies.values() if "alpha" in r.scalars]
         return {**new, "alpha_mean": float(np.mean(alphas))} if alphas else new
 
     def round_info(self, server: dict[str, Any]) -> dict[str, Any]:

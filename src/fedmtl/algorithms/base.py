@@ -4,15 +4,27 @@ An algorithm never learns whether it runs in-process, batched, or on a Flower Su
 and client state are dicts of numpy arrays and scalars, so they checkpoint and cross the wire as
 they are. Client state stays with the client (in the simulator, in a dict the runtime keeps).
 
+Both sides are declared. The client step yields ``Train`` requests that executors carry out
+(``fedmtl.training.work``). The server side says what to reduce, not how: the default round sends
+the broadcasts, hands the round a ``Reduce`` request (``reduction``) and gets back an
+``Aggregate``, which ``server_update`` turns into the new server state. The round checks every
+reply and carries the reduction out (``fedmtl.runtime.reduction``): the features' clip, noise and
+robust steps, the user's ``aggregation:`` list, or secure aggregation. So a guarantee never depends
+on an algorithm calling the right helper.
+
 Every hook a runtime calls is declared here, with its default:
 
-- server side: ``init_server``, ``broadcast``/``broadcast_many``, ``server_round`` (the round's
-  exchanges: by default one ``train`` exchange and ``server_step``; multi-step protocols yield
-  more), ``server_step``, ``expected_reply``, ``global_params``, ``round_info``, ``stop_reason``;
+- server side: ``init_server``, ``broadcast``/``broadcast_many``, ``expected_reply``,
+  ``server_round`` (the round's exchanges: by default one ``train`` exchange, ``reduction`` and
+  ``server_update``; multi-step protocols yield more), ``reduction``, ``server_update``,
+  ``global_params``, ``round_info``, ``stop_reason``;
 - client side: ``init_client``, ``client_step`` (declares its local work, ``fedmtl.training.work``),
   ``client_actions`` (the further steps of a multi-step protocol);
 - evaluation: ``eval_arrays``, ``shared_eval_arrays``, ``new_client_arrays``, ``eval_view`` (what an
-  evaluating client receives), ``release_eval`` (what an evaluation round may publish)."""
+  evaluating client receives), ``release_eval`` (what an evaluation round may publish).
+
+The defaults are a whole algorithm: FedAvg over the model's arrays, with each task's head averaged
+over its own clients in a multi-task federation. A new method overrides what it changes."""
 
 from __future__ import annotations
 
@@ -23,49 +35,25 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 from torch import nn
 
-from fedmtl.algorithms.heads import task_part
+from fedmtl.algorithms.heads import for_task, initial_global, task_part
+from fedmtl.algorithms.message import TRAIN, Exchange, Expected, Message, Scalar
+from fedmtl.algorithms.reduce import Aggregate, Reduce, ReduceKind
 from fedmtl.data.federated import ClientData, TaskSpec
 from fedmtl.training import LocalSpec, num_local_steps
 from fedmtl.training.objectives import TASK_LOSS, Objective, Prox
-from fedmtl.training.rows import linked_stack
 from fedmtl.training.shuffle import Randomness
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import StepResult, Train
 
-Scalar = float | int | str | bool
+__all__ = ["TRAIN", "Aggregate", "Exchange", "Expected", "Message", "Reduce", "Scalar"]
 
-#: The action of a round's main exchange: every addressed client runs ``client_step``.
-TRAIN = "train"
-
-
-@dataclass
-class Message:
-    """Named arrays plus scalars: maps 1:1 onto Flower's ArrayRecord + MetricRecord/ConfigRecord."""
-
-    arrays: Arrays = field(default_factory=dict)
-    scalars: dict[str, Scalar] = field(default_factory=dict)
-
-    @property
-    def nbytes(self) -> int:
-        stack = linked_stack(self.arrays)  # a row of a batched stack: every row has the same size
-        if stack is not None:
-            return stack.row_nbytes
-        return int(sum(a.nbytes for a in self.arrays.values()))
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One step of a round: ``messages[cid]`` goes to each addressed client, which answers by
-    running ``action`` (``TRAIN``: its client step; otherwise one of its ``client_actions``)."""
-
-    action: str
-    messages: dict[int, Message]
-
-
-#: What ``server_round`` is: it yields ``Exchange``s, receives each exchange's replies (the clients
-#: that answered, and for ``TRAIN`` only replies that passed the runtime's checks) and returns
-#: (new server state, the replies that stand for each client in the round's records).
-ServerRound = Generator[Exchange, dict[int, Message], tuple[dict[str, Any], dict[int, Message]]]
+#: What ``server_round`` is: it yields ``Exchange``s, receiving each exchange's replies (the clients
+#: that answered with replies the round accepted), and ``Reduce`` requests, receiving each one's
+#: ``Aggregate``; it returns (new server state, the replies that stand for each client in the
+#: round's records).
+ServerRound = Generator[
+    Exchange | Reduce, dict[int, Message] | Aggregate, tuple[dict[str, Any], dict[int, Message]]
+]
 ClientAction = Callable[..., tuple[dict[str, Any], Message]]
 
 
@@ -101,8 +89,6 @@ class AlgoContext:
     task_init: dict[str, Arrays] = field(default_factory=dict)
     client_tasks: dict[int, str] = field(default_factory=dict)
     task_specs: dict[str, TaskSpec] = field(default_factory=dict)
-    #: the ``aggregation:`` chain (``fedmtl.aggregation.pipeline.Pipeline``); None = weighted mean
-    aggregator: Any = None
     #: (lr, epochs) -> optimizer spec, and (samples, work fraction, lr, epochs) -> steps: a round of
     #: thousands of clients asks for a handful of distinct ones
     _specs: dict[tuple[float, float | None], LocalSpec] = field(default_factory=dict, repr=False)
@@ -160,7 +146,8 @@ class AlgoParams(BaseModel):
 
 
 class Algorithm:
-    """Base class. Subclasses set ``name`` and ``Params`` and override the steps they need."""
+    """Base class, and by itself FedAvg. Subclasses set ``name`` and ``Params`` and override the
+    steps they change."""
 
     name: ClassVar[str] = ""
     Params: ClassVar[type[AlgoParams]] = AlgoParams
@@ -171,18 +158,18 @@ class Algorithm:
     #: True when ``client_step`` declares its training as ``Train`` requests, which the batched
     #: executor stacks across clients; False for methods with their own solver (MOCHA's SDCA).
     batchable: ClassVar[bool] = True
-    #: True when a reply's arrays are the client's new values of arrays it received, so its update
-    #: is reply minus message: what model poisoning tampers with and client-level DP clips.
-    sends_update: ClassVar[bool] = False
-    #: True when the server step needs only the sample-weighted mean of those updates, not each one
-    #: (what secure aggregation reveals to it).
-    mean_of_updates: ClassVar[bool] = False
-    #: True when ``server_round`` runs exchanges of its own beyond the train exchange (FedBone's split
-    #: steps): a feature wrapper's client and server steps would never see them, so none wraps it.
-    multi_step: ClassVar[bool] = False
-    #: Why the method cannot run an ``aggregation:`` chain (None: its server step runs the chain
-    #: over the client updates, as every FedAvg-family method does).
-    no_aggregation_chain: ClassVar[str | None] = None
+    #: How its server combines the train replies (``fedmtl.algorithms.reduce.ReduceKind``): "mean"
+    #: (through the round's chain: client DP, robust and secure aggregation apply), "each", "none"
+    #: or "own". Features refuse a combination the kind cannot honour, with the reason; the round
+    #: refuses a "mean" algorithm whose rounds use the train replies without reducing them.
+    reduces: ClassVar[ReduceKind] = "mean"
+    #: Why the server combines replies the way ``reduces`` says, for "each"/"none"/"own" (named in
+    #: the refusal of a feature that needs "mean").
+    reduces_why: ClassVar[str] = ""
+    #: True when the weighted mean of the updates is all the server needs (what secure aggregation
+    #: reveals, and what a Poisson-sampled expected-count mean estimates); False when it reduces
+    #: per group or keeps each update (hierarchical grouping).
+    mean_of_updates: ClassVar[bool] = True
 
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         self.p = params
@@ -190,36 +177,81 @@ class Algorithm:
 
     # --- server side -------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
-        return {"params": {k: v.copy() for k, v in self.ctx.init_arrays.items()}}
+        """The shared body plus every task's initial head (server names: ``fedmtl.algorithms.heads``)."""
+        return {"params": initial_global(self.ctx.task_init, self.ctx.init_arrays)}
 
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:
-        """The message a sampled client receives this round."""
-        return Message(arrays=server["params"])
+        """The message a sampled client receives this round: the body and its task's head."""
+        return Message(arrays=for_task(server["params"], self.ctx.task_of(cid), self.ctx.multi_task))
 
     def broadcast_many(self, server: dict[str, Any], cids: list[int]) -> list[Message]:
-        """``[self.broadcast(server, c) for c in cids]``: what the simulator calls once per round.
-        An algorithm whose message depends on the client only through its task may hand the same
-        (never modified) Message to every client of a task (FedAvg does)."""
+        """``[self.broadcast(server, c) for c in cids]``: what the round calls. With the default
+        ``broadcast`` one (never modified) Message per task is shared by its clients: a round of
+        thousands of clients does not rebuild the same view thousands of times."""
         broadcast = self.broadcast
-        return [broadcast(server, c) for c in cids]
+        if type(self).broadcast is not Algorithm.broadcast:
+            return [broadcast(server, c) for c in cids]
+        task_of, by_task = self.ctx.task_of, {}
+        out = []
+        for c in cids:
+            task = task_of(c)
+            msg = by_task.get(task)
+            if msg is None:
+                msg = by_task[task] = broadcast(server, c)
+            out.append(msg)
+        return out
+
+    def expected_reply(self, server: dict[str, Any], cid: int, sent: Message) -> Expected | None:
+        """What a valid train reply from ``cid`` looks like, given the message ``sent`` to it.
+        Default: new values of exactly the arrays it received (same keys, same shapes)."""
+        return sent.arrays
 
     def server_round(self, server: dict[str, Any], round: int, clients: list[int]) -> ServerRound:
         """The round from the server's side, over the clients that take part (sampled, not
-        dropped). One ``TRAIN`` exchange of the broadcasts, then ``server_step`` on the replies;
-        a multi-step protocol (split learning, secure aggregation) yields further exchanges."""
-        replies = yield Exchange(TRAIN, dict(zip(clients, self.broadcast_many(server, clients), strict=True)))
-        return self.server_step(server, replies, round), replies
+        dropped): one ``TRAIN`` exchange of the broadcasts, the ``reduction`` of its replies, which
+        the round carries out, then ``server_update``. A multi-step protocol (split learning)
+        yields further exchanges; it then declares ``reduces = "own"``."""
+        messages = dict(zip(clients, self.broadcast_many(server, clients), strict=True))
+        expected = self.expected_reply
+        expect = {c: expected(server, c, m) for c, m in messages.items()}
+        replies = yield Exchange(TRAIN, messages, expect)
+        request = self.reduction(server, replies, round)
+        if request is None:  # nothing to reduce: the replies carry scalars only (local training)
+            reported = {c: r.scalars for c, r in replies.items()}
+            aggregate = Aggregate(accepted=sorted(replies), replies=replies, reported=reported)
+        else:
+            aggregate = yield request
+        return self.server_update(server, aggregate, round), replies
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        raise NotImplementedError
+    def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce | None:
+        """What to reduce (None: nothing, the replies carry no arrays). Default: every reply as new
+        values of ``server["params"]``, heads per task in a multi-task federation."""
+        return Reduce(replies, server["params"], groups=self.head_groups(replies))
 
-    def expected_reply(self, server: dict[str, Any], cid: int) -> Arrays | None:
-        """What a valid reply from ``cid`` looks like (keys and shapes), or None when the server
-        step checks replies itself."""
-        return None
+    def keeps_updates(self) -> bool:
+        """Whether its reduction asks for each client's update (``Reduce.keep_updates``), which
+        client-level DP and secure aggregation, releasing only a mean, refuse."""
+        return False
+
+    def head_groups(self, replies: Mapping[int, Message]) -> dict[int, str] | None:
+        """Each client's task, under which its head is reduced (None in a single-task federation)."""
+        if not self.ctx.multi_task:
+            return None
+        task_of = self.ctx.task_of
+        return {c: task_of(c) for c in replies}
+
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        """The new server state from the round's aggregate (pure). Default: take the new values."""
+        if aggregate.empty:
+            return server
+        return {**server, "params": {**server["params"], **aggregate.params}}
 
     def global_params(self, server: dict[str, Any]) -> Arrays | None:
-        return server.get("params") if self.has_global_model else None
+        """The one model every client shares, where there is one (not in multi-task federations,
+        whose heads differ per task)."""
+        if not self.has_global_model or self.ctx.multi_task:
+            return None
+        return server.get("params")
 
     # --- client side -------------------------------------------------------------------------
     def init_client(self, cid: int) -> dict[str, Any]:
@@ -229,8 +261,10 @@ class Algorithm:
         self, state: dict[str, Any], data: ClientData, msg: Message, work: ClientWork
     ) -> StepResult:
         """The client's round: ``(new state, reply)``, or a generator that yields ``Train``
-        requests (``self.ctx.train(...)``) and returns that pair (``fedmtl.training.work``)."""
-        raise NotImplementedError
+        requests (``self.ctx.train(...)``) and returns that pair (``fedmtl.training.work``).
+        Default: train the received model; reply with its new values."""
+        trained = yield self.ctx.train(data, work, msg.arrays)
+        return state, Message(arrays=trained.params, scalars=trained.scalars(data))
 
     def steps_per_round(self, data: ClientData) -> int:
         """Optimizer steps the client takes on its data in a round with full work, all its training
@@ -246,6 +280,12 @@ class Algorithm:
     def unwrapped(self) -> Algorithm:
         """The algorithm itself, under any feature wrappers."""
         return self
+
+    @classmethod
+    def runs_own_round(cls) -> bool:
+        """Whether it replaces the default round (a multi-step protocol), which feature wrappers,
+        built around the default round's hooks, cannot see into."""
+        return cls.server_round is not Algorithm.server_round
 
     def eval_arrays(
         self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None
@@ -273,6 +313,11 @@ class Algorithm:
         if not isinstance(params, dict):
             return {}
         return {"params": task_part(params, self.ctx.task_of(cid), self.ctx.multi_task)}
+
+    def evaluates_clients(self) -> bool:
+        """Whether the training clients evaluate (client-level DP without a private evaluation
+        releases nothing of theirs, so they are not asked)."""
+        return True
 
     def release_eval(self, client_rows: list[dict[str, Any]], round: int) -> dict[str, Any] | None:
         """What an evaluation round publishes instead of the per-client rows, or None to publish

@@ -2,9 +2,9 @@
 
 Clients train the whole network (modality encoders, fusion, regression head) on
 ``MSE + mu * (w_mi L_MI + w_kl L_KL + w_cl L_CL)`` (``fedmtl.fdrmfl.losses``), starting from the
-global model; the server takes the sample-weighted mean of the clients' models and blends it with
-the previous global model: ``new = retention * previous + (1 - retention) * mean``
-(``fedmtl.aggregation.retention``).
+global model; the round reduces the clients' models to their (sample-weighted) mean, through any
+chain the run configures, and the server blends it with the previous global model:
+``new = retention * previous + (1 - retention) * mean`` (``fedmtl.aggregation.retention``).
 
 Two readings of the KL and contrastive terms (``formulation``):
 
@@ -30,9 +30,9 @@ from typing import Any, Literal
 import torch
 from pydantic import Field
 
-from fedmtl.aggregation import weighted_mean
 from fedmtl.aggregation.retention import retain
 from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
+from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError
 from fedmtl.fdrmfl.data import Layout, layout_for
@@ -78,9 +78,6 @@ class FDRMFL(Algorithm):
     name = "fdrmfl"
     Params = FDRMFLParams
     batchable = False
-    sends_update = True
-    mean_of_updates = True  # the weighted mean, blended with the previous model
-    no_aggregation_chain = "its server blends the weighted mean with the previous model (algorithm.retention)"
 
     def __init__(self, params: FDRMFLParams, ctx: AlgoContext) -> None:  # type: ignore[override]
         super().__init__(params, ctx)
@@ -106,16 +103,15 @@ class FDRMFL(Algorithm):
     def init_server(self) -> dict[str, Any]:
         return {"params": {k: v.copy() for k, v in self.ctx.init_arrays.items()}}
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        if not replies:
+    def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce:
+        weights = None if self.p.weighting == "samples" else dict.fromkeys(replies, 1.0)
+        return Reduce(replies, server["params"], weights=weights)
+
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        """The retention blend of the previous model and the round's mean."""
+        if aggregate.empty:
             return server
-        cids = sorted(replies)
-        if self.p.weighting == "samples":
-            weights = [float(replies[c].scalars["num_examples"]) for c in cids]
-        else:
-            weights = [1.0] * len(cids)
-        mean = weighted_mean([replies[c].arrays for c in cids], weights)
-        return {**server, "params": retain(server["params"], mean, self.p.retention)}
+        return {**server, "params": retain(server["params"], aggregate.params, self.p.retention)}
 
     # --- client ---------------------------------------------------------------------------------
     def client_step(

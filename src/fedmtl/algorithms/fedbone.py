@@ -40,9 +40,11 @@ from fedmtl.algorithms.base import (
     ClientAction,
     ClientWork,
     Exchange,
+    Expected,
     Message,
     ServerRound,
 )
+from fedmtl.algorithms.message import OptionalKey
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError, ProtocolError
 from fedmtl.fedbone.flops import TRAIN_FACTOR, hook_flops, part_flops
@@ -101,8 +103,11 @@ class FedBone(Algorithm):
     Params = FedBoneParams
     has_global_model = False
     batchable = False
-    multi_step = True
-    no_aggregation_chain = "it aggregates general-model gradients itself (algorithm.aggregation: gp or mean)"
+    reduces = "own"
+    reduces_why = (
+        "its split rounds aggregate general-model gradients inside their own exchanges "
+        "(algorithm.aggregation: gp or mean)"
+    )
 
     def __init__(self, params: FedBoneParams, ctx: AlgoContext) -> None:
         super().__init__(params, ctx)
@@ -176,9 +181,6 @@ class FedBone(Algorithm):
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:
         return Message()  # the round's messages all travel in server_round's exchanges
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        raise ProtocolError("fedbone runs its own multi-step server_round, not server_step")
-
     def _aggregate(
         self,
         grads: dict[int, dict[str, torch.Tensor]],
@@ -224,7 +226,6 @@ class FedBone(Algorithm):
         losses: dict[int, list[tuple[float, int]]] = {}
         totals = {"conflicts": 0, "pairs": 0, "projections": 0, "aggregations": 0}
         att: list[float] = []
-        rejected: list[int] = []
 
         def update(grads: dict[int, dict[str, torch.Tensor]], step: int) -> None:
             """GPAggregation of the clients' general-model gradients, then one server step."""
@@ -238,7 +239,12 @@ class FedBone(Algorithm):
             totals["aggregations"] += 1
             att.extend([stats.get("attention_min", 1.0), stats.get("attention_max", 1.0)])
 
-        replies = yield Exchange("embed", {c: Message(scalars={"step": 0}) for c in clients})
+        # What each reply must look like; the round refuses any other (a diverged client's
+        # non-finite gradients included) and takes that client out of the rest of the round.
+        activations: Expected = {"z": (None, None, None, None)}
+        replies = yield Exchange(
+            "embed", {c: Message(scalars={"step": 0}) for c in clients}, dict.fromkeys(clients, activations)
+        )
         z = {}
         flops: dict[int, tuple[float, float]] = {}
         for c, r in sorted(replies.items()):
@@ -257,20 +263,13 @@ class FedBone(Algorithm):
             heads = yield Exchange(
                 "head",
                 {c: Message(arrays={"f": outs[c][1].detach().numpy()}, scalars={"step": t}) for c in active},
+                {c: {"df": tuple(outs[c][1].shape)} for c in active},
             )
             grads: dict[int, dict[str, torch.Tensor]] = {}
             dz: dict[int, np.ndarray] = {}
             for c in sorted(heads):
                 zc, fc = outs[c]
-                df = heads[c].arrays.get("df")
-                if df is None or df.shape != tuple(fc.shape):
-                    got = None if df is None else df.shape
-                    raise ProtocolError(
-                        f"fedbone: client {c} sent df of shape {got}, expected {tuple(fc.shape)}"
-                    )
-                if not np.isfinite(df).all():  # a diverged client: out for the rest of the round
-                    rejected.append(c)
-                    continue
+                df = heads[c].arrays["df"]
                 g = torch.autograd.grad(fc, [zc, *leaves.values()], grad_outputs=torch.as_tensor(df))
                 dz[c] = g[0].numpy()
                 grads[c] = dict(zip(leaves, g[1:], strict=True))
@@ -282,17 +281,17 @@ class FedBone(Algorithm):
             elif grads:
                 update(grads, t)
             back = yield Exchange(
-                "backward", {c: Message(arrays={"dz": dz[c]}, scalars={"step": t}) for c in dz}
+                "backward",
+                {c: Message(arrays={"dz": dz[c]}, scalars={"step": t}) for c in dz},
+                dict.fromkeys(dz, {"z": OptionalKey((None, None, None, None))}),
             )
             z = {c: self._activations(c, r) for c, r in back.items() if "z" in r.arrays}
             t += 1
         if per_round and accum:
             update(accum, 0)
         if self.p.client_sharing == "task":
-            yield from self._share_within_tasks([c for c in sorted(losses) if c not in rejected])
+            yield from self._share_within_tasks(sorted(losses))
         info = self._round_facts(totals, att, losses, flops)
-        if rejected:
-            info["rejected_gradients"] = sorted(set(rejected))
         new = {
             "params": {k: v.detach().numpy().copy() for k, v in theta.items()},
             "opt": _numpy(opt_state),
@@ -301,8 +300,6 @@ class FedBone(Algorithm):
         }
         summary = {}
         for c, ls in losses.items():
-            if c in rejected:
-                continue
             seen = sum(n for _, n in ls)
             summary[c] = Message(
                 scalars={

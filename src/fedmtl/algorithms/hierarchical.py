@@ -18,10 +18,10 @@ from scipy.spatial.distance import squareform
 
 from fedmtl.aggregation import server_opt_init, server_opt_step
 from fedmtl.algorithms.base import Message
-from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams, accept_replies, aggregation_info
-from fedmtl.algorithms.heads import SEP, body_of, for_task, head_of, keywise_mean, task_part
+from fedmtl.algorithms.fedavg import FedAvg, FedAvgParams
+from fedmtl.algorithms.heads import SEP, body_of, for_task, head_of, is_head, task_part
+from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.data.federated import TaskSpec
-from fedmtl.errors import ConfigError
 from fedmtl.training.tensors import Arrays
 
 
@@ -56,10 +56,6 @@ class Hierarchical(FedAvg):
     name = "hierarchical"
     Params = HierarchicalParams
     mean_of_updates = False  # group heads, discovered groups: it needs each update
-
-    def __init__(self, params: HierarchicalParams, ctx: Any) -> None:
-        super().__init__(params, ctx)
-        _check_chain(params, ctx.aggregator)
 
     # --- server --------------------------------------------------------------------------------
     def _initial_group(self, cid: int) -> str:
@@ -96,39 +92,53 @@ class Hierarchical(FedAvg):
     def global_params(self, server: dict[str, Any]) -> Arrays | None:
         return None
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        replies, server = accept_replies(self, server, replies)
-        if not replies:
+    def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce:
+        """Body over every client, heads within their group; ``body_weighting: groups`` weights each
+        client by its share of its group's samples, so the body is the mean of the group means (and
+        each head is still its group's sample-weighted mean). Clustering keeps each update."""
+        group_of = server["group_of"]
+        weights = None
+        if self.p.body_weighting == "groups":
+            n = {c: float(r.scalars.get("num_examples", 1.0)) for c, r in replies.items()}
+            totals: dict[str, float] = {}
+            for c, k in n.items():
+                totals[group_of[c]] = totals.get(group_of[c], 0.0) + k
+            weights = {c: k / totals[group_of[c]] for c, k in n.items()}
+        return Reduce(
+            replies,
+            server["params"],
+            groups={c: group_of[c] for c in replies},
+            weights=weights,
+            keep_updates=self.keeps_updates(),
+        )
+
+    def keeps_updates(self) -> bool:
+        """Discovered groups split on the cosine similarity of each member's update."""
+        return self.p.grouping == "cluster"
+
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        """The server step on the aggregate, less the heads of groups below ``min_group_size`` this
+        round (withheld); then, for discovered groups, each updated group may split."""
+        if not aggregate.accepted:
             return server
         group_of = server["group_of"]
-        cids = sorted(replies)
-        weights = {c: float(replies[c].scalars["num_examples"]) for c in cids}
-        withheld = server["withheld"]
         by_group: dict[str, list[int]] = {}
-        for c in cids:
+        for c in aggregate.accepted:
             by_group.setdefault(group_of[c], []).append(c)
-        if self.ctx.aggregator is not None:
-            mean, server = self._chain_mean(server, replies, round, by_group)
-            withheld += sum(len(m) < self.p.min_group_size for m in by_group.values())
-        else:
-            mean = self._body_mean(replies, cids, weights, group_of)
-            for g, members in by_group.items():
-                if len(members) < self.p.min_group_size:
-                    withheld += 1
-                    continue
-                heads = keywise_mean(
-                    [head_of(replies[c].arrays) for c in members], [weights[c] for c in members]
-                )
-                mean.update({f"{g}{SEP}{k}": v for k, v in heads.items()})
+        small = {f"{g}{SEP}" for g, m in by_group.items() if len(m) < self.p.min_group_size}
+        mean = {k: v for k, v in aggregate.params.items() if not any(k.startswith(p) for p in small)}
         updates = dict(server["updates"])
         ref = dict(server.get("ref_norm", {}))
         fresh: list[str] = []  # groups whose reference scale is taken this round
-        if self.p.grouping == "cluster":
-            for c in cids:
-                sent = self.broadcast(server, c).arrays
-                got = replies[c].arrays
-                keys = sorted(head_of(got) if self.p.cluster_on == "head" else got)
-                updates[c] = np.concatenate([(got[k] - sent[k]).ravel() for k in keys]).astype(np.float32)
+        if self.p.grouping == "cluster" and aggregate.updates is not None:
+            for c in aggregate.accepted:
+                got = aggregate.updates[c]
+                # client names order the keys, as every member of a group names them alike
+                keys = sorted(
+                    (k for k in got if self.p.cluster_on == "all" or is_head(_client_name(k))),
+                    key=_client_name,
+                )
+                updates[c] = np.concatenate([got[k].ravel() for k in keys]).astype(np.float32)
             for g, members in by_group.items():  # each group's update scale when first seen
                 if g not in ref:
                     ref[g] = float(np.mean([np.linalg.norm(updates[c].astype(np.float64)) for c in members]))
@@ -139,51 +149,12 @@ class Hierarchical(FedAvg):
             "params": params,
             "opt": opt,
             "updates": updates,
-            "withheld": withheld,
+            "withheld": server["withheld"] + len(small),
             "ref_norm": ref,
         }
         if self.p.grouping == "cluster" and round >= self.p.warmup_rounds:
             new = self._maybe_split(new, set(fresh))
         return new
-
-    def _chain_mean(
-        self, server: dict[str, Any], replies: dict[int, Message], round: int, by_group: dict[str, list[int]]
-    ) -> tuple[Arrays, dict[str, Any]]:
-        """The ``aggregation:`` chain over body + group-keyed heads (heads only within their group);
-        heads of groups below ``min_group_size`` are withheld."""
-        _check_chain(self.p, self.ctx.aggregator)
-        group_of = server["group_of"]
-        res = self.ctx.aggregator.run(
-            server["params"],
-            {c: qualify_group(r.arrays, group_of[c]) for c, r in replies.items()},
-            {c: float(r.scalars["num_examples"]) for c, r in replies.items()},
-            seed=self.ctx.seed,
-            round=round,
-            state=server.get("agg"),
-            scalars={c: r.scalars for c, r in replies.items()},
-        )
-        small = {f"{g}{SEP}" for g, m in by_group.items() if len(m) < self.p.min_group_size}
-        mean = {k: v for k, v in res.params.items() if not any(k.startswith(p) for p in small)}
-        server = {**server, "agg": res.state}
-        if res.info:
-            server["agg_info"] = res.info
-        return mean, server
-
-    def _body_mean(
-        self,
-        replies: dict[int, Message],
-        cids: list[int],
-        weights: dict[int, float],
-        group_of: dict[int, str],
-    ) -> Arrays:
-        bodies = {c: body_of(replies[c].arrays) for c in cids}
-        if self.p.body_weighting == "samples":
-            return keywise_mean([bodies[c] for c in cids], [weights[c] for c in cids])
-        groups: dict[str, list[int]] = {}
-        for c in cids:
-            groups.setdefault(group_of[c], []).append(c)
-        means = [keywise_mean([bodies[c] for c in m], [weights[c] for c in m]) for m in groups.values()]
-        return keywise_mean(means, [1.0] * len(means))
 
     def _should_split(self, mean_norm: float, norms: np.ndarray, ref: float | None) -> bool:
         p = self.p
@@ -272,21 +243,12 @@ class Hierarchical(FedAvg):
             "groups": sizes,
             "group_of": [group_of[c] for c in sorted(group_of)],
             "withheld_groups": server["withheld"],
-            **aggregation_info(server),
         }
 
 
-def _check_chain(p: HierarchicalParams, aggregator: Any) -> None:
-    if aggregator is not None and p.body_weighting != "samples":
-        raise ConfigError(
-            "config: algorithm.body_weighting = 'groups': needs the default aggregation "
-            "(an empty aggregation list); use 'samples' with an aggregation chain"
-        )
-
-
-def qualify_group(arrays: Arrays, group: str) -> Arrays:
-    """Client names -> server names with heads under their group's prefix."""
-    return {(f"{group}{SEP}{k}" if k.startswith("head.") else k): v for k, v in arrays.items()}
+def _client_name(key: str) -> str:
+    """``<group>:head.x`` -> ``head.x``; body keys as they are."""
+    return key.partition(SEP)[2] if SEP in key else key
 
 
 def _extend_opt_state(opt: dict[str, Any], params: Arrays) -> dict[str, Any]:

@@ -6,6 +6,7 @@ from collections.abc import Generator
 from typing import Any
 
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
+from fedmtl.algorithms.reduce import Reduce
 from fedmtl.data.federated import ClientData
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import Train, Trained
@@ -14,7 +15,8 @@ from fedmtl.training.work import Train, Trained
 class Local(Algorithm):
     name = "local"
     has_global_model = False
-    no_aggregation_chain = "clients never send an update, so there is nothing to aggregate"
+    reduces = "none"
+    reduces_why = "clients never send an update, so there is nothing to aggregate"
 
     def init_server(self) -> dict[str, Any]:
         return {}
@@ -31,8 +33,8 @@ class Local(Algorithm):
         trained = yield self.ctx.train(data, work, state["params"])
         return {"params": trained.kept()}, Message(scalars=trained.scalars(data))
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        return server
+    def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce | None:
+        return None
 
     def eval_arrays(
         self, server: dict[str, Any], state: dict[str, Any], cid: int, data: ClientData | None = None

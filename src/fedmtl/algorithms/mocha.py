@@ -18,9 +18,10 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Message
+from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWork, Expected, Message
+from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.data.federated import ClientData
-from fedmtl.errors import ConfigError, ProtocolError
+from fedmtl.errors import ConfigError
 from fedmtl.mocha.losses import Loss, get_loss
 from fedmtl.mocha.omega import initial_structure, quad
 from fedmtl.mocha.server import DEFAULT_LAMBDA, apply_update, relearn_omega
@@ -50,7 +51,8 @@ class Mocha(Algorithm):
     Params = MochaParams
     has_global_model = False
     batchable = False
-    no_aggregation_chain = (
+    reduces = "each"
+    reduces_why = (
         "the server moves W by Sigma Delta B / lambda from the clients' dual steps; it never averages models"
     )
 
@@ -111,19 +113,23 @@ class Mocha(Algorithm):
         """Only w_t: the other rows of W are the other clients' personal models."""
         return {"w_own": server["W"][cid]}
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+    def expected_reply(self, server: dict[str, Any], cid: int, sent: Message) -> Expected:
+        """One d-vector: the change of the client's b_t."""
+        return {"delta_b": (self.d,)}
+
+    def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce:
+        """Each client's dual step goes into its own row of Delta B: nothing is averaged."""
+        return Reduce(replies, kind="each")
+
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
         p: MochaParams = self.p  # type: ignore[assignment]
+        replies = aggregate.replies
         s = dict(server)
         dB = np.zeros((self.m, self.d))
         loss_terms, dual_terms = s["loss_terms"].copy(), s["dual_terms"].copy()
         last_seen = s["last_seen"].copy()
         for cid, msg in replies.items():
-            db = np.asarray(msg.arrays.get("delta_b", np.empty(0)), dtype=np.float64)
-            if db.shape != (self.d,):
-                raise ProtocolError(
-                    f"mocha: client {cid} sent delta_b of shape {db.shape}, expected ({self.d},)"
-                )
-            dB[cid] = db
+            dB[cid] = np.asarray(msg.arrays["delta_b"], dtype=np.float64)
             loss_terms[cid] = float(msg.scalars["train_loss"])
             last_seen[cid] = round
         # Objectives of the state the clients started this round from (W, B, alpha before the update);

@@ -1,19 +1,23 @@
 """Cross-cutting behaviour as algorithm wrappers (Flower's DP wrappers and mods, in spirit).
 
 A wrapper is an ``Algorithm`` around another one: sample selection, malicious clients, differential
-privacy and secure aggregation change what a client trains on, what it sends, or how the server
-combines replies, without any algorithm knowing. Because every runtime builds its algorithm through
-``experiment.run.build``, a wrapper works in the simulator and on Flower alike; anything it needs
-to tell the other side travels inside the messages. A wrapper that changes the client step does
-so once, with ``yield from`` around the inner step (``fedmtl.training.work``), so it runs under
-every executor."""
+privacy and secure aggregation change what a client trains on or what it sends, and keep their own
+server-side books (a privacy accountant, a detector), without any algorithm knowing. How the server
+combines replies is not a wrapper's business: the round carries out every ``Reduce`` request
+through the chain the features contribute (``fedmtl.runtime.reduction``).
+
+Because every runtime builds its algorithm through ``experiment.run.build``, a wrapper works in
+the simulator and on Flower alike; anything it needs to tell the other side travels inside the
+messages. A wrapper that changes the client step does so once, with ``yield from`` around the inner
+step (``fedmtl.training.work``), so it runs under every executor."""
 
 from __future__ import annotations
 
 from collections.abc import Generator
 from typing import Any
 
-from fedmtl.algorithms.base import Algorithm, ClientAction, ClientWork, Message
+from fedmtl.algorithms.base import Algorithm, ClientAction, ClientWork, Expected, Message
+from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError
 from fedmtl.training.tensors import Arrays
@@ -23,14 +27,15 @@ from fedmtl.training.work import StepResult, Train, Trained, local_work
 class AlgorithmWrapper(Algorithm):
     """Delegates every step to ``inner``; subclasses override the steps they change.
 
-    Its round is the default ``server_round`` (one train exchange, then ``server_step``) run with
-    the wrapper's own ``broadcast`` and ``server_step``, so each wrapper in a stack takes part."""
+    Its round is the default ``server_round`` (one train exchange, ``reduction``, ``server_update``)
+    run with the wrapper's own hooks, so each wrapper in a stack takes part. An algorithm that
+    replaces the default round (a multi-step protocol) is refused: no wrapper could see into it."""
 
     #: The inner algorithm's declared properties, which a wrapper keeps (the method's name in every
     #: record; what features check).
     DECLARED = (
-        "name", "Params", "has_global_model", "needs_eval_data", "batchable", "multi_step", "sends_update",
-        "mean_of_updates", "no_aggregation_chain",
+        "name", "Params", "has_global_model", "needs_eval_data", "batchable", "reduces", "reduces_why",
+        "mean_of_updates",
     )  # fmt: skip
 
     def __init__(self, inner: Algorithm) -> None:
@@ -39,7 +44,7 @@ class AlgorithmWrapper(Algorithm):
         self.ctx = inner.ctx
         for attr in self.DECLARED:
             setattr(self, attr, getattr(inner, attr))
-        if inner.multi_step:
+        if type(inner.unwrapped()).runs_own_round():
             raise ConfigError(
                 f"config: algorithm.name = {inner.name!r}: its rounds are a multi-step protocol whose "
                 f"exchanges {type(self).__name__} cannot see; disable that feature for this algorithm"
@@ -63,11 +68,22 @@ class AlgorithmWrapper(Algorithm):
     def broadcast(self, server: dict[str, Any], cid: int) -> Message:
         return self.inner.broadcast(server, cid)
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        return self.inner.server_step(server, replies, round)
+    def broadcast_many(self, server: dict[str, Any], cids: list[int]) -> list[Message]:
+        if type(self).broadcast is not AlgorithmWrapper.broadcast:  # this wrapper changes messages
+            return super().broadcast_many(server, cids)
+        return self.inner.broadcast_many(server, cids)
 
-    def expected_reply(self, server: dict[str, Any], cid: int) -> Arrays | None:
-        return self.inner.expected_reply(server, cid)
+    def expected_reply(self, server: dict[str, Any], cid: int, sent: Message) -> Expected | None:
+        return self.inner.expected_reply(server, cid, sent)
+
+    def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce | None:
+        return self.inner.reduction(server, replies, round)
+
+    def keeps_updates(self) -> bool:
+        return self.inner.keeps_updates()
+
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        return self.inner.server_update(server, aggregate, round)
 
     def global_params(self, server: dict[str, Any]) -> Arrays | None:
         return self.inner.global_params(server)
@@ -100,6 +116,9 @@ class AlgorithmWrapper(Algorithm):
 
     def eval_view(self, server: dict[str, Any], cid: int) -> dict[str, Any]:
         return self.inner.eval_view(server, cid)
+
+    def evaluates_clients(self) -> bool:
+        return self.inner.evaluates_clients()
 
     def release_eval(self, client_rows: list[dict[str, Any]], round: int) -> dict[str, Any] | None:
         return self.inner.release_eval(client_rows, round)

@@ -13,14 +13,13 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from fedmtl.aggregation.pipeline import Pipeline, build_pipeline
 from fedmtl.algorithms import AlgoContext, Algorithm, get_algorithm
 from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError
 from fedmtl.experiment.records import RunDir
-from fedmtl.features import aggregation_steps, apply_features
+from fedmtl.features import apply_features
 from fedmtl.metrics import primary_metric
 from fedmtl.models import build_model
 from fedmtl.runtime import Simulator
@@ -118,15 +117,12 @@ def build_algorithm(cfg: Config, data: FederatedData | None = None) -> tuple[Fed
         task_specs=data.tasks,
     )
     algo_cls = get_algorithm(cfg.algorithm.name)
-    if cfg.aggregation and algo_cls.no_aggregation_chain is not None:
+    if cfg.aggregation and algo_cls.reduces != "mean":
+        why = algo_cls.reduces_why or f"its server combines replies as {algo_cls.reduces!r}"
         raise ConfigError(
             f"config: aggregation: algorithm {algo_cls.name!r} cannot use an aggregation chain "
-            f"({algo_cls.no_aggregation_chain}); remove the aggregation list"
+            f"({why}); remove the aggregation list"
         )
-    # The server's chain: the configured one, or the one a feature needs (client-level DP's clip,
-    # mean and noise), in the context before the algorithm is built; no feature changes it later.
-    steps = aggregation_steps(cfg, data)
-    ctx.aggregator = Pipeline(steps) if steps is not None else build_pipeline(cfg.aggregation)
     raw = cfg.algorithm.model_dump()
     raw.pop("name")
     algo = apply_features(algo_cls(algo_cls.Params.model_validate(raw), ctx), cfg, data)

@@ -191,7 +191,7 @@ def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
     """Malicious clients around ``algo``; a kind the algorithm cannot be attacked with is refused."""
     bad = choose_malicious(cfg.attack, data.train_clients, cfg.seed)
     attacked = MaliciousClients(algo, cfg.attack, bad, data, sample_size(cfg, len(data.train_clients)))
-    if attacked.tampers and not algo.sends_update:
+    if attacked.tampers and algo.reduces != "mean":
         raise ConfigError(
             f"config: attack.kind = {cfg.attack.kind!r}: poisons the model update a client sends, and "
             f"algorithm {algo.name!r} sends none (its replies are not new values of what it received)"

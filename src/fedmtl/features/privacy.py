@@ -7,9 +7,10 @@ minus the arrays received) to the bound the server sent (``dp_clip``, fixed or a
 quantile of update norms, Andrew et al. 2021) and reports whether it was within it (``clip_bit``);
 with ``noise_at: client`` it also adds its share N(0, sigma^2 / m) of the noise, so the m shares
 sum to N(0, sigma^2) and nothing un-noised leaves it (``privatize_update``, which secure
-aggregation composes with). The feature contributes the server's aggregation chain: clip, uniform
-mean, Gaussian noise of std ``z * C / m`` on the mean (``noise_at: server``), or only the uniform
-mean and the adaptive bound (``noise_at: client``); adaptive clipping raises the update noise as
+aggregation composes with). The feature contributes the round's aggregation chain, which the round
+runs on every algorithm's reduction (``fedmtl.runtime.reduction``): clip, uniform mean, Gaussian
+noise of std ``z * C / m`` on the mean (``noise_at: server``), or only the uniform mean and the
+adaptive bound (``noise_at: client``); adaptive clipping raises the update noise as
 Andrew et al. prescribe so that both together cost ``noise_multiplier``. The accountant composes
 one subsampled Gaussian per round; epsilon goes into every round row, and ``max_epsilon`` stops the
 run before a round that would exceed it. DP-aggregated evaluation releases noisy metric means only.
@@ -33,13 +34,15 @@ import numpy as np
 from pydantic import Field, model_validator
 
 from fedmtl.aggregation.config import ClipStep, GaussianNoiseStep, MeanStep
-from fedmtl.aggregation.pipeline import Batch, Pipeline, Step
+from fedmtl.aggregation.pipeline import Batch, Step
 from fedmtl.aggregation.steps import CLIP_BIT, Clip, GaussianNoise, Mean, adapt_bound
 from fedmtl.algorithms.base import Algorithm, ClientWork, Message
+from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.algorithms.wrapper import AlgorithmWrapper, ReplyWrapper
 from fedmtl.config_base import Strict
 from fedmtl.data.federated import ClientData, FederatedData
-from fedmtl.errors import ConfigError
+from fedmtl.errors import ConfigError, ProtocolError
+from fedmtl.runtime.reduction import CHAIN_STATE
 from fedmtl.runtime.round import sample_size
 from fedmtl.training.tensors import Arrays
 from fedmtl.training.work import DPSGD, Train, Trained, map_requests
@@ -90,6 +93,12 @@ class PrivacyConfig(Strict):
     eval_noise_multiplier: float | None = Field(None, gt=0)
     eval_metrics: list[str] = Field(default_factory=lambda: ["accuracy"], min_length=1)
     eval_bound: float = Field(1.0, gt=0)
+    #: what the training clients' evaluation releases under client-level DP: 'private' (the noisy
+    #: means of DP-aggregated evaluation; the default with eval_noise_multiplier), 'none' (nothing:
+    #: clients do not evaluate, the run reports the server's own test set; the default otherwise),
+    #: 'exact' (every client's exact metrics: a simulation oracle, not covered by epsilon, and
+    #: labelled so in every round row)
+    client_eval: Literal["private", "none", "exact"] | None = None
 
     @model_validator(mode="after")
     def _combinations(self) -> PrivacyConfig:
@@ -101,9 +110,31 @@ class PrivacyConfig(Strict):
             )
         if self.level == "sample" and self.sampling == "without_replacement":
             raise ValueError("level 'sample' accounts batches as 'poisson' sampling")
+        if (self.client_eval == "private") != (self.eval_noise_multiplier is not None) and (
+            self.client_eval is not None
+        ):
+            raise ValueError(
+                "client_eval 'private' is DP-aggregated evaluation: set it with eval_noise_multiplier, "
+                "and 'none' or 'exact' without it"
+            )
+        if self.level == "sample" and self.client_eval is not None:
+            raise ValueError("client_eval chooses what client-level DP releases: it needs level 'client'")
         return self
 
+    @property
+    def released_client_eval(self) -> str:
+        """What the training clients' evaluation releases (client level): see ``client_eval``."""
+        if self.client_eval is not None:
+            return self.client_eval
+        return "private" if self.eval_noise_multiplier is not None else "none"
 
+
+#: what each ``client_eval`` mode releases, in the round rows
+CLIENT_EVAL = {
+    "private": "noisy clipped means (DP-aggregated evaluation, accounted)",
+    "none": "nothing (clients do not evaluate)",
+    "exact": "exact per-client metrics: a simulation oracle, not covered by epsilon",
+}
 #: what the accountant assumes (``privacy.sampling``) for each client sampler that can run
 ACCOUNTED_AS = {"poisson": "poisson", "fixed": "without_replacement"}
 #: the guarantee each reports, in the round rows
@@ -216,7 +247,8 @@ def aggregation_steps(
     server``), or the adaptive bound and the uniform mean (``noise_at: client``: the clients clipped
     and noised already). Under Poisson sampling (``expected``: the expected clients per round, and
     per task) the mean divides each sum by that fixed count, so one client's share is public and the
-    noise is calibrated to it (McMahan et al. 2018's fixed-denominator estimate)."""
+    noise is calibrated to it (McMahan et al. 2018's fixed-denominator estimate). The clip step is
+    always first (``ClientDP.clip_bound`` reads its state)."""
     count, noise = update_noise(cfg, per_round)
     clip = ClipStep(
         max_norm=cfg.clip_norm,
@@ -224,6 +256,7 @@ def aggregation_steps(
         target_quantile=cfg.target_quantile,
         lr=cfg.clip_lr,
         count_noise_std=count if cfg.noise_multiplier > 0 else 0.0,
+        expected_count=expected if expected is not None else per_round,
     )
     mean = Mean(MeanStep(weighting="uniform", expected=expected, expected_by_task=expected_by_task or {}))
     if cfg.noise_at == "server":
@@ -232,8 +265,9 @@ def aggregation_steps(
 
 
 class ClientDP(ReplyWrapper):
-    """Client-level DP around an algorithm whose server aggregates updates through the chain
-    ``aggregation_steps`` put in its context (``fedmtl.experiment.run.build``)."""
+    """Client-level DP around an algorithm whose server reduces its updates to a mean: the round
+    runs the chain of ``aggregation_steps`` on that reduction; this keeps the accountant, sends the
+    clip bound and clips (and noises) each client's update before it leaves the client."""
 
     def __init__(
         self,
@@ -256,8 +290,6 @@ class ClientDP(ReplyWrapper):
         #: ``noise_at: client``: the fewest clients whose noise shares reach the sum (each adds
         #: 1/noise_shares of the noise variance; more clients only add noise)
         self.noise_shares = noise_shares or per_round
-        #: the server's chain (clip, mean, noise), read for the current clip bound
-        self.chain: Pipeline = self.ctx.aggregator
 
     # --- accounting ---------------------------------------------------------------------------
     def epsilon_after(self, releases: int, evaluations: int = 0) -> float:
@@ -291,12 +323,19 @@ class ClientDP(ReplyWrapper):
             n += 1
         return n
 
+    def evaluates_clients(self) -> bool:
+        return self.cfg.released_client_eval != "none"
+
     def release_eval(self, client_rows: list[dict[str, Any]], rnd: int) -> dict[str, Any] | None:
         """What an evaluation round releases under DP: per metric, the noisy mean of the clients'
-        clipped values; None when evaluation is exact. The count of clients is public (the
-        configured federation), the rows themselves are never written."""
+        clipped values ('private'); nothing ('none'); the rows as they are ('exact', the simulation
+        oracle the round rows label as such). The count of clients is public (the configured
+        federation); under 'private' the rows themselves are never written."""
         c = self.cfg
-        if c.eval_noise_multiplier is None:
+        mode = c.released_client_eval
+        if mode == "none":
+            return {}
+        if mode == "exact":
             return None
         rng = np.random.default_rng([self.ctx.seed, DP_EVAL_RNG, rnd])
         n = len(client_rows)
@@ -309,8 +348,9 @@ class ClientDP(ReplyWrapper):
         return out
 
     def clip_bound(self, server: dict[str, Any]) -> float:
-        state = self.chain.state_of(server.get("agg"), "clip")
-        return float(state.get("bound", self.cfg.clip_norm)) if state else self.cfg.clip_norm
+        """The bound the round's chain holds now: its first step is the clip (``aggregation_steps``)."""
+        state = (server.get(CHAIN_STATE) or {}).get("0") or {}
+        return float(state.get("bound", self.cfg.clip_norm))
 
     # --- server side --------------------------------------------------------------------------
     def init_server(self) -> dict[str, Any]:
@@ -320,14 +360,25 @@ class ClientDP(ReplyWrapper):
         msg = self.inner.broadcast(server, cid)
         return Message(arrays=msg.arrays, scalars={**msg.scalars, CLIP_KEY: self.clip_bound(server)})
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
-        """Under Poisson sampling every round is a release (an empty round releases the noise
-        alone, ``Pipeline.releases_when_empty``); under fixed-size sampling a round nobody replied
-        to releases nothing."""
-        releases = server["dp"]["releases"]
-        new = self.inner.server_step(server, replies, round)
-        if replies or self.cfg.sampling == "poisson":
-            releases += 1
+    def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce | None:
+        """The inner reduction, every client weighted alike (DP-FedAvg's uniform mean: a client's
+        sample count never leaves it). Each update on its own is not released."""
+        request = self.inner.reduction(server, replies, round)
+        if request is None:
+            return None
+        if request.keep_updates:
+            raise ProtocolError(
+                f"privacy.level = 'client': algorithm {self.name!r} asks for each client's update, and "
+                "client-level DP releases only their noisy mean"
+            )
+        return replace(request, weights=dict.fromkeys(request.replies, 1.0))
+
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        """Counts the round's release: under Poisson sampling every round is one (an empty round
+        releases the noise alone, ``Pipeline.releases_when_empty``); under fixed-size sampling a
+        round with no accepted reply releases nothing."""
+        releases = server["dp"]["releases"] + int(aggregate.released)
+        new = self.inner.server_update(server, aggregate, round)
         return {**new, "dp": {"releases": releases, "round": round}}
 
     def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
@@ -340,6 +391,7 @@ class ClientDP(ReplyWrapper):
             "dp_accounting": ACCOUNTING[self.cfg.sampling or "poisson"] + f" ({self.cfg.accountant})",
             "dp_releases": releases,
             "dp_clip": self.clip_bound(server),
+            "dp_client_eval": CLIENT_EVAL[self.cfg.released_client_eval],
         }
         if self.cfg.eval_noise_multiplier is not None:
             info["dp_eval_releases"] = evaluations
@@ -368,7 +420,9 @@ class ClientDP(ReplyWrapper):
         return state, self.privatize(reply, data, msg, work)
 
     def privatize(self, reply: Message, data: ClientData, msg: Message, work: ClientWork) -> Message:
-        """The reply with its update clipped (and noised with ``noise_at: client``) and the clip bit."""
+        """The reply with its update clipped (and noised with ``noise_at: client``); of its scalars,
+        only the clip bit leaves the client (with adaptive clipping, whose accounted count it
+        enters): its loss, its sample and step counts are exact values of this one client."""
         clip = float(msg.scalars.get(CLIP_KEY, self.cfg.clip_norm))
         sent = msg.arrays
         update = {
@@ -382,7 +436,8 @@ class ClientDP(ReplyWrapper):
         arrays = dict(reply.arrays)
         for k, u in private.items():
             arrays[k] = (sent[k].astype(np.float64) + u).astype(reply.arrays[k].dtype)
-        return Message(arrays=arrays, scalars={**reply.scalars, CLIP_BIT: float(within)})
+        adaptive = self.cfg.clipping == "adaptive"
+        return Message(arrays=arrays, scalars={CLIP_BIT: float(within)} if adaptive else {})
 
 
 DP_SGD_RNG = 14
@@ -408,11 +463,13 @@ class SampleDP(AlgorithmWrapper):
     def init_server(self) -> dict[str, Any]:
         return {**self.inner.init_server(), "dp": {"steps": {}}}
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        """Each client's DP-SGD steps, as every train reply that reached the server reports them (a
+        refused reply was trained and sent all the same; its own accountant agrees)."""
         steps = dict(server["dp"]["steps"])
-        for cid, r in replies.items():  # what each client reports it did (its own accountant agrees)
-            steps[cid] = steps.get(cid, 0) + int(r.scalars.get("steps", 0))
-        return {**self.inner.server_step(server, replies, round), "dp": {"steps": steps}}
+        for cid, scalars in aggregate.reported.items():
+            steps[cid] = steps.get(cid, 0) + int(scalars.get("steps", 0))
+        return {**self.inner.server_update(server, aggregate, round), "dp": {"steps": steps}}
 
     def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
         steps = server["dp"]["steps"]
@@ -483,12 +540,25 @@ def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
                 f"config: privacy.level = 'sample': DP-SGD replaces the training steps an algorithm "
                 f"declares; algorithm {algo.name!r} trains with its own solver"
             )
+        if algo.needs_eval_data:
+            raise ConfigError(
+                f"config: privacy.level = 'sample': algorithm {algo.name!r} fine-tunes on each client's "
+                "training records before every evaluation, outside the DP-SGD steps the accountant "
+                "counts, and releases the result; use an algorithm that does not (e.g. fedper, ditto)"
+            )
         return SampleDP(algo, p, data)
-    if algo.no_aggregation_chain is not None or not algo.sends_update:
-        why = algo.no_aggregation_chain or "its replies are not model updates"
+    chain(cfg, data)  # the round's chain, built here too: its config errors come first
+    if algo.reduces != "mean":
+        why = algo.reduces_why or f"its server combines replies as {algo.reduces!r}, not as a mean"
         raise ConfigError(
             f"config: privacy.level = 'client': clips and noises the model updates the server "
             f"aggregates, but algorithm {algo.name!r} cannot ({why})"
+        )
+    if algo.keeps_updates():
+        raise ConfigError(
+            f"config: privacy.level = 'client': algorithm {algo.name!r} (as configured) decides from each "
+            "client's own update (discovered groups), which client-level DP does not release; use "
+            "grouping: task"
         )
     if p.eval_noise_multiplier is not None and cfg.data.holdout_clients:
         raise ConfigError(

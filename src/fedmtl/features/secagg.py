@@ -5,13 +5,14 @@ protocol and its cryptography are in ``fedmtl.secagg``). See docs/secagg.md.
 learns the weighted sum. Client side (``client_step`` and the three ``client_actions``): the inner
 algorithm trains as usual, then its update (client model - broadcast) is clipped, optionally
 noised, quantised, weighted and kept in the client's own state; what leaves the client is its
-public keys, then ciphertexts, then the masked vector, then shares. Server side (``server_round``):
-the train exchange's replies are the advertised keys; stages 1-3 are further exchanges of the same
-round (``fedmtl.secagg.channel.protocol_stages``), which the runtime delivers like any other
-(in-process in the simulator, ``train.secagg_*`` messages on Flower); the server decodes the sum
-into the mean update and hands the inner algorithm one aggregated reply, so its own server step
-(server optimizer included) runs unchanged. An aborted round (fewer than t clients left at some
-stage) leaves the global model as it was and is recorded in the round row.
+public keys, then ciphertexts, then the masked vector, then shares. Server side: secure aggregation
+is how the round carries out the algorithm's reduction (``SecAggReducer``). The train exchange's
+replies are the advertised keys; stages 1-3 are further exchanges of the same round
+(``fedmtl.secagg.channel.protocol_stages``), which the round delivers like any other (in-process in
+the simulator, ``train.secagg_*`` messages on Flower); the reducer decodes the sum into the mean
+update and hands the algorithm its aggregate, so its own ``server_update`` (server optimizer
+included) runs unchanged. An aborted round (fewer than t clients left at some stage) releases
+nothing: the global model stays as it was and the round row says why.
 
 **CKKS** (``mode: ckks``, TenSEAL, optional extra ``he``): the clients share one CKKS secret key;
 the server holds only the public context, receives ciphertexts, adds them, and asks a key-holding
@@ -35,11 +36,13 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from fedmtl.algorithms.base import TRAIN, Algorithm, ClientAction, ClientWork, Exchange, Message, ServerRound
+from fedmtl.algorithms.base import Algorithm, ClientAction, ClientWork, Exchange, Expected, Message
+from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.algorithms.wrapper import ReplyWrapper
 from fedmtl.config_base import Strict
 from fedmtl.data.federated import ClientData, FederatedData
 from fedmtl.errors import ConfigError, ProtocolError
+from fedmtl.runtime.reduction import Reduction
 from fedmtl.runtime.round import sample_size
 from fedmtl.runtime.seeds import derived_rng
 from fedmtl.runtime.validation import reply_problem
@@ -108,8 +111,6 @@ class SecAggConfig(Strict):
 
 #: Purposes of derived random streams (the simulator uses 1-3).
 ROUNDING, STAGE_DROP, GRAPH = 101, 103, 104
-#: Key of the one aggregated reply handed to the inner server step (it comes from no single client).
-AGGREGATE = -1
 #: Client scalars that may travel in the clear next to the keys (run bookkeeping, not the update).
 METRICS = ("train_loss", "steps", "samples", "personal_loss")
 
@@ -128,13 +129,17 @@ def threshold_for(cfg: Config, sampled: int) -> int:
 
 
 class SecureUpdates(ReplyWrapper):
-    """Shared by both modes: encoding updates, the aggregated reply, the round row."""
+    """The client side shared by both modes: encoding updates; what a train reply then is."""
 
     def __init__(self, inner: Algorithm, cfg: Config, data: FederatedData) -> None:
         super().__init__(inner)
         self.sa = cfg.secagg
         self.seed = cfg.seed
         self.data = data
+        #: metrics in the clear are exact values of one client: none under client-level DP
+        self.send_metrics = self.sa.send_metrics and not (
+            cfg.privacy.enabled and cfg.privacy.level == "client"
+        )
         self.sampled = sample_size(cfg, len(data.train_clients))
         self.threshold = threshold_for(cfg, self.sampled)
         train = [data.clients[c] for c in data.train_clients]
@@ -155,18 +160,14 @@ class SecureUpdates(ReplyWrapper):
         return self.layout(msg).delta(reply.arrays, msg.arrays, f"client {cid}")
 
     def clear_scalars(self, reply: Message) -> dict[str, Any]:
-        if not self.sa.send_metrics:
+        if not self.send_metrics:
             return {}
         return {k: reply.scalars[k] for k in METRICS if k in reply.scalars}
 
-    def aggregated(self, server: dict[str, Any], mean: np.ndarray, total_weight: int) -> Message:
-        base = self.inner.broadcast(server, next(iter(self.data.train_clients)))
-        return Message(
-            arrays=self.layout(base).apply(base.arrays, mean), scalars={"num_examples": total_weight}
-        )
-
-    def round_info(self, server: dict[str, Any]) -> dict[str, Any]:
-        return {**self.inner.round_info(server), **server.get("secagg", {})}
+    def expected_reply(self, server: dict[str, Any], cid: int, sent: Message) -> Expected | None:
+        """A train reply is protocol material (public keys, ciphertexts), not the model's arrays;
+        the protocol checks it. The round still refuses non-numeric and non-finite arrays."""
+        return None
 
 
 class SecAggWrapper(SecureUpdates):
@@ -203,7 +204,7 @@ class SecAggWrapper(SecureUpdates):
         x, clipped = self.codec.encode(delta, self.weight_of(reply), rng)
         session, adv = client_advertise(cid, work.round, x)
         adv.scalars.update(self.clear_scalars(reply))
-        if self.sa.send_metrics:  # how many coordinates hit the clip range: tuning feedback
+        if self.send_metrics:  # how many coordinates hit the clip range: tuning feedback
             adv.scalars["secagg_clipped"] = clipped
         return {**state, "secagg": session}, adv
 
@@ -239,7 +240,22 @@ class SecAggWrapper(SecureUpdates):
             reply = refusal(exc)
         return _ended(state), reply
 
-    # --- server side ---------------------------------------------------------------------------
+
+class SecAggReducer:
+    """Carries out a reduction by pairwise-masking secure aggregation (see module doc): the
+    server learns the weighted mean of the updates and nothing of any one of them."""
+
+    guarantees = "secure aggregation"
+
+    def __init__(self, clients: SecAggWrapper) -> None:
+        self.sa = clients.sa
+        self.seed = clients.seed
+        self.codec = clients.codec
+        self.threshold = clients.threshold
+        self.sampled = clients.sampled
+        #: Tests: clients forced to drop just before a stage, e.g. {"masked_input": {3}}.
+        self.force_drop: dict[str, set[int]] = {}
+
     def _drops(self, stage: str, cid: int, rnd: int) -> bool:
         """Whether ``cid`` drops out just before ``stage`` (``stage_drop_prob``, a simulated fault)."""
         if cid in self.force_drop.get(stage, set()):
@@ -265,14 +281,13 @@ class SecAggWrapper(SecureUpdates):
         except StopIteration as stop:
             return stop.value
 
-    def server_round(self, server: dict[str, Any], round: int, clients: list[int]) -> ServerRound:
-        """The train exchange (each reply: a client's public keys, its update masked in its state),
-        stages 1-3 as further exchanges, then the inner server step on the one aggregated reply."""
-        messages = dict(zip(clients, self.broadcast_many(server, clients), strict=True))
-        replies = yield Exchange(TRAIN, messages)
+    def reduce(self, request: Reduce, state: dict[str, Any] | None, round: int) -> Reduction:
+        """The train replies are the clients' advertised keys; stages 1-3 are further exchanges of
+        the round; the decoded sum is the aggregate (nothing, if the round aborts)."""
+        replies = request.replies
         t0 = time.perf_counter()
-        base = self.inner.broadcast(server, next(iter(self.data.train_clients)))
-        length = self.layout(base).size + 1
+        layout = Layout.of(request.reference)
+        length = layout.size + 1
         graph_seed = int(derived_rng(self.seed, GRAPH, round).integers(2**31))
         srv = SecAggServer(self.codec, length, self.threshold, round, self.sa.neighbors, graph_seed)
         clipped = sum(int(r.scalars.get("secagg_clipped", 0)) for r in replies.values())
@@ -281,17 +296,19 @@ class SecAggWrapper(SecureUpdates):
             "secagg_ring_bytes": self.codec.ring_bytes,
         }
         traffic = Traffic()
-        new = server
+        out = Aggregate(replies={c: Message(scalars=r.scalars) for c, r in replies.items()})
         try:
             total = yield from self._stages(srv, replies, traffic)
             mean, weight = self.codec.decode_sum(total)
-            agg = self.aggregated(server, mean, weight)
-            new = self.inner.server_step(server, {AGGREGATE: agg}, round)
+            out.params = layout.apply(request.reference, mean)
+            out.weight = float(weight)
+            out.released = True
             info["secagg_status"] = "ok"
         except ProtocolError as exc:
             info.update(secagg_status="aborted", secagg_error=str(exc))
             print(f"fedmtl: {exc}", file=sys.stderr)
         summary = srv.summary()
+        out.accepted = sorted(srv.u2) if out.released else []  # whose masked inputs the sum holds
         up, down = traffic.totals()  # beyond the train exchange, which the round counts
         for cid, r in replies.items():
             traffic.add(ADVERTISE, cid, None, r)
@@ -306,7 +323,8 @@ class SecAggWrapper(SecureUpdates):
             secagg_bytes_down=down,
             secagg_stages=traffic.summary(),
         )
-        return {**new, "secagg": info}, replies
+        out.info = info
+        return out, state
 
 
 def _ended(state: dict[str, Any]) -> dict[str, Any]:
@@ -369,11 +387,25 @@ class CKKSWrapper(SecureUpdates):
         ]
         return Message(arrays={"sum": np.concatenate([np.asarray(p, np.float64) for p in parts])})
 
-    # --- server side ---------------------------------------------------------------------------
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+
+class CKKSReducer:
+    """Carries out a reduction with CKKS: the server adds the clients' ciphertexts and has the key
+    holder decrypt the sum only."""
+
+    guarantees = "secure aggregation"
+
+    def __init__(self, clients: CKKSWrapper) -> None:
+        self.clients = clients  # the in-process key holder (decrypt_sum) and the public context
+        self.threshold = clients.threshold
+        self.sampled = clients.sampled
+
+    def reduce(self, request: Reduce, state: dict[str, Any] | None, round: int) -> Reduction:
+        replies = request.replies
+        ts = self.clients.ts
+        server_ctx = self.clients._server_ctx
         t0 = time.perf_counter()
         info: dict[str, Any] = {"secagg_mode": "ckks", "secagg_threshold": self.threshold}
-        new = server
+        out = Aggregate(replies={c: Message(scalars=r.scalars) for c, r in replies.items()})
         try:
             if len(replies) < self.threshold:
                 raise ProtocolError(
@@ -386,20 +418,21 @@ class CKKSWrapper(SecureUpdates):
                 if sorted(r.arrays) != keys:
                     raise ProtocolError(f"secagg: client {cid}: ciphertext chunks {sorted(r.arrays)} differ")
                 for k in keys:
-                    ct = self.ts.ckks_vector_from(self._server_ctx, r.arrays[k].tobytes())
+                    ct = ts.ckks_vector_from(server_ctx, r.arrays[k].tobytes())
                     total[k] = ct if k not in total else total[k] + ct
             agg = Message(
                 arrays={k: np.frombuffer(v.serialize(), dtype=np.uint8).copy() for k, v in total.items()}
             )
             server_seconds = time.perf_counter() - t0
             t1 = time.perf_counter()
-            plain = self.decrypt_sum(agg).arrays["sum"]
+            plain = self.clients.decrypt_sum(agg).arrays["sum"]
             decrypt_seconds = time.perf_counter() - t1
             weight = float(plain[0])
-            base = self.inner.broadcast(server, next(iter(self.data.train_clients)))
-            length = self.layout(base).size
-            reply = self.aggregated(server, plain[1 : 1 + length] / weight, int(round_weight(weight)))
-            new = self.inner.server_step(server, {AGGREGATE: reply}, round)
+            layout = Layout.of(request.reference)
+            out.params = layout.apply(request.reference, plain[1 : 1 + layout.size] / weight)
+            out.weight = float(round_weight(weight))
+            out.accepted = sorted(replies)
+            out.released = True
             per_client = float(np.mean([r.nbytes for r in replies.values()]))
             info.update(
                 secagg_status="ok",
@@ -417,7 +450,9 @@ class CKKSWrapper(SecureUpdates):
             info.update(secagg_status="aborted", secagg_error=str(exc))
             print(f"fedmtl: {exc}", file=sys.stderr)
         info["secagg_round_seconds"] = time.perf_counter() - t0
-        return {**new, "secagg": info}
+        out.info = info
+        return out, state
+        yield  # a generator like every reduction: CKKS needs no exchange beyond the train one
 
 
 def round_weight(w: float) -> int:
@@ -434,7 +469,7 @@ def unsupported(algo: Algorithm, cfg: Config) -> str | None:
     name = algo.name
     if not algo.has_global_model:
         return f"algorithm {name!r} has no global model to aggregate"
-    if not (algo.sends_update and algo.mean_of_updates):
+    if algo.reduces != "mean" or not algo.mean_of_updates or algo.keeps_updates():
         return (
             f"algorithm {name!r} needs more than the weighted mean of client updates, which is all "
             "secure aggregation reveals"
@@ -513,3 +548,11 @@ def wrap(algo: Algorithm, cfg: Config, data: FederatedData) -> Algorithm:
     if sa.mode == "ckks":
         return CKKSWrapper(algo, cfg, data)
     return SecAggWrapper(algo, cfg, data)
+
+
+def reducer(algo: Algorithm, cfg: Config, data: FederatedData) -> SecAggReducer | CKKSReducer:
+    """The round's reducer: the protocol's server side, around the client side ``wrap`` built."""
+    layer: Algorithm = algo
+    while not isinstance(layer, SecureUpdates):
+        layer = layer.inner  # type: ignore[attr-defined]
+    return CKKSReducer(layer) if isinstance(layer, CKKSWrapper) else SecAggReducer(layer)  # type: ignore[arg-type]

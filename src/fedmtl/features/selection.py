@@ -32,7 +32,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from fedmtl.algorithms.base import Algorithm, ClientWork, Message
+from fedmtl.algorithms.base import Algorithm, ClientWork, Expected, Message
+from fedmtl.algorithms.message import OptionalKey
+from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.algorithms.wrapper import AlgorithmWrapper
 from fedmtl.config_base import Strict
 from fedmtl.data.corrupt import KIND_NAMES, Corruption
@@ -165,12 +167,34 @@ class SampleSelection(AlgorithmWrapper):
             scalars[TAU] = float(sel["tau"])
         return Message(arrays=arrays, scalars=scalars)
 
-    def server_step(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> dict[str, Any]:
+    def expected_reply(self, server: dict[str, Any], cid: int, sent: Message) -> Expected | None:
+        """The inner algorithm's reply to what it sent, plus this client's score vectors (in refit
+        rounds of a global detector)."""
+        inner_sent = Message(arrays=_without_mine(sent.arrays), scalars=_without_mine(sent.scalars))
+        expected = self.inner.expected_reply(_strip(server), cid, inner_sent)
+        if expected is None:
+            return None
+        return {**expected, SCORES: OptionalKey((None, len(self.cfg.features)))}
+
+    def reduction(self, server: dict[str, Any], replies: dict[int, Message], round: int) -> Reduce | None:
+        """The inner algorithm's reduction of the replies without this feature's parts; the score
+        vectors come back beside the aggregate (``Reduce.side``) for the server's detector."""
         inner_replies = {
             cid: Message(arrays=_without_mine(m.arrays), scalars=_without_mine(m.scalars))
             for cid, m in replies.items()
         }
-        new = self.inner.server_step(_strip(server), inner_replies, round)
+        request = self.inner.reduction(_strip(server), inner_replies, round)
+        if request is None or request.kind != "mean":
+            return request
+        return replace(request, replies={c: replies[c] for c in request.replies}, side=frozenset({SCORES}))
+
+    def server_update(self, server: dict[str, Any], aggregate: Aggregate, round: int) -> dict[str, Any]:
+        replies = aggregate.replies
+        inner_replies = {
+            cid: Message(arrays=_without_mine(m.arrays), scalars=_without_mine(m.scalars))
+            for cid, m in replies.items()
+        }
+        new = self.inner.server_update(_strip(server), replace(aggregate, replies=inner_replies), round)
         sel = dict(server[KEY])
         sel["stats"] = self._stats(replies, round)
         if self._global_detector():

@@ -265,7 +265,7 @@ class FlowerServer:
         self.log = log or (lambda text: print(f"[fedmtl] {text}", flush=True))
         self.data, self.algo, flops = build_algorithm(cfg)
         self.planner = Planner(cfg, self.data.train_clients)
-        self.runner = RoundRunner(self.algo, cfg, self.planner, flops)
+        self.runner = RoundRunner(self.algo, cfg, self.planner, flops, self.data)
         self.transport = FlowerTransport(self)
         self.config_json = json.dumps(cfg.to_dict())
         # What a node with only its own files builds the federation from (no samples in it).

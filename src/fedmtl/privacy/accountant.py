@@ -21,7 +21,10 @@ def round_event(noise_multiplier: float, sampled: int, population: int, sampling
 
     'poisson' uses Poisson sampling with q = sampled / population; 'without_replacement' is exact
     for fixed-size sampling under replace-one neighbours, where one replaced record moves the sum by
-    up to 2 * clip, so the noise is half as large relative to the sensitivity."""
+    up to 2 * clip, so the noise is half as large relative to the sensitivity: with everyone in
+    every round (sampled = population) that is Gaussian(z / 2), replace-one."""
+    if sampling == "without_replacement" and sampled >= population:
+        return dp_event.GaussianDpEvent(noise_multiplier / 2.0)
     if sampled >= population:
         return dp_event.GaussianDpEvent(noise_multiplier)
     if sampling == "without_replacement":
@@ -62,7 +65,7 @@ def epsilon(
     else:
         rel = (
             dp_accounting.NeighboringRelation.REPLACE_ONE
-            if sampling == "without_replacement" and sampled < population
+            if sampling == "without_replacement"
             else dp_accounting.NeighboringRelation.ADD_OR_REMOVE_ONE
         )
         acc = rdp_privacy_accountant.RdpAccountant(neighboring_relation=rel)

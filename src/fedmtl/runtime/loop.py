@@ -30,7 +30,6 @@ from fedmtl.experiment.evaluate import (
 from fedmtl.experiment.records import RunDir
 from fedmtl.metrics import primary_metric, summarize_clients
 from fedmtl.runtime.round import RoundResult, Transport
-from fedmtl.runtime.validation import merge_rejections
 
 if TYPE_CHECKING:
     from fedmtl.config import Config
@@ -154,12 +153,13 @@ class RunLoop:
             self._flush(force=False)  # a deferred evaluation may have come back with this round
             # A run that stops behind this round evaluates and checkpoints it like a last round.
             last = r == total or (stopped := algo.stop_reason(server, r + 1)) is not None
-            row = merge_rejections({"round": r, "kind": "round", **res.info, **algo.round_info(server)})
+            row = {"round": r, "kind": "round", **res.info, **algo.round_info(server)}
             entry = _Pending(r, list(res.train_rows), row, last, server)
             if r % self.cfg.eval.every == 0 or last:
-                entry.eval_clients = eval_sample(
-                    self.data.train_clients, self.cfg.eval.clients, self.cfg.seed, r
-                )
+                if algo.evaluates_clients():
+                    entry.eval_clients = eval_sample(
+                        self.data.train_clients, self.cfg.eval.clients, self.cfg.seed, r
+                    )
                 entry.evaluation = self.transport.evaluate(server, r, entry.eval_clients)
                 entry.server_rows, entry.server_metrics = self._server_side(server, r)
             self.pending.append(entry)

@@ -7,9 +7,13 @@
   most methods; more for split learning and secure aggregation); a ``Transport`` delivers each one
   (in-process through an executor, or over Flower's Grid) and the round counts every message's
   bytes and every client's compute time, whatever the exchange.
-- **Finish**: replies to the ``train`` exchange are checked before the algorithm sees them (a
-  diverged client's NaN never reaches an average; its new state is dropped), then one row per
-  sampled client and the round's facts (``RoundResult``).
+- **Checks**: every reply of every exchange is checked against what the algorithm declared it
+  expects (``Exchange.expect``) before the algorithm sees it: a diverged client's NaN or a
+  malformed reply never reaches an average; that client is out of the round, its new state dropped.
+- **Reduction**: the algorithm's ``Reduce`` requests are carried out here, by the run's reducer
+  (``fedmtl.runtime.reduction``: the features' and the user's aggregation chain, or secure
+  aggregation's exchanges), never by the algorithm.
+- **Finish**: one row per sampled client and the round's facts (``RoundResult``).
 
 All randomness is derived from (seed, purpose, round, client), never from a shared stream, so a
 resumed run draws exactly what an uninterrupted one would, on any runtime."""
@@ -22,13 +26,17 @@ from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 
-from fedmtl.algorithms.base import TRAIN, Algorithm, ClientWork, Message
+from fedmtl.algorithms.base import TRAIN, Algorithm, ClientWork, Exchange, Message
+from fedmtl.algorithms.reduce import Aggregate, Reduce
+from fedmtl.errors import ProtocolError
+from fedmtl.runtime.reduction import CHAIN_STATE, Reducer
 from fedmtl.runtime.seeds import derived_rng, derived_rngs
-from fedmtl.runtime.validation import reply_problems
+from fedmtl.runtime.validation import check_replies
 from fedmtl.training.shuffle import streams
 
 if TYPE_CHECKING:
     from fedmtl.config import Config
+    from fedmtl.data.federated import FederatedData
 
 # Purposes for derived random streams (stable small ints; never reorder).
 SAMPLE, SYSTEMS, TRAIN_STREAM = 1, 2, 3
@@ -159,14 +167,44 @@ class RoundResult:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-class RoundRunner:
-    """Runs rounds of one algorithm over one transport."""
+@dataclass
+class _Ledger:
+    """What one round's exchanges leave behind: bytes and compute seconds per client, who left the
+    round (no reply, or a refused one) and why, every train reply (refused ones included)."""
 
-    def __init__(self, algo: Algorithm, cfg: Config, planner: Planner, flops_per_sample: float) -> None:
+    down: dict[int, int]
+    up: dict[int, int]
+    wall: dict[int, float]
+    gone: dict[int, str] = field(default_factory=dict)  # live clients that missed an exchange
+    rejected: dict[int, str] = field(default_factory=dict)  # clients whose reply was refused
+    trained: dict[int, Message] = field(default_factory=dict)
+    reduced: bool = False  # whether the train replies went through a "mean" reduction
+    facts: dict[str, Any] = field(default_factory=dict)  # the reductions' facts for the round row
+
+
+class RoundRunner:
+    """Runs rounds of one algorithm over one transport; carries out its reductions with
+    ``reducer`` (``fedmtl.runtime.reduction``; default: the run's, from its features and its
+    ``aggregation:`` list)."""
+
+    def __init__(
+        self,
+        algo: Algorithm,
+        cfg: Config,
+        planner: Planner,
+        flops_per_sample: float,
+        data: FederatedData,
+        reducer: Reducer | None = None,
+    ) -> None:
         self.algo = algo
         self.cfg = cfg
         self.planner = planner
         self.flops = flops_per_sample
+        if reducer is None:
+            from fedmtl.features import round_reducer  # features build on the round: imported late
+
+            reducer = round_reducer(algo, cfg, data)
+        self.reducer = reducer
 
     def comm_seconds(self, up: int, down: int) -> float:
         rt = self.cfg.runtime
@@ -176,69 +214,94 @@ class RoundRunner:
         plan = self.planner.plan(round)
         live = plan.live
         dropped = [c for c, d in zip(plan.sampled, plan.dropped, strict=True) if d]
-        down = dict.fromkeys(plan.sampled, 0)
-        up = dict.fromkeys(live, 0)
-        wall = dict.fromkeys(live, 0.0)
-        gone: dict[int, str] = {}  # live clients that missed an exchange: out for the round
-        trained: dict[int, Message] = {}  # the train exchange's replies, refused ones included
-        rejected: dict[int, str] = {}
+        ledger = _Ledger(dict.fromkeys(plan.sampled, 0), dict.fromkeys(live, 0), dict.fromkeys(live, 0.0))
         if dropped:  # a dropped client received the broadcast, then vanished
             for cid, msg in zip(dropped, self.algo.broadcast_many(server, dropped), strict=True):
-                down[cid] = msg.nbytes
+                ledger.down[cid] = msg.nbytes
+        chain_state = server.get(CHAIN_STATE)
         steps = self.algo.server_round(server, round, live)
         records: dict[int, Message] = {}
         try:
-            exchange = next(steps)
+            item = next(steps)
             while True:
-                messages = exchange.messages
-                if gone:
-                    messages = {c: m for c, m in messages.items() if c not in gone}
-                last = None  # consecutive clients usually get the very same message
-                for cid, msg in messages.items():
-                    if msg is not last:
-                        last, size = msg, msg.nbytes
-                    down[cid] += size
-                got = transport.exchange(exchange.action, messages, plan)
-                for cid, reply in got.replies.items():
-                    up[cid] += reply.nbytes
-                    wall[cid] += got.wall.get(cid, 0.0)
-                for cid, why in got.missing.items():
-                    gone.setdefault(cid, why)
-                replies = got.replies
-                if exchange.action == TRAIN:
-                    replies = self._checked(replies, trained, rejected)
-                exchange = steps.send(replies)
+                if isinstance(item, Reduce):
+                    aggregate, chain_state = self._reduce(item, chain_state, plan, transport, ledger)
+                    item = steps.send(aggregate)
+                else:
+                    item = steps.send(self._deliver(item, plan, transport, ledger))
         except StopIteration as stop:
             server, records = stop.value
-        extra = transport.finish(plan, set(rejected))
-        return self._finish(plan, server, records, trained, rejected, gone, down, up, wall, transport, extra)
+        guarantees = self.reducer.guarantees
+        if guarantees and not ledger.reduced and any(m.arrays for m in ledger.trained.values()):
+            raise ProtocolError(
+                f"algorithm {self.algo.name!r}: its server round used the train replies without handing "
+                f"them to the round's reduction, so {guarantees} would not apply to it; return them "
+                "through Algorithm.reduction (docs/architecture.md)"
+            )
+        if chain_state is not None:
+            server = {**server, CHAIN_STATE: chain_state}
+        extra = transport.finish(plan, set(ledger.rejected))
+        return self._finish(plan, server, records, ledger, transport, extra)
 
-    @staticmethod
-    def _checked(
-        replies: dict[int, Message], trained: dict[int, Message], rejected: dict[int, str]
+    def _deliver(
+        self, exchange: Exchange, plan: RoundPlan, transport: Transport, ledger: _Ledger
     ) -> dict[int, Message]:
-        """The replies fit to aggregate (finite values); the others are recorded as rejected."""
-        cids = list(replies)
-        trained.update(replies)
-        ok = {}
-        for cid, problem in zip(cids, reply_problems([replies[c] for c in cids]), strict=True):
-            if problem is None:
-                ok[cid] = replies[cid]
-            else:
-                rejected[cid] = problem
+        """One exchange: its messages to the clients still in the round, bytes and seconds counted,
+        every reply checked against what the exchange expects. A client that does not answer, or
+        whose reply is refused, is out of the rest of the round."""
+        messages = exchange.messages
+        gone = ledger.gone
+        if gone:
+            messages = {c: m for c, m in messages.items() if c not in gone}
+        down = ledger.down
+        last = None  # consecutive clients usually get the very same message
+        for cid, msg in messages.items():
+            if msg is not last:
+                last, size = msg, msg.nbytes
+            down[cid] += size
+        got = transport.exchange(exchange.action, messages, plan)
+        up, wall = ledger.up, ledger.wall
+        for cid, reply in got.replies.items():
+            up[cid] += reply.nbytes
+            wall[cid] += got.wall.get(cid, 0.0)
+        for cid, why in got.missing.items():
+            gone.setdefault(cid, why)
+        if exchange.action == TRAIN:
+            ledger.trained.update(got.replies)
+        ok, refused = check_replies(got.replies, exchange.expect)
+        for cid, problem in refused.items():
+            ledger.rejected[cid] = problem
+            gone.setdefault(cid, f"reply refused: {problem}")
         return ok
+
+    def _reduce(
+        self,
+        request: Reduce,
+        state: dict[str, Any] | None,
+        plan: RoundPlan,
+        transport: Transport,
+        ledger: _Ledger,
+    ) -> tuple[Aggregate, dict[str, Any] | None]:
+        """Carry out a reduction, delivering any exchanges of its own (secure aggregation's stages)."""
+        if request.kind == "mean" and set(request.replies) <= set(ledger.trained):
+            ledger.reduced = True
+        work = self.reducer.reduce(request, state, plan.round)
+        try:
+            exchange = next(work)
+            while True:
+                exchange = work.send(self._deliver(exchange, plan, transport, ledger))
+        except StopIteration as stop:
+            aggregate, state = stop.value
+        aggregate.reported = {c: m.scalars for c, m in ledger.trained.items()}
+        ledger.facts.update(aggregate.info)
+        return aggregate, state
 
     def _finish(
         self,
         plan: RoundPlan,
         server: dict[str, Any],
         records: dict[int, Message],
-        trained: dict[int, Message],
-        rejected: dict[int, str],
-        gone: dict[int, str],
-        down: dict[int, int],
-        up: dict[int, int],
-        wall: dict[int, float],
+        ledger: _Ledger,
         transport: Transport,
         extra: dict[str, Any],
     ) -> RoundResult:
@@ -253,6 +316,9 @@ class RoundRunner:
         rows: list[dict[str, Any]] = []
         losses, weights = [], []
         rnd = plan.round
+        down, up, wall, trained = ledger.down, ledger.up, ledger.wall, ledger.trained
+        rejected = ledger.rejected
+        gone = {c: why for c, why in ledger.gone.items() if c not in rejected}
         for cid, frac, is_dropped in zip(plan.sampled, plan.fractions, plan.dropped, strict=True):
             d = down[cid]
             u = 0 if is_dropped else up[cid]
@@ -273,13 +339,16 @@ class RoundRunner:
                     row.update(missing=True, reason=gone[cid])
                 row["sim_time"] = self.comm_seconds(u, d)
                 continue
+            # what the client reported of its training (under client-level DP: nothing)
             scalars = (reply or empty).scalars
             samples = float(scalars.get("samples", 0))
             loss = float(scalars.get("train_loss", nan))
             flops = float(scalars.get("client_flops", samples * per_flop))
             row["compute_wall"] = wall[cid]
-            row["steps"] = int(scalars.get("steps", 0))
-            row["train_loss"] = loss
+            if "steps" in scalars:
+                row["steps"] = int(scalars["steps"])
+            if "train_loss" in scalars:
+                row["train_loss"] = loss
             row["sim_time"] = flops / flop_rate + (u * 8 / up_bps + d * 8 / down_bps)
             if cid in rejected:  # update and new state discarded, as for a malformed message
                 row["rejected"] = rejected[cid]
@@ -299,6 +368,8 @@ class RoundRunner:
             "execution": transport.execution,
             "rejected_clients": sorted(rejected),
         }
+        if rejected:
+            info["rejected_reasons"] = {str(c): rejected[c] for c in sorted(rejected)}
         if losses and sum(weights) > 0:
             info["train_loss"] = float(np.average(losses, weights=weights))
         if transport.reports_missing:
@@ -306,6 +377,56 @@ class RoundRunner:
             info["missing_clients"] = lost
             if lost:
                 info["missing_reasons"] = {str(c): gone[c] for c in lost}
+        info.update(ledger.facts)
         info.update(extra)
         replies = {c: r for c, r in records.items() if c not in rejected}
         return RoundResult(server=server, replies=replies, train_rows=rows, info=info)
+
+
+def server_step(
+    algo: Algorithm,
+    server: dict[str, Any],
+    replies: dict[int, Message],
+    round: int,
+    reducer: Reducer | None = None,
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The server half of a one-exchange round on given train ``replies``: the round's checks,
+    its reduction (``reducer``, default: the plain weighted mean) and the algorithm's update.
+    Returns (new server state, the round's facts: refused replies, the reduction's facts). What a
+    round does once its clients have answered; for tests and offline analysis."""
+    from fedmtl.runtime.reduction import ChainReducer
+
+    reducer = reducer or ChainReducer(None, algo.ctx.seed)
+    facts: dict[str, Any] = {}
+    rejected: dict[int, str] = {}
+    chain_state = server.get(CHAIN_STATE)
+    steps = algo.server_round(server, round, sorted(replies))
+    try:
+        item = next(steps)
+        while True:
+            if isinstance(item, Reduce):
+                work = reducer.reduce(item, chain_state, round)
+                try:
+                    next(work)
+                    raise ProtocolError("server_step: this reduction runs exchanges of its own; use a round")
+                except StopIteration as stop:
+                    aggregate, chain_state = stop.value
+                aggregate.reported = {c: m.scalars for c, m in replies.items()}
+                facts.update(aggregate.info)
+                item = steps.send(aggregate)
+                continue
+            if item.action != TRAIN:
+                raise ProtocolError(
+                    f"server_step: the round asks for a {item.action!r} exchange; use a round"
+                )
+            ok, refused = check_replies({c: replies[c] for c in item.messages if c in replies}, item.expect)
+            rejected.update(refused)
+            item = steps.send(ok)
+    except StopIteration as stop:
+        server = stop.value[0]
+    if chain_state is not None:
+        server = {**server, CHAIN_STATE: chain_state}
+    if rejected:
+        facts["rejected_clients"] = sorted(rejected)
+        facts["rejected_reasons"] = {str(c): rejected[c] for c in sorted(rejected)}
+    return server, facts

@@ -59,7 +59,7 @@ class Simulator:
         self.cfg = cfg
         self.flops = train_flops_per_sample
         self.planner = Planner(cfg, data.train_clients)
-        self.runner = RoundRunner(algo, cfg, self.planner, train_flops_per_sample)
+        self.runner = RoundRunner(algo, cfg, self.planner, train_flops_per_sample, data)
         #: "sequential" or "batched": ``runtime.execution`` resolved once, before any round runs,
         #: so 'batched' on an unbatchable algorithm fails before a run directory exists.
         with onednn.enabled_as(cfg.runtime.onednn):  # the trial step probes products too

@@ -1,49 +1,62 @@
-"""Server-side checks on client replies, shared by every runtime and by the aggregation.
+"""The round's checks on client replies: one place, for every exchange of every algorithm.
 
 A client whose local training diverged sends NaN or inf; a buggy or malicious node may send arrays
 of the wrong shape or under the wrong names. Averaged in, one such update poisons the shared model
-of every client (or crashes the server). Such replies are rejected (the round goes on without
-them) and the reason is logged in the round row, the way a malformed message from a real node
-would be. The runtimes check what needs no context (finite values); the FedAvg-family server step
-also checks each reply against what it sent that client (same keys, same shapes)."""
+of every client (or crashes the server). Such a reply is refused (the round goes on without that
+client, and its new state is dropped) and the reason is logged in the round row, the way a
+malformed message from a real node would be. What a valid reply looks like is what the algorithm
+declared (``Exchange.expect``; for the train exchange ``Algorithm.expected_reply``)."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from fedmtl.algorithms.base import Message
+from fedmtl.algorithms.message import Message, OptionalKey
 from fedmtl.training.rows import group_rows
 
 
-def reply_problem(
-    reply: Message, expected: Mapping[str, np.ndarray] | None = None, finite_known: bool = False
-) -> str | None:
-    """Why ``reply`` cannot be aggregated, or None when it can.
+def _shape(spec: object) -> tuple[int | None, ...]:
+    return spec if isinstance(spec, tuple) else tuple(np.shape(spec))
 
-    ``expected``: the arrays the reply must match key for key and shape for shape (for FedAvg-family
-    algorithms, what the server broadcast to that client). ``finite_known``: the values were
-    already found finite (``reply_problems`` checks whole stacks at once)."""
+
+def _fits(shape: tuple[int, ...], want: tuple[int | None, ...]) -> bool:
+    return len(shape) == len(want) and all(w is None or s == w for s, w in zip(shape, want, strict=True))
+
+
+def _few(keys: list[str]) -> str:
+    return repr(keys[0]) + (f" (+{len(keys) - 1} more)" if len(keys) > 1 else "")
+
+
+def reply_problem(
+    reply: Message, expected: Mapping[str, object] | None = None, finite_known: bool = False
+) -> str | None:
+    """Why ``reply`` cannot be used, or None when it can.
+
+    ``expected``: key -> shape spec the reply must match key for key (an array or a tuple with
+    ``None`` for any length; ``OptionalKey`` for a key it may leave out); None: any keys. Every
+    array must be numeric and finite. ``finite_known``: the values were already found finite
+    (``reply_problems`` checks whole stacks at once)."""
+    arrays = reply.arrays
     if expected is not None:
-        missing = [k for k in expected if k not in reply.arrays]
+        missing = [k for k, v in expected.items() if k not in arrays and not isinstance(v, OptionalKey)]
         if missing:
-            return f"missing key {missing[0]!r}" + (
-                f" (+{len(missing) - 1} more)" if len(missing) > 1 else ""
-            )
-        extra = [k for k in reply.arrays if k not in expected]
+            return f"missing key {_few(missing)}"
+        extra = [k for k in arrays if k not in expected]
         if extra:
-            return f"unexpected key {extra[0]!r}" + (f" (+{len(extra) - 1} more)" if len(extra) > 1 else "")
-    for key, arr in reply.arrays.items():
+            return f"unexpected key {_few(extra)}"
+    for key, arr in arrays.items():
         arr = np.asarray(arr)
         kind = arr.dtype.kind  # 'f' float, 'i'/'u' integer; cheaper than issubdtype per array
+        if kind not in "fiub":
+            return f"key {key!r} has non-numeric dtype {arr.dtype}"
         if expected is not None:
-            want = np.shape(expected[key])
-            if arr.shape != want:
-                return f"key {key!r} has shape {arr.shape}, expected {want}"
-            if kind not in "fiu":
-                return f"key {key!r} has non-numeric dtype {arr.dtype}"
+            spec = expected[key]
+            want = _shape(spec.shape if isinstance(spec, OptionalKey) else spec)
+            if not _fits(arr.shape, want):
+                shown = tuple("any" if w is None else w for w in want)
+                return f"key {key!r} has shape {arr.shape}, expected {shown}"
         # NaN and inf always reach the sum, so a finite sum clears the array without a mask
         if finite_known:
             continue
@@ -58,7 +71,7 @@ def _finite_sum(arr: np.ndarray) -> bool:
 
 
 def reply_problems(
-    replies: Sequence[Message], expected: Sequence[Mapping[str, np.ndarray]] | None = None
+    replies: Sequence[Message], expected: Sequence[Mapping[str, object] | None] | None = None
 ) -> list[str | None]:
     """``reply_problem`` for each reply. Replies that are rows of a batched round's stacks are
     checked per stack: one finite-value reduction per array for all of them, and their keys and
@@ -90,26 +103,20 @@ def reply_problems(
     return out
 
 
-def split_valid(
-    replies: Mapping[int, Message], expected_for: Callable[[int], Mapping[str, np.ndarray]]
+def check_replies(
+    replies: Mapping[int, Message], expect: Mapping[int, Mapping[str, object] | None] | None
 ) -> tuple[dict[int, Message], dict[int, str]]:
-    """(replies that pass ``reply_problem`` against ``expected_for(cid)``, {cid: reason} of the rest)."""
+    """(the replies that pass ``reply_problem`` against what ``expect`` says of their client,
+    {client: why} of the others)."""
+    cids = list(replies)
+    problems = reply_problems(
+        [replies[c] for c in cids], None if expect is None else [expect.get(c) for c in cids]
+    )
     ok: dict[int, Message] = {}
-    rejected: dict[int, str] = {}
-    cids = sorted(replies)
-    problems = reply_problems([replies[c] for c in cids], [expected_for(c) for c in cids])
+    refused: dict[int, str] = {}
     for cid, problem in zip(cids, problems, strict=True):
         if problem is None:
             ok[cid] = replies[cid]
         else:
-            rejected[cid] = problem
-    return ok, rejected
-
-
-def merge_rejections(row: dict[str, Any]) -> dict[str, Any]:
-    """One list of every client whose reply was dropped this round, whichever side rejected it: the
-    runtime (non-finite values) or the server step (keys and shapes, in ``rejected_reasons``)."""
-    reasons = row.get("rejected_reasons") or {}
-    if reasons:
-        row["rejected_clients"] = sorted({*row.get("rejected_clients", []), *(int(c) for c in reasons)})
-    return row
+            refused[cid] = problem
+    return ok, refused

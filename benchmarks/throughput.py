@@ -887,8 +887,8 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--conv",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="run the convolutional and recurrent section (LEAF's FEMNIST CNN and Shakespeare LSTM)",
+        help="run the convolutional and recurrent section (LEAF's FEMNIST CNN and Shakespeare LSTM; "
+        "default: on, off with --quick)",
     )
     p.add_argument(
         "--conv-clients", help="comma-separated clients per round of the CNN workload (default 20,100)"
@@ -1054,7 +1054,7 @@ def _run(args: argparse.Namespace) -> Path:
     print(f"matmul peak, best of before and after the runners: {peak:.1f} GFLOP/s", flush=True)
 
     sections: list[dict[str, Any]] = []
-    if args.conv:
+    if args.conv if args.conv is not None else not quick:
         print("convolutional and recurrent workloads ...", flush=True)
         sections, env["conv_peaks"] = conv_section(args, run_flower_row)
 

@@ -896,6 +896,11 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--conv-rounds", type=int, help="rounds of the CNN and LSTM workloads (default 3)")
     p.add_argument("--text-clients", type=int, help="clients of the LSTM workload (default 20)")
     p.add_argument(
+        "--conv-turns",
+        type=int,
+        help="paired turns of batched and sequential rounds per CNN workload (default 3; 1 with --quick)",
+    )
+    p.add_argument(
         "--only-conv",
         action="store_true",
         help="run only the convolutional and recurrent section and write it into the existing "
@@ -1169,11 +1174,38 @@ def conv_section(
                 )
             if section["kind"] == "lstm":
                 results["batched"].name = "fedmtl batched (auto: the LSTM trains sequentially)"
+            turns = args.conv_turns if args.conv_turns is not None else (1 if args.quick else 3)
+            if section["kind"] == "cnn" and turns > 0:
+                print(f"running {section['label']}: {turns} paired turns ...", flush=True)
+                section["turns"] = paired_turns(work, ["batched", "sequential"], turns)
+                print(f"  {section['turns']}", flush=True)
             sections.append({**section, "results": results})
             if done is not None:
                 done(sections, peaks)
     peaks = conv.best_conv_peaks(peaks, conv.conv_peak())
     return sections, peaks
+
+
+def paired_turns(work: Workload, executions: list[str], repeats: int) -> dict[str, list[float]]:
+    """``timed_turns`` for a workload with its own config (the conv section's): the executions
+    alternate two rounds at a time, the second of each pair timed, so that a neighbour's load on
+    the shared machine falls on both rather than on whichever runner ran during it."""
+    assert work.config is not None
+    runs = []
+    for execution in executions:
+        with given_data(work.data):
+            _, algo, sim = fedmtl_run.build(parse_config(work.config(execution, 2 * repeats)))
+        runs.append([sim, algo.init_server(), {}])
+    times: dict[str, list[float]] = {e: [] for e in executions}
+    for pair in range(repeats):
+        for execution, run in zip(executions, runs, strict=True):
+            for r in (2 * pair + 1, 2 * pair + 2):
+                sim, server, states = run
+                t = time.perf_counter()
+                run[1] = sim.run_round(r, server, states).server
+                if r % 2 == 0:
+                    times[execution].append(time.perf_counter() - t)
+    return times
 
 
 def _run_conv_only(args: argparse.Namespace, out: Path, flower: bool) -> Path:

@@ -143,6 +143,7 @@ def test_conv_only_run_adds_cnn_and_lstm_tables_and_keeps_the_mlp_ones(tmp_path,
     assert "### LEAF FEMNIST CNN, 1 clients" in text and "### LEAF Shakespeare LSTM, 1 clients" in text
     assert "| fedmtl batched | " in text and "| plain PyTorch loop, tensor indexing | " in text
     assert "no batching rule for `aten::lstm`" in text and "Incomplete" not in text
+    assert "Paired turns (1: batched and sequential alternate" in text
     # one client: every runner trains the same mini-batches, so the accuracies agree
     assert text.count("Accuracies agree to 0.00") == 2
     assert "CNN, 1 clients: batched >= 40% of the measured convolution peak" in text

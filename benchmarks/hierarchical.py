@@ -70,6 +70,7 @@ def config(setting: str, seed: int, rounds: int, algorithm: dict[str, Any]) -> d
             "partition": {"kind": "dirichlet", "alpha": 2.0, "num_clients": PARTS},
             "max_clients": CLIENTS,
             "concepts": {"kind": SETTINGS[setting], "groups": GROUPS},
+            "normalize": "scale",  # pixels to [0, 1], as the table was measured
         },
         "model": {"name": "mlp", "hidden": [64]},
         "train": {"rounds": rounds, "local_epochs": 1, "batch_size": 32, "lr": 0.1},

@@ -25,7 +25,11 @@ TARGET = 0.97
 def base_config(rounds: int, eval_every: int, seed: int) -> dict[str, Any]:
     return {
         "seed": seed,
-        "data": {"dataset": "mnist", "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100}},
+        "data": {
+            "dataset": "mnist",
+            "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100},
+            "normalize": "scale",  # pixels to [0, 1], as the FedAvg paper
+        },
         "model": {"name": "mlp", "hidden": [200, 200]},
         "train": {"rounds": rounds, "local_epochs": 5, "batch_size": 32, "lr": 0.1},
         "clients": {"per_round": 10},

@@ -44,6 +44,7 @@ def scale_config(pop: int, algo: str, rounds: int, cache_mib: float = 1024.0) ->
         "data": {
             "dataset": "digits",
             "partition": {"kind": "resample", "num_clients": pop, "samples": [20, 50]},
+            "normalize": "scale",
         },
         "model": {"name": "mlp", "hidden": [32]},
         "algorithm": {"name": algo},
@@ -78,7 +79,7 @@ def measure_run(raw: dict[str, Any], out: Path) -> dict[str, Any]:
         "rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         "segment_bytes": float(np.median(seg_bytes)) if seg_bytes else 0.0,
         "segment_bytes_max": float(max(seg_bytes)) if seg_bytes else 0.0,
-        "checkpoint_file_bytes": (out / "checkpoint.pkl").stat().st_size,
+        "checkpoint_file_bytes": (out / "checkpoint.tree").stat().st_size,
         "states_on_disk": sum(p.stat().st_size for p in segments),
         "clients_with_state": int(final.get("clients_with_state", 0)) or _count_states(out),
         "accuracy": final["accuracy_mean"],

@@ -48,7 +48,11 @@ from fedmtl.training.executors import run_local
 RESULTS = Path(__file__).resolve().parent / "results"
 MNIST = {
     "seed": 0,
-    "data": {"dataset": "mnist", "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100}},
+    "data": {
+        "dataset": "mnist",
+        "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100},
+        "normalize": "scale",
+    },
     "model": {"name": "mlp", "hidden": [200]},
     "train": {"rounds": 1, "local_epochs": 1, "batch_size": 32, "lr": 0.05},
     "clients": {"per_round": 10},

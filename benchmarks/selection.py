@@ -98,7 +98,11 @@ QUICK_ROWS = {0, 1, 3, 5}
 def config(corrupt: dict[str, Any] | None, selection: dict[str, Any] | None, rounds: int, seed: int) -> dict:
     cfg: dict[str, Any] = {
         "seed": seed,
-        "data": {"dataset": "mnist", "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100}},
+        "data": {
+            "dataset": "mnist",
+            "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100},
+            "normalize": "scale",
+        },
         "model": {"name": "autoencoder", "hidden": [128], "code": 32, "w_ce": 1.0, "w_re": 1.0},
         "algorithm": {"name": "fedavg"},
         "train": {"rounds": rounds, "local_steps": LOCAL_STEPS, "batch_size": 32, "lr": 0.1},

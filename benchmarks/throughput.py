@@ -139,7 +139,7 @@ def fedmtl_config(execution: str, hidden: list[int], rounds: int) -> dict[str, A
     return {
         "name": f"throughput-{execution}",
         "seed": SEED,
-        "data": {"dataset": "mnist", "test_fraction": TEST_FRACTION},
+        "data": {"dataset": "mnist", "test_fraction": TEST_FRACTION, "normalize": "scale"},
         "model": {"name": "mlp", "hidden": hidden} if hidden else {"name": "linear"},
         "algorithm": {"name": "fedavg"},
         "train": {"rounds": rounds, "local_epochs": 1, "batch_size": BATCH, "lr": LR},
@@ -278,12 +278,12 @@ def run_plain(work: Workload, loader: bool = False, dnn: bool = False) -> Runner
 
 def run_flower(work: Workload, tmp: Path) -> RunnerResult:
     """Flower's in-process simulation (Ray backend, one CPU per ClientApp) on the same workload."""
-    res = RunnerResult("Flower 1.41 run_simulation", clients=work.data.num_clients)
+    res = RunnerResult("Flower run_simulation", clients=work.data.num_clients)
     try:
         import flwr
         from flwr.simulation import run_simulation
     except ImportError:
-        res.note = "skipped: flwr is not installed (pip install 'flwr[simulation]>=1.41,<1.42')"
+        res.note = "skipped: flwr is not installed (pip install 'flwr[simulation]>=1.42,<1.43')"
         return res
     res.name = f"Flower {flwr.__version__} run_simulation"
     data_path, init_path = tmp / "federation.npz", tmp / "init.npz"

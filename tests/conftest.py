@@ -34,7 +34,7 @@ def digits_config(**overrides: Any) -> dict[str, Any]:
 def copy_checkpoint(src: Path, dst: Path) -> None:
     """Give run directory ``dst`` the last checkpoint of ``src``: its checkpoint file and the
     client-state segments it names (tests forge interrupted runs this way)."""
-    shutil.copy2(src / "checkpoint.pkl", dst / "checkpoint.pkl")
+    shutil.copy2(src / "checkpoint.tree", dst / "checkpoint.tree")
     shutil.rmtree(dst / "clients", ignore_errors=True)
     shutil.copytree(src / "clients", dst / "clients")
 

@@ -360,7 +360,9 @@ def test_batched_run_gives_the_same_metrics(tmp_path, algorithm, extra):
             if k in skip:
                 continue
             if isinstance(v, float):
-                assert b[k] == pytest.approx(v, rel=RTOL, abs=1e-7), k
+                # a spread over clients of O(1) metrics inherits their absolute error, not its own
+                spread = k.endswith("_std") and abs(v) < 0.1
+                assert b[k] == pytest.approx(v, rel=RTOL, abs=RTOL * 0.1 if spread else 1e-7), k
             else:
                 assert b[k] == v, k
     for a, b in zip(seq.clients, bat.clients, strict=True):
@@ -404,7 +406,14 @@ def _own_solver(raw: dict[str, Any]) -> tuple[Any, Any]:
     return data, Solver(algo.p, algo.ctx)
 
 
-def test_auto_falls_back_to_sequential_with_one_notice(capsys):
+def _notices(caplog) -> list[str]:
+    """What the ``fedmtl`` logger said since the last call (and forget it)."""
+    out = [r.getMessage() for r in caplog.records if r.name == "fedmtl"]
+    caplog.clear()
+    return out
+
+
+def test_auto_falls_back_to_sequential_with_one_notice(caplog):
     cfg = parse_config(_config({"name": "fedavg"}, "auto"))
     data, algo = _own_solver(cfg.to_dict())
     sim = Simulator(algo, data, cfg, 1.0)
@@ -412,7 +421,7 @@ def test_auto_falls_back_to_sequential_with_one_notice(capsys):
     server, states = algo.init_server(), {}
     for r in (1, 2):
         server = sim.run_round(r, server, states).server
-    err = capsys.readouterr().err.strip().splitlines()
+    err = _notices(caplog)
     assert len(err) == 1
     assert (
         "runtime.execution = 'auto'" in err[0] and "algorithm 'solver' trains with its own solver" in err[0]
@@ -423,9 +432,9 @@ def test_auto_falls_back_to_sequential_with_one_notice(capsys):
     plain.ctx.models = {}
     plain.ctx.model = _Branchy().eval()
     assert Simulator(plain, data, cfg, 1.0).execution == "sequential"
-    assert "model _Branchy cannot be batched" in capsys.readouterr().err
+    assert "model _Branchy cannot be batched" in _notices(caplog)[0]
     assert build(cfg)[2].execution == "batched"
-    assert capsys.readouterr().err == ""
+    assert _notices(caplog) == []
 
 
 def test_batched_on_unsupported_algorithm_is_a_config_error(tmp_path):

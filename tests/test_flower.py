@@ -395,10 +395,12 @@ def test_a_client_exception_stops_the_run_naming_the_client(tmp_path, registered
         _flower_run(tmp_path, raw, LoopbackGrid(_nodes(2)))
     nodes = _nodes(2)
     nodes[0]["partition-id"] = "first"
-    with pytest.raises(
-        FlowerRunError, match=r"node 100 failed: .*partition-id = 'first': must be an integer"
+    with pytest.raises(  # found at the handshake, before any run folder: the node's own one line
+        FlowerRunError,
+        match=r"^node 100 cannot run this config: node_config: partition-id = 'first': must be an integer$",
     ):
         _flower_run(tmp_path / "2", raw, LoopbackGrid(nodes))
+    assert not (tmp_path / "2").exists()
 
 
 def test_each_node_reads_its_own_copy_of_the_data(tmp_path, shared_data):
@@ -412,8 +414,11 @@ def test_each_node_reads_its_own_copy_of_the_data(tmp_path, shared_data):
     nodes = [{**n, "data-dir": str(shared_data)} for n in _nodes(2)]
     assert_same_metrics(expected.run_dir, _flower_run(tmp_path, raw, LoopbackGrid(nodes)).run_dir)
     nodes[1]["data-dir"] = str(tmp_path / "nowhere")
-    with pytest.raises(FlowerRunError, match=r"client 1 \(node 101\) failed: .*nowhere.*does not exist"):
+    with pytest.raises(
+        FlowerRunError, match=r"node 101 \(client 1\) cannot run this config: .*nowhere.*does not exist"
+    ):
         _flower_run(tmp_path / "2", raw, LoopbackGrid(nodes))
+    assert not (tmp_path / "2" / "flower").exists()  # found at the handshake, before any folder
 
 
 def test_no_nodes_is_an_error_not_a_hang(tmp_path):
@@ -477,7 +482,10 @@ def test_the_app_ships_the_example_config():
 @pytest.mark.parametrize(
     ("rc", "message"),
     [
-        ({"rounds": 3}, "run config: unknown key 'rounds'; allowed: config, min-nodes, node-timeout"),
+        (
+            {"rounds": 3},
+            "run config: unknown key 'rounds'; allowed: accept-mismatch, config, min-nodes, node-timeout",
+        ),
         ({"round-timeout": "soon"}, "run config: round-timeout = 'soon': expected float"),
     ],
 )

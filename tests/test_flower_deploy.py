@@ -141,11 +141,41 @@ def test_four_sites_with_only_their_own_files_and_a_server_without_data(tmp_path
     print(f"\nfour sites: exchange per round {_round_times(run_dir)} s")
 
 
+def test_a_node_whose_files_do_not_match_federation_json_stops_flower_run_in_one_line(tmp_path, capsys):
+    """fedmtl flower run with node 1 holding node 0's client.npz: the node says why at the handshake,
+    the command exits 2 with that one line, no run folder is written and no process is left."""
+    from fedmtl.cli import main
+
+    overrides = [*OVERRIDES, "data.partition.num_clients=2"]
+    sites = tmp_path / "sites"
+    assert main(["flower", "split", str(EXAMPLE), str(sites), *(f"--set={o}" for o in overrides)]) == 0
+    shutil.copy(sites / "node-0" / "client.npz", sites / "node-1" / "client.npz")
+    capsys.readouterr()
+    out, work = tmp_path / "run", tmp_path / "flower"
+    argv = [
+        "flower",
+        "run",
+        str(EXAMPLE),
+        "--node-data",
+        str(sites),
+        "--out",
+        str(out),
+        "--workdir",
+        str(work),
+    ]
+    code = main([*argv, *(f"--set={o}" for o in overrides), "--timeout", "300"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1, err
+    assert "flower: node " in err and "(client 1) cannot run this config: data path " in err, err
+    assert "train samples, the federation description says" in err
+    assert not out.exists()
+
+
 def test_a_killed_superlink_and_serverapp_resume_to_the_uninterrupted_metrics(tmp_path, federation):
     """Kill the SuperLink (with its ServerApp) once round 2 is checkpointed, start it again, submit
     the run with resume = true: it finishes with the metrics of an uninterrupted run. Ditto, so the
     nodes' personal models must survive on their disks and repeated rounds start where they did."""
-    import pickle
+    from fedmtl.experiment.records import RunDir
 
     overrides = ["train.rounds=4", "train.local_steps=10", "algorithm.name=ditto"]
     expected = fedmtl.run(load_config(EXAMPLE, overrides), out=tmp_path / "inproc")
@@ -153,8 +183,8 @@ def test_a_killed_superlink_and_serverapp_resume_to_the_uninterrupted_metrics(tm
     run_dir = tmp_path / "flower-run"
     rc = _run_config(tmp_path, overrides, **{"round-timeout": 150.0})
     proc = fed.submit(APP, rc)
-    ckpt, deadline = run_dir / "checkpoint.pkl", time.monotonic() + 300
-    while not (ckpt.is_file() and pickle.loads(ckpt.read_bytes())["round"] >= 2):
+    ckpt, deadline = run_dir / "checkpoint.tree", time.monotonic() + 300
+    while not (ckpt.is_file() and RunDir(run_dir).load_checkpoint()["round"] >= 2):
         assert time.monotonic() < deadline and proc.popen.poll() is None, fed.logs()
         time.sleep(0.2)
     fed.kill_superlink()  # the ServerApp dies with it, mid-round 3 or 4
@@ -162,6 +192,8 @@ def test_a_killed_superlink_and_serverapp_resume_to_the_uninterrupted_metrics(tm
     proc.popen.wait(timeout=30)
     t0 = time.perf_counter()
     fed.restart_superlink()
+    dead = json.loads((run_dir / "flower-run.json").read_text())["flower_run_ids"][-1]
+    assert fed.stop_run(dead).returncode == 0  # so the SuperLink drops the dead run's queued messages
     resumed = fed.run(APP, {**rc, "resume": True}, timeout=400)
     assert resumed.returncode == 0 and (run_dir / "summary.json").is_file(), fed.logs()
     assert_same_metrics(expected.run_dir, run_dir)

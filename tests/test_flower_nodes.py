@@ -108,8 +108,13 @@ def test_a_node_failing_to_read_its_files_stops_the_run_naming_it(tmp_path):
     shutil.copy(sites / "node-0" / "client.npz", sites / "node-1" / "client.npz")
     from fedmtl.flower.server import FlowerRunError
 
-    with pytest.raises(FlowerRunError, match="client 1 \\(node 101\\) failed: .*client 1 has"):
+    with pytest.raises(  # at the handshake, before round 1 and before any run folder
+        FlowerRunError,
+        match=r"^node 101 \(client 1\) cannot run this config: data path .*node-1/client.npz: client 1 has "
+        r"\d+ train samples, the federation description says \d+$",
+    ):
         _flower_run(tmp_path, _server_raw(raw, sites), LoopbackGrid(_site_nodes(sites, 2)))
+    assert not (tmp_path / "flower").exists()
 
 
 def test_a_node_without_a_data_path_is_told_what_to_start_it_with(tmp_path):

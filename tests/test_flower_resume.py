@@ -52,7 +52,7 @@ def test_a_killed_server_resumes_to_the_metrics_of_an_uninterrupted_run(tmp_path
     first.on_push = _kill_at(killed_at)
     with pytest.raises(ServerKilled):
         FlowerServer(first, parse_config(raw), _fast()).run(out=out)
-    assert (out / "checkpoint.pkl").is_file()
+    assert (out / "checkpoint.tree").is_file()
     # a new ServerApp (a new Flower run: the nodes' context.state is empty), the same node disks
     second = LoopbackGrid(_nodes(3), state_dir=first.state_dir)
     res = run_on_grid(second, {"resume": True, "out": str(out), "round-timeout": 5.0, "node-timeout": 1.0,
@@ -146,3 +146,24 @@ def test_a_restarted_supernode_with_a_new_node_id_takes_over_its_client_and_stat
     got = FlowerServer(grid, parse_config(raw), _fast()).run(out=tmp_path / "flower")
     assert_same_metrics(expected.run_dir, got.run_dir)
     assert got.summary["nodes"]["1"] == 103
+
+
+def test_a_flower_resume_refuses_a_changed_config_unless_accepted_and_records_it(tmp_path):
+    import yaml
+
+    from fedmtl.errors import RunDirError
+
+    raw = _raw({"name": "fedavg"})
+    out = tmp_path / "flower"
+    first = LoopbackGrid(_nodes(3))
+    first.on_push = _kill_at("3")
+    with pytest.raises(ServerKilled):
+        FlowerServer(first, parse_config(raw), _fast()).run(out=out)
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
+    cfg["train"]["lr"] = 0.5  # someone else's config.yaml
+    (out / "config.yaml").write_text(yaml.safe_dump(cfg))
+    rc = {"resume": True, "out": str(out), "round-timeout": 5.0, "node-timeout": 1.0, "poll-interval": 0.01}
+    with pytest.raises(RunDirError, match=r"will not resume: config.yaml differs .*\(train.lr 0.1 -> 0.5\)"):
+        run_on_grid(LoopbackGrid(_nodes(3), state_dir=first.state_dir), rc)
+    res = run_on_grid(LoopbackGrid(_nodes(3), state_dir=first.state_dir), {**rc, "accept-mismatch": True})
+    assert res.summary["complete"] and "train.lr 0.1 -> 0.5" in (out / "resumes.jsonl").read_text()

@@ -70,7 +70,7 @@ def test_input_shape_makes_leaf_images_images_and_says_how_they_are_scaled(digit
     assert res.summary["data"]["input_shape"] == [1, 8, 8]
     assert res.final["accuracy_mean"] > 0.3  # chance is 0.1
     ran = yaml.safe_load((res.run_dir / "config.yaml").read_text())
-    assert ran["data"]["normalize"] == "none"  # LEAF pixels are stored in [0, 1]
+    assert ran["data"]["normalize"] == "channel"  # images: per channel, whatever their background
     assert ran["data"]["partition"]["kind"] == "natural"
     resumed = fedmtl.resume(res.run_dir)  # the resolved config reloads to the same run
     assert resumed.final["accuracy_mean"] == res.final["accuracy_mean"]
@@ -223,10 +223,14 @@ def test_fedmtl_datasets_states_what_normalize_does(capsys):
     from fedmtl.cli import main
 
     assert main(["datasets"]) == 0
-    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines()}
-    assert "auto: scale (images divided by their pixel maximum, to [0, 1])" in lines["mnist"]
-    assert "auto: standardize (per-feature (x - mean) / std" in lines["landmine"]
-    assert "auto: vectors standardize, images (data.input_shape) none, text none" in lines["leaf"]
+    lines = {line.split()[0]: line.split() for line in capsys.readouterr().out.splitlines() if line}
+    assert "channel" in lines["mnist"] and "channel" in lines["digits"]
+    assert "standardize" in lines["landmine"]
+    assert "scale" in lines["mnist_dense"]  # its derived targets are defined on [0, 1] pixels
+    assert " ".join(lines["leaf"]).count("vectors standardize, images (data.input_shape) channel, text none")
+    assert "channel: per-channel (x - mean) / std from the clients' federated mean and variance" in " ".join(
+        lines["normalize:"]
+    )
 
 
 def test_a_federation_exported_as_leaf_reads_back_with_its_split(tmp_path, roles):

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-PATHS = ["src", "tests", "benchmarks", "flower_app"]
+PATHS = ["src", "tests", "benchmarks", "flower_app", "tools"]
 
 
 def _ruff() -> list[str]:

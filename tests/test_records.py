@@ -54,7 +54,7 @@ def test_resume_after_sigkill_equals_uninterrupted_run(tmp_path):
     try:
         deadline = time.time() + 120
         while time.time() < deadline:
-            ckpt = killed / "checkpoint.pkl"
+            ckpt = killed / "checkpoint.tree"
             if ckpt.exists() and len((killed / "metrics.jsonl").read_text().splitlines()) > 60:
                 break
             if proc.poll() is not None:

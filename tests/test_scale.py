@@ -4,7 +4,6 @@ checkpoints that write only what changed."""
 
 from __future__ import annotations
 
-import pickle
 import subprocess
 import sys
 
@@ -200,9 +199,9 @@ def test_a_tiny_state_cache_spills_and_resumes_to_the_same_numbers(tmp_path, alg
     roomy = fedmtl.run(cfg(4, 1024), out=tmp_path / "roomy")
     tiny = fedmtl.run(cfg(4, 0.02), out=tmp_path / "tiny")  # ~1 personal model fits
     assert _stable(RunDir(tiny.run_dir).read_metrics()) == _stable(RunDir(roomy.run_dir).read_metrics())
-    ckpt = pickle.loads((tiny.run_dir / "checkpoint.pkl").read_bytes())
+    ckpt = RunDir(tiny.run_dir).load_checkpoint()
     assert ckpt["clients"]["format"] == "segments"  # states live beside the checkpoint, not in it
-    assert len((tiny.run_dir / "checkpoint.pkl").read_bytes()) < 20_000
+    assert len((tiny.run_dir / "checkpoint.tree").read_bytes()) < 20_000
     states = read_states(tiny.run_dir)
     assert set(states) == set(read_states(roomy.run_dir)) and len(states) >= 4
     half = fedmtl.run(cfg(2, 0.02), out=tmp_path / "half")

@@ -61,7 +61,7 @@ def test_flower_row_is_skipped_with_a_note_when_flwr_is_missing(monkeypatch, tmp
     work = SimpleNamespace(data=SimpleNamespace(num_clients=3))
     res = throughput.run_flower(work, tmp_path)  # type: ignore[arg-type]
     assert res.skipped
-    assert "flwr is not installed" in res.note and "flwr[simulation]>=1.41,<1.42" in res.note
+    assert "flwr is not installed" in res.note and "flwr[simulation]>=1.42,<1.43" in res.note
 
 
 @pytest.mark.parametrize("clients", [4, 40])

@@ -11,6 +11,7 @@ if TYPE_CHECKING:
 
     from fedmtl.config import Config
     from fedmtl.experiment.run import RunResult
+    from fedmtl.experiment.seeds import ExperimentResult
 
 
 def run(config: Config | dict[str, Any] | str | Path, out: str | Path | None = None) -> RunResult:
@@ -32,4 +33,28 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     return _load(path, overrides)
 
 
-__all__ = ["__version__", "load_config", "resume", "run"]
+def run_seeds(
+    config: Config | dict[str, Any] | str | Path, seeds: list[int], out: str | Path | None = None
+) -> ExperimentResult:
+    """Run a config once per seed under one experiment folder (``fedmtl run --seeds``)."""
+    from fedmtl.experiment.seeds import run_seeds as _run_seeds
+
+    return _run_seeds(config, seeds, out=out)
+
+
+def load_run(run_dir: str | Path, kind: str | None = "round") -> Any:
+    """A run's rows of ``kind`` (round, client, train, new_client; None: all) as a pandas DataFrame,
+    or a list of dicts without pandas."""
+    from fedmtl.experiment.results import load_run as _load_run
+
+    return _load_run(run_dir, kind)
+
+
+def load_experiment(path: str | Path, kind: str | None = "round") -> Any:
+    """Every seed's rows of an experiment folder (or every run in a folder), stacked."""
+    from fedmtl.experiment.results import load_experiment as _load_experiment
+
+    return _load_experiment(path, kind)
+
+
+__all__ = ["__version__", "load_config", "load_experiment", "load_run", "resume", "run", "run_seeds"]

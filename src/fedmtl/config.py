@@ -100,7 +100,13 @@ class EvalConfig(Strict):
 class OutputConfig(Strict):
     dir: str = "runs"
     checkpoint_every: int = Field(1, ge=1)
+    #: a bar on a terminal, else one line per evaluated round on stderr (the ``fedmtl`` logger)
     progress: bool = True
+    #: round rows as TensorBoard scalars in ``<run>/tensorboard`` (the ``tensorboard`` extra)
+    tensorboard: bool = False
+    #: client states left once the run is complete: all (as checkpointed), final (each client's
+    #: last state only) or none
+    client_states: Literal["all", "final", "none"] = "all"
 
 
 class Config(Strict):

@@ -22,6 +22,7 @@ from fedmtl.algorithms.base import AlgoContext, AlgoParams, Algorithm, ClientWor
 from fedmtl.algorithms.reduce import Aggregate, Reduce
 from fedmtl.data.federated import ClientData
 from fedmtl.errors import ConfigError
+from fedmtl.mocha._jit import require as require_numba
 from fedmtl.mocha.losses import Loss, get_loss
 from fedmtl.mocha.omega import initial_structure, quad
 from fedmtl.mocha.server import DEFAULT_LAMBDA, apply_update, relearn_omega
@@ -58,6 +59,7 @@ class Mocha(Algorithm):
 
     def __init__(self, params: AlgoParams, ctx: AlgoContext) -> None:
         super().__init__(params, ctx)
+        require_numba()
         p: MochaParams = self.p  # type: ignore[assignment]
         keys = set(ctx.init_arrays)
         if type(ctx.model).__name__ != "Linear" or keys != {"head.weight", "head.bias"}:

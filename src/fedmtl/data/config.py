@@ -77,7 +77,7 @@ PartitionKind = Literal[
     "iid", "dirichlet", "shards", "quantity", "target", "covariate", "resample", "natural"
 ]
 #: what ``data.normalize`` may say; ``auto`` resolves per dataset (``fedmtl datasets`` lists it)
-Normalize = Literal["auto", "standardize", "scale", "none"]
+Normalize = Literal["auto", "standardize", "channel", "scale", "none"]
 
 
 class PartitionConfig(Strict):
@@ -112,12 +112,14 @@ class DataConfig(Strict):
     partition: PartitionConfig = PartitionConfig()
     test_fraction: float = Field(0.25, gt=0, lt=1)
     #: each client's validation rows, carved from its training data (0: none); hyper-parameters and the
-    #: best round are chosen on them (``fedmtl tune``)
-    val_fraction: float = Field(0.0, ge=0, lt=1)
+    #: best round are chosen on them (``fedmtl tune``). At most half: beyond that a client trains on
+    #: fewer rows than it validates on (0.99 leaves one or two training rows per client)
+    val_fraction: float = Field(0.0, ge=0, le=0.5)
     global_test_fraction: float = Field(0.2, gt=0, lt=1)
-    #: standardize: per-feature (x - mean) / std over the clients' pooled training rows; scale:
-    #: images divided by the dataset's pixel maximum, to [0, 1]; none: values as stored; auto: the
-    #: dataset's choice (``fedmtl datasets``), written resolved into the run's config.yaml
+    #: standardize: per-feature (x - mean) / std; channel: the same per image channel (both from the
+    #: clients' federated mean and variance, never pooled rows); scale: images divided by the
+    #: dataset's pixel maximum, to [0, 1]; none: values as stored; auto: channel for images,
+    #: standardize for vectors, none for text, written resolved into the run's config.yaml
     normalize: Normalize = "auto"
     #: the shape of one sample, e.g. [1, 28, 28] for flattened LEAF images (image models need it)
     input_shape: list[int] | None = Field(None, min_length=1)

@@ -11,6 +11,7 @@ from ``np.random.default_rng([seed, RNG_CORRUPT, client, purpose])``, so a seed 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from functools import lru_cache
 from typing import TYPE_CHECKING
@@ -179,6 +180,7 @@ def corrupt_client(
     seed: int,
     noisy: bool,
     malicious: bool,
+    to_model: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> ClientData:
     """One client's corrupted copy with its ``Corruption`` record (the input is not modified).
 
@@ -203,7 +205,8 @@ def corrupt_client(
         if len(open_idx):
             orng = np.random.default_rng([seed, RNG_CORRUPT, client.cid, _OPEN])
             x = x.copy()
-            x[open_idx] = open_set_images(len(open_idx), x.shape[1:], orng, cfg.open_set_source)
+            subs = open_set_images(len(open_idx), x.shape[1:], orng, cfg.open_set_source)
+            x[open_idx] = subs if to_model is None else to_model(subs)  # [0, 1] pixels as the model sees them
             kind[open_idx] = OPEN_SET
     if malicious:
         if not cls:
@@ -240,15 +243,22 @@ def corrupt_client(
 
 
 def corrupt_clients(
-    clients: list[ClientData], cfg: CorruptConfig, seed: int, train_clients: list[int]
+    clients: list[ClientData],
+    cfg: CorruptConfig,
+    seed: int,
+    train_clients: list[int],
+    to_model: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[list[ClientData], dict]:
-    """Apply ``data.corrupt`` to a federation; returns the clients and a summary for ``data.info``."""
+    """Apply ``data.corrupt`` to a federation; returns the clients and a summary for ``data.info``.
+    ``to_model`` maps open-set images, made as [0, 1] pixels, into the samples' normalisation."""
     if not cfg.enabled:
         return clients, {}
     noisy = set(noisy_clients(cfg, train_clients, seed))
     bad = set(malicious_clients(cfg.backdoor, train_clients, seed))
     out = [
-        corrupt_client(c, cfg, seed, c.cid in noisy, c.cid in bad) if (c.cid in noisy or c.cid in bad) else c
+        corrupt_client(c, cfg, seed, c.cid in noisy, c.cid in bad, to_model)
+        if (c.cid in noisy or c.cid in bad)
+        else c
         for c in clients
     ]
     totals: dict[str, int] = {name: 0 for name in KIND_NAMES.values()}

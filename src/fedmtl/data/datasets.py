@@ -23,12 +23,15 @@ from fedmtl.data.corrupt import corrupt_clients
 from fedmtl.data.federated import ClientData, FederatedData, TaskSpec
 from fedmtl.data.formats import file_error, read_idx_gz, read_mat_tasks
 from fedmtl.data.leaf import read_leaf
+from fedmtl.data.moments import normalise, standardiser, statistics
 from fedmtl.data.paths import HOW_TO_SET, resolve_data_dir
 from fedmtl.data.raw import Clients, ClientSplits, Pooled, Raw
+from fedmtl.data.recorded import as_written
 from fedmtl.data.resample import resample as resample_clients
 from fedmtl.data.tasks import assign_tasks
 from fedmtl.data.validation import carve_all
 from fedmtl.errors import ConfigError, DataError
+from fedmtl.registration import described, same_definition
 
 EMBEDDED = "embedded (scikit-learn)"
 POOLED_KINDS = ("iid", "dirichlet", "shards", "quantity", "target", "covariate", "resample")
@@ -55,6 +58,8 @@ class DatasetSpec:
     #: Per-client task derivation after scaling (``data.tasks`` passed through): returns the new
     #: clients and facts for ``info``. Datasets whose clients learn different derived tasks use it.
     derive: Callable[[list[ClientData], list[str] | None, int], tuple[list[ClientData], dict]] | None = None
+    #: what ``data.normalize: auto`` means for this dataset when its tasks fix it (None: by layout)
+    auto: str | None = None
 
     @property
     def image(self) -> bool:
@@ -215,6 +220,7 @@ REGISTRY: dict[str, DatasetSpec] = {
             10,
             255.0,
             derive=_dense_tasks,
+            auto="scale",  # its derived targets (foreground, edges, clean image) are defined on [0, 1]
         ),
         DatasetSpec(
             "landmine",
@@ -456,11 +462,6 @@ def _pooled_groups(
     return [(f"client_{i:03d}", x[idx], y[idx]) for i, idx in enumerate(parts)], gx, gy
 
 
-def _standardiser(a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    mean, std = a.mean(axis=0), a.std(axis=0)
-    return mean, np.where(std > 0, std, 1.0)
-
-
 @dataclass(frozen=True)
 class Layout:
     """How samples look once loaded: their shape, whether they are images or token ids, and the
@@ -475,18 +476,18 @@ class Layout:
         return not self.text and len(self.shape) > 1
 
 
-def auto_normalize(spec: DatasetSpec, image: bool, text: bool) -> str:
-    """What ``data.normalize: auto`` means for a dataset: images scaled to [0, 1] by their pixel
-    maximum (as stored when that is 1), token ids as they are, vector features standardised."""
+def auto_normalize(image: bool, text: bool) -> str:
+    """What ``data.normalize: auto`` means: images standardised per channel (dark or light
+    background alike: the background lands near zero either way), token ids as they are, vector
+    features standardised per feature."""
     if text:
         return "none"
-    if image:
-        return "scale" if spec.pixel_max != 1.0 else "none"
-    return "standardize"
+    return "channel" if image else "standardize"
 
 
 NORMALIZE_NOTES = {
-    "standardize": "per-feature (x - mean) / std over the clients' pooled training rows",
+    "standardize": "per-feature (x - mean) / std from the clients' federated mean and variance",
+    "channel": "per-channel (x - mean) / std from the clients' federated mean and variance",
     "scale": "images divided by their pixel maximum, to [0, 1]",
     "none": "values as stored",
 }
@@ -504,17 +505,17 @@ def _layout(spec: DatasetSpec, cfg: DataConfig, features: tuple[int, ...], text:
     image = not text and len(shape) > 1
     norm = cfg.normalize
     if norm == "auto":
-        norm = auto_normalize(spec, image, text)
+        norm = spec.auto or auto_normalize(image, text)
     elif text and norm != "none":
         raise ConfigError(
             f"config: data.normalize = {norm!r}: dataset {spec.name!r} holds text as token ids; "
             "use 'none' or 'auto'"
         )
-    elif norm == "scale" and not image:
+    elif norm in ("scale", "channel") and not image:
+        what = "divides images by their pixel maximum" if norm == "scale" else "standardises image channels"
         raise ConfigError(
-            f"config: data.normalize = 'scale': divides images by their pixel maximum, and dataset "
-            f"{spec.name!r} has vector samples {list(shape)}; use 'standardize', 'none' or 'auto' "
-            "(or data.input_shape for flattened images)"
+            f"config: data.normalize = {norm!r}: {what}, and dataset {spec.name!r} has vector samples "
+            f"{list(shape)}; use 'standardize', 'none' or 'auto' (or data.input_shape for flattened images)"
         )
     return Layout(shape, text, norm)
 
@@ -527,30 +528,31 @@ def _finalise(
     layout: Layout,
     num_classes: int | None,
 ) -> tuple[list[Split], np.ndarray | None, np.ndarray | None, TaskSpec, dict[str, Any]]:
-    """Scale features/targets with pooled client-train statistics, shape samples, fix dtypes."""
+    """Scale features/targets with the clients' federated training statistics, shape samples, fix
+    dtypes."""
     info: dict[str, Any] = {}
-    fmean: Any = 0.0
-    fstd: Any = 1.0
-    standardize = layout.normalize == "standardize"
-    if standardize:
-        fmean, fstd = _standardiser(np.concatenate([s[1] for s in splits]))
+    shape = layout.shape
+    stats = None
+    if layout.normalize in ("standardize", "channel"):
+        channels = shape[0] if layout.normalize == "channel" else None
+        stats = statistics(layout.normalize, *standardiser((s[1] for s in splits), channels))
+        info["normalization"] = stats
     train_y = np.concatenate([s[2] for s in splits])
     all_y = np.concatenate([train_y, *(s[4] for s in splits)])
     if spec.task == "regression":
-        tmean, tstd = (float(v) for v in _standardiser(train_y.astype(np.float64)))
+        tmean, tstd = (float(v[0]) for v in standardiser(s[2].reshape(-1, 1) for s in splits))
         task = TaskSpec("regression", 1, spec.name, tmean, tstd)
     else:
         tmean, tstd = 0.0, 1.0
         n_cls = num_classes or spec.num_classes or max(2, int(all_y.max()) + 1)
         task = TaskSpec("classification", n_cls, spec.name)
         info["num_classes"] = n_cls
-    shape = layout.shape
 
     def fx(x: np.ndarray) -> np.ndarray:
+        if stats is not None:
+            return normalise(x, stats, shape)
         if layout.normalize == "scale":
             x = x.astype(np.float32) / np.float32(spec.pixel_max)
-        elif standardize:
-            x = (x - fmean) / fstd
         return x.astype(np.float32, copy=not x.flags.writeable).reshape(len(x), *shape)
 
     def fy(y: np.ndarray) -> np.ndarray:
@@ -627,14 +629,18 @@ def _resampled(
     counts = np.bincount(train_idx, minlength=len(y)).astype(np.float64)  # the clients' train rows
     total = counts.sum()
     info: dict[str, Any] = {}
-    flat = x.reshape(len(x), -1)
-    if layout.normalize == "standardize":
-        mean = counts @ flat / total
-        std = np.sqrt(np.maximum(counts @ np.square(flat - mean) / total, 0.0))
-        std = np.where(std > 0, std, 1.0)
+    # Each pool row weighted by how many clients hold it: the clients' federated moments.
+    if layout.normalize in ("standardize", "channel"):
+        groups = layout.shape[0] if layout.normalize == "channel" else int(np.prod(layout.shape))
+        rows = x.reshape(len(x), groups, -1)  # (pool, groups, values per group)
+        weight = counts.reshape(-1, 1, 1) / (total * rows.shape[2])
+        mean = (weight * rows).sum(axis=(0, 2))
+        std = np.sqrt((weight * np.square(rows - mean.reshape(1, -1, 1))).sum(axis=(0, 2)))
+        stats = statistics(layout.normalize, mean, std)
+        info["normalization"] = stats
 
         def fx(a: np.ndarray) -> np.ndarray:
-            return ((a.reshape(len(a), -1) - mean) / std).astype(np.float32).reshape(len(a), *layout.shape)
+            return normalise(a, stats, layout.shape)
     else:
         div = np.float32(spec.pixel_max if layout.normalize == "scale" else 1.0)
 
@@ -669,6 +675,7 @@ def _features(x: np.ndarray) -> tuple[int, ...]:
 
 def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     """Load ``cfg.dataset`` and split it into clients, reproducibly for a given ``seed``."""
+    cfg = as_written(cfg)  # a store or LEAF export read with the config that wrote it
     spec = get_spec(cfg.dataset)
     _check_partition(spec, cfg.partition.kind or ("natural" if spec.kind == "natural" else "dirichlet"))
     if spec.name == "store":
@@ -720,7 +727,11 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if cfg.corrupt.enabled:
         held = set(holdout)
         clients, info["corrupt"] = corrupt_clients(
-            clients, cfg.corrupt, seed, [c.cid for c in clients if c.cid not in held]
+            clients,
+            cfg.corrupt,
+            seed,
+            [c.cid for c in clients if c.cid not in held],
+            _pixels_as_samples(spec, layout, info.get("normalization")) if layout.image else None,
         )
     info.update(
         partition=cfg.partition.kind,
@@ -731,6 +742,21 @@ def load_federated(cfg: DataConfig, seed: int) -> FederatedData:
     if vocab is not None:
         info["vocab"] = "".join(vocab)
     return FederatedData(spec.name, clients, shape, task, gx, gy, source, info, holdout, vocab=vocab)
+
+
+def _pixels_as_samples(
+    spec: DatasetSpec, layout: Layout, stats: dict[str, Any] | None
+) -> Callable[[np.ndarray], np.ndarray]:
+    """[0, 1] pixels (what the corruption harness makes) as this dataset's samples are normalised."""
+
+    def to_model(x01: np.ndarray) -> np.ndarray:
+        raw = np.asarray(x01, dtype=np.float64) * spec.pixel_max
+        if stats is not None:
+            return normalise(raw, stats, layout.shape)
+        scale = 1.0 if layout.normalize == "scale" else spec.pixel_max
+        return (np.asarray(x01, dtype=np.float32) * np.float32(scale)).reshape(len(raw), *layout.shape)
+
+    return to_model
 
 
 def _no_validation(cfg: DataConfig, what: str) -> None:
@@ -878,13 +904,9 @@ def normalize_note(spec: DatasetSpec) -> str:
     if spec.name == "federation":
         return "as the nodes' files hold it (federation.json records it)"
     if spec.load is not None or spec.name == "leaf":
-        return (
-            "auto: vectors standardize, images (data.input_shape) "
-            + ("scale" if spec.pixel_max != 1.0 else "none")
-            + ", text none"
-        )
+        return "auto: vectors standardize, images (data.input_shape) channel, text none"
     shape = spec.input_shape
-    mode = auto_normalize(spec, shape is not None and len(shape) > 1, False)
+    mode = spec.auto or auto_normalize(shape is not None and len(shape) > 1, False)
     return f"auto: {mode} ({NORMALIZE_NOTES[mode]})"
 
 
@@ -955,11 +977,16 @@ def register_dataset(
     (one sample set per client, split by ``data.test_fraction``) or ``ClientSplits`` (per-client
     train and test sets as given); both of the latter are ``kind='natural'``. Everything after
     loading (normalisation, input shape, tasks, corruption, hold-out clients) is as for the
-    built-in datasets."""
+    built-in datasets. Registering the same function again (a notebook cell run twice) replaces
+    the earlier registration; another function under a taken name needs ``replace=True``."""
 
     def add(fn: Callable[[DataConfig], Raw]) -> Callable[[DataConfig], Raw]:
-        if name in REGISTRY and not replace:
-            raise ValueError(f"dataset {name!r} is already registered; pass replace=True to replace it")
+        known = REGISTRY.get(name)
+        if known is not None and not replace and not same_definition(known.load, fn):
+            raise ValueError(
+                f"dataset {name!r} is already registered; pass replace=True to replace it (registered: "
+                f"{described(known.load or known.read)})"
+            )
         REGISTRY[name] = DatasetSpec(
             name,
             kind,

@@ -10,7 +10,9 @@ description to the nodes, and each node reads only its own client's rows (``node
 
 Node files hold rows as the model takes them: the description's ``normalize`` says what was applied
 before they were written (``fedmtl flower split`` applies the config's normalisation once, as
-``fedmtl pack`` does), and a node applies nothing."""
+``fedmtl pack`` does), and a node applies nothing. LEAF JSON is the exception: it is read as LEAF's
+scripts wrote it, so a node applies the normalisation the description records (the clients'
+federated mean and standard deviation), exactly as the in-process loader does."""
 
 from __future__ import annotations
 
@@ -259,6 +261,12 @@ def node_client(path: Path, desc: FederatedData, cid: int) -> ClientData:
         arrays = dict(zip(ARRAYS, (c.x_train, c.y_train, c.x_test, c.y_test), strict=True))
     elif path.is_dir():
         arrays = _leaf_user(path, desc, cid)
+        stats = desc.info.get("normalization")
+        if stats is not None:  # raw as LEAF stores it: the federation's map, as loading applies it
+            from fedmtl.data.moments import normalise
+
+            for key in ("x_train", "x_test"):
+                arrays[key] = normalise(arrays[key], stats, desc.input_shape)
     else:
         raise DataError(
             f"data path {path}: not found, or not a {NODE_FILE}, a .npz, a client store or a LEAF directory"

@@ -1,17 +1,19 @@
 """Write a federation as LEAF data: ``train/`` and ``test/`` JSON shards, one user per client, each
 with its own train and test samples (``fedmtl pack --format leaf``). ``data: {dataset: leaf, file:
-OUT}`` reads it back with the same split; images are written flattened (give ``data.input_shape``
-to read them as images), text as the strings its token ids stand for."""
+OUT}`` reads it back with the same split; images are written flattened (``fedmtl.json`` beside them
+gives their shape back), text as the strings its token ids stand for."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from fedmtl.data import new_dir
 from fedmtl.data.federated import ClientData, FederatedData
+from fedmtl.data.recorded import SIDECAR, sidecar
 from fedmtl.errors import DataError
 
 DIGITS = 6  # significant digits of exported features
@@ -34,8 +36,12 @@ def _y(c: ClientData, split: str, vocab: list[str] | None) -> list:
     return [float(v) * c.task.target_std + c.task.target_mean for v in y]  # original units
 
 
-def write_leaf(data: FederatedData, out: Path, shards: int = 1) -> Path:
-    """LEAF's layout under ``out`` (new or empty); users named after the clients."""
+def write_leaf(
+    data: FederatedData, out: Path, shards: int = 1, provenance: dict[str, Any] | None = None
+) -> Path:
+    """LEAF's layout under ``out`` (new or empty); users named after the clients. Beside it,
+    ``fedmtl.json`` records the sample shape, the normalisation already applied and ``provenance``
+    (the data config it was made from), so reading it back with that config gives these samples."""
     out = Path(out)
     if len(data.tasks) > 1:
         raise DataError("LEAF export: LEAF holds one task; this federation has several (data.tasks)")
@@ -52,4 +58,5 @@ def write_leaf(data: FederatedData, out: Path, shards: int = 1) -> Path:
                 doc["num_samples"].append(len(ys))
                 doc["user_data"][c.name] = {"x": _x(c, split, data.vocab), "y": ys}
             (tmp / split / f"{data.name}_{s}_{split}.json").write_text(json.dumps(doc))
+    (tmp / SIDECAR).write_text(json.dumps(sidecar(data, provenance or {}), default=str))
     return new_dir.commit(tmp, out)

@@ -100,8 +100,9 @@ def _load(path: Path, mmap: bool) -> np.ndarray:
         return np.load(path, mmap_mode="c" if mmap else None, allow_pickle=False)
     except FileNotFoundError:
         raise DataError(f"client store {path.parent}: missing {path.name}") from None
-    except ValueError as exc:
-        raise DataError(f"data file {path}: not a readable .npy array ({exc})") from None
+    except (ValueError, EOFError, OSError) as exc:  # a cut or empty file (EOFError: zero bytes)
+        why = "empty or cut short" if isinstance(exc, EOFError) else str(exc)
+        raise DataError(f"data file {path}: not a readable .npy array ({why})") from None
 
 
 def open_store(path: Path) -> FederatedData:

@@ -6,6 +6,7 @@ temporary folder unless ``--out`` names one, so quick tables never replace measu
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tempfile
@@ -47,6 +48,52 @@ def commands(root: Path, out: Path, quick: bool) -> list[list[str]]:
                 ]
             )
     return cmds
+
+
+def quick_out(name: str) -> Path:
+    """Where ``fedmtl bench NAME --quick`` writes without ``--out``: a new temporary folder (a file
+    in it for benchmarks that write one table)."""
+    folder = Path(tempfile.mkdtemp(prefix=f"fedmtl-bench-{name}-quick-"))
+    return folder if name in FOLDER_OUT else folder / f"{name}.md"
+
+
+#: the measured line every full table carries (``_provenance.line``): its cores and wall time
+_STAMP = re.compile(r"^Written by `(?P<cmd>[^`]+)`.*?(?P<cores>\d+) cores.*?(?P<min>[\d.]+) min wall", re.M)
+
+
+def _summary(path: Path) -> str:
+    """The first sentence of a benchmark's docstring."""
+    text = path.read_text(encoding="utf-8")
+    m = re.search(r'^"""(.+?)(?:\.\s|\n\n|""")', text, re.S)
+    return " ".join(m.group(1).split()) if m else ""
+
+
+def measured(root: Path, name: str) -> str:
+    """How long the last full run took, from its table's provenance line (``41.2 min on 2 cores``)."""
+    table = root / "results" / f"{name}.md"
+    if not table.is_file():
+        return "not measured yet"
+    m = _STAMP.search(table.read_text(encoding="utf-8"))
+    if m is None:
+        return "not recorded"
+    return (
+        f"{float(m['min']):.0f} min on {m['cores']} cores"
+        if float(m["min"]) >= 1
+        else (f"{float(m['min']) * 60:.0f} s on {m['cores']} cores")
+    )
+
+
+def listing(root: Path) -> str:
+    """``fedmtl bench --list``: every benchmark, how long its last full run took, what it measures."""
+    names = benchmarks(root)
+    rows = [(n, measured(root, n), _summary(root / f"{n}.py")) for n in names]
+    w0, w1 = max(len(r[0]) for r in rows), max(len(r[1]) for r in rows)
+    lines = [
+        f"{'benchmark':<{w0}}  {'full run took':<{w1}}  what it measures",
+        *(f"{n:<{w0}}  {t:<{w1}}  {d}" for n, t, d in rows),
+    ]
+    lines.append("(--quick: a smoke test of a few minutes or less, written to a temporary folder)")
+    return "\n".join(lines)
 
 
 def run_all(root: Path, quick: bool, out: Path | None = None) -> Path:

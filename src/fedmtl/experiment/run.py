@@ -5,19 +5,20 @@ same computation, so a killed and resumed run ends with the metrics of an uninte
 
 from __future__ import annotations
 
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from fedmtl.algorithms import AlgoContext, Algorithm, get_algorithm
 from fedmtl.config import Config, parse_config
 from fedmtl.data import load_federated
 from fedmtl.data.federated import FederatedData
 from fedmtl.errors import ConfigError
+from fedmtl.experiment import outputs
+from fedmtl.experiment.identity import check_resume, run_identity
+from fedmtl.experiment.progress import Watch, log
 from fedmtl.experiment.records import RunDir
 from fedmtl.features import apply_features
 from fedmtl.metrics import primary_metric
@@ -148,27 +149,56 @@ def _as_config(config: Config | dict[str, Any] | str | Path) -> Config:
     return parse_config(config)
 
 
+def runs_a_round(algo: Algorithm) -> None:
+    """Refuse (one line, before any folder exists) a config whose run would stop before round 1,
+    e.g. a privacy budget below what the first round spends."""
+    why = algo.stop_reason(algo.init_server(), 1)
+    if why is not None:
+        raise ConfigError(f"config: the run would stop before round 1: {why}")
+
+
 def run(config: Config | dict[str, Any] | str | Path, out: str | Path | None = None) -> RunResult:
     """Run a config end to end in a new run directory (``out`` or ``output.dir/<name>-<time>``)."""
     cfg = _as_config(config)
+    outputs.check(cfg)
     data, algo, sim = build(cfg)  # fail on bad data before creating any directory
+    runs_a_round(algo)
     cfg = as_ran(cfg, data)
-    rd = RunDir.create(cfg.output.dir, cfg.name, cfg.seed, out)
-    rd.write_config(cfg.to_dict())
-    return _loop(cfg, rd, data, algo, sim, checkpoint=None)
+    rd = RunDir.create(cfg.output.dir, folder_name(cfg), cfg.seed, out)
+    try:
+        rd.identity = run_identity(cfg, data, algo)
+        rd.write_config(cfg.to_dict())
+        return _loop(cfg, rd, data, algo, sim, checkpoint=None)
+    finally:
+        rd.release()
 
 
-def resume(run_dir: str | Path) -> RunResult:
-    """Continue a run from its last checkpoint; a finished run is returned as it is."""
-    rd = RunDir.open(run_dir)
-    cfg = parse_config(rd.read_config())
-    summary = rd.read_summary()
-    if summary is not None and summary.get("complete"):
-        return _result(rd, summary)
-    data, algo, sim = build(cfg)
-    ckpt = rd.load_checkpoint()
-    rd.truncate_metrics(ckpt["round"] if ckpt else 0)
-    return _loop(cfg, rd, data, algo, sim, checkpoint=ckpt)
+def folder_name(cfg: Config) -> str:
+    """An auto-named run folder says which algorithm ran (``fedmtl-digits-ditto-<time>-s0``)."""
+    algo = cfg.algorithm.name
+    return cfg.name if algo in cfg.name.split("-") else f"{cfg.name}-{algo}"
+
+
+def resume(run_dir: str | Path, accept_mismatch: bool = False) -> RunResult:
+    """Continue a run from its last checkpoint; a finished run is returned as it is. A folder whose
+    config, data or model no longer match its checkpoint is refused unless ``accept_mismatch``
+    (recorded in the folder)."""
+    rd = RunDir.open(run_dir, lock=True)
+    try:
+        cfg = parse_config(rd.read_config())
+        summary = rd.read_summary()
+        if summary is not None and summary.get("complete"):
+            return _result(rd, summary)
+        ckpt = rd.load_checkpoint()
+        data, algo, sim = build(cfg)
+        rd.identity = run_identity(cfg, data, algo)
+        accepted = check_resume(str(rd.path), ckpt and ckpt.get("identity"), rd.identity, accept_mismatch)
+        if accepted:
+            rd.record_resume(accepted)
+        rd.truncate_metrics(ckpt["round"] if ckpt else 0)
+        return _loop(cfg, rd, data, algo, sim, checkpoint=ckpt)
+    finally:
+        rd.release()
 
 
 def _result(rd: RunDir, summary: dict[str, Any]) -> RunResult:
@@ -204,31 +234,28 @@ def _loop(
         )
     sim.transport.states = states
     metric, _ = primary_metric(data.task)
-    bar = tqdm(
-        total=cfg.train.rounds,
-        initial=progress.start - 1,
-        desc=cfg.name,
-        unit="round",
-        file=sys.stderr,
-        disable=not cfg.output.progress or not sys.stderr.isatty(),
-        dynamic_ncols=True,
-        leave=False,
-    )
+    verb = "continuing" if checkpoint is not None else "run folder"
+    log.info(f"{verb} {rd.path}" + (f" after round {progress.start - 1}" if checkpoint else ""))
+    watch = Watch(cfg.name, metric, progress.start, cfg.train.rounds, progress.elapsed, cfg.output.progress)
+    board = outputs.board(cfg, rd.path, progress.start)
 
     def on_row(row: dict[str, Any]) -> None:
-        bar.update(1)
-        if f"{metric}_mean" in row:
-            bar.set_postfix({metric: f"{row[f'{metric}_mean']:.4f}"})
+        watch.row(row)
+        if board is not None:
+            board.row(row)
 
-    def log(text: str) -> None:
-        print(f"fedmtl: {cfg.name}: {text}", file=sys.stderr)
+    def say(text: str) -> None:
+        log.warning(f"{cfg.name}: {text}")
 
     loop = RunLoop(
-        cfg, algo, data, lambda r, server: sim.run_round(r, server, states), sim.transport, rd, log, on_row
+        cfg, algo, data, lambda r, server: sim.run_round(r, server, states), sim.transport, rd, say, on_row
     )
     try:
         with device.using(sim.device):  # evaluations too, not only the rounds
             summary = loop.run(progress)
     finally:
-        bar.close()
+        watch.close()
+        if board is not None:
+            board.close()
+    outputs.finish(rd, cfg, states)
     return _result(rd, summary)

@@ -94,6 +94,11 @@ def tune(
         start = load_yaml(config) if config is not None else {}
     raw = apply_overrides(start, overrides or [])
     base = parse_config(raw)
+    if base.data.val_fraction == 0 and "val_fraction" in (raw.get("data") or {}):
+        raise ConfigError(
+            "tune: data.val_fraction = 0 means no validation rows, and tune chooses on them; set it in "
+            f"(0, 0.5], or leave it unset for {DEFAULT_VAL_FRACTION}"
+        )
     val_fraction = base.data.val_fraction or DEFAULT_VAL_FRACTION
     raw = apply_overrides(raw, [f"data.val_fraction={val_fraction}", "output.progress=false"])
     grid = parse_grid(grid_items)

@@ -1,4 +1,4 @@
-"""Run fedmtl algorithms, unchanged, on the Flower deployment engine (``pip install fedmtl[flower]``).
+"""Run fedmtl algorithms, unchanged, on the Flower deployment engine (the ``flower`` extra).
 
 Only this subpackage imports ``flwr``, and only when its apps are built: ``fedmtl.flower.cli`` (the
 ``fedmtl flower`` command) and ``fedmtl.flower.local`` (a loopback deployment) work without it."""

@@ -233,7 +233,10 @@ def _cmd_local(a: argparse.Namespace) -> int:
 
 def _cmd_run(a: argparse.Namespace) -> int:
     if importlib.util.find_spec("flwr") is None:
-        raise FedmtlError("flower: Flower is not installed; pip install 'fedmtl[flower]'")
+        raise FedmtlError(
+            "flower: Flower is not installed; install fedmtl's 'flower' extra (pip install '.[flower]' in "
+            "the fedmtl clone)"
+        )
     app = find_app(a.app)
     rc = _run_config(a)
     nodes = _num_nodes(a, app)
@@ -249,6 +252,9 @@ def _cmd_run(a: argparse.Namespace) -> int:
             proc = fed.run(app, rc, timeout=a.timeout)
             summary_path = Path(rc["out"]) / "summary.json"
             if proc.returncode != 0 or not summary_path.is_file():
+                reason = [x for x in proc.stdout.splitlines() if "[fedmtl] error: " in x]
+                if reason:  # the ServerApp's one line (bad input), without Flower's traceback
+                    raise FedmtlError(f"flower: {reason[-1].split('[fedmtl] error: ', 1)[1]}")
                 tail = "\n".join(proc.stdout.splitlines()[-30:])
                 raise local.DeploymentError(
                     f"flower: the run failed (flwr run exit {proc.returncode}):\n{tail}"

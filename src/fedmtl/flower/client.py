@@ -7,8 +7,11 @@ ClientApp process for every message, and a restarted node or resumed server must
 latest copy in ``context.state``. Randomness is the simulator's ``Stream(seed, TRAIN, round, client)``,
 so a node draws exactly the batches the in-process simulator draws for the same client and round.
 
-Loading this module imports neither torch nor the data stack: the handshake only reads the
-``node_config``, so it costs a process start, not a model build."""
+Loading this module imports neither torch nor the data stack. The server's first handshake asks
+the node to check its files against the run (``protocol.CHECK``): the node builds its side then (in
+its warm worker, which keeps it for round 1) and a problem comes back as one line in the reply
+(``protocol.NODE_ERROR``), before the server writes anything; later handshakes (probes of a node
+that missed a deadline) only read the ``node_config``."""
 
 from __future__ import annotations
 
@@ -19,11 +22,11 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from flwr.app import Context, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, MetricRecord, RecordDict
 from flwr.app import Message as FlowerMessage
 from flwr.clientapp import ClientApp
 
-from fedmtl.errors import ConfigError, ProtocolError
+from fedmtl.errors import ConfigError, FedmtlError, ProtocolError
 from fedmtl.flower import codec, protocol, worker
 from fedmtl.flower.node_state import NodeStates, state_root
 
@@ -202,6 +205,8 @@ def compute(
     from fedmtl.training import device
 
     side = _side(content, node_config)
+    if action == protocol.CHECK:  # the handshake: the node side builds, so its files fit the run
+        return RecordDict(), None
     store = _store(content, node_config, run_id, side.client.cid)
     out = RecordDict()
     with device.using(side.device):
@@ -241,10 +246,23 @@ def _step(msg: FlowerMessage, context: Context, action: str | None) -> FlowerMes
 
 
 def handle_query(msg: FlowerMessage, context: Context) -> FlowerMessage:
-    """Handshake: which client this node serves (from its node_config; nothing is loaded)."""
-    pid, num = partition_of(dict(context.node_config))
-    record = {"cid": pid} if num is None else {"cid": pid, "num_partitions": num}
-    return FlowerMessage(RecordDict({protocol.NODE: MetricRecord(record)}), reply_to=msg)  # type: ignore[arg-type]
+    """Handshake: which client this node serves (its node_config) and, if the server asks, whether
+    its files fit the run; a problem is the reply's one-line reason, not a ClientApp exception."""
+    node_config = dict(context.node_config)
+    out = RecordDict()
+    try:
+        pid, num = partition_of(node_config)
+        out[protocol.NODE] = MetricRecord(
+            {"cid": pid} if num is None else {"cid": pid, "num_partitions": num}
+        )  # type: ignore[arg-type]
+        if protocol.CHECK in msg.content.config_records:
+            request = (msg.content, node_config, int(context.run_id), protocol.CHECK)
+            worker.call(node_config, request) if worker.enabled(node_config) else compute(*request)
+    except FedmtlError as exc:
+        out[protocol.NODE_ERROR] = ConfigRecord(
+            {"reason": str(exc).splitlines()[0] if str(exc) else type(exc).__name__}
+        )
+    return FlowerMessage(out, reply_to=msg)
 
 
 def handle_train(msg: FlowerMessage, context: Context) -> FlowerMessage:

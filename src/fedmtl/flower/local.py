@@ -337,6 +337,20 @@ class LocalFederation:
         cmd = flwr_run_cmd(Path(app_dir).resolve(), self.federation, str(rc_file))
         return self._start(f"flwr-run-{n}", cmd, home="cli")
 
+    def stop_run(self, run_id: int, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+        """``flwr stop RUN_ID``: the SuperLink marks a (dead) run stopped and drops its queued messages."""
+        home = self._home("cli")
+        (home / "config.toml").write_text(federation_toml(self.address, self.federation))
+        return subprocess.run(
+            ["flwr", "stop", str(int(run_id)), self.federation],
+            env=flower_env(home, self.tag),
+            cwd=self.root,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
     def run(
         self, app_dir: str | Path, run_config: Mapping[str, Any], timeout: float
     ) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,8 @@
 
 Flower keeps ``context.state`` for one Flower run in the SuperNode's memory: a restarted SuperNode
 or a resumed ServerApp (a new Flower run) would find it empty. So a node writes its client's state
-after every step to ``<state-dir>/<run>/client-<cid>.pkl`` (atomically), where ``run`` is the fedmtl
+after every step to ``<state-dir>/<run>/client-<cid>.tree`` (atomically, data only: reading it runs
+no code, ``fedmtl.treefile``), where ``run`` is the fedmtl
 run's key (the same across a ServerApp restart) and ``state-dir`` its ``node_config`` key (default
 ``$FLWR_HOME/fedmtl-state``, else ``~/.fedmtl/node-state``).
 
@@ -17,11 +18,11 @@ checkpoint are dropped, except the newest of them."""
 from __future__ import annotations
 
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
-from fedmtl.errors import ConfigError
+from fedmtl import treefile
+from fedmtl.errors import ConfigError, RunDirError
 from fedmtl.experiment.records import atomic_write_bytes
 
 State = dict[str, Any]
@@ -41,10 +42,20 @@ class NodeStates:
     def __init__(self, root: Path, run: str, cid: int) -> None:
         if not run or "/" in run or run.startswith("."):
             raise ConfigError(f"flower message: bad run key {run!r}")
-        self.path = root / run / f"client-{cid}.pkl"
+        self.path = root / run / f"client-{cid}.tree"
         self.versions: dict[int, State] = {}
         if self.path.is_file():
-            self.versions = pickle.loads(self.path.read_bytes())
+            try:
+                versions = treefile.decode(self.path.read_bytes())
+            except (OSError, treefile.TreeFormatError) as exc:
+                raise RunDirError(
+                    f"node state {self.path}: unreadable ({exc}); delete it to start over"
+                ) from None
+            if not (isinstance(versions, dict) and all(type(r) is int for r in versions)):
+                raise RunDirError(
+                    f"node state {self.path}: not a node's state versions; delete it to start over"
+                )
+            self.versions = versions
 
     def before(self, round: int) -> State | None:
         """The state a round's first exchange starts from: the newest written before ``round``."""
@@ -65,4 +76,4 @@ class NodeStates:
             for r in sorted(kept)[:-1]:
                 del self.versions[r]
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(self.path, pickle.dumps(self.versions, protocol=pickle.HIGHEST_PROTOCOL))
+        atomic_write_bytes(self.path, treefile.encode(self.versions))

@@ -19,6 +19,8 @@ EVAL_VIEW = "fedmtl.eval.server"
 EVAL_ROW = "fedmtl.eval.rows"  # codec tree: this client's evaluation rows (as evaluate_clients gives)
 META = "fedmtl.meta"  # MetricRecord: {"cid", "compute_wall"}
 NODE = "fedmtl.node"  # MetricRecord/ConfigRecord in the handshake reply
+CHECK = "fedmtl.check"  # ConfigRecord in a handshake: build the run's node side now (checks its files)
+NODE_ERROR = "fedmtl.node.error"  # ConfigRecord {"reason": one line}: why this node cannot run it
 STATE = "fedmtl.state"  # codec tree prefix of the client state kept in ``context.state``
 
 # node_config keys (``flower-supernode --node-config "partition-id=0 num-partitions=2"``).

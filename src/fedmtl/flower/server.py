@@ -17,6 +17,7 @@ deadline, so one dead node does not stall every later round."""
 from __future__ import annotations
 
 import json
+import re
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -33,8 +34,10 @@ from fedmtl.algorithms.base import TRAIN, Message
 from fedmtl.config import Config, load_config
 from fedmtl.data.description import describe, plain
 from fedmtl.errors import ConfigError, FedmtlError
+from fedmtl.experiment.identity import check_resume, run_identity
+from fedmtl.experiment.outputs import write_csv
 from fedmtl.experiment.records import RunDir, atomic_write_bytes, dumps
-from fedmtl.experiment.run import RunResult, build_algorithm
+from fedmtl.experiment.run import RunResult, build_algorithm, runs_a_round
 from fedmtl.flower import codec, protocol
 from fedmtl.metrics import primary_metric
 from fedmtl.runtime.loop import Progress, RunLoop
@@ -42,7 +45,7 @@ from fedmtl.runtime.round import Delivered, Planner, RoundPlan, RoundRunner, rou
 
 K = TypeVar("K")
 EVENTS = "flower.jsonl"
-RUN_META = "flower-run.json"  # the run's key on the nodes' disks, kept for a resume
+RUN_META = "flower-run.json"  # the run's key on the nodes' disks and its Flower run ids, for a resume
 # A client that raised is a bug to report, not a fault to ride out.
 _FATAL = {ErrorCode.CLIENT_APP_RAISED_EXCEPTION, ErrorCode.LOAD_CLIENT_APP_EXCEPTION, ErrorCode.INVALID_FAB}
 
@@ -64,6 +67,7 @@ class Settings:
     poll_interval: float = 0.2  # seconds between pulls (Flower's own send_and_receive sleeps 3 s)
     min_nodes: int = 0  # nodes to wait for at start; 0 = one per client of the config
     resume: bool = False  # continue the run in ``out`` from its last checkpoint (after a crash)
+    accept_mismatch: bool = False  # resume although config, data or model no longer match (recorded)
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> Settings:
@@ -258,8 +262,16 @@ class FlowerTransport:
 class FlowerServer:
     """Runs one fedmtl config over a Grid: handshake, then the run loop over a ``FlowerTransport``."""
 
-    def __init__(self, grid: Grid, cfg: Config, settings: Settings, log: Callable[[str], None] | None = None):
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: Config,
+        settings: Settings,
+        log: Callable[[str], None] | None = None,
+        flower_run_id: int | None = None,
+    ):
         self.grid = grid
+        self.flower_run_id = flower_run_id  # Flower's id of the run this ServerApp serves
         self.cfg = cfg
         self.s = settings
         self.log = log or (lambda text: print(f"[fedmtl] {text}", flush=True))
@@ -275,15 +287,18 @@ class FlowerServer:
         self.seen: set[int] = set()  # node ids already asked which client they hold
         self.suspects: set[int] = set()  # node ids that missed their last deadline
         self.rd: RunDir | None = None
+        self._events: list[str] = []  # written once the run directory exists
         # the fedmtl run's key on the nodes' disks (kept across a resume); exchanges outside a run
         # get one of their own
         self.run_key = f"adhoc-{uuid.uuid4().hex[:12]}"
 
     # --- transport ---------------------------------------------------------------------------
     def _event(self, event: str, **fields: Any) -> None:
+        self._events.append(dumps({"t": time.time(), "event": event, **fields}) + "\n")
         if self.rd is not None:
             with open(self.rd.path / EVENTS, "a") as fh:
-                fh.write(dumps({"t": time.time(), "event": event, **fields}) + "\n")
+                fh.write("".join(self._events))
+            self._events.clear()
 
     def roundtrip(
         self, items: Mapping[K, tuple[int, str, RecordDict]], group: str, timeout: float | None = None
@@ -322,7 +337,7 @@ class FlowerServer:
                 if reply.has_error():
                     err = reply.error
                     if err.code in _FATAL:
-                        raise FlowerRunError(f"{_who(key, node_of_key[key])} failed: {err.reason}")
+                        raise FlowerRunError(f"{_who(key, node_of_key[key])} failed: {_reason(err.reason)}")
                     missing[key] = f"error {err.code}: {err.reason}"
                 else:
                     replies[key] = reply.content
@@ -347,20 +362,34 @@ class FlowerServer:
             {"config": self.config_json, "federation": self.federation_json, "run_key": self.run_key}
         )
 
-    def _handshake(self, nodes: set[int]) -> None:
-        """Ask new nodes which client they hold (their node_config); an impossible claim stops the run."""
-        items = {n: (n, protocol.QUERY, RecordDict({protocol.RUN: self.run_record()})) for n in nodes}
+    def _handshake(self, nodes: set[int], first: bool = False) -> None:
+        """Ask new nodes which client they hold (their node_config) and to check their files against
+        the run; an impossible claim, or (``first``: before the run folder exists) a node that cannot
+        run it, stops the run with the node's one-line reason. A node joining later that cannot is
+        left out."""
+        query = RecordDict({protocol.RUN: self.run_record(), protocol.CHECK: ConfigRecord({"round": 0})})
+        items = {n: (n, protocol.QUERY, query) for n in nodes}
         replies, missing = self.roundtrip(items, "handshake")
         self.seen |= nodes
         n = self.data.num_clients
-        for node, content in replies.items():
-            info = content.metric_records[protocol.NODE]
-            cid, num = int(info["cid"]), info.get("num_partitions")  # type: ignore[arg-type]
-            if not 0 <= cid < n or (num is not None and int(num) != n):  # type: ignore[arg-type]
-                claim = f"partition-id={cid}" + ("" if num is None else f" num-partitions={num}")
-                raise FlowerRunError(
-                    f"node {node} has {claim}, but the config makes {n} clients (0..{n - 1})"
-                )
+        for node, content in sorted(replies.items()):
+            info = content.metric_records.get(protocol.NODE)
+            if info is not None:
+                cid, num = int(info["cid"]), info.get("num_partitions")  # type: ignore[arg-type]
+                if not 0 <= cid < n or (num is not None and int(num) != n):  # type: ignore[arg-type]
+                    claim = f"partition-id={cid}" + ("" if num is None else f" num-partitions={num}")
+                    raise FlowerRunError(
+                        f"node {node} has {claim}, but the config makes {n} clients (0..{n - 1})"
+                    )
+            if protocol.NODE_ERROR in content.config_records or info is None:
+                error = content.config_records.get(protocol.NODE_ERROR)
+                why = str(error["reason"]) if error is not None else "no answer to which client it holds"
+                who = f"node {node}" + ("" if info is None else f" (client {cid})")
+                if first:
+                    raise FlowerRunError(f"{who} cannot run this config: {why}")
+                self.log(f"{who} cannot run this config ({why}); leaving it out")
+                self._event("refused", node=node, reason=why)
+                continue
             old = self.node_of.get(cid)
             if old is not None and old != node and old in set(self.grid.get_node_ids()):
                 if self._answers(old):
@@ -393,7 +422,7 @@ class FlowerServer:
             nodes = set(self.grid.get_node_ids())
         if not nodes:
             raise FlowerRunError(f"no SuperNode connected within {self.s.node_timeout:.0f} s")
-        self._handshake(nodes)
+        self._handshake(nodes, first=True)
         if not self.node_of:
             raise FlowerRunError("no SuperNode answered the handshake")
         absent = sorted(set(range(self.data.num_clients)) - set(self.node_of))
@@ -424,13 +453,15 @@ class FlowerServer:
         )
 
     def _open(self, out: str | Path | None) -> Progress | None:
-        """A new run directory, or (``resume``) the existing one and where its checkpoint stands."""
+        """A new run directory, or (``resume``) the existing one and where its checkpoint stands;
+        locked for this process either way."""
         cfg = self.cfg
         target = out or self.s.out or None
+        identity = run_identity(cfg, self.data, self.algo)
         if self.s.resume:
             if target is None:
                 raise ConfigError("run config: resume = true needs out = the run directory to continue")
-            self.rd = RunDir.open(target)
+            self.rd = RunDir.open(target, lock=True)
             file = self.rd.path / RUN_META
             meta = json.loads(file.read_text()) if file.is_file() else {}
             if "run_key" not in meta:
@@ -439,7 +470,14 @@ class FlowerServer:
                     "it is not a Flower run to continue"
                 )
             self.run_key = str(meta["run_key"])
+            self._record_flower_run(meta)
             ckpt = self.rd.load_checkpoint()
+            self.rd.identity = identity
+            accepted = check_resume(
+                str(self.rd.path), ckpt and ckpt.get("identity"), identity, self.s.accept_mismatch
+            )
+            if accepted:
+                self.rd.record_resume(accepted)
             if ckpt is None:
                 self.rd.truncate_metrics(0)
                 return Progress(server=self.algo.init_server())
@@ -453,12 +491,37 @@ class FlowerServer:
                 last=ckpt.get("last"),
             )
         self.rd = RunDir.create(cfg.output.dir, cfg.name, cfg.seed, target)
+        self.rd.identity = identity
         self.rd.write_config(cfg.to_dict())
         self.run_key = f"{self.rd.path.name}-{uuid.uuid4().hex[:12]}"
-        atomic_write_bytes(self.rd.path / RUN_META, json.dumps({"run_key": self.run_key}).encode())
+        self._record_flower_run({"run_key": self.run_key})
         return None
 
+    def _record_flower_run(self, meta: dict[str, Any]) -> None:
+        """Add this ServerApp's Flower run id to ``flower-run.json``: the last one listed is the run
+        to stop (``flwr stop ID``) before resubmitting after a crash, so the SuperLink drops its
+        queued messages instead of the nodes working them off first."""
+        assert self.rd is not None
+        ids = [int(i) for i in meta.get("flower_run_ids", [])]
+        if self.flower_run_id is not None:
+            ids.append(int(self.flower_run_id))
+        meta = {**meta, "flower_run_ids": ids}
+        atomic_write_bytes(self.rd.path / RUN_META, json.dumps(meta).encode())
+
     def run(self, out: str | Path | None = None) -> RunResult:
+        """Run (or resume) the config; a new run's folder is created only once every node has
+        checked its files against it, and is locked while this process writes it."""
+        try:
+            return self._run(out)
+        finally:
+            if self.rd is not None:
+                self.rd.release()
+
+    def _run(self, out: str | Path | None) -> RunResult:
+        t0 = time.perf_counter()
+        if not self.s.resume:
+            runs_a_round(self.algo)
+            self.connect()
         progress = self._open(out)
         assert self.rd is not None
         summary = self.rd.read_summary()
@@ -467,8 +530,9 @@ class FlowerServer:
         self.log(f"run directory {self.rd.path}")
         if progress is not None:
             self.log(f"resuming after round {progress.start - 1}")
-        t0 = time.perf_counter()
-        self.connect()
+        if self.s.resume:
+            self.connect()
+        self._event("open")  # the handshake's events, now that there is a folder for them
         loop = RunLoop(
             self.cfg,
             self.algo,
@@ -487,6 +551,7 @@ class FlowerServer:
         if progress is None:
             progress = Progress(server=self.algo.init_server(), elapsed=time.perf_counter() - t0)
         summary = loop.run(progress)
+        write_csv(self.rd.path)  # metrics.csv beside metrics.jsonl, as a simulated run leaves it
         return self._result(summary)
 
     def _result(self, summary: dict[str, Any]) -> RunResult:
@@ -520,11 +585,22 @@ def _as_bool(value: Any) -> bool:
     raise ValueError(value)
 
 
+def _reason(reason: str) -> str:
+    """The exception text of Flower's ``"<class 'X'>:<'text'>"`` (a node's one-line error)."""
+    found = re.fullmatch(r"<class '[\w.]+'>:<'(.*)'>", reason, flags=re.S)
+    return found.group(1) if found else reason
+
+
 def _who(key: Any, node: int) -> str:
     return f"node {node}" if key == node else f"client {key} (node {node})"
 
 
-def run_on_grid(grid: Grid, run_config: Mapping[str, Any], app_dir: str | Path | None = None) -> RunResult:
+def run_on_grid(
+    grid: Grid,
+    run_config: Mapping[str, Any],
+    app_dir: str | Path | None = None,
+    flower_run_id: int | None = None,
+) -> RunResult:
     """Run the fedmtl config named in ``run_config`` on the nodes behind ``grid``; with ``resume``,
     continue the run in ``out`` with the config it was started with."""
     settings = Settings.from_run_config(run_config)
@@ -534,7 +610,7 @@ def run_on_grid(grid: Grid, run_config: Mapping[str, Any], app_dir: str | Path |
         cfg = parse_config(RunDir.open(settings.out).read_config())
     else:
         cfg = settings.load(app_dir)
-    return FlowerServer(grid, cfg, settings).run()
+    return FlowerServer(grid, cfg, settings, flower_run_id=flower_run_id).run()
 
 
 def server_app(app_dir: str | Path | None = None) -> ServerApp:
@@ -543,7 +619,11 @@ def server_app(app_dir: str | Path | None = None) -> ServerApp:
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        res = run_on_grid(grid, context.run_config, app_dir)
+        try:
+            res = run_on_grid(grid, context.run_config, app_dir, int(context.run_id))
+        except FedmtlError as exc:  # the one line ``fedmtl flower run`` shows (Flower logs the rest)
+            print(f"[fedmtl] error: {exc}", flush=True)
+            raise
         print(f"[fedmtl] finished: {res.run_dir}", flush=True)
 
     return app

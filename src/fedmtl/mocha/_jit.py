@@ -1,8 +1,9 @@
 """Numba when available, plain Python otherwise.
 
-The SDCA inner loop is sequential per sample, so it is compiled rather than vectorised. Without
-numba the very same functions run interpreted: identical results, only slower (a test compares the
-two paths), so a missing compiler never changes a number."""
+The SDCA inner loop is sequential per sample, so it is compiled rather than vectorised. numba is an
+extra (``mocha``): the MOCHA algorithm refuses to start without it (``require``), while the very
+same functions run interpreted for a test that compares the two paths: identical results, only
+slower, so the compiler never changes a number."""
 
 from __future__ import annotations
 
@@ -18,6 +19,17 @@ try:  # pragma: no cover - exercised by whichever environment runs the tests
 except ImportError:  # pragma: no cover
     _numba_njit = None
     HAVE_NUMBA = False
+
+
+def require() -> None:
+    """MOCHA's solver is compiled: without numba, one line naming the extra that brings it."""
+    if not HAVE_NUMBA:
+        from fedmtl.errors import ConfigError
+
+        raise ConfigError(
+            "config: algorithm.name = 'mocha' needs numba for its compiled solver; install it with "
+            "pip install numba (the fedmtl extra 'mocha': pip install '.[mocha]' in a clone)"
+        )
 
 
 def jit(func: F) -> F:

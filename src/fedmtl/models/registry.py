@@ -27,6 +27,7 @@ from fedmtl.models.nets import (
     RNNParams,
     flat_size,
 )
+from fedmtl.registration import described, same_definition, strict
 
 
 @dataclass(frozen=True)
@@ -82,12 +83,18 @@ def register_model(
     """Make ``model.name: <name>`` build ``build(params, ModelInput)``; usable as a decorator.
 
     ``params`` is a pydantic model of the config keys the model takes (``model: {name: ..., key:
-    value}``), validated like the built-in models' keys; without it the model takes none."""
+    value}``), validated like the built-in models' keys (a key it does not declare is an error);
+    without it the model takes none. Registering the same function again (a notebook cell run
+    twice) replaces the earlier registration; another function under a taken name needs
+    ``replace=True``."""
 
     def add(fn: Builder) -> Builder:
-        if name in _MODELS and not replace:
-            raise ValueError(f"model {name!r} is already registered; pass replace=True to replace it")
-        _MODELS[name] = (params or NoParams, fn)
+        if name in _MODELS and not replace and not same_definition(_MODELS[name][1], fn):
+            raise ValueError(
+                f"model {name!r} is already registered; pass replace=True to replace it (registered: "
+                f"{described(_MODELS[name][1])})"
+            )
+        _MODELS[name] = (strict(params) if params is not None else NoParams, fn)
         return fn
 
     return add if build is None else add(build)

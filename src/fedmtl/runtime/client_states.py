@@ -8,13 +8,12 @@ writes one new segment holding only the states changed since the previous one, t
 checkpoint file names the segments that make up the state (atomically replaced, as before): a crash
 between the two leaves an unnamed segment, which the next open deletes. When superseded entries
 outweigh live ones (``COMPACT_RATIO``), a checkpoint writes all live states into one segment and the
-old segments go. A resumed run reads back exactly what was written (pickled numpy arrays), so it
-continues as an uninterrupted run would."""
+old segments go. A resumed run reads back exactly what was written (each state a data-only
+``fedmtl.treefile`` record: loading it runs no code), so it continues as an uninterrupted run would."""
 
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
 from collections import OrderedDict
 from collections.abc import Iterator, MutableMapping
@@ -23,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from fedmtl import treefile
 from fedmtl.errors import RunDirError
 from fedmtl.experiment.records import atomic_write_bytes
 
@@ -95,7 +95,7 @@ class ClientStates(MutableMapping[int, State]):
             self._cache.move_to_end(cid)
             return hit[0]
         if cid in self._spilled:
-            state = self._load(self.root / SPILL / f"{cid}.pkl", 0, -1)
+            state = self._load(self.root / SPILL / f"{cid}.tree", 0, -1)
         elif cid in self._where:
             name, offset, length = self._where[cid]
             state = self._load(self.root / f"{name}.bin", offset, length)
@@ -138,7 +138,7 @@ class ClientStates(MutableMapping[int, State]):
             if old in self._dirty:  # changed since the checkpoint: keep it on disk until then
                 spill = self.root / SPILL
                 spill.mkdir(exist_ok=True)
-                (spill / f"{old}.pkl").write_bytes(pickle.dumps(old_state, protocol=pickle.HIGHEST_PROTOCOL))
+                (spill / f"{old}.tree").write_bytes(_encode(old, old_state))
                 self._spilled.add(old)
 
     def _drop_cached(self, cid: int) -> None:
@@ -150,10 +150,12 @@ class ClientStates(MutableMapping[int, State]):
         try:
             with open(path, "rb") as fh:
                 fh.seek(offset)
-                raw = fh.read() if length < 0 else fh.read(length)
-            return pickle.loads(raw)
-        except (OSError, pickle.UnpicklingError, EOFError) as exc:
-            raise RunDirError(f"{path}: unreadable client state ({type(exc).__name__})") from None
+                raw = bytearray(fh.read() if length < 0 else fh.read(length))
+            return treefile.decode(raw)
+        except OSError as exc:
+            raise RunDirError(f"{path}: unreadable client state ({exc.strerror})") from None
+        except treefile.TreeFormatError as exc:
+            raise RunDirError(f"{path}: unreadable client state ({exc})") from None
 
     # --- checkpoints --------------------------------------------------------------------------
     def commit(self) -> list[str]:
@@ -171,7 +173,7 @@ class ClientStates(MutableMapping[int, State]):
         blob = bytearray()
         index = np.empty((len(ids), 3), dtype=np.int64)
         for i, cid in enumerate(ids):
-            raw = pickle.dumps(self[cid], protocol=pickle.HIGHEST_PROTOCOL)
+            raw = _encode(cid, self[cid])
             index[i] = (cid, len(blob), len(raw))
             blob += raw
         atomic_write_bytes(self.root / f"{name}.bin", bytes(blob))
@@ -200,6 +202,13 @@ class ClientStates(MutableMapping[int, State]):
         for p in self.root.glob("seg-*"):
             if p.name.split(".")[0] not in keep:
                 p.unlink()
+
+
+def _encode(cid: int, state: State) -> bytes:
+    try:
+        return treefile.encode(state)
+    except treefile.TreeFormatError as exc:
+        raise RunDirError(f"client {cid}'s state cannot be stored: {exc}") from None
 
 
 def open_states(root: Path, cache_bytes: int, saved: Any) -> MutableMapping[int, State]:

@@ -9,7 +9,7 @@ tolerance."""
 from __future__ import annotations
 
 import gc
-import sys
+import logging
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any
@@ -24,6 +24,8 @@ from fedmtl.runtime.threads import torch_owns_the_cores
 from fedmtl.training import device, onednn
 from fedmtl.training.batched import batch_support
 from fedmtl.training.executors import BatchedExecutor, SequentialExecutor
+
+log = logging.getLogger("fedmtl")
 
 if TYPE_CHECKING:
     from fedmtl.config import Config
@@ -94,9 +96,7 @@ class Simulator:
             return "batched"
         if wanted == "batched":
             raise ConfigError(f"config: runtime.execution = 'batched': {reason}; use 'auto' or 'sequential'")
-        print(
-            f"fedmtl: runtime.execution = 'auto': training clients sequentially ({reason})", file=sys.stderr
-        )
+        log.warning(f"runtime.execution = 'auto': training clients sequentially ({reason})")
         return "sequential"
 
     # --- one round ----------------------------------------------------------------------------

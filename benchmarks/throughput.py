@@ -42,6 +42,8 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:  # flower_throughput_app is imported as a package, like a Flower app
     sys.path.insert(0, str(HERE))
 
+import _provenance as provenance  # noqa: E402
+import _throughput_conv as conv  # noqa: E402
 import fedmtl.experiment.run as fedmtl_run  # noqa: E402
 import fedmtl.training.batched as batched_mod  # noqa: E402
 from fedmtl.config import DataConfig, PartitionConfig, parse_config  # noqa: E402
@@ -99,6 +101,17 @@ class Workload:
     init: dict[str, np.ndarray]
     #: the usual convention, 3x the forward pass (what the issue's "about 57 GFLOP" counts)
     conventional_flops_per_sample: float = float("nan")
+    #: fedmtl's config for (execution, rounds); None: the MLP workload's (``fedmtl_config``)
+    config: Callable[[str, int], dict[str, Any]] | None = None
+    #: the plain loop's and Flower's model, as ``task.make_net`` takes it
+    net: dict[str, Any] = field(default_factory=lambda: {"kind": "mlp", "hidden": HIDDEN})
+    batch: int = BATCH
+    lr: float = LR
+
+    def fedmtl_config(self, execution: str) -> dict[str, Any]:
+        if self.config is not None:
+            return self.config(execution, self.rounds)
+        return fedmtl_config(execution, [HIDDEN], self.rounds)
 
     @property
     def samples_per_round(self) -> int:
@@ -212,7 +225,7 @@ def run_fedmtl(work: Workload, execution: str) -> RunnerResult:
     """fedmtl's simulator, rounds timed around ``Simulator.run_round`` (train + aggregate)."""
     res = RunnerResult(f"fedmtl {execution}", clients=work.data.num_clients)
     t0 = time.perf_counter()
-    cfg = parse_config(fedmtl_config(execution, [HIDDEN], work.rounds))
+    cfg = parse_config(work.fedmtl_config(execution))
     with given_data(work.data):
         _, algo, sim = fedmtl_run.build(cfg)
     server, states = algo.init_server(), {}
@@ -239,7 +252,7 @@ def run_plain(work: Workload, loader: bool = False, dnn: bool = False) -> Runner
     train = task.train_with_loader if loader else task.train
     res = RunnerResult(name, clients=work.data.num_clients)
     t0 = time.perf_counter()
-    net = task.Net(hidden=HIDDEN)
+    net = task.make_net(work.net)
     net.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in work.init.items()})
     clients = [(torch.from_numpy(c.x_train), torch.from_numpy(c.y_train)) for c in work.data.clients]
     weights = np.array([len(y) for _, y in clients], dtype=np.float64)
@@ -250,7 +263,7 @@ def run_plain(work: Workload, loader: bool = False, dnn: bool = False) -> Runner
         avg = {k: torch.zeros_like(v) for k, v in global_state.items()}
         for cid, (x, y) in enumerate(clients):
             net.load_state_dict(global_state)
-            train(net, x, y, 1.0, BATCH, LR, task.client_rng(SEED, r, cid))
+            train(net, x, y, 1.0, work.batch, work.lr, task.client_rng(SEED, r, cid))
             for k, v in net.state_dict().items():
                 avg[k] += float(weights[cid]) * v
         global_state = avg
@@ -288,11 +301,12 @@ def run_flower(work: Workload, tmp: Path) -> RunnerResult:
         "num-server-rounds": work.rounds,
         "num-clients": len(clients),
         "epochs": 1.0,
-        "batch-size": BATCH,
-        "lr": LR,
+        "batch-size": work.batch,
+        "lr": work.lr,
         "seed": SEED,
         "data-path": str(data_path),
         "init-path": str(init_path),
+        "model": json.dumps(work.net),
     }
     env = {
         "FEDMTL_FLOWER_BENCH": json.dumps(settings),
@@ -593,6 +607,7 @@ def write_report(
     memory: list[dict[str, Any]],
     env: dict[str, Any],
     personalised: list[dict[str, Any]] | None = None,
+    sections: list[dict[str, Any]] | None = None,
 ) -> None:
     batched, seq, plain, loader, flower = (
         results[k] for k in ("batched", "sequential", "plain", "loader", "flower")
@@ -733,6 +748,8 @@ def write_report(
         ran = f"{100 * rate:.0f}%" if rate == rate else "—"
         lines.append(f"| {label} | {shown} | {top} | {needs} | {ran} | {met} |")
 
+    if sections:
+        lines += conv.report_lines(sections, env["conv_peaks"], peak)
     if scaling:
         lines += [
             "",
@@ -867,6 +884,28 @@ def _parse(argv: list[str]) -> argparse.Namespace:
     p.add_argument(
         "--passes", type=int, help="runs of every runner, alternating order (default 2; 1 with --quick)"
     )
+    p.add_argument(
+        "--conv",
+        action=argparse.BooleanOptionalAction,
+        help="run the convolutional and recurrent section (LEAF's FEMNIST CNN and Shakespeare LSTM; "
+        "default: on, off with --quick)",
+    )
+    p.add_argument(
+        "--conv-clients", help="comma-separated clients per round of the CNN workload (default 20,100)"
+    )
+    p.add_argument("--conv-rounds", type=int, help="rounds of the CNN and LSTM workloads (default 3)")
+    p.add_argument("--text-clients", type=int, help="clients of the LSTM workload (default 20)")
+    p.add_argument(
+        "--conv-turns",
+        type=int,
+        help="paired turns of batched and sequential rounds per CNN workload (default 3; 1 with --quick)",
+    )
+    p.add_argument(
+        "--only-conv",
+        action="store_true",
+        help="run only the convolutional and recurrent section and write it into the existing "
+        "throughput.md in place of the previous one (the MLP sections keep their own measurement)",
+    )
     p.add_argument("--memory-probe", type=int, help=argparse.SUPPRESS)
     p.add_argument("--budget-gib", type=float, help=argparse.SUPPRESS)
     return p.parse_args(argv)
@@ -908,6 +947,7 @@ def _timed(label: str, fn: Callable[[], RunnerResult]) -> RunnerResult:
 
 def main(argv: list[str]) -> Path:
     args = _parse(argv)
+    args.argv = list(argv)
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads or os.cpu_count() or 1)
     if args.memory_probe:
@@ -932,6 +972,8 @@ def _run(args: argparse.Namespace) -> Path:
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.only_conv:
+        return _run_conv_only(args, out, run_flower_row)
 
     env: dict[str, Any] = {
         "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -1016,6 +1058,11 @@ def _run(args: argparse.Namespace) -> Path:
     peak = env["peaks"]["peak"]
     print(f"matmul peak, best of before and after the runners: {peak:.1f} GFLOP/s", flush=True)
 
+    sections: list[dict[str, Any]] = []
+    if args.conv if args.conv is not None else not quick:
+        print("convolutional and recurrent workloads ...", flush=True)
+        sections, env["conv_peaks"] = conv_section(args, run_flower_row)
+
     print("scaling curve ...", flush=True)
     digits = load_federated(
         DataConfig(dataset="digits", test_fraction=TEST_FRACTION, partition=PartitionConfig(kind="iid")), SEED
@@ -1043,8 +1090,179 @@ def _run(args: argparse.Namespace) -> Path:
         memory = [default, run_memory_probe(1000, 16.0)]
     env["load_end"] = os.getloadavg()[0]
     path = out / "throughput.md"
-    write_report(path, args, work, peak, results, scaling, memory, env, personalised)
+    write_report(path, args, work, peak, results, scaling, memory, env, personalised, sections)
     return path
+
+
+#: the conv section's runners, in the order they run
+CONV_RUNNERS = {
+    "batched": "fedmtl batched",
+    "sequential": "fedmtl sequential",
+    "plain": "plain PyTorch loop (tensor indexing)",
+    "flower": "Flower run_simulation",
+}
+
+
+def conv_workloads(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """The CNN workload at each client count, then the LSTM one (``_throughput_conv``)."""
+    quick = args.quick
+    rounds = args.conv_rounds or (2 if quick else 3)
+    counts = (
+        [int(c) for c in args.conv_clients.split(",")] if args.conv_clients else ([3] if quick else [20, 100])
+    )
+    out = []
+    for n in counts:
+        data = conv.writers(n)
+        cfg = conv.fedmtl_config({"name": "cnn", "preset": "femnist"}, {"dataset": "mnist"}, conv.CONV_LR)
+        model = build_model(
+            parse_config(cfg("sequential", rounds)).model, data.input_shape, data.task.num_outputs, SEED
+        )
+        work = Workload(
+            data, rounds, conv.femnist_flops_per_sample(data.task.num_outputs), model_arrays(model),
+            config=cfg, net={"kind": "femnist_cnn", "out": data.task.num_outputs}, batch=conv.BATCH,
+            lr=conv.CONV_LR,
+        )  # fmt: skip
+        out.append({"label": f"LEAF FEMNIST CNN, {n} clients", "kind": "cnn", "work": work})
+    roles = args.text_clients or (2 if quick else 20)
+    text = conv.text_data(conv.text_roles(tmp / "text", roles))
+    vocab = len(text.vocab or []) + 1  # the characters and the padding id
+    cfg = conv.fedmtl_config({"name": "rnn"}, {"dataset": "leaf", "file": str(tmp / "text")}, conv.TEXT_LR)
+    model = build_model(
+        parse_config(cfg("sequential", rounds)).model, text.input_shape, text.task.num_outputs, SEED, vocab
+    )
+    work = Workload(
+        text, rounds, conv.lstm_flops_per_sample(conv.SEQ, vocab, text.task.num_outputs), model_arrays(model),
+        config=cfg, net={"kind": "char_lstm", "vocab": vocab, "out": text.task.num_outputs}, batch=conv.BATCH,
+        lr=conv.TEXT_LR,
+    )  # fmt: skip
+    out.append({"label": f"LEAF Shakespeare LSTM, {roles} clients", "kind": "lstm", "work": work})
+    return out
+
+
+def conv_section(
+    args: argparse.Namespace,
+    flower: bool,
+    done: Callable[[list[dict[str, Any]], dict[str, Any]], None] | None = None,
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Every runner on every convolutional and recurrent workload, one pass each, with the
+    convolution peak measured before and after; ``done`` gets the sections finished so far after
+    each workload (so that a long run leaves its finished tables behind)."""
+    peaks = conv.conv_peak()
+    print(f"  convolution peak: {peaks['peak']:.1f} GFLOP/s ({peaks['shape']})", flush=True)
+    sections = []
+    with tempfile.TemporaryDirectory() as tmp_name:
+        tmp = Path(tmp_name)
+        for i, section in enumerate(conv_workloads(args, tmp)):
+            work = section["work"]
+            # the LSTM cannot be stacked (docs/batched.md): "auto" trains it as sequential does
+            execution = "auto" if section["kind"] == "lstm" else "batched"
+            runners: dict[str, Callable[[], RunnerResult]] = {
+                "batched": lambda w=work, e=execution: run_fedmtl(w, e),
+                "sequential": lambda w=work: run_fedmtl(w, "sequential"),
+                "plain": lambda w=work: run_plain(w),
+            }
+            if flower:
+                folder = tmp / f"flower{i}"
+                folder.mkdir()
+                runners["flower"] = lambda w=work, f=folder: run_flower(w, f)
+            results = {
+                key: _timed(f"{section['label']}: {CONV_RUNNERS[key]}", fn) for key, fn in runners.items()
+            }
+            if not flower:
+                results["flower"] = RunnerResult(
+                    "Flower run_simulation", note="skipped (--quick or --no-flower)"
+                )
+            if section["kind"] == "lstm":
+                results["batched"].name = "fedmtl batched (auto: the LSTM trains sequentially)"
+            turns = args.conv_turns if args.conv_turns is not None else (1 if args.quick else 3)
+            if section["kind"] == "cnn" and turns > 0:
+                print(f"running {section['label']}: {turns} paired turns ...", flush=True)
+                section["turns"] = paired_turns(work, ["batched", "sequential"], turns)
+                print(f"  {section['turns']}", flush=True)
+            sections.append({**section, "results": results})
+            if done is not None:
+                done(sections, peaks)
+    peaks = conv.best_conv_peaks(peaks, conv.conv_peak())
+    return sections, peaks
+
+
+def paired_turns(work: Workload, executions: list[str], repeats: int) -> dict[str, list[float]]:
+    """``timed_turns`` for a workload with its own config (the conv section's): the executions
+    alternate two rounds at a time, the second of each pair timed, so that a neighbour's load on
+    the shared machine falls on both rather than on whichever runner ran during it."""
+    assert work.config is not None
+    runs = []
+    for execution in executions:
+        with given_data(work.data):
+            _, algo, sim = fedmtl_run.build(parse_config(work.config(execution, 2 * repeats)))
+        runs.append([sim, algo.init_server(), {}])
+    times: dict[str, list[float]] = {e: [] for e in executions}
+    for pair in range(repeats):
+        for execution, run in zip(executions, runs, strict=True):
+            for r in (2 * pair + 1, 2 * pair + 2):
+                sim, server, states = run
+                t = time.perf_counter()
+                run[1] = sim.run_round(r, server, states).server
+                if r % 2 == 0:
+                    times[execution].append(time.perf_counter() - t)
+    return times
+
+
+def _run_conv_only(args: argparse.Namespace, out: Path, flower: bool) -> Path:
+    """The convolutional and recurrent section alone, with both peaks measured before and after
+    it, written into ``out/throughput.md`` under its own provenance line."""
+    started = time.perf_counter()
+    load_start = os.getloadavg()[0]
+    n = 1024 if args.quick else 2048
+    peaks = matmul_peaks(n)
+    print(f"matmul peak: {peaks['peak']:.1f} GFLOP/s", flush=True)
+    print("convolutional and recurrent workloads ...", flush=True)
+    path = out / "throughput.md"
+
+    def write(sections: list[dict[str, Any]], conv_peaks: dict[str, Any], final: bool = False) -> None:
+        _write_conv_only(path, args, started, load_start, n, peaks, sections, conv_peaks, final)
+
+    sections, conv_peaks = conv_section(args, flower, write)
+    peaks = best_peaks(peaks, matmul_peaks(n))
+    write(sections, conv_peaks, final=True)
+    print(f"wrote the convolutional section of {path}", flush=True)
+    return path
+
+
+def _write_conv_only(
+    path: Path,
+    args: argparse.Namespace,
+    started: float,
+    load_start: float,
+    n: int,
+    peaks: dict[str, Any],
+    sections: list[dict[str, Any]],
+    conv_peaks: dict[str, Any],
+    final: bool,
+) -> None:
+    lines = conv.report_lines(sections, conv_peaks, peaks["peak"])
+    try:
+        import flwr
+
+        flwr_version = f"flwr {flwr.__version__}"
+    except ImportError:
+        flwr_version = "flwr not installed"
+    peak_when = "best of before and after the runners" if final else "before the runners"
+    about = [
+        provenance.line("throughput", args.argv, started),
+        "",
+        f"- Machine: {cpu_name()}, {os.cpu_count()} cores, torch {torch.__version__} "
+        f"({torch.get_num_threads()} threads), {flwr_version}. Load average (1 min) at start / end: "
+        f"{load_start:.2f} / {os.getloadavg()[0]:.2f} (other processes on the shared machine slow every "
+        "runner; compare ratios within this section, not seconds with the MLP sections, which were "
+        "measured in another run).",
+        f"- Matmul peak measured in this run: {peaks['peak']:.1f} GFLOP/s (float32 {n}x{n}, {peak_when}, "
+        "the faster exact route).",
+    ]
+    if not final:
+        about.append("- **Incomplete**: written after the workloads below; the run did not finish the rest.")
+    lines[3:3] = [*about, ""]
+    conv.splice_section(path, lines)
 
 
 if __name__ == "__main__":

@@ -302,14 +302,29 @@ def _array_dicts(state: dict[str, Any]) -> dict[str, dict[str, np.ndarray]]:
     }
 
 
+#: A small CNN for the digits federations: every algorithm that batches trains it batched too.
+SMALL_CNN = {"name": "cnn", "channels": [4, 6], "fc": [16]}
+
+
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
 @pytest.mark.parametrize("algorithm, extra", CLASSIC, ids=CLASSIC_IDS)
-def test_batched_round_gives_the_same_client_updates(algorithm, extra):
-    """Ragged Dirichlet clients, stragglers doing 20-100% of their steps, and dropouts."""
+def test_batched_round_gives_the_same_client_updates(algorithm, extra, model, monkeypatch):
+    """Ragged Dirichlet clients, stragglers doing 20-100% of their steps, and dropouts; with an
+    MLP (the chain step) and a CNN (the conv-net step, ``fedmtl.training.convnet``, which every
+    request with the task loss takes: all of them but APFL's mixture objective)."""
+    from fedmtl.training.convnet import ConvNetStep
+
+    conv_steps = []
+    step = ConvNetStep.__call__
+    monkeypatch.setattr(ConvNetStep, "__call__", lambda self, *a: conv_steps.append(1) or step(self, *a))
+    if model == "cnn":
+        extra = {**extra, "model": SMALL_CNN}
     runs = {}
     for execution in ("sequential", "batched"):
         _, algo, sim = build(parse_config(_config(algorithm, execution, **extra)))
         assert sim.execution == execution
         runs[execution] = (sim, algo.init_server(), {})
+    conv_steps.clear()  # building probed the model with one tiny batched step
     assert len({c.n_train for c in runs["batched"][0].data.clients}) > 3  # genuinely ragged
     steps_seen, dropped = set(), 0
     for r in (1, 2):
@@ -339,6 +354,7 @@ def test_batched_round_gives_the_same_client_updates(algorithm, extra):
                 for k, v in arrays.items():
                     np.testing.assert_allclose(bat_states[cid][part][k], v, rtol=RTOL, atol=1e-6)
     assert dropped > 0 and len(steps_seen) > 2
+    assert bool(conv_steps) == (model == "cnn" and algorithm["name"] != "apfl")
 
 
 @pytest.mark.parametrize("algorithm, extra", CLASSIC, ids=CLASSIC_IDS)

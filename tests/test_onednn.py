@@ -189,7 +189,7 @@ def test_each_product_runs_on_the_route_chosen_for_it(monkeypatch, opt, frozen_l
     n = len(chosen["outs"])  # type: ignore[arg-type]
     assert n == (3 + 2 + 3 if not frozen_lowest else 3 + 1 + 2)  # forward, below, updates
     for j in range(n):
-        step.forget()
+        step.end_group({})
         chosen["j"] = j
         before = _flag()
         with _ProductLog() as log:

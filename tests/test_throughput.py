@@ -104,3 +104,46 @@ def test_memory_probe_lifts_the_budget_into_one_stack(shared_data, monkeypatch):
     monkeypatch.setattr(batched_mod, "TENSOR_BYTES", batched_mod.TENSOR_BYTES)
     lifted = throughput.memory_probe(4, 16.0)
     assert lifted["budget_gib"] == 16.0 and lifted["groups"] == 1
+
+
+def test_conv_section_replaces_only_its_own_part_of_the_table(tmp_path):
+    import _throughput_conv as conv
+
+    path = tmp_path / "throughput.md"
+    path.write_text("# Throughput\n\nMLP rows\n\n## Targets\n\nt\n\n## Scaling: curve\n\ns\n")
+    conv.splice_section(path, ["", conv.HEADING, "", "first"])
+    assert path.read_text() == (
+        "# Throughput\n\nMLP rows\n\n## Targets\n\nt\n\n"
+        + conv.HEADING
+        + "\n\nfirst\n\n## Scaling: curve\n\ns\n"
+    )
+    conv.splice_section(path, ["", conv.HEADING, "", "second", "", "### CNN", "", "table"])
+    text = path.read_text()
+    assert text.count(conv.HEADING) == 1 and "first" not in text
+    assert text.startswith("# Throughput\n\nMLP rows\n\n## Targets\n\nt\n\n")
+    assert text.endswith("second\n\n### CNN\n\ntable\n\n## Scaling: curve\n\ns\n")
+
+
+@pytest.mark.slow
+def test_conv_only_run_adds_cnn_and_lstm_tables_and_keeps_the_mlp_ones(tmp_path, shared_data, monkeypatch):
+    import _throughput_conv as conv
+
+    # the real workloads' models and runners on a few samples (one writer, one role)
+    monkeypatch.setattr(conv, "WRITER_SAMPLES", (30, 40))
+    monkeypatch.setattr(conv, "TEXT_SAMPLES", 30)
+    mlp = "# Throughput\n\n## One round, side by side\n\n| fedmtl batched | 0.15 |\n\n"
+    mlp += "## Scaling: x\n\ncurve\n"
+    (tmp_path / "throughput.md").write_text(mlp)
+    args = ["--only-conv", "--quick", "--conv-clients", "1", "--text-clients", "1", "--conv-rounds", "2"]
+    out = throughput.main([*args, "--threads", "1", "--out", str(tmp_path)])
+    text = out.read_text()
+    assert text.startswith("# Throughput\n\n## One round, side by side\n\n| fedmtl batched | 0.15 |\n")
+    assert text.endswith("## Scaling: x\n\ncurve\n")
+    assert "Written by `fedmtl bench throughput --only-conv --quick" in text
+    assert "### LEAF FEMNIST CNN, 1 clients" in text and "### LEAF Shakespeare LSTM, 1 clients" in text
+    assert "| fedmtl batched | " in text and "| plain PyTorch loop, tensor indexing | " in text
+    assert "no batching rule for `aten::lstm`" in text and "Incomplete" not in text
+    assert "Paired turns (1: batched and sequential alternate" in text
+    # one client: every runner trains the same mini-batches, so the accuracies agree
+    assert text.count("Accuracies agree to 0.00") == 2
+    assert "CNN, 1 clients: batched >= 40% of the measured convolution peak" in text

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
+
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
-from flower_throughput_app.task import Net, client_rng, load_partition, train
+from flower_throughput_app.task import client_rng, load_partition, make_net, train
 
 app = ClientApp()
 
@@ -15,7 +17,7 @@ def fit(msg: Message, context: Context) -> Message:
     cfg = msg.content["config"]
     partition = int(context.node_config["partition-id"])
     x, y = load_partition(str(cfg["data-path"]), partition)
-    net = Net()
+    net = make_net(json.loads(str(cfg["model"])))
     net.load_state_dict(msg.content["arrays"].to_torch_state_dict())
     rng = client_rng(int(cfg["seed"]), int(cfg["server-round"]), partition)
     loss = train(net, x, y, float(cfg["epochs"]), int(cfg["batch-size"]), float(cfg["lr"]), rng)

@@ -16,7 +16,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 
-from flower_throughput_app.task import Net, accuracy, load_test
+from flower_throughput_app.task import accuracy, load_test, make_net
 
 DEFAULTS: dict[str, object] = {
     "num-server-rounds": 5,
@@ -27,6 +27,8 @@ DEFAULTS: dict[str, object] = {
     "seed": 0,
     "data-path": "",
     "init-path": "",
+    #: the model, as ``task.make_net`` takes it (JSON)
+    "model": '{"kind": "mlp"}',
 }
 ROUND_END: list[float] = []
 RESULT: dict[str, float] = {}
@@ -38,7 +40,7 @@ app = ServerApp()
 def main(grid: Grid, context: Context) -> None:
     cfg = {**DEFAULTS, **dict(context.run_config), **json.loads(os.environ.get("FEDMTL_FLOWER_BENCH", "{}"))}
     rounds = int(cfg["num-server-rounds"])
-    net = Net()
+    net = make_net(json.loads(str(cfg["model"])))
     if cfg["init-path"]:
         with np.load(str(cfg["init-path"])) as f:
             state = {k: torch.from_numpy(f[k]) for k in net.state_dict()}
@@ -60,7 +62,7 @@ def main(grid: Grid, context: Context) -> None:
         return MetricRecord({"accuracy": RESULT["accuracy"]})
 
     train_config = ConfigRecord(
-        {k: cfg[k] for k in ("epochs", "batch-size", "lr", "seed", "data-path")}  # type: ignore[misc]
+        {k: cfg[k] for k in ("epochs", "batch-size", "lr", "seed", "data-path", "model")}  # type: ignore[misc]
     )
     strategy.start(
         grid=grid,

@@ -35,6 +35,66 @@ class Net(nn.Module):
         return self.head(self.body(x))
 
 
+class FemnistCNN(nn.Module):
+    """LEAF's FEMNIST CNN for 28x28 images: 5x5 convolutions of 32 and 64 filters ("same"
+    padding), each with ReLU and 2x2 max pooling, a 2048-unit dense layer and the output; the same
+    layers and parameter names as fedmtl's ``cnn`` model with ``preset: femnist``."""
+
+    def __init__(self, out: int = 62) -> None:
+        super().__init__()
+        self.body = nn.Sequential(
+            nn.Conv2d(1, 32, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(32, 64, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Flatten(), nn.Linear(7 * 7 * 64, 2048), nn.ReLU(),
+        )  # fmt: skip
+        self.head = nn.Linear(2048, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+class _CharBody(nn.Module):
+    def __init__(self, vocab: int, embed: int, hidden: int, layers: int) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(vocab, embed, padding_idx=0)
+        self.rnn = nn.LSTM(embed, hidden, num_layers=layers, batch_first=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ids = x.long()  # token ids, stored as numbers like every sample
+        out, _ = self.rnn(self.embed(ids))
+        last = ((ids > 0).sum(dim=1) - 1).clamp(min=0)  # sequences are right-padded with id 0
+        return out[torch.arange(len(ids)), last]
+
+
+class CharLSTM(nn.Module):
+    """LEAF's Shakespeare model: an 8-dimensional character embedding, two LSTM layers of 256 units
+    and the next character from the state after the last one; the same layers and parameter
+    names as fedmtl's ``rnn`` model."""
+
+    def __init__(self, vocab: int, out: int, embed: int = 8, hidden: int = 256, layers: int = 2) -> None:
+        super().__init__()
+        self.body = _CharBody(vocab, embed, hidden, layers)
+        self.head = nn.Linear(hidden, out)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
+
+
+def make_net(spec: dict | None = None) -> nn.Module:
+    """The benchmark's model from its description (JSON-able, so Flower's apps get it as a string):
+    ``{"kind": "mlp", "hidden": 200}`` (the default), ``{"kind": "femnist_cnn", "out": 10}`` or
+    ``{"kind": "char_lstm", "vocab": V, "out": C}``."""
+    spec = dict(spec or {"kind": "mlp"})
+    kind = spec.pop("kind")
+    if kind == "mlp":
+        return Net(**spec)
+    if kind == "femnist_cnn":
+        return FemnistCNN(**spec)
+    if kind == "char_lstm":
+        return CharLSTM(**spec)
+    raise ValueError(f"unknown model kind {kind!r}")
+
+
 def client_rng(seed: int, round: int, client: int) -> Stream:
     return Stream(seed, TRAIN_PURPOSE, round, client)
 
@@ -100,9 +160,14 @@ def sgd(net: nn.Module, pairs: Iterable[tuple[torch.Tensor, torch.Tensor]], lr: 
 
 
 @torch.no_grad()
-def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+def accuracy(net: nn.Module, x: torch.Tensor, y: torch.Tensor, chunk: int = 1000) -> float:
+    """Test accuracy, evaluated ``chunk`` samples at a time (a CNN's activations for 10,000 images
+    at once would take gigabytes)."""
     net.eval()
-    return float((net(x).argmax(1) == y).float().mean())
+    right = sum(
+        int((net(x[i : i + chunk]).argmax(1) == y[i : i + chunk]).sum()) for i in range(0, len(y), chunk)
+    )
+    return right / max(len(y), 1)
 
 
 def save_federation(

@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 from fedmtl.data.federated import TaskSpec
 from fedmtl.training import optim
 from fedmtl.training.buffers import POOL
+from fedmtl.training.convnet import ConvNetStep, conv_program
 from fedmtl.training.device import current as current_device
 from fedmtl.training.device import on_cpu, to_device, to_host
 from fedmtl.training.fused import linear_chain
@@ -53,6 +54,10 @@ STEP_BYTES = 12 * 2**20
 #: memory for a 40 MB gradient); blocks below glibc's 32 MiB mmap ceiling get recycled.
 TENSOR_BYTES = 16 * 2**20
 _F32 = 4
+#: Cap on a conv net group's per-step working set (activations, gradients, factor rows): its steps
+#: are large products and convolutions, which need no cache blocking across clients, so this only
+#: bounds the activations of one step.
+CONV_STEP_BYTES = 512 * 2**20
 #: Peak bytes of the step plan per (sample, step) entry (index, mask and scale arrays and the
 #: temporaries that build them).
 PLAN_BYTES = 64
@@ -186,9 +191,10 @@ def _activation_elems(model: nn.Module, sample_shape: tuple[int, ...]) -> int:
 
     leaves = [m for m in model.modules() if next(m.children(), None) is None]
     handles = [m.register_forward_hook(hook) for m in leaves]
+    dtype = next(model.parameters(), torch.zeros(())).dtype
     try:
         with torch.no_grad():
-            model(torch.zeros((1, *sample_shape)))
+            model(torch.zeros((1, *sample_shape), dtype=dtype))
     finally:
         for h in handles:
             h.remove()
@@ -208,12 +214,21 @@ def client_bytes(
     Memory: parameters, gradients and their temporaries, optimizer state, per-client frozen or
     centre tensors and one batch of activations. Working set: what one step
     reads and writes (parameters, gradients, optimizer state, the batch and its activations)."""
-    slots = 2 if spec.optimizer.name == "adam" else (1 if spec.optimizer.momentum > 0 else 0)
+    slots = _slots(spec)
     acts = 2 * spec.batch_size * _activation_elems(model, sample_shape)
     batch = spec.batch_size * (math.prod(sample_shape) + 1)
     memory = n_trainable * (3 + slots) + n_personal + acts + batch
     working = n_trainable * (2 + slots) + n_personal + acts + batch
     return _F32 * memory, _F32 * working
+
+
+def _slots(spec: LocalSpec) -> int:
+    """Optimizer state tensors per parameter."""
+    return 2 if spec.optimizer.name == "adam" else (1 if spec.optimizer.momentum > 0 else 0)
+
+
+def _shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+    return {k: tuple(v.shape) for k, v in model.named_parameters()}
 
 
 def _groups(order: Sequence[int], cost: Sequence[Sequence[int]], budget: tuple[int, ...]) -> list[list[int]]:
@@ -336,6 +351,18 @@ def batched_local_train(
     if use_prox:
         personal += sum(numel[k] for k in center_keys if not _is_shared([c[k] for c in prox_centers]))  # type: ignore[union-attr]
     sample_shape = tuple(xs[0].shape[1:])
+    bounds = [b for b in bounds if b[0] in train_keys]  # a frozen key keeps its value anyway
+    # the hand-written steps are host code (buffer pool, oneDNN): devices take the vmapped step
+    host = fused and not task.dense and on_cpu()
+    chain = linear_chain(model) if host else None
+    kernel = None
+    if chain is not None:
+        kernel = objective.chain_step(chain, task, spec.optimizer, set(train_keys), prox_mu, bounds)
+    program = conv_program(model) if host and chain is None and len(sample_shape) == 3 else None
+    if program is not None:
+        kernel = objective.conv_step(
+            program, _shapes(model), task, spec.optimizer, set(train_keys), prox_mu, bounds
+        )
     mem, work = client_bytes(model, sum(numel[k] for k in train_keys), personal, spec, sample_shape)
     per_row = _F32 * (math.prod(sample_shape) + 1)
     # The largest stacked tensor a step allocates (a weight's gradient or the gathered batch).
@@ -346,12 +373,15 @@ def batched_local_train(
     entries = np.asarray(steps, dtype=np.int64) * np.minimum(spec.batch_size, sizes)
     cost[:, 0] = mem + per_row * sizes + PLAN_BYTES * entries
     cost[:, 1], cost[:, 2] = work, widest
-    bounds = [b for b in bounds if b[0] in train_keys]  # a frozen key keeps its value anyway
-    # the fused chain step is host code (buffer pool, oneDNN): devices take the vmapped step
-    chain = linear_chain(model) if fused and not task.dense and on_cpu() else None
-    kernel = None
-    if chain is not None:
-        kernel = objective.chain_step(chain, task, spec.optimizer, set(train_keys), prox_mu, bounds)
+    caps = (memory_bytes, step_bytes, TENSOR_BYTES)
+    if isinstance(kernel, ConvNetStep):
+        # A conv net's step is big enough on its own: more clients per group only share the
+        # dense layers' start products better. Its per-client memory is one copy of the parameters
+        # (the result), the low-rank rows its steps add, gradients of the rest and activations.
+        spared = _F32 * (2 + _slots(spec)) * kernel.low_rank_numel(entries) - kernel.factor_bytes(entries)
+        cost[:, 0] -= spared
+        cost[:, 1] -= spared
+        caps = (memory_bytes, CONV_STEP_BYTES, memory_bytes)
 
     # Longest-training clients first: at every step the clients still training form a prefix.
     order = np.argsort(-np.asarray(steps, dtype=np.int64), kind="stable")
@@ -364,7 +394,7 @@ def batched_local_train(
     all_rows, all_totals = batch_orders(sizes_at, spec.batch_size, steps_at, [rngs[i] for i in order])
     row_start = [0, *np.cumsum(all_totals).tolist()]  # client j's rows: row_start[j]:row_start[j + 1]
     done = 0
-    for members in _groups(order, cost, (memory_bytes, step_bytes, TENSOR_BYTES)):
+    for members in _groups(order, cost, caps):
         grp = _Group(clients=members)
         for row, i in enumerate(members):
             where[i] = (len(groups), row)
@@ -409,8 +439,12 @@ def _train_group(
     column = _column_reader(starts, members)
     # Parameters: trainable ones are always stacked (they diverge); frozen ones and the proximal
     # centre only when they differ between clients.
+    starts_shared: dict[str, torch.Tensor] = {}  # the start every member shares, by key
     for k in train_keys:
-        grp.stacked[k] = _stack(column(k))
+        vals = column(k)
+        grp.stacked[k] = _stack(vals)
+        if _is_shared(vals):
+            starts_shared[k] = to_device(torch.as_tensor(vals[0]))
     frozen: dict[str, torch.Tensor] = {}
     frozen_dims: dict[str, int | None] = {}
     for k in frozen_keys:
@@ -453,6 +487,8 @@ def _train_group(
         else _step_fn(model, task, prox_mu if center else 0.0, frozen_dims, center_dims, objective)
     )
     state = optim.init_state(spec.optimizer, {k: grp.stacked[k] for k in train_keys}, zeros=_pooled_zeros)
+    if kernel is not None:
+        kernel.begin_group(grp.stacked, starts_shared, int(sum(plan.width)))
     pair_loss = torch.empty(plan.pair[-1], dtype=torch.float32, device=x_flat.device)
     views: dict[int, tuple[dict, dict, dict, dict]] = {}  # live clients -> their parameter views
     for t, (k, width) in enumerate(zip(plan.live, plan.width, strict=True)):
@@ -480,7 +516,7 @@ def _train_group(
                 live[key].clamp_(low, high)
         pair_loss[plan.pair[t] : plan.pair[t + 1]] = batch_loss.detach()
     if kernel is not None:
-        kernel.forget()
+        kernel.end_group(grp.stacked)
     seen = np.bincount(plan.pair_client, weights=plan.pair_count, minlength=m).astype(np.int64)
     loss_sum = np.bincount(
         plan.pair_client, weights=to_host(pair_loss).numpy().astype(np.float64) * plan.pair_count, minlength=m

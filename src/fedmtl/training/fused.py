@@ -205,7 +205,10 @@ class FusedChainStep:
             step_(self.opt, {key: live[key] for key in grads}, grads, state)
         return losses
 
-    def forget(self) -> None:
+    def begin_group(self, stacked: dict, starts: dict, rank: int) -> None:
+        """A new group (nothing to prepare: its views are bound on its first step)."""
+
+    def end_group(self, stacked: dict) -> None:
         """Drop the bound views (a group's buffers and stacks), so the pool can hand that memory
         to the next group."""
         self._bindings.clear()
@@ -339,28 +342,44 @@ class FusedChainStep:
             else:
                 g = delta.sum(-1)
             return g.add_(p - c, alpha=mu) if mu else g
-        decay = opt.weight_decay + mu  # d/dp of (wd/2)||p||^2 + (mu/2)||p - c||^2, minus the mu*c part
-        if opt.momentum == 0:
-            if inputs is not None:
-                p.baddbmm_(delta, inputs, beta=1.0 - opt.lr * decay, alpha=-opt.lr)
-            else:
-                if decay:
-                    p.mul_(1.0 - opt.lr * decay)
-                p.add_(delta.sum(-1), alpha=-opt.lr)
-            if mu:
-                p.add_(c, alpha=opt.lr * mu)
-            return None
-        buf = state["buf"][key]
-        if inputs is not None:
-            buf.baddbmm_(delta, inputs, beta=opt.momentum)
-        else:
-            buf.mul_(opt.momentum).add_(delta.sum(-1))
-        if decay:
-            buf.add_(p, alpha=decay)
-        if mu:
-            buf.add_(c, alpha=-mu)
-        p.add_(buf, alpha=-opt.lr)
+        sgd_update_(opt, p, c, mu, state["buf"][key] if opt.momentum > 0 else None, delta, inputs)
         return None
+
+
+def sgd_update_(
+    opt: OptimizerSpec,
+    p: torch.Tensor,
+    c: torch.Tensor | None,
+    mu: float,
+    buf: torch.Tensor | None,
+    delta: torch.Tensor,
+    inputs: torch.Tensor | None,
+) -> None:
+    """One SGD step of the stacked parameter ``p`` [k, ...] in place, its gradient given as the
+    layer's feature-major output gradient ``delta`` [k, out, B] and, for a weight, its ``inputs``
+    [k, B, in] (the gradient ``delta @ inputs`` is formed inside the update's own product; a
+    bias's is ``delta.sum(-1)``): weight decay, the proximal term toward ``c`` (weight ``mu``)
+    and momentum (``buf``, None without) as ``optim.step_`` applies them."""
+    decay = opt.weight_decay + mu  # d/dp of (wd/2)||p||^2 + (mu/2)||p - c||^2, minus the mu*c part
+    if buf is None:
+        if inputs is not None:
+            p.baddbmm_(delta, inputs, beta=1.0 - opt.lr * decay, alpha=-opt.lr)
+        else:
+            if decay:
+                p.mul_(1.0 - opt.lr * decay)
+            p.add_(delta.sum(-1), alpha=-opt.lr)
+        if mu:
+            p.add_(c, alpha=opt.lr * mu)  # type: ignore[arg-type]
+        return
+    if inputs is not None:
+        buf.baddbmm_(delta, inputs, beta=opt.momentum)
+    else:
+        buf.mul_(opt.momentum).add_(delta.sum(-1))
+    if decay:
+        buf.add_(p, alpha=decay)
+    if mu:
+        buf.add_(c, alpha=-mu)  # type: ignore[arg-type]
+    p.add_(buf, alpha=-opt.lr)
 
 
 class MixtureChainStep:
@@ -479,8 +498,11 @@ class MixtureChainStep:
         if self.learn_alpha:
             alpha.sub_(dalpha.view_as(alpha), alpha=self.lr).clamp_(0.0, 1.0)
 
-    def forget(self) -> None:
-        self.plain.forget()
+    def begin_group(self, stacked: dict, starts: dict, rank: int) -> None:
+        """A new group (see ``FusedChainStep.begin_group``)."""
+
+    def end_group(self, stacked: dict) -> None:
+        self.plain.end_group(stacked)
 
 
 class Workspace:

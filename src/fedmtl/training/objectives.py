@@ -183,6 +183,24 @@ class Objective:
 
         return FusedChainStep(chain, task, opt, trainable, mu)
 
+    def conv_step(
+        self,
+        program: list[Any],
+        shapes: Mapping[str, tuple[int, ...]],
+        task: TaskSpec,
+        opt: Any,
+        trainable: set[str],
+        mu: float,
+        bounds: Sequence[tuple[str, float, float]],
+    ) -> Any:
+        """The batched step of conv nets (``fedmtl.training.convnet``) computing this objective
+        on ``program``, or None for the generic vmapped autograd step."""
+        if not self.is_task_loss or bounds:
+            return None
+        from fedmtl.training.convnet import ConvNetStep
+
+        return ConvNetStep(program, shapes, task, opt, trainable, mu)
+
     def batch(
         self,
         model: nn.Module,

@@ -22,7 +22,8 @@ from fedmtl.errors import RunDirError
 LOCK = ".lock"
 
 
-def _alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id runs on this host (one we may not signal counts as alive)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -65,7 +66,7 @@ class RunLock:
             holder = {}
         pid, host = holder.get("pid"), holder.get("host")
         who = f"pid {pid} on {host} since {holder.get('since', '?')} ({holder.get('command', '?')})"
-        if isinstance(pid, int) and host == socket.gethostname() and not _alive(pid):
+        if isinstance(pid, int) and host == socket.gethostname() and not pid_alive(pid):
             return (
                 f"run folder {folder} is locked, but its holder ({who}) is no longer running: a stale lock "
                 f"kept by the filesystem; if no other machine writes this folder, delete {self.path}"

@@ -38,6 +38,7 @@ from typing import Any
 
 from fedmtl import errors, treefile
 from fedmtl.errors import FedmtlError
+from fedmtl.experiment.lock import pid_alive
 
 IDLE = 600.0  # seconds without a message before the worker exits
 START_TIMEOUT = 60.0
@@ -399,15 +400,8 @@ def serve(path: Path, watch: int, idle: float = IDLE) -> None:
 
 
 def _alive(pid: int) -> bool:
-    if pid <= 1:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    """Whether the node's SuperNode still runs (pid 0 or 1: no parent to watch, always)."""
+    return pid <= 1 or pid_alive(pid)
 
 
 if __name__ == "__main__":

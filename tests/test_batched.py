@@ -354,7 +354,10 @@ def test_batched_round_gives_the_same_client_updates(algorithm, extra, model, mo
                 for k, v in arrays.items():
                     np.testing.assert_allclose(bat_states[cid][part][k], v, rtol=RTOL, atol=1e-6)
     assert dropped > 0 and len(steps_seen) > 2
-    assert bool(conv_steps) == (model == "cnn" and algorithm["name"] != "apfl")
+    # several tasks per client: the heads sit side by side (TaskHeads), which a conv-net program
+    # does not describe, so those clients take the generic vmapped step (same numbers, above)
+    several = extra.get("data__tasks") in (TWO_TASKS["data__tasks"], MIXED_TASKS["data__tasks"])
+    assert bool(conv_steps) == (model == "cnn" and algorithm["name"] != "apfl" and not several)
 
 
 @pytest.mark.parametrize("algorithm, extra", CLASSIC, ids=CLASSIC_IDS)

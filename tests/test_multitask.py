@@ -355,3 +355,27 @@ def test_a_label_of_the_wrong_length_stops_the_cli_in_one_line_and_writes_nothin
     assert len(lines) == 1, proc.stderr
     assert lines[0].endswith("user 'u1': num_samples says 20 but x has 20 and level 19")
     assert not out.exists()
+
+
+def test_mnist_with_the_digit_and_the_ink_on_every_client_learns_both(tmp_path):
+    """Real images, Dirichlet(0.5) label skew, both tasks on every client's same images: FedAvg
+    learns the class and the ink regression together (0.818 accuracy, R^2 0.871; after one round
+    0.51 and 0.56), each
+    reported per client."""
+    cfg = {
+        "seed": 0,
+        "data": {
+            "dataset": "mnist",
+            "partition": {"kind": "dirichlet", "alpha": 0.5, "num_clients": 100},
+            "max_clients": 6,
+            "tasks": [["digit", "ink"]],
+        },
+        "model": {"name": "mlp", "hidden": [64]},
+        "train": {"rounds": 12, "local_steps": 10, "lr": 0.03},
+        "output": {"progress": False},
+    }
+    res = fedmtl.run(cfg, out=tmp_path / "r")
+    assert res.summary["primary_metric"] == "digit.accuracy"
+    assert res.final["digit.accuracy_mean"] > 0.75 and res.final["ink.r2_mean"] > 0.75
+    rows = [r for r in res.clients if "digit.accuracy" in r]
+    assert rows and all("ink.rmse" in r for r in rows)

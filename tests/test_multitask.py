@@ -357,7 +357,7 @@ def test_a_label_of_the_wrong_length_stops_the_cli_in_one_line_and_writes_nothin
     assert not out.exists()
 
 
-def test_mnist_with_the_digit_and_the_ink_on_every_client_learns_both(tmp_path):
+def test_mnist_with_the_digit_and_the_ink_on_every_client_learns_both(tmp_path, shared_data):
     """Real images, Dirichlet(0.5) label skew, both tasks on every client's same images: FedAvg
     learns the class and the ink regression together (0.818 accuracy, R^2 0.871; after one round
     0.51 and 0.56), each reported per client."""

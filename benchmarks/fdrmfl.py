@@ -396,16 +396,7 @@ def ablation_table(s: Setting, seeds: list[int], digits: int) -> list[str]:
             ]
             cells[m] = _cell(vals, mse_only[m], digits)
         table[(label, f)] = cells
-    for name, over in REMOVALS:
-        label = f"{name} (mu = {REMOVAL_MU:g})"
-        labels.append(label)
-        for f in FORMULATIONS:
-            full = {"formulation": f, "mu": REMOVAL_MU}
-            table[(label, f)] = {
-                m: _cell(mean_over_clients(full | over, m), mean_over_clients(full, m), digits)
-                for m in ("rf", "head")
-            }
-    for name, over in SEED_TERMS:
+    for name, over in [*REMOVALS, *SEED_TERMS]:  # each against all terms at the same mu
         label = f"{name} (mu = {REMOVAL_MU:g})"
         labels.append(label)
         for f in FORMULATIONS:

@@ -29,7 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -421,16 +421,7 @@ def timed_turns(
         with given_data(data):
             _, algo, sim = fedmtl_run.build(parse_config(raw))
         runs.append([sim, algo.init_server(), {}])
-    times: dict[str, list[float]] = {e: [] for e in executions}
-    for pair in range(repeats):
-        for execution, run in zip(executions, runs, strict=True):
-            for r in (2 * pair + 1, 2 * pair + 2):
-                sim, server, states = run
-                t = time.perf_counter()
-                run[1] = sim.run_round(r, server, states).server
-                if r % 2 == 0:
-                    times[execution].append(time.perf_counter() - t)
-    return times
+    return _paired_turns(runs, executions, repeats)
 
 
 @dataclass
@@ -1196,16 +1187,7 @@ def paired_turns(work: Workload, executions: list[str], repeats: int) -> dict[st
         with given_data(work.data):
             _, algo, sim = fedmtl_run.build(parse_config(work.config(execution, 2 * repeats)))
         runs.append([sim, algo.init_server(), {}])
-    times: dict[str, list[float]] = {e: [] for e in executions}
-    for pair in range(repeats):
-        for execution, run in zip(executions, runs, strict=True):
-            for r in (2 * pair + 1, 2 * pair + 2):
-                sim, server, states = run
-                t = time.perf_counter()
-                run[1] = sim.run_round(r, server, states).server
-                if r % 2 == 0:
-                    times[execution].append(time.perf_counter() - t)
-    return times
+    return _paired_turns(runs, executions, repeats)
 
 
 def _run_conv_only(args: argparse.Namespace, out: Path, flower: bool) -> Path:
@@ -1267,3 +1249,17 @@ def _write_conv_only(
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+
+
+def _paired_turns(runs: list[list[Any]], executions: Sequence[str], repeats: int) -> dict[str, list[float]]:
+    """Executions take turns of two rounds each (the second timed), so a neighbour's load falls on all."""
+    times: dict[str, list[float]] = {e: [] for e in executions}
+    for pair in range(repeats):
+        for execution, run in zip(executions, runs, strict=True):
+            for r in (2 * pair + 1, 2 * pair + 2):
+                sim, server, states = run
+                t = time.perf_counter()
+                run[1] = sim.run_round(r, server, states).server
+                if r % 2 == 0:
+                    times[execution].append(time.perf_counter() - t)
+    return times
